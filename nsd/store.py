@@ -1,0 +1,284 @@
+"""SQLite state: tenants, address leases and schema version.
+
+The store is the source of truth. Every change to the host is preceded by a
+committed record of the intent (state ``creating`` or ``removing``), so a crash
+at any point leaves a row that reconcile can finish. The store never guesses:
+a corrupt database or one written by a newer nsd is refused, not rewritten.
+
+All calls are synchronous and short; the daemon makes them from its event-loop
+thread only, so there is exactly one writer and no locking beyond SQLite's.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv6Network
+from pathlib import Path
+
+from .model import TenantRecord, TenantState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE tenants (
+    uid         INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    state       TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
+    netns_name  TEXT    NOT NULL UNIQUE,
+    host_ifname TEXT    NOT NULL UNIQUE,
+    adopted     INTEGER NOT NULL DEFAULT 0,
+    created_us  INTEGER NOT NULL,
+    updated_us  INTEGER NOT NULL
+);
+-- One row per address handed out and not yet free again. released_us NULL:
+-- active lease of uid. Otherwise quarantined since released_us, and uid is then
+-- the last holder, who may get the address back.
+CREATE TABLE leases (
+    family      INTEGER NOT NULL CHECK (family IN (4, 6)),
+    address     TEXT    NOT NULL,
+    uid         INTEGER NOT NULL,
+    released_us INTEGER,
+    PRIMARY KEY (family, address)
+);
+CREATE UNIQUE INDEX leases_one_per_tenant ON leases (family, uid) WHERE released_us IS NULL;
+"""
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says why and what to do."""
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = self._open(path)
+
+    # -- opening ---------------------------------------------------------------
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fresh = not path.exists() or path.stat().st_size == 0
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a
+            # transaction's boundaries are exactly where the code says.
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA foreign_keys = ON")
+            # WAL + synchronous=NORMAL survives a crash of the process (the case
+            # reconcile handles); FULL would only add safety against power loss.
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            if not fresh:
+                row = db.execute("PRAGMA quick_check").fetchone()
+                if row is None or row[0] != "ok":
+                    raise StoreError(
+                        f"{path}: database is corrupt ({row[0] if row else 'no answer'}); "
+                        "nsd will not rewrite it. Restore a backup or move it away."
+                    )
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"{path}: not a usable SQLite database ({e}); nsd will not rewrite it. "
+                "Restore a backup or move it away."
+            ) from e
+        os.chmod(path, 0o600)
+        if fresh:
+            with _transaction(db):
+                _create(db)
+        else:
+            _check_version(db, path)
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- meta ------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with _transaction(self._db):
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- tenants ---------------------------------------------------------------
+
+    _SELECT = """
+        SELECT t.uid, t.name, t.state, t.netns_name, t.host_ifname, t.adopted, t.created_us,
+               l4.address, l6.address
+        FROM tenants t
+        JOIN leases l4 ON l4.uid = t.uid AND l4.family = 4 AND l4.released_us IS NULL
+        JOIN leases l6 ON l6.uid = t.uid AND l6.family = 6 AND l6.released_us IS NULL
+    """
+
+    def get(self, uid: int) -> TenantRecord | None:
+        row = self._db.execute(self._SELECT + " WHERE t.uid = ?", (uid,)).fetchone()
+        return None if row is None else _record(row)
+
+    def get_by_name(self, name: str) -> TenantRecord | None:
+        row = self._db.execute(self._SELECT + " WHERE t.name = ?", (name,)).fetchone()
+        return None if row is None else _record(row)
+
+    def all(self) -> list[TenantRecord]:
+        return [_record(r) for r in self._db.execute(self._SELECT + " ORDER BY t.uid")]
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM tenants").fetchone()[0])
+
+    def insert(self, rec: TenantRecord) -> None:
+        """Record a new tenant and its two leases in one transaction."""
+        ts = now_us()
+        with _transaction(self._db):
+            self._db.execute(
+                "INSERT INTO tenants (uid, name, state, netns_name, host_ifname, adopted, "
+                "created_us, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.uid, rec.name, rec.state.value, rec.netns_name, rec.host_ifname,
+                 int(rec.adopted), rec.created_us, ts),
+            )  # fmt: skip
+            for family, address in ((4, str(rec.ipv4_address)), (6, str(rec.ipv6_prefix))):
+                # A quarantined row for the same address is taken over: the caller
+                # (IPAM) only offers addresses whose quarantine has ended, or the
+                # tenant's own previous address.
+                self._db.execute(
+                    "INSERT INTO leases (family, address, uid, released_us) VALUES (?, ?, ?, NULL) "
+                    "ON CONFLICT (family, address) DO UPDATE SET uid = excluded.uid, "
+                    "released_us = NULL WHERE leases.released_us IS NOT NULL",
+                    (family, address, rec.uid),
+                )
+                if self._db.execute("SELECT changes()").fetchone()[0] != 1:
+                    raise StoreError(f"address {address} is leased to another tenant")
+
+    def set_state(self, uid: int, state: TenantState) -> None:
+        with _transaction(self._db):
+            self._db.execute(
+                "UPDATE tenants SET state = ?, updated_us = ? WHERE uid = ?",
+                (state.value, now_us(), uid),
+            )
+
+    def set_adopted(self, uid: int, adopted: bool) -> None:
+        with _transaction(self._db):
+            self._db.execute(
+                "UPDATE tenants SET adopted = ?, updated_us = ? WHERE uid = ?",
+                (int(adopted), now_us(), uid),
+            )
+
+    def delete(self, uid: int, *, quarantine: bool) -> None:
+        """Forget a tenant in one transaction.
+
+        Its leases go into quarantine (a proxy may still point at them), or are
+        dropped outright when the addresses were never in use (a rolled-back create).
+        """
+        ts = now_us()
+        with _transaction(self._db):
+            if quarantine:
+                self._db.execute(
+                    "UPDATE leases SET released_us = ? WHERE uid = ? AND released_us IS NULL",
+                    (ts, uid),
+                )
+            else:
+                self._db.execute(
+                    "DELETE FROM leases WHERE uid = ? AND released_us IS NULL", (uid,)
+                )
+            self._db.execute("DELETE FROM tenants WHERE uid = ?", (uid,))
+
+    # -- leases ----------------------------------------------------------------
+
+    def taken_addresses(self, family: int, quarantine_since_us: int) -> set[str]:
+        """Addresses not free for a new tenant: active, or quarantined after the cut-off."""
+        rows = self._db.execute(
+            "SELECT address FROM leases WHERE family = ? AND "
+            "(released_us IS NULL OR released_us > ?)",
+            (family, quarantine_since_us),
+        )
+        return {str(r[0]) for r in rows}
+
+    def previous_address(self, family: int, uid: int, quarantine_since_us: int) -> str | None:
+        """The address ``uid`` held most recently, if still in quarantine (not reused)."""
+        row = self._db.execute(
+            "SELECT address FROM leases WHERE family = ? AND uid = ? AND released_us > ? "
+            "ORDER BY released_us DESC LIMIT 1",
+            (family, uid, quarantine_since_us),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def purge_quarantine(self, released_before_us: int) -> int:
+        with _transaction(self._db):
+            cur = self._db.execute(
+                "DELETE FROM leases WHERE released_us IS NOT NULL AND released_us <= ?",
+                (released_before_us,),
+            )
+            return cur.rowcount
+
+    def lease_rows(self) -> list[tuple[int, str, int, int | None]]:
+        """Every lease row (family, address, uid, released_us): for tests and audits."""
+        return [
+            (int(f), str(a), int(u), r)
+            for f, a, u, r in self._db.execute(
+                "SELECT family, address, uid, released_us FROM leases ORDER BY family, address"
+            )
+        ]
+
+
+def _create(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def _check_version(db: sqlite3.Connection, path: Path) -> None:
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: not an nsd database ({e})") from e
+    if row is None or not str(row[0]).isdigit():
+        raise StoreError(f"{path}: not an nsd database (no schema version)")
+    version = int(row[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {version} was written by a newer nsd "
+            f"(this one knows up to {SCHEMA_VERSION}); refusing to touch it"
+        )
+    # Future migrations from older versions go here, one transaction each.
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _record(row: tuple[object, ...]) -> TenantRecord:
+    uid, name, state, netns, ifname, adopted, created, v4, v6 = row
+    return TenantRecord(
+        uid=int(str(uid)),
+        name=str(name),
+        state=TenantState(str(state)),
+        netns_name=str(netns),
+        host_ifname=str(ifname),
+        ipv4_address=IPv4Address(str(v4)),
+        ipv6_prefix=IPv6Network(str(v6)),
+        adopted=bool(adopted),
+        created_us=int(str(created)),
+    )

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import sqlite3
+from ipaddress import IPv4Address, IPv6Network
+from pathlib import Path
+
+import pytest
+
+from nsd import config, store
+from nsd.errors import AddressPoolExhausted
+from nsd.ipam import Ipam
+from nsd.model import TenantRecord, TenantState
+
+
+def rec(uid: int, v4: IPv4Address, v6: IPv6Network, state: TenantState = TenantState.CREATING) -> TenantRecord:
+    return TenantRecord(uid, f"u{uid}", state, f"u{uid}", f"nsd{uid}", v4, v6, False, store.now_us())
+
+
+def make(tmp_path: Path, **ipam: object) -> tuple[store.Store, Ipam]:
+    cfg = config.from_mapping({"ipam": dict(ipam)} if ipam else {})
+    s = store.Store(tmp_path / "nsd.db")
+    return s, Ipam(cfg.ipam, cfg.tenants, s)
+
+
+def add(s: store.Store, ipam: Ipam, uid: int) -> TenantRecord:
+    v4, v6 = ipam.allocate(uid)
+    r = rec(uid, v4, v6)
+    s.insert(r)
+    return r
+
+
+def test_roundtrip_and_state(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path)
+    r = add(s, ipam, 1001)
+    assert s.get(1001) == r and s.get_by_name("u1001") == r
+    s.set_state(1001, TenantState.READY)
+    assert s.get(1001).state is TenantState.READY  # type: ignore[union-attr]
+    assert s.all() == [s.get(1001)]
+    assert r.ipv4_address == IPv4Address("100.64.0.2")  # .1 is the shared gateway
+    assert r.ipv6_prefix.prefixlen == 64 and r.ipv6_prefix.subnet_of(ipam.ipv6_base)  # type: ignore[arg-type]
+    assert str(r.ipv6_address).endswith("::1")
+
+
+def test_ula_is_random_rfc4193_and_persisted(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path)
+    assert ipam.ipv6_base.prefixlen == 48
+    assert str(ipam.ipv6_base).startswith("fd")
+    s.close()
+    s2, ipam2 = make(tmp_path)
+    assert ipam2.ipv6_base == ipam.ipv6_base
+    assert make(tmp_path / "other")[1].ipv6_base != ipam.ipv6_base
+
+
+def test_leases_never_duplicated_and_quarantined(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path)
+    a, b = add(s, ipam, 1001), add(s, ipam, 1002)
+    assert a.ipv4_address != b.ipv4_address and a.ipv6_prefix != b.ipv6_prefix
+    s.delete(1001, quarantine=True)
+    c = add(s, ipam, 1003)  # must not get a's quarantined addresses
+    assert c.ipv4_address not in (a.ipv4_address, b.ipv4_address)
+    assert c.ipv6_prefix not in (a.ipv6_prefix, b.ipv6_prefix)
+    again = add(s, ipam, 1001)  # the previous holder gets its address back
+    assert (again.ipv4_address, again.ipv6_prefix) == (a.ipv4_address, a.ipv6_prefix)
+    with pytest.raises(store.StoreError):
+        s.insert(rec(1004, a.ipv4_address, IPv6Network("fd00:9::/64")))
+    assert s.get(1004) is None  # the failed insert left nothing behind
+
+
+def test_quarantine_expires(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path, quarantine_seconds=0)
+    a = add(s, ipam, 1001)
+    s.delete(1001, quarantine=True)
+    assert add(s, ipam, 1002).ipv4_address == a.ipv4_address
+
+
+def test_rollback_delete_frees_at_once(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path)
+    a = add(s, ipam, 1001)
+    s.delete(1001, quarantine=False)
+    assert add(s, ipam, 1002).ipv4_address == a.ipv4_address
+    assert [r[2] for r in s.lease_rows()] == [1002, 1002]
+
+
+def test_pool_exhaustion(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path, ipv4_pool="100.64.0.0/30")  # hosts .1 (gateway) and .2
+    add(s, ipam, 1001)
+    with pytest.raises(AddressPoolExhausted) as info:
+        ipam.allocate(1002)
+    assert info.value.parameters == {"family": "ipv4", "pool": "100.64.0.0/30"}
+
+
+def test_uid_strategy_is_deterministic(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path, strategy="uid", ipv4_pool="10.100.0.0/16", ipv6_prefix="fd00:aa::/48")
+    r = add(s, ipam, 1001)
+    assert r.ipv4_address == IPv4Address("10.100.3.233")  # 10.100.0.0 + 1001
+    assert r.ipv6_prefix == IPv6Network("fd00:aa:0:3e9::/64")  # subnet id 1001 = 0x3e9
+
+
+def test_overlap_with_host_routes(tmp_path: Path) -> None:
+    _, ipam = make(tmp_path)
+    from ipaddress import ip_network
+
+    assert ipam.overlaps([ip_network("10.0.0.0/8"), ip_network("fd00:1::/64")]) == []
+    problems = ipam.overlaps([ip_network("100.64.0.0/10")])
+    assert problems == ["host route 100.64.0.0/10 overlaps nsd pool 100.64.0.0/16"]
+
+
+def test_corrupt_database_refused_not_rewritten(tmp_path: Path) -> None:
+    db = tmp_path / "nsd.db"
+    db.write_bytes(b"this is not sqlite" * 100)
+    before = db.read_bytes()
+    with pytest.raises(store.StoreError, match="not a usable SQLite database"):
+        store.Store(db)
+    assert db.read_bytes() == before
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    s = store.Store(tmp_path / "nsd.db")
+    s.set_meta("schema_version", str(store.SCHEMA_VERSION + 1))
+    s.close()
+    with pytest.raises(store.StoreError, match="newer nsd"):
+        store.Store(tmp_path / "nsd.db")
+
+
+def test_foreign_sqlite_refused(tmp_path: Path) -> None:
+    db = tmp_path / "nsd.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE x (a)")
+    con.commit()
+    con.close()
+    with pytest.raises(store.StoreError, match="not an nsd database"):
+        store.Store(db)
