@@ -1,0 +1,691 @@
+"""An asyncio varlink server (https://varlink.org) on a Unix stream socket.
+
+Design, and why:
+
+* One task per connection processes its requests strictly in order, which is
+  what varlink requires for pipelined calls and bounds each client to one call
+  in flight. Different connections run concurrently.
+* Parameters are validated against the IDL before a handler runs, so handlers
+  only see well-typed input; failures answer ``InvalidParameter``.
+* Protocol violations (bad JSON, a non-object, unknown message keys, limits
+  exceeded) close the connection, as systemd does; method-level problems
+  (unknown interface or method, bad parameters) are error replies.
+* A handler raising anything but :class:`VarlinkError` is a bug: it is logged
+  with its traceback and answered with ``internal_error_name`` (default
+  ``io.nsd.InternalError``, parameters ``{}`` so no internals leak to an
+  untrusted caller). Varlink defines no standard error for this.
+* ``upgrade`` is refused with ``org.varlink.service.InvalidParameter
+  {"parameter": "upgrade"}``: no nsd method switches protocols.
+* Connection caps: ``max_connections`` in total and
+  ``max_connections_per_uid`` per peer UID, except for the UIDs in
+  ``uid_limit_exempt`` (root by default: nsd-exec runs as root on every service
+  start, and a boot starts hundreds at once). Over the cap, a new connection is
+  accepted and closed at once, so one tenant cannot exhaust the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any, Final, TypeAlias
+
+from . import idl, wire
+from .connection import Connection, close_fds
+from .peer import Peer, open_peer_pidfd, peer_of
+from .protocol import (
+    EXPECTED_MORE,
+    INTERFACE_NOT_FOUND,
+    MAX_FDS_PER_MESSAGE,
+    METHOD_NOT_FOUND,
+    VarlinkError,
+)
+
+__all__ = [
+    "Call",
+    "CallDoneHook",
+    "Handler",
+    "Limits",
+    "Peer",
+    "Reply",
+    "VarlinkError",
+    "VarlinkServer",
+    "bind_unix_socket",
+]
+
+_MESSAGE_KEYS: Final = frozenset({"method", "parameters", "oneway", "more", "upgrade"})
+_ACCEPT_BATCH = 32  # accept() calls per wake-up, so a connect storm cannot starve calls
+_ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE and friends
+_REFUSAL_LOG_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection and per-server limits. Exceeding one closes that connection."""
+
+    # A message (without its NUL) may be at most this long; a client sending
+    # more bytes without a NUL is disconnected.
+    max_message_bytes: int = 65536
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    # UIDs not subject to max_connections_per_uid (still to max_connections).
+    uid_limit_exempt: frozenset[int] = frozenset({0})
+    # Seconds a message may take to arrive once its first byte is in.
+    partial_message_timeout: float = 10.0
+    # Nesting of arrays/objects in a message, checked on the raw bytes.
+    max_json_depth: int = 32
+    # Complete requests queued on one connection before we stop reading from it.
+    max_pending_requests: int = 32
+    # Unsent reply bytes on one connection above which no further request is
+    # started and streams pause, until the client has read them.
+    max_pending_reply_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_message_bytes",
+            "max_connections",
+            "max_connections_per_uid",
+            "max_json_depth",
+            "max_pending_requests",
+            "max_pending_reply_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1")
+        if not self.partial_message_timeout > 0:
+            raise ValueError("Limits.partial_message_timeout must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One method call, as a handler sees it."""
+
+    interface: str  # e.g. "io.nsd.Tenant"
+    method: str  # the short name, e.g. "Get"
+    parameters: dict[str, Any]  # validated against the method's input
+    peer: Peer  # from the kernel, never from the message
+    more: bool
+    oneway: bool
+    # The connection's socket, kept private: handlers reply by returning.
+    _sock: socket.socket | None = field(default=None, repr=False, compare=False)
+
+    def open_peer_pidfd(self) -> int | None:
+        """A pidfd of the calling process (Linux >= 6.5) owned by the caller, else None."""
+        return None if self._sock is None else open_peer_pidfd(self._sock)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply with extras: file descriptors, or an explicit ``continues`` flag.
+
+    ``fds`` are sent with SCM_RIGHTS along with this message; the server owns
+    them from now on and closes them once sent (or if the reply is dropped).
+
+    ``continues`` matters for streaming handlers only. By default the server
+    looks one item ahead to mark the last one ``continues: false``, which delays
+    each item until the next one exists. Live streams (events) yield
+    ``Reply(..., continues=True)`` to have each item sent at once; such a stream
+    ends with a ``continues=False`` item or by raising VarlinkError.
+    """
+
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    fds: Sequence[int] = ()
+    continues: bool | None = None
+
+
+ReplyValue: TypeAlias = Reply | Mapping[str, Any] | None
+# A plain handler is an async function returning the reply parameters; a
+# streaming handler (for methods called with "more") is an async generator.
+Handler: TypeAlias = (
+    Callable[[Call], Awaitable[ReplyValue]]
+    | Callable[[Call], AsyncIterator[Reply | Mapping[str, Any]]]
+)
+# on_call_done(interface, method, error name or None, seconds). Called only for
+# methods that exist, so metric labels stay bounded whatever clients send.
+CallDoneHook: TypeAlias = Callable[[str, str, "str | None", float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Method:
+    interface: str
+    name: str
+    handler: Callable[[Call], Any]
+    validator: idl.InterfaceValidator
+
+
+class _InternalError(Exception):
+    """A handler bug detected by the server (bad reply); answered with internal_error_name."""
+
+
+def _service_idl() -> str:
+    return (files(__package__) / "org.varlink.service.varlink").read_text(encoding="utf-8")
+
+
+class VarlinkServer:
+    def __init__(
+        self,
+        *,
+        vendor: str,
+        product: str,
+        version: str,
+        url: str,
+        limits: Limits | None = None,
+        validate_replies: bool = False,
+        internal_error_name: str = "io.nsd.InternalError",
+        on_call_done: CallDoneHook | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not idl.is_qualified_name(internal_error_name):
+            raise ValueError(f"invalid error name {internal_error_name!r}")
+        self._info = {"vendor": vendor, "product": product, "version": version, "url": url}
+        self._limits = limits or Limits()
+        self._validate_replies = validate_replies
+        self._internal_error_name = internal_error_name
+        self._on_call_done = on_call_done
+        self._log = logger or logging.getLogger("nsd.varlink")
+        self._interfaces: dict[str, idl.Interface] = {}
+        self._validators: dict[str, idl.InterfaceValidator] = {}
+        self._methods: dict[str, _Method] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._accepting = False
+        self._closing = False
+        self._connections: dict[Connection, asyncio.Task[None]] = {}
+        self._per_uid: dict[int, int] = {}
+        self._streaming: set[Connection] = set()
+        self._last_refusal_log = 0.0
+        self.add_interface(
+            _service_idl(),
+            {"GetInfo": self._get_info, "GetInterfaceDescription": self._get_description},
+        )
+
+    # ---------------------------------------------------------------- set-up
+
+    def add_interface(self, idl_text: str, handlers: Mapping[str, Handler]) -> None:
+        """Registers an interface; every method needs a handler, and only those."""
+        iface = idl.parse(idl_text)
+        if iface.name in self._interfaces:
+            raise ValueError(f"interface {iface.name} is already registered")
+        missing = set(iface.methods) - set(handlers)
+        extra = set(handlers) - set(iface.methods)
+        if missing or extra:
+            raise ValueError(
+                f"handlers for {iface.name} do not match its methods: "
+                f"missing {sorted(missing)}, unknown {sorted(extra)}"
+            )
+        validator = idl.InterfaceValidator(iface)
+        self._interfaces[iface.name] = iface
+        self._validators[iface.name] = validator
+        for name in iface.methods:
+            self._methods[f"{iface.name}.{name}"] = _Method(
+                iface.name, name, handlers[name], validator
+            )
+
+    @property
+    def interfaces(self) -> Mapping[str, idl.Interface]:
+        return self._interfaces
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serves on a bound, listening AF_UNIX stream socket (e.g. from socket activation)."""
+        if self._listener is not None:
+            raise RuntimeError("server already started")
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ValueError("varlink needs an AF_UNIX SOCK_STREAM socket")
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._listener = sock
+        self._resume_accepting()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # ---------------------------------------------------------------- accepting
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and not self._accepting and not self._closing:
+            assert self._loop is not None
+            self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+            self._accepting = True
+
+    def _pause_accepting(self) -> None:
+        if self._accepting and self._listener is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._listener.fileno())
+            self._accepting = False
+
+    def _on_acceptable(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno == errno.ECONNABORTED:
+                    continue
+                # Out of descriptors or memory: the listener stays readable, so
+                # back off instead of spinning; pending clients wait in the backlog.
+                self._log.warning("varlink: accept failed: %s; pausing %.1f s", e, _ACCEPT_RETRY)
+                self._pause_accepting()
+                self._loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            sock.setblocking(False)
+            peer = peer_of(sock)
+        except OSError as e:
+            self._log.debug("varlink: dropping connection without credentials: %s", e)
+            sock.close()
+            return
+        limits = self._limits
+        count = self._per_uid.get(peer.uid, 0)
+        refusal = None
+        if len(self._connections) >= limits.max_connections:
+            refusal = f"{limits.max_connections} connections in total"
+        elif count >= limits.max_connections_per_uid and peer.uid not in limits.uid_limit_exempt:
+            refusal = f"{limits.max_connections_per_uid} connections of uid {peer.uid}"
+        if refusal is not None:
+            self._log_refusal(peer, refusal)
+            sock.close()
+            return
+        conn = Connection(
+            self._loop,
+            sock,
+            peer=peer,
+            limits=limits,
+            log=self._log,
+            on_closed=self._on_connection_closed,
+        )
+        self._per_uid[peer.uid] = count + 1
+        self._connections[conn] = self._loop.create_task(self._serve(conn))
+        conn.start_reading()
+
+    def _log_refusal(self, peer: Peer, refusal: str) -> None:
+        # Info once per interval, debug otherwise: a client hammering the cap
+        # must not flood the journal.
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
+            self._last_refusal_log = now
+            level = logging.INFO
+        self._log.log(
+            level,
+            "varlink: refusing connection of uid %d pid %d: limit of %s reached",
+            peer.uid,
+            peer.pid,
+            refusal,
+        )
+
+    def _on_connection_closed(self, conn: Connection) -> None:
+        uid = conn.peer.uid
+        left = self._per_uid.get(uid, 0) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
+
+    # ---------------------------------------------------------------- serving
+
+    async def _serve(self, conn: Connection) -> None:
+        high_water = self._limits.max_pending_reply_bytes
+        try:
+            while not self._closing:
+                frame = await conn.next_frame()
+                if frame is None:
+                    break
+                if not await self._process(conn, frame):
+                    break
+                if conn.pending_output > high_water:
+                    await conn.drain(high_water // 4)
+            # Deliver what was answered before closing (a client may have
+            # half-closed its end and still be reading).
+            await conn.drain()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            self._log.exception("varlink: connection of uid %d failed", conn.peer.uid)
+        finally:
+            conn.close()
+            self._connections.pop(conn, None)
+
+    async def _process(self, conn: Connection, frame: bytes) -> bool:
+        """Handles one message; False if it violates the protocol (close the connection)."""
+        try:
+            message = wire.decode(frame, self._limits.max_json_depth)
+        except ValueError as e:
+            conn.abort(f"invalid JSON: {e}")
+            return False
+        request = _parse_request(message)
+        if request is None:
+            conn.abort("malformed call message")
+            return False
+        method, parameters, oneway, more, upgrade = request
+        entry = self._methods.get(method)
+        if entry is None:
+            if not oneway:
+                self._send_error(conn, self._not_found(method))
+            return True
+        await self._call(
+            conn,
+            entry,
+            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock),
+            upgrade,
+        )
+        return not conn.closed
+
+    async def _call(self, conn: Connection, entry: _Method, call: Call, upgrade: bool) -> None:
+        """Validates, runs the handler, replies; every failure becomes an error reply."""
+        started = time.perf_counter()
+        error_name: str | None = None
+        try:
+            if upgrade:
+                raise VarlinkError.invalid_parameter("upgrade")
+            bad = entry.validator.call(entry.name, call.parameters)
+            if bad is not None:
+                raise VarlinkError.invalid_parameter(bad)
+            await self._run(conn, entry, call)
+        except VarlinkError as e:
+            error_name = self._reply_error(conn, entry, e, call.oneway)
+        except _InternalError as e:
+            error_name = self._internal_error(conn, call.oneway, entry, str(e), None)
+        except asyncio.CancelledError:
+            # The client left mid-stream, or the server is shutting down.
+            self._call_done(entry, None, time.perf_counter() - started)
+            raise
+        except Exception as e:
+            error_name = self._internal_error(conn, call.oneway, entry, "handler raised", e)
+        self._call_done(entry, error_name, time.perf_counter() - started)
+
+    async def _run(self, conn: Connection, entry: _Method, call: Call) -> None:
+        result = entry.handler(call)
+        if inspect.isasyncgen(result):
+            if not call.more:
+                await result.aclose()
+                raise VarlinkError(EXPECTED_MORE)
+            await self._stream(conn, entry, result)
+            return
+        reply = _as_reply(await result)
+        if call.oneway:
+            close_fds(reply.fds)
+        else:
+            self._send_reply(conn, entry, reply, continues=False)
+
+    def _not_found(self, method: str) -> VarlinkError:
+        iface, dot, _name = method.rpartition(".")
+        if dot and iface not in self._interfaces and idl.is_interface_name(iface):
+            return VarlinkError(INTERFACE_NOT_FOUND, {"interface": iface})
+        return VarlinkError(METHOD_NOT_FOUND, {"method": method})
+
+    async def _stream(self, conn: Connection, entry: _Method, stream: AsyncIterator[Any]) -> None:
+        """Sends a streaming handler's items; see :class:`Reply` for ``continues``."""
+        high_water = self._limits.max_pending_reply_bytes
+        task = asyncio.current_task()
+        assert task is not None
+        sender = _StreamSender(lambda r, c: self._send_reply(conn, entry, r, continues=c))
+        # The client going away must end the stream (and close the generator)
+        # at once, not when the next item fails to send.
+        conn.set_hangup_callback(lambda: _cancel(task))
+        self._streaming.add(conn)
+        try:
+            async for item in stream:
+                sender.add(_as_reply(item))
+                if sender.finished or conn.closed:
+                    break
+                if conn.pending_output > high_water:
+                    await conn.drain(high_water // 4)
+        except Exception:
+            # The handler failed after yielding: deliver what it produced, then
+            # the error reply (sent by our caller) ends the call.
+            sender.flush(continues=True)
+            raise
+        else:
+            sender.finish(connected=not conn.closed)
+        finally:
+            self._streaming.discard(conn)
+            conn.set_hangup_callback(None)
+            sender.discard()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # ---------------------------------------------------------------- replies
+
+    def _send_reply(self, conn: Connection, entry: _Method, reply: Reply, continues: bool) -> None:
+        try:
+            if len(reply.fds) > MAX_FDS_PER_MESSAGE:
+                raise _InternalError(f"reply carries {len(reply.fds)} descriptors")
+            parameters = reply.parameters
+            if type(parameters) is not dict:
+                parameters = dict(parameters)
+            if self._validate_replies:
+                bad = entry.validator.reply(entry.name, parameters)
+                if bad is not None:
+                    raise _InternalError(f"reply parameter {bad!r} does not match the IDL")
+            message: dict[str, Any] = {"parameters": parameters}
+            if continues:
+                message["continues"] = True
+            try:
+                data = wire.encode(message)
+            except (TypeError, ValueError) as e:
+                raise _InternalError(f"reply is not JSON: {e}") from e
+        except BaseException:
+            close_fds(reply.fds)
+            raise
+        conn.send(data, reply.fds)
+
+    def _send_error(self, conn: Connection, error: VarlinkError) -> None:
+        conn.send(wire.encode({"error": error.name, "parameters": error.parameters}))
+
+    def _reply_error(
+        self, conn: Connection, entry: _Method, error: VarlinkError, oneway: bool
+    ) -> str:
+        problem = self._check_error(error)
+        if problem is not None:
+            return self._internal_error(conn, oneway, entry, problem, None)
+        if not oneway:
+            try:
+                self._send_error(conn, error)
+            except (TypeError, ValueError) as e:
+                return self._internal_error(conn, oneway, entry, f"error is not JSON: {e}", None)
+        return error.name
+
+    def _check_error(self, error: VarlinkError) -> str | None:
+        """Why an error raised by a handler cannot be sent as is, or None."""
+        name = error.name
+        if not isinstance(name, str) or not idl.is_qualified_name(name):
+            return f"invalid error name {name!r}"
+        if not self._validate_replies or name == self._internal_error_name:
+            return None
+        iface, _, short = name.rpartition(".")
+        validator = self._validators.get(iface)
+        if validator is None or short not in validator.interface.errors:
+            return f"error {name} is not defined in a registered interface"
+        bad = validator.error(short, error.parameters)
+        if bad is not None:
+            return f"error {name} parameter {bad!r} does not match the IDL"
+        return None
+
+    def _internal_error(
+        self,
+        conn: Connection,
+        oneway: bool,
+        entry: _Method,
+        problem: str,
+        exc: BaseException | None,
+    ) -> str:
+        self._log.error("varlink: %s.%s: %s", entry.interface, entry.name, problem, exc_info=exc)
+        if not oneway and not conn.closed:
+            self._send_error(conn, VarlinkError(self._internal_error_name))
+        return self._internal_error_name
+
+    def _call_done(self, entry: _Method, error: str | None, seconds: float) -> None:
+        if self._on_call_done is None:
+            return
+        try:
+            self._on_call_done(entry.interface, entry.name, error, seconds)
+        except Exception:
+            self._log.exception("varlink: on_call_done hook failed")
+
+    # ---------------------------------------------------------------- org.varlink.service
+
+    async def _get_info(self, call: Call) -> dict[str, Any]:
+        return {**self._info, "interfaces": sorted(self._interfaces)}
+
+    async def _get_description(self, call: Call) -> dict[str, Any]:
+        name = call.parameters["interface"]
+        iface = self._interfaces.get(name)
+        if iface is None:
+            raise VarlinkError(INTERFACE_NOT_FOUND, {"interface": name})
+        return {"description": iface.text}
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def close(self, grace: float) -> None:
+        """Stops accepting, lets calls in progress finish for up to ``grace`` s, then cancels.
+
+        Streaming calls (subscriptions such as Watch) are ended at once: they
+        never finish by themselves. Requests queued behind a call are dropped.
+        """
+        self._closing = True
+        self._pause_accepting()
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self._connections):
+            conn.shutdown_input()
+            if conn in self._streaming:
+                self._connections[conn].cancel()
+        tasks = list(self._connections.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._connections):
+            conn.close()
+
+
+def _cancel(task: asyncio.Task[Any]) -> None:
+    # From the task itself (a failed send closed the connection), the stream
+    # notices the closed connection on its own; cancelling would only disturb
+    # the generator's clean-up.
+    if asyncio.current_task() is not task:
+        task.cancel()
+
+
+def _parse_request(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
+    """Method, parameters, oneway, more, upgrade of a call message; None if malformed.
+
+    Malformed means what systemd also refuses: not an object, unknown keys,
+    wrong types, or both oneway and more.
+    """
+    if type(message) is not dict or not _MESSAGE_KEYS.issuperset(message):
+        return None
+    method = message.get("method")
+    parameters = message.get("parameters")
+    oneway = message.get("oneway", False)
+    more = message.get("more", False)
+    upgrade = message.get("upgrade", False)
+    if (
+        type(method) is not str
+        or type(oneway) is not bool
+        or type(more) is not bool
+        or type(upgrade) is not bool
+        or (oneway and more)
+    ):
+        return None
+    if parameters is None:
+        parameters = {}
+    elif type(parameters) is not dict:
+        return None
+    return method, parameters, oneway, more, upgrade
+
+
+class _StreamSender:
+    """Sends a stream's replies, holding one back to learn whether it is the last.
+
+    Items with an explicit ``continues`` go out at once (live streams).
+    """
+
+    def __init__(self, send: Callable[[Reply, bool], None]) -> None:
+        self._send = send
+        self._pending: Reply | None = None
+        self.finished = False  # a continues=False reply went out
+
+    def add(self, reply: Reply) -> None:
+        self.flush(continues=True)
+        if reply.continues is None:
+            self._pending = reply
+        else:
+            self.finished = not reply.continues
+            self._send(reply, reply.continues)
+
+    def flush(self, *, continues: bool) -> None:
+        held, self._pending = self._pending, None
+        if held is not None:
+            self._send(held, continues)
+
+    def finish(self, *, connected: bool) -> None:
+        """The generator is exhausted: the held reply is the last one."""
+        if self._pending is not None:
+            self.flush(continues=False)
+        elif not self.finished and connected:
+            raise _InternalError(
+                "stream ended without a final reply (yield continues=False or raise)"
+            )
+
+    def discard(self) -> None:
+        held, self._pending = self._pending, None
+        if held is not None:
+            close_fds(held.fds)
+
+
+def _as_reply(value: Any) -> Reply:
+    if isinstance(value, Reply):
+        return value
+    if value is None:
+        return Reply({})
+    if isinstance(value, Mapping):
+        return Reply(value)
+    raise _InternalError(f"handler returned {type(value).__name__}, not a Reply, dict or None")
+
+
+def bind_unix_socket(path: str, mode: int = 0o666, backlog: int = 4096) -> socket.socket:
+    """Binds and listens on ``path``, replacing a stale socket file but never a live one.
+
+    Mode 0666 is deliberate: every tenant may connect; what it may do is decided
+    per call from its kernel credentials.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: left over from a crash
+        else:
+            raise OSError(errno.EADDRINUSE, "another process serves this socket", path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
