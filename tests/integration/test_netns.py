@@ -1,0 +1,717 @@
+"""The namespace adapter against the real kernel: namespaces, veth pairs, addresses,
+routes, sysctls, the ip-netns mount protocol, and the process helpers.
+
+The adapter runs with ``host_netns_path`` = a test-made namespace, so every host-side
+link and route lands there, never in the machine's own namespace; namespace files go
+to a temporary run dir instead of /run/netns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from typing import Any
+
+import pytest
+
+from nsd import linux
+from nsd.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
+from nsd.procs import processes_in_namespace, stop_processes
+
+pytestmark = pytest.mark.root
+
+PY = sys.executable
+
+# ICMP echo with a raw socket (the test machine has no ping binary).
+PING = textwrap.dedent(
+    """
+    import os, select, socket, struct, sys, time
+    addr = sys.argv[1]
+    v6 = ":" in addr
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    s = socket.socket(fam, socket.SOCK_RAW, proto)
+    ident = os.getpid() & 0xFFFF
+    msg = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"nsd-test"
+    if not v6:
+        total = sum(struct.unpack("!%dH" % (len(msg) // 2), msg))
+        total = (total >> 16) + (total & 0xFFFF)
+        total += total >> 16
+        msg = msg[:2] + struct.pack("!H", ~total & 0xFFFF) + msg[4:]
+    s.sendto(msg, (addr, 0))
+    end = time.monotonic() + float(sys.argv[2])
+    while (left := end - time.monotonic()) > 0:
+        if not select.select([s], [], [], left)[0]:
+            break
+        data = s.recv(2048)
+        if not v6:
+            data = data[(data[0] & 0xF) * 4 :]
+        kind, _, _, got = struct.unpack("!BBHH", data[:6])
+        if kind == (129 if v6 else 0) and got == ident:
+            sys.exit(0)
+    sys.exit(1)
+    """
+)
+
+
+# ----------------------------------------------------------------------------------
+# helpers
+
+
+def run_in(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", f"--net={netns}", *argv],
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def ip_json(netns: str, *argv: str) -> Any:
+    return json.loads(run_in(netns, "ip", "-j", *argv).stdout or "[]")
+
+
+def ping(netns: str, addr: str, timeout: float = 2.0) -> bool:
+    return run_in(netns, PY, "-c", PING, addr, str(timeout), check=False).returncode == 0
+
+
+def addrs(netns: str, dev: str) -> set[str]:
+    out = ip_json(netns, "addr", "show", "dev", dev)
+    return {f"{a['local']}/{a['prefixlen']}" for a in out[0]["addr_info"]}
+
+
+def links(netns: str) -> list[str]:
+    return sorted(link["ifname"] for link in ip_json(netns, "link", "show"))
+
+
+def mountinfo() -> list[list[str]]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split() for line in f]
+
+
+def mounts_at(path: str) -> list[list[str]]:
+    return [m for m in mountinfo() if m[4] == path]
+
+
+def sysctl_in(netns: str, key: str) -> str:
+    return run_in(netns, "cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
+
+
+def make_spec(run_dir: str, prefix: str, n: int, **over: Any) -> NetworkSpec:
+    fields: dict[str, Any] = {
+        "netns_path": f"{run_dir}/tenant{n}",
+        "host_ifname": f"{prefix}{1000 + n}",
+        "peer_ifname": "eth0",
+        "ipv4_address": IPv4Address("100.72.0.10") + n,
+        "ipv4_gateway": IPv4Address("100.72.0.1"),
+        "ipv6_prefix": IPv6Network(f"fd00:72:0:{n:x}::/64"),
+        "ipv6_address": IPv6Address(f"fd00:72:0:{n:x}::2"),
+        "ipv6_gateway": IPv6Address("fe80::1"),
+        "sysctls": (
+            ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ("net.ipv4.ping_group_range", "0 2147483647"),
+        ),
+    }
+    fields.update(over)
+    return NetworkSpec(**fields)
+
+
+@pytest.fixture
+async def adapter(run_dir: str, link_prefix: str, host_netns: str) -> AsyncIterator[NetnsAdapter]:
+    a = NetnsAdapter(run_dir=run_dir, link_prefix=link_prefix, host_netns_path=host_netns)
+    await a.start()
+    try:
+        yield a
+    finally:
+        await a.close()
+
+
+@pytest.fixture
+def spec(run_dir: str, link_prefix: str) -> NetworkSpec:
+    return make_spec(run_dir, link_prefix, 1)
+
+
+async def on_worker(adapter: NetnsAdapter, fn: Callable[[], Any]) -> Any:
+    return await adapter._call(fn)  # looking inside on purpose
+
+
+# ----------------------------------------------------------------------------------
+# ensure: creation, verified from outside
+
+
+async def test_ensure_creates_everything(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str, run_dir: str
+) -> None:
+    result = await adapter.ensure(spec)
+    assert not result.adopted_existing
+    assert f"created namespace {spec.netns_path}" in result.actions
+    assert result.inode == os.stat(spec.netns_path).st_ino
+    assert adapter.namespace_inode(spec.netns_path) == result.inode
+
+    # tenant side
+    ns = spec.netns_path
+    assert links(ns) == ["eth0", "lo"]
+    assert addrs(ns, "eth0") >= {"100.72.0.11/32", "fd00:72:0:1::2/64"}
+    eth0 = ip_json(ns, "link", "show", "dev", "eth0")[0]
+    assert "UP" in eth0["flags"]
+    assert "UP" in ip_json(ns, "link", "show", "dev", "lo")[0]["flags"]
+    v6 = ip_json(ns, "addr", "show", "dev", "eth0")[0]["addr_info"]
+    assert any(a["local"] == "fd00:72:0:1::2" and a.get("nodad") for a in v6)
+    routes4 = ip_json(ns, "-4", "route", "show")
+    assert {"dst": "default", "gateway": "100.72.0.1", "dev": "eth0"}.items() <= next(
+        r for r in routes4 if r["dst"] == "default"
+    ).items()
+    assert "onlink" in next(r for r in routes4 if r["dst"] == "default")["flags"]
+    gw_route = next(r for r in routes4 if r["dst"] == "100.72.0.1")
+    assert gw_route["dev"] == "eth0" and gw_route["scope"] == "link"
+    default6 = next(r for r in ip_json(ns, "-6", "route", "show") if r["dst"] == "default")
+    assert default6["gateway"] == "fe80::1" and default6["dev"] == "eth0"
+    assert sysctl_in(ns, "net.ipv4.ip_unprivileged_port_start") == "0"
+    assert sysctl_in(ns, "net.ipv4.ping_group_range").split() == ["0", "2147483647"]
+
+    # host side, in the test's host namespace -- and not in the machine's own
+    host = spec.host_ifname
+    assert addrs(host_netns, host) >= {"100.72.0.1/32", "fe80::1/64"}
+    host_link = ip_json(host_netns, "link", "show", "dev", host)[0]
+    assert "UP" in host_link["flags"]
+    r4 = ip_json(host_netns, "-4", "route", "show", "100.72.0.11/32")[0]
+    assert (r4["dev"], r4["scope"], r4["prefsrc"]) == (host, "link", "100.72.0.1")
+    r6 = ip_json(host_netns, "-6", "route", "show", "fd00:72:0:1::/64")[0]
+    assert r6["dev"] == host
+    in_root = subprocess.run(["ip", "link", "show", host], check=False, capture_output=True)
+    assert in_root.returncode != 0
+    # the host's own sysctl is untouched: the sysctls went into the tenant's namespace
+    assert sysctl_in(host_netns, "net.ipv4.ip_unprivileged_port_start") == "1024"
+
+    # the worker thread is back home; the main thread never moved
+    assert await on_worker(adapter, lambda: os.stat("/proc/thread-self/ns/net").st_ino) == (
+        os.stat(host_netns).st_ino
+    )
+    main_thread_ns = os.stat("/proc/thread-self/ns/net").st_ino
+    assert main_thread_ns not in (os.stat(host_netns).st_ino, result.inode)
+
+
+async def test_traffic_both_families(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    await adapter.ensure(spec)
+    assert ping(host_netns, "100.72.0.11")
+    assert ping(host_netns, "fd00:72:0:1::2")
+    # and from inside out, through the default routes
+    assert ping(spec.netns_path, "100.72.0.1")
+    assert ping(spec.netns_path, "fe80::1%eth0")
+
+
+async def test_second_ensure_changes_nothing(adapter: NetnsAdapter, spec: NetworkSpec) -> None:
+    first = await adapter.ensure(spec)
+    second = await adapter.ensure(spec)
+    assert first.actions
+    assert second.actions == ()
+    assert second.adopted_existing
+    assert second.inode == first.inode
+
+
+async def test_mtu(adapter: NetnsAdapter, run_dir: str, link_prefix: str, host_netns: str) -> None:
+    spec = make_spec(run_dir, link_prefix, 2, mtu=1400)
+    await adapter.ensure(spec)
+    assert ip_json(host_netns, "link", "show", "dev", spec.host_ifname)[0]["mtu"] == 1400
+    assert ip_json(spec.netns_path, "link", "show", "dev", "eth0")[0]["mtu"] == 1400
+    run_in(spec.netns_path, "ip", "link", "set", "eth0", "mtu", "1500")
+    assert (await adapter.ensure(spec)).actions == (f"set mtu 1400 on eth0 ({spec.netns_path})",)
+    assert (await adapter.ensure(spec)).actions == ()
+
+
+# ----------------------------------------------------------------------------------
+# repairs
+
+
+async def test_repairs_deleted_veth(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    first = await adapter.ensure(spec)
+    run_in(host_netns, "ip", "link", "del", spec.host_ifname)
+    result = await adapter.ensure(spec)
+    assert result.inode == first.inode and result.adopted_existing
+    assert any(a.startswith("created veth") for a in result.actions)
+    assert (await adapter.ensure(spec)).actions == ()
+    assert ping(host_netns, "100.72.0.11")
+    assert ping(host_netns, "fd00:72:0:1::2")
+
+
+async def test_repairs_addresses_routes_and_link_state(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    await adapter.ensure(spec)
+    ns = spec.netns_path
+    run_in(ns, "ip", "addr", "del", "100.72.0.11/32", "dev", "eth0")
+    run_in(ns, "ip", "addr", "add", "10.99.0.1/32", "dev", "eth0")  # a wrong one
+    run_in(ns, "ip", "-6", "route", "del", "default")
+    run_in(host_netns, "ip", "route", "del", "100.72.0.11/32")
+    run_in(host_netns, "ip", "-6", "addr", "del", "fe80::1/64", "dev", spec.host_ifname)
+    result = await adapter.ensure(spec)
+    assert sorted(result.actions) == sorted(
+        [
+            f"deleted 10.99.0.1/32 from eth0 ({ns})",
+            f"added 100.72.0.11/32 to eth0 ({ns})",
+            # removing a link's last IPv4 address makes the kernel flush its IPv4 routes
+            f"added route 100.72.0.1/32 dev eth0 ({ns})",
+            f"added route 0.0.0.0/0 via 100.72.0.1 dev eth0 ({ns})",
+            f"added route ::/0 via fe80::1 dev eth0 ({ns})",
+            f"added fe80::1/64 to {spec.host_ifname} (host)",
+            f"added route 100.72.0.11/32 src 100.72.0.1 dev {spec.host_ifname} (host)",
+        ]
+    )
+    assert (await adapter.ensure(spec)).actions == ()
+
+    # a wrong default route is replaced, not duplicated
+    run_in(ns, "ip", "route", "replace", "default", "via", "100.72.0.99", "dev", "eth0", "onlink")
+    result = await adapter.ensure(spec)
+    assert any(a.startswith("deleted a wrong route to 0.0.0.0/0") for a in result.actions)
+    assert [r["gateway"] for r in ip_json(ns, "-4", "route", "show", "default")] == ["100.72.0.1"]
+
+    # links set down (which also flushes their IPv6 addresses)
+    run_in(ns, "ip", "link", "set", "eth0", "down")
+    run_in(ns, "ip", "link", "set", "lo", "down")
+    run_in(host_netns, "ip", "link", "set", spec.host_ifname, "down")
+    result = await adapter.ensure(spec)
+    assert f"set eth0 up ({ns})" in result.actions
+    assert f"set lo up ({ns})" in result.actions
+    assert f"set {spec.host_ifname} up (host)" in result.actions
+    assert (await adapter.ensure(spec)).actions == ()
+    assert ping(host_netns, "100.72.0.11")
+    assert ping(host_netns, "fd00:72:0:1::2")
+
+
+async def test_repairs_renamed_peer_and_sysctl(adapter: NetnsAdapter, spec: NetworkSpec) -> None:
+    await adapter.ensure(spec)
+    ns = spec.netns_path
+    run_in(ns, "ip", "link", "set", "eth0", "down")
+    run_in(ns, "ip", "link", "set", "eth0", "name", "renamed0")
+    run_in(ns, "sh", "-c", "echo 1024 > /proc/sys/net/ipv4/ip_unprivileged_port_start")
+    result = await adapter.ensure(spec)
+    assert f"renamed renamed0 to eth0 in {ns}" in result.actions
+    assert f"set net.ipv4.ip_unprivileged_port_start=0 in {ns}" in result.actions
+    assert links(ns) == ["eth0", "lo"]
+    assert (await adapter.ensure(spec)).actions == ()
+
+
+async def test_stale_file_gets_a_fresh_namespace(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    first = await adapter.ensure(spec)
+    linux.umount2(spec.netns_path, linux.MNT_DETACH)  # e.g. /run survived, mounts did not
+    assert os.path.exists(spec.netns_path)
+    assert adapter.namespace_inode(spec.netns_path) is None
+    result = await adapter.ensure(spec)
+    assert not result.adopted_existing
+    assert result.inode != first.inode
+    assert f"found stale namespace file {spec.netns_path}" in result.actions
+    assert len(mounts_at(spec.netns_path)) == 1
+    assert (await adapter.ensure(spec)).actions == ()
+    assert ping(host_netns, "100.72.0.11")
+
+
+async def test_recreated_namespace_while_old_one_is_pinned(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    """The old namespace stays alive (an fd pins it), so the host end of the veth still
+    exists, its peer in the wrong namespace: ensure must replace the pair."""
+    await adapter.ensure(spec)
+    pin = os.open(spec.netns_path, os.O_RDONLY)
+    try:
+        linux.umount2(spec.netns_path, linux.MNT_DETACH)
+        result = await adapter.ensure(spec)
+        assert (
+            f"deleted {spec.host_ifname}: its peer was not in {spec.netns_path}" in result.actions
+        )
+        assert any(a.startswith("created veth") for a in result.actions)
+        assert (await adapter.ensure(spec)).actions == ()
+        assert ping(host_netns, "100.72.0.11")
+    finally:
+        os.close(pin)
+
+
+async def test_adopts_a_namespace_made_by_someone_else(
+    adapter: NetnsAdapter, spec: NetworkSpec, run_dir: str
+) -> None:
+    path = spec.netns_path
+    with open(path, "w"):
+        pass
+    # unshare(1) without --mount: the bind mount lands in our mount namespace
+    subprocess.run(["unshare", "--net", "mount", "--bind", "/proc/self/ns/net", path], check=True)
+    inode = os.stat(path).st_ino
+    with pytest.raises(NetnsError) as info:
+        await adapter.ensure(spec, adopt=False)
+    assert info.value.step == "exists"
+    result = await adapter.ensure(spec)
+    assert result.adopted_existing and result.inode == inode
+    assert not any(a.startswith("created namespace") for a in result.actions)
+
+
+# ----------------------------------------------------------------------------------
+# the mount protocol
+
+
+async def test_run_dir_is_a_shared_mount_point_and_mounts_do_not_stack(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str
+) -> None:
+    specs = [make_spec(run_dir, link_prefix, n) for n in (1, 2)]
+    for s in specs:
+        await adapter.ensure(s)
+    run_mounts = mounts_at(run_dir)
+    assert len(run_mounts) == 1
+    assert any(field.startswith("shared:") for field in run_mounts[0][6:])
+    for s in specs:
+        ns_mounts = mounts_at(s.netns_path)
+        assert len(ns_mounts) == 1, ns_mounts
+        assert ns_mounts[0][8] == "nsfs"
+    # no copies of the namespace files anywhere else (e.g. the run dir's parent)
+    for s in specs:
+        inode = f"net:[{os.stat(s.netns_path).st_ino}]"
+        assert [m[4] for m in mountinfo() if m[3] == inode] == [s.netns_path]
+    # a second adapter (a daemon restart) neither stacks the run dir nor the files
+    second = NetnsAdapter(
+        run_dir=run_dir, link_prefix=link_prefix, host_netns_path=adapter.host_netns_path
+    )
+    await second.start()
+    try:
+        await second.ensure(make_spec(run_dir, link_prefix, 3))
+        assert (await second.ensure(specs[0])).actions == ()
+    finally:
+        await second.close()
+    assert len(mounts_at(run_dir)) == 1
+
+
+async def test_remove_leaves_nothing(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    await adapter.ensure(spec)
+    actions = await adapter.remove(spec)
+    assert actions == (
+        f"deleted {spec.host_ifname}",
+        f"unmounted {spec.netns_path}",
+        f"removed {spec.netns_path}",
+    )
+    assert not os.path.exists(spec.netns_path)
+    assert mounts_at(spec.netns_path) == []
+    assert spec.host_ifname not in links(host_netns)
+    assert ip_json(host_netns, "-4", "route", "show", "100.72.0.11/32") == []
+    assert await adapter.remove(spec) == ()
+    assert await adapter.remove(NetworkRef(spec.netns_path)) == ()
+
+
+# ----------------------------------------------------------------------------------
+# concurrency
+
+
+async def test_concurrent_ensures_of_different_specs(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str, host_netns: str
+) -> None:
+    specs = [make_spec(run_dir, link_prefix, n) for n in range(1, 21)]
+    results = await asyncio.gather(*(adapter.ensure(s) for s in specs))
+    assert len({r.inode for r in results}) == 20
+    assert all(not r.adopted_existing for r in results)
+    assert sorted(await adapter.list_prefixed_links()) == sorted(s.host_ifname for s in specs)
+    for s, r in zip(specs, results, strict=True):
+        assert [m[3] for m in mounts_at(s.netns_path)] == [f"net:[{r.inode}]"]
+        assert links(s.netns_path) == ["eth0", "lo"]
+    assert len(mounts_at(run_dir)) == 1
+    again = await asyncio.gather(*(adapter.ensure(s) for s in specs))
+    assert all(r.actions == () for r in again)
+    assert ping(host_netns, str(specs[-1].ipv4_address))
+
+
+async def test_concurrent_ensures_of_the_same_spec(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    results = await asyncio.gather(*(adapter.ensure(spec) for _ in range(10)))
+    assert len({r.inode for r in results}) == 1
+    assert sum(1 for r in results if not r.adopted_existing) == 1
+    assert sum(1 for r in results if r.actions) == 1
+    assert len(mounts_at(spec.netns_path)) == 1
+    assert [name for name in links(host_netns) if name != "lo"] == [spec.host_ifname]
+    assert links(spec.netns_path) == ["eth0", "lo"]
+
+
+# ----------------------------------------------------------------------------------
+# host queries
+
+
+async def test_list_prefixed_links_only_lists_nsd_names(
+    adapter: NetnsAdapter, link_prefix: str, host_netns: str, spec: NetworkSpec
+) -> None:
+    await adapter.ensure(spec)
+    for name, peer in (
+        (f"{link_prefix}X", "pa"),
+        (f"{link_prefix}01", "pb"),
+        ("other0", "pc"),
+        (f"{link_prefix}7", "pd"),
+        (f"{link_prefix}0", "pe"),
+    ):
+        run_in(host_netns, "ip", "link", "add", name, "type", "veth", "peer", "name", peer)
+    assert await adapter.list_prefixed_links() == sorted(
+        [f"{link_prefix}0", f"{link_prefix}7", spec.host_ifname]
+    )
+    for bad in (f"{link_prefix}01", f"{link_prefix}X", "other0", "lo", f"{link_prefix}"):
+        with pytest.raises(NetnsError) as info:
+            await adapter.delete_link(bad)
+        assert info.value.step == "validate"
+    await adapter.delete_link(f"{link_prefix}7")
+    await adapter.delete_link(f"{link_prefix}7")  # missing is fine
+    names = links(host_netns)
+    assert f"{link_prefix}7" not in names
+    assert {f"{link_prefix}01", f"{link_prefix}X", "other0"} <= set(names)
+
+
+async def test_host_routes(adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str) -> None:
+    await adapter.ensure(spec)
+    run_in(host_netns, "ip", "route", "add", "blackhole", "198.51.100.0/24")
+    run_in(host_netns, "ip", "-6", "route", "add", "blackhole", "2001:db8:5::/48")
+    run_in(host_netns, "ip", "route", "add", "blackhole", "default")
+    routes = {str(r) for r in await adapter.host_routes()}
+    assert {"198.51.100.0/24", "2001:db8:5::/48"} <= routes
+    assert "0.0.0.0/0" not in routes
+    assert "100.72.0.11/32" not in routes  # through the tenant's link: ours
+    assert str(spec.ipv6_prefix) not in routes
+
+
+# ----------------------------------------------------------------------------------
+# validation: refused before anything is touched
+
+
+@pytest.mark.parametrize(
+    ("override", "step"),
+    [
+        ({"netns_path": "/tmp/elsewhere"}, "validate"),
+        ({"netns_path": "RUN/../escape"}, "validate"),
+        ({"host_ifname": "eth0"}, "validate"),
+        ({"host_ifname": "PREFIX01"}, "validate"),
+        ({"peer_ifname": "a/b"}, "validate"),
+        ({"peer_ifname": "x" * 16}, "validate"),
+        ({"sysctls": (("kernel.pid_max", "1"),)}, "validate"),
+        ({"sysctls": (("net.ipv4/../../x", "1"),)}, "validate"),
+        ({"sysctls": (("net..ipv4", "1"),)}, "validate"),
+        ({"sysctls": (("net.ipv4.ip_forward", "1\n2"),)}, "validate"),
+        ({"ipv6_gateway": IPv6Address("2001:db8::1")}, "validate"),
+        ({"ipv6_address": IPv6Address("fd00:99::2")}, "validate"),
+        ({"mtu": 20}, "validate"),
+    ],
+)
+async def test_validation(
+    adapter: NetnsAdapter,
+    run_dir: str,
+    link_prefix: str,
+    override: dict[str, Any],
+    step: str,
+) -> None:
+    fixed = {
+        k: (v.replace("RUN", run_dir).replace("PREFIX", link_prefix) if isinstance(v, str) else v)
+        for k, v in override.items()
+    }
+    with pytest.raises(NetnsError) as info:
+        await adapter.ensure(make_spec(run_dir, link_prefix, 1, **fixed))
+    assert info.value.step == step
+    assert os.listdir(run_dir) == []
+
+
+async def test_unknown_sysctl_fails_with_errno(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str
+) -> None:
+    spec = make_spec(run_dir, link_prefix, 1, sysctls=(("net.ipv4.no_such_knob", "1"),))
+    with pytest.raises(NetnsError) as info:
+        await adapter.ensure(spec)
+    assert info.value.step == "sysctl"
+    assert info.value.errno == 2
+
+
+# ----------------------------------------------------------------------------------
+# resources: no forks, no fd leaks
+
+
+async def test_no_forks_and_no_fd_leak(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str
+) -> None:
+    specs = [make_spec(run_dir, link_prefix, n) for n in range(1, 11)]
+    await adapter.ensure(specs[0])
+    await adapter.remove(specs[0])
+    fds_before = len(os.listdir("/proc/self/fd"))
+    events: list[str] = []
+    watching = True
+
+    def hook(event: str, _args: tuple[Any, ...]) -> None:
+        if watching and event in ("os.fork", "os.posix_spawn", "subprocess.Popen", "os.exec"):
+            events.append(event)
+
+    sys.addaudithook(hook)
+    try:
+        for _ in range(3):
+            for s in specs:
+                await adapter.ensure(s)
+                await adapter.ensure(s)
+            for s in specs:
+                await adapter.remove(s)
+    finally:
+        watching = False
+    assert events == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    # Nothing piles up unread on the worker's long-lived netlink socket (pyroute2 0.9.7
+    # leaves the ACK of every link("get") in a catch-all queue; the adapter avoids that).
+    def unread() -> int:
+        queue = adapter._worker._ipr.asyncore.msg_queue  # type: ignore[union-attr]
+        return sum(q.qsize() for q in queue.queues.values())
+
+    assert await on_worker(adapter, unread) == 0
+
+
+# ----------------------------------------------------------------------------------
+# processes inside a namespace
+
+
+async def test_processes_found_and_stopped(adapter: NetnsAdapter, spec: NetworkSpec) -> None:
+    result = await adapter.ensure(spec)
+    polite = subprocess.Popen(["nsenter", f"--net={spec.netns_path}", "sleep", "1000"])
+    stubborn = subprocess.Popen(
+        ["nsenter", f"--net={spec.netns_path}", "sh", "-c", "trap '' TERM; exec sleep 1000"]
+    )
+    outsider = subprocess.Popen(["sleep", "1000"])
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            found = processes_in_namespace(result.inode)
+            if found == sorted([polite.pid, stubborn.pid]):
+                break
+            await asyncio.sleep(0.02)
+        assert found == sorted([polite.pid, stubborn.pid])
+        started = time.monotonic()
+        stopped = await stop_processes(
+            [*found, outsider.pid], term_timeout=0.5, kill_timeout=5, netns_inode=result.inode
+        )
+        assert time.monotonic() - started < 4
+        assert stopped.terminated == (polite.pid,)
+        assert stopped.killed == (stubborn.pid,)
+        assert stopped.skipped == (outsider.pid,)  # not in that namespace: left alone
+        assert stopped.survivors == ()
+        assert polite.wait(5) == -signal.SIGTERM
+        assert stubborn.wait(5) == -signal.SIGKILL
+        assert outsider.poll() is None
+        assert processes_in_namespace(result.inode) == []
+    finally:
+        for p in (polite, stubborn, outsider):
+            p.kill()
+            p.wait()
+
+
+async def test_stop_processes_of_vanished_pids() -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    stopped = await stop_processes([p.pid], term_timeout=0.1)
+    assert stopped.skipped == (p.pid,)
+    with pytest.raises(ValueError, match="refusing"):
+        await stop_processes([os.getpid()])
+
+
+# ----------------------------------------------------------------------------------
+# failure handling
+
+
+async def test_failed_bind_mount_is_undone(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_mount = linux.mount
+
+    def failing_mount(source: str | None, target: str, *args: Any) -> None:
+        if target == spec.netns_path:
+            raise OSError(28, "No space left on device", target)
+        real_mount(source, target, *args)
+
+    monkeypatch.setattr(linux, "mount", failing_mount)
+    with pytest.raises(NetnsError) as info:
+        await adapter.ensure(spec)
+    assert (info.value.step, info.value.errno) == ("mount", 28)
+    assert not os.path.exists(spec.netns_path)  # the file this call made is gone
+    # and the worker went back home after unshare()
+    assert await on_worker(adapter, lambda: os.stat("/proc/thread-self/ns/net").st_ino) == (
+        os.stat(host_netns).st_ino
+    )
+    monkeypatch.setattr(linux, "mount", real_mount)
+    assert not (await adapter.ensure(spec)).adopted_existing
+
+
+def test_worker_that_cannot_return_home_ends_the_process(
+    host_netns: str, run_dir: str, link_prefix: str
+) -> None:
+    """If setns() back to the host fails, no thread may go on in a tenant's namespace:
+    the process exits with status 70."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from nsd import linux
+        from nsd.netns import NetnsAdapter
+        from tests.integration.test_netns import make_spec
+
+        async def main():
+            a = NetnsAdapter({run_dir!r}, {link_prefix!r}, host_netns_path={host_netns!r})
+            await a.start()
+            real = linux.setns
+            def setns(fd, nstype=0):
+                if fd == a._worker.host_fd:
+                    raise OSError(1, "Operation not permitted")
+                real(fd, nstype)
+            linux.setns = setns
+            await a.ensure(make_spec({run_dir!r}, {link_prefix!r}, 1))
+            print("still running")
+
+        asyncio.run(main())
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [PY, "-c", script], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 70, proc.stderr
+    assert "still running" not in proc.stdout
+    assert "cannot return the netns worker to the host namespace" in proc.stderr
+
+
+async def test_run_dir_inside_a_shared_mount_gets_its_own_peer_group(
+    run_dir: str, link_prefix: str, host_netns: str
+) -> None:
+    """The Debian bug 949235 setting: the run dir's parent is a shared mount (as / is
+    under systemd). The run dir must leave the parent's peer group, or every namespace
+    mount propagates back into the parent and mounts multiply."""
+    parent = os.path.join(run_dir, "shared")
+    os.mkdir(parent)
+    linux.mount("tmpfs", parent, "tmpfs", 0, "size=1m")
+    linux.mount("", parent, None, linux.MS_SHARED)
+    netns_dir = os.path.join(parent, "netns")  # does not exist yet: ensure makes it
+    a = NetnsAdapter(run_dir=netns_dir, link_prefix=link_prefix, host_netns_path=host_netns)
+    await a.start()
+    try:
+        specs = [make_spec(netns_dir, link_prefix, n) for n in (1, 2, 3)]
+        for s in specs:
+            await a.ensure(s)
+        assert oct(os.stat(netns_dir).st_mode & 0o777) == "0o755"
+
+        def groups(path: str) -> set[str]:
+            (m,) = mounts_at(path)
+            return {f for f in m[6 : m.index("-")] if f.startswith(("shared:", "master:"))}
+
+        parent_groups, dir_groups = groups(parent), groups(netns_dir)
+        assert any(g.startswith("shared:") for g in dir_groups)
+        assert not parent_groups & dir_groups
+        for s in specs:
+            inode = f"net:[{os.stat(s.netns_path).st_ino}]"
+            assert [m[4] for m in mountinfo() if m[3] == inode] == [s.netns_path]
+        assert len(mounts_at(netns_dir)) == 1
+    finally:
+        await a.close()
