@@ -21,7 +21,7 @@ DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 # Per-namespace sysctls nsd may write. Keys outside net.* are host-global (writing
 # them "inside" a namespace would change the whole host), so they are refused.
 _SYSCTL_KEY = re.compile(r"^net\.[a-z0-9_]+(\.[A-Za-z0-9_-]+)+$")
-_LINK_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,4}$")
+_LINK_PREFIX = re.compile(r"^[a-z]([a-z0-9]{0,3}[a-z])?$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 _RLIMITS = frozenset(
     {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
@@ -252,7 +252,9 @@ def _rlimits(source: str, key: str, value: Any) -> Mapping[str, ResourceLimit]:
     for name, v in value.items():
         dotted = f"{key}.{name}"
         if name not in _RLIMITS:
-            raise ConfigError(source, dotted, f"unknown limit (known: {', '.join(sorted(_RLIMITS))})")
+            raise ConfigError(
+                source, dotted, f"unknown limit (known: {', '.join(sorted(_RLIMITS))})"
+            )
         if isinstance(v, list):
             if len(v) != 2:
                 raise ConfigError(source, dotted, "must be [soft, hard]")
@@ -265,9 +267,7 @@ def _rlimits(source: str, key: str, value: Any) -> Mapping[str, ResourceLimit]:
     return out
 
 
-_SPECIAL.update(
-    {"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits}
-)
+_SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits})
 
 
 # ---------------------------------------------------------------------------
@@ -275,48 +275,65 @@ _SPECIAL.update(
 
 
 def validate(cfg: Config) -> Config:
-    src = cfg.source
+    _check_daemon(cfg.source, cfg.daemon)
+    _check_tenants(cfg.source, cfg.tenants)
+    _check_netns(cfg.source, cfg.netns)
+    _check_ipam(cfg.source, cfg)
+    return cfg
 
-    def fail(key: str, reason: str) -> None:
-        raise ConfigError(src, key, reason)
 
-    d, t, n, i = cfg.daemon, cfg.tenants, cfg.netns, cfg.ipam
+def _check_daemon(src: str, d: DaemonConfig) -> None:
     if not d.socket.startswith("/"):
-        fail("daemon.socket", "must be an absolute path")
+        raise ConfigError(src, "daemon.socket", "must be an absolute path")
     if not d.state_dir.startswith("/"):
-        fail("daemon.state_dir", "must be an absolute path")
+        raise ConfigError(src, "daemon.state_dir", "must be an absolute path")
     if d.log_level not in ("debug", "info", "warning", "error"):
-        fail("daemon.log_level", "must be one of debug, info, warning, error")
+        raise ConfigError(src, "daemon.log_level", "must be one of debug, info, warning, error")
     if d.admin_group:
         try:
             grp.getgrnam(d.admin_group)
         except KeyError:
-            fail("daemon.admin_group", f"no group named {d.admin_group!r}")
-    for key in ("shutdown_timeout",):
-        if getattr(d, key) <= 0:
-            fail(f"daemon.{key}", "must be positive")
+            raise ConfigError(
+                src, "daemon.admin_group", f"no group named {d.admin_group!r}"
+            ) from None
+    if d.shutdown_timeout <= 0:
+        raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
     for key in ("max_connections", "max_connections_per_uid"):
         if getattr(d, key) < 1:
-            fail(f"daemon.{key}", "must be at least 1")
+            raise ConfigError(src, f"daemon.{key}", "must be at least 1")
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
-        fail("daemon.max_message_bytes", "must be between 1024 and 16777216")
+        raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def _check_tenants(src: str, t: TenantsConfig) -> None:
     if not 0 < t.uid_min <= t.uid_max < 2**32 - 1:
-        fail("tenants.uid_max", "need 0 < uid_min <= uid_max < 4294967295 (root is never a tenant)")
+        raise ConfigError(
+            src, "tenants.uid_max",
+            "need 0 < uid_min <= uid_max < 4294967295 (root is never a tenant)",
+        )  # fmt: skip
     for key in ("lock_timeout", "stop_timeout"):
         if getattr(t, key) <= 0:
-            fail(f"tenants.{key}", "must be positive")
+            raise ConfigError(src, f"tenants.{key}", "must be positive")
+
+
+def _check_netns(src: str, n: NetnsConfig) -> None:
     if not n.run_dir.startswith("/") or n.run_dir.rstrip("/") in ("", "/proc", "/sys"):
-        fail("netns.run_dir", "must be an absolute path of a directory nsd may mount on")
+        raise ConfigError(
+            src, "netns.run_dir", "must be an absolute path of a directory nsd may mount on"
+        )
     _check_template(src, n.name_template)
     if not _LINK_PREFIX.match(n.link_prefix):
-        fail("netns.link_prefix", "must be 1-5 lower-case letters/digits starting with a letter "
-             "(prefix + up to 10 UID digits must fit the 15-byte interface name limit)")
+        raise ConfigError(
+            src, "netns.link_prefix",
+            "must be 1-5 lower-case letters/digits starting with a letter and not ending in a "
+            "digit (prefix + up to 10 UID digits must fit the 15-byte interface name limit)",
+        )  # fmt: skip
     if not _IFNAME.match(n.tenant_interface) or n.tenant_interface in ("lo", "all", "default"):
-        fail("netns.tenant_interface", "not a valid interface name")
+        raise ConfigError(src, "netns.tenant_interface", "not a valid interface name")
     if n.mtu and not 1280 <= n.mtu <= 65535:
-        fail("netns.mtu", "must be 0 (kernel default) or 1280-65535 (IPv6 needs 1280)")
-    _check_ipam(src, cfg)
-    return cfg
+        raise ConfigError(
+            src, "netns.mtu", "must be 0 (kernel default) or 1280-65535 (IPv6 needs 1280)"
+        )
 
 
 def _check_template(src: str, template: str) -> None:
@@ -353,7 +370,9 @@ def _check_ipam(src: str, cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(src, "ipam.ipv6_prefix", f"not an IPv6 network: {e}") from e
         if net6.prefixlen > 56:
-            raise ConfigError(src, "ipam.ipv6_prefix", "must be /56 or shorter (one /64 per tenant)")
+            raise ConfigError(
+                src, "ipam.ipv6_prefix", "must be /56 or shorter (one /64 per tenant)"
+            )
     try:
         gw6 = ipaddress.IPv6Address(i.ipv6_gateway)
     except ValueError as e:
@@ -363,19 +382,24 @@ def _check_ipam(src: str, cfg: Config) -> None:
     if i.quarantine_seconds < 0:
         raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
     if i.strategy == "uid":
-        t = cfg.tenants
-        if t.uid_min < i.uid_offset:
-            raise ConfigError(src, "ipam.uid_offset", "must not exceed tenants.uid_min")
-        span = t.uid_max - i.uid_offset
-        if span >= net4.num_addresses - 1:
-            raise ConfigError(
-                src, "ipam.ipv4_pool",
-                f"too small for uid strategy: uids up to {t.uid_max} need offset "
-                f"{span} inside {net4}",
-            )
-        if span > 0xFFFF:
-            raise ConfigError(
-                src, "tenants.uid_max",
-                "uid strategy encodes uid - uid_offset in the 16-bit IPv6 subnet id; "
-                "the range is too wide",
-            )
+        _check_uid_strategy(src, cfg, net4)
+
+
+def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:
+    i, t = cfg.ipam, cfg.tenants
+    if t.uid_min < i.uid_offset:
+        raise ConfigError(src, "ipam.uid_offset", "must not exceed tenants.uid_min")
+    span = t.uid_max - i.uid_offset
+    if span >= net4.num_addresses - 1:
+        raise ConfigError(
+            src,
+            "ipam.ipv4_pool",
+            f"too small for uid strategy: uids up to {t.uid_max} need offset {span} inside {net4}",
+        )
+    if span > 0xFFFF:
+        raise ConfigError(
+            src,
+            "tenants.uid_max",
+            "uid strategy encodes uid - uid_offset in the 16-bit IPv6 subnet id; "
+            "the range is too wide",
+        )

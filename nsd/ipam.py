@@ -71,8 +71,12 @@ class Ipam:
             return self._by_uid(uid, since)
         prev4 = self.store.previous_address(4, uid, since)
         prev6 = self.store.previous_address(6, uid, since)
-        v4 = IPv4Address(prev4) if prev4 else self._first_free4(self.store.taken_addresses(4, since))
-        v6 = IPv6Network(prev6) if prev6 else self._first_free6(self.store.taken_addresses(6, since))
+        v4 = (
+            IPv4Address(prev4) if prev4 else self._first_free4(self.store.taken_addresses(4, since))
+        )
+        v6 = (
+            IPv6Network(prev6) if prev6 else self._first_free6(self.store.taken_addresses(6, since))
+        )
         if v4 not in self.ipv4_pool:  # the pool was reconfigured since
             v4 = self._first_free4(self.store.taken_addresses(4, since))
         return v4, v6

@@ -192,9 +192,7 @@ class Store:
                     (ts, uid),
                 )
             else:
-                self._db.execute(
-                    "DELETE FROM leases WHERE uid = ? AND released_us IS NULL", (uid,)
-                )
+                self._db.execute("DELETE FROM leases WHERE uid = ? AND released_us IS NULL", (uid,))
             self._db.execute("DELETE FROM tenants WHERE uid = ?", (uid,))
 
     # -- leases ----------------------------------------------------------------

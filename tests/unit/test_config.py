@@ -22,7 +22,10 @@ def test_defaults_need_no_file(tmp_path: Path) -> None:
 
 
 def test_full_file(tmp_path: Path) -> None:
-    cfg = config.load(write(tmp_path, """
+    cfg = config.load(
+        write(
+            tmp_path,
+            """
 [daemon]
 socket = "/tmp/x.sock"
 state_dir = "/tmp/state"
@@ -41,7 +44,9 @@ umask = "0027"
 [exec.rlimits]
 nofile = [1024, 65536]
 core = "infinity"
-"""))
+""",
+        )
+    )
     assert cfg.tenants.uid_min == 2000 and cfg.tenants.enter_creates is False
     assert cfg.netns.sysctls == {"net.ipv4.ping_group_range": "0 2147483647"}
     assert cfg.exec.umask == 0o027
@@ -71,7 +76,9 @@ core = "infinity"
         ("[daemon\n", "-", "not valid TOML"),
     ],
 )
-def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+def test_bad_values_name_file_key_and_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(config.ConfigError) as info:
         config.load(path)

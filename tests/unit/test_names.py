@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from nsd import names
 
 uids = st.integers(min_value=0, max_value=names.MAX_UID)
-user_names = st.from_regex(re.compile(r"[a-z_][a-z0-9_.-]{0,30}\$?", re.ASCII), fullmatch=True).filter(
-    lambda n: n not in (".", "..")
-)
+user_names = st.from_regex(
+    re.compile(r"[a-z_][a-z0-9_.-]{0,30}\$?", re.ASCII), fullmatch=True
+).filter(lambda n: n not in (".", ".."))
 prefixes = st.from_regex(re.compile(r"[a-z][a-z0-9]{0,4}", re.ASCII), fullmatch=True)
 _INVALID_IFNAME = re.compile(r"[/:%\s]")
 
@@ -40,7 +40,13 @@ def test_slice_name_is_injective_and_dash_safe(a: int, b: int) -> None:
     assert sa.count("-") == 1 and sa.startswith("tenant-") and sa.endswith(".slice")
 
 
-@given(user_names, uids, user_names, uids, st.sampled_from(["{user}", "usr_{user}", "{uid}", "t{uid}-{user}"]))
+@given(
+    user_names,
+    uids,
+    user_names,
+    uids,
+    st.sampled_from(["{user}", "usr_{user}", "{uid}", "t{uid}-{user}"]),
+)
 def test_netns_name_valid_and_injective(u1: str, i1: int, u2: str, i2: int, template: str) -> None:
     n1, n2 = names.netns_name(template, u1, i1), names.netns_name(template, u2, i2)
     for n in (n1, n2):
@@ -59,7 +65,9 @@ def test_check_user_name_never_accepts_path_tricks(name: str) -> None:
         assert names.netns_name("{user}", name, 1000) == name
 
 
-@pytest.mark.parametrize("name", ["nsd01", "nsd", "nsdx1", "other1", "nsd1a", "nsd٣", "nsd99999999999"])
+@pytest.mark.parametrize(
+    "name", ["nsd01", "nsd", "nsdx1", "other1", "nsd1a", "nsd٣", "nsd99999999999"]
+)
 def test_foreign_links_are_not_ours(name: str) -> None:
     assert names.uid_from_ifname("nsd", name) is None
 

@@ -12,8 +12,12 @@ from nsd.ipam import Ipam
 from nsd.model import TenantRecord, TenantState
 
 
-def rec(uid: int, v4: IPv4Address, v6: IPv6Network, state: TenantState = TenantState.CREATING) -> TenantRecord:
-    return TenantRecord(uid, f"u{uid}", state, f"u{uid}", f"nsd{uid}", v4, v6, False, store.now_us())
+def rec(
+    uid: int, v4: IPv4Address, v6: IPv6Network, state: TenantState = TenantState.CREATING
+) -> TenantRecord:
+    return TenantRecord(
+        uid, f"u{uid}", state, f"u{uid}", f"nsd{uid}", v4, v6, False, store.now_us()
+    )
 
 
 def make(tmp_path: Path, **ipam: object) -> tuple[store.Store, Ipam]:
@@ -46,7 +50,7 @@ def test_ula_is_random_rfc4193_and_persisted(tmp_path: Path) -> None:
     assert ipam.ipv6_base.prefixlen == 48
     assert str(ipam.ipv6_base).startswith("fd")
     s.close()
-    s2, ipam2 = make(tmp_path)
+    _, ipam2 = make(tmp_path)
     assert ipam2.ipv6_base == ipam.ipv6_base
     assert make(tmp_path / "other")[1].ipv6_base != ipam.ipv6_base
 

@@ -1,0 +1,234 @@
+"""Varlink method handlers: parameters -> manager -> reply.
+
+Handlers convert types, authorize by the peer's kernel credentials and
+delegate; they hold no logic of their own (firewalld's lesson). Identity fields
+inside requests are never trusted: who the caller is comes from SO_PEERCRED and
+SO_PEERGROUPS only. Every mutating call is logged with the caller's uid and pid,
+the method, the tenant and the result: the audit trail in the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Any
+
+from . import __version__, doctor
+from .errors import NsdError, PermissionDenied
+from .manager import TenantManager
+from .model import TenantView
+from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
+
+audit = logging.getLogger("nsd.audit")
+
+TENANT_INTERFACE = "io.nsd.Tenant"
+DAEMON_INTERFACE = "io.nsd.Daemon"
+
+
+def idl(interface: str) -> str:
+    return resources.files("nsd.varlink").joinpath(f"{interface}.varlink").read_text("utf-8")
+
+
+def tenant_json(view: TenantView) -> dict[str, Any]:
+    rec = view.record
+    return {
+        "name": rec.name,
+        "uid": rec.uid,
+        "state": rec.state.value,
+        "namespacePath": view.namespace_path,
+        "namespaceInode": view.namespace_inode,
+        "hostInterface": rec.host_ifname,
+        "tenantInterface": view.tenant_interface,
+        "ipv4Address": str(rec.ipv4_address),
+        "ipv4Gateway": str(view.ipv4_gateway),
+        "ipv6Address": str(rec.ipv6_address),
+        "ipv6Prefix": str(rec.ipv6_prefix),
+        "ipv6Gateway": str(view.ipv6_gateway),
+        "adopted": rec.adopted,
+        "createdUSec": rec.created_us,
+        "problems": list(view.problems),
+    }
+
+
+def _varlink_error(interface: str, e: NsdError) -> VarlinkError:
+    if isinstance(e, PermissionDenied):
+        return VarlinkError("org.varlink.service.PermissionDenied", {})
+    params = {k: v for k, v in e.parameters.items() if v is not None}
+    return VarlinkError(f"{interface}.{e.name}", params)
+
+
+class Api:
+    def __init__(
+        self,
+        manager: TenantManager,
+        admin_gid: int | None,
+        routes: Callable[[], Awaitable[list[Any]]],
+        degraded: list[str],
+    ) -> None:
+        self.manager = manager
+        self.admin_gid = admin_gid
+        self._routes = routes
+        self._degraded = degraded
+
+    # -- authorization -----------------------------------------------------------
+
+    def is_admin(self, peer: Peer) -> bool:
+        if peer.uid == 0:
+            return True
+        gid = self.admin_gid
+        return gid is not None and (peer.gid == gid or gid in peer.groups)
+
+    def _require_admin(self, call: Call) -> None:
+        if not self.is_admin(call.peer):
+            raise PermissionDenied(f"{call.method} needs root or the admin group")
+
+    def _require_self_or_admin(self, call: Call, name: str) -> None:
+        if self.is_admin(call.peer):
+            return
+        # Compare UIDs, not names: the caller's name could be spoofed by NSS
+        # tricks, its UID cannot. Unknown names get the same answer as other
+        # tenants' names, so a caller cannot probe which tenants exist.
+        rec = self.manager.store.get(call.peer.uid)
+        if rec is None or rec.name != name:
+            raise PermissionDenied(f"uid {call.peer.uid} may only ask about itself")
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Mapping[str, Handler]]:
+        return {
+            TENANT_INTERFACE: {
+                "Create": self._wrap(TENANT_INTERFACE, self.create, mutating=True),
+                "Ensure": self._wrap(TENANT_INTERFACE, self.ensure, mutating=True),
+                "Remove": self._wrap(TENANT_INTERFACE, self.remove, mutating=True),
+                "Get": self._wrap(TENANT_INTERFACE, self.get),
+                "List": self._wrap(TENANT_INTERFACE, self.list),
+                "Enter": self._wrap(TENANT_INTERFACE, self.enter, mutating=True),
+                "Watch": self.watch,
+            },
+            DAEMON_INTERFACE: {
+                "Doctor": self._wrap(DAEMON_INTERFACE, self.doctor),
+                "Reconcile": self._wrap(DAEMON_INTERFACE, self.reconcile, mutating=True),
+                "Status": self._wrap(DAEMON_INTERFACE, self.status),
+            },
+        }
+
+    def _wrap(
+        self,
+        interface: str,
+        fn: Callable[[Call], Awaitable[Reply | dict[str, Any]]],
+        *,
+        mutating: bool = False,
+    ) -> Handler:
+        async def handler(call: Call) -> Reply | dict[str, Any]:
+            try:
+                result = await fn(call)
+            except NsdError as e:
+                if mutating or isinstance(e, PermissionDenied):
+                    self._audit(call, e.name)
+                raise _varlink_error(interface, e) from None
+            if mutating:
+                self._audit(call, "ok")
+            return result
+
+        return handler
+
+    def _audit(self, call: Call, result: str) -> None:
+        audit.info(
+            "uid=%d pid=%d method=%s.%s tenant=%s result=%s",
+            call.peer.uid,
+            call.peer.pid,
+            call.interface,
+            call.method,
+            call.parameters.get("name", "-"),
+            result,
+        )
+
+    # -- io.nsd.Tenant -----------------------------------------------------------
+
+    async def create(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        view = await self.manager.create(call.parameters["name"])
+        return {"tenant": tenant_json(view)}
+
+    async def ensure(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        view, created = await self.manager.ensure(call.parameters["name"])
+        return {"tenant": tenant_json(view), "created": created}
+
+    async def remove(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        await self.manager.remove(call.parameters["name"], bool(call.parameters.get("force")))
+        return {}
+
+    async def get(self, call: Call) -> dict[str, Any]:
+        name = call.parameters["name"]
+        self._require_self_or_admin(call, name)
+        return {"tenant": tenant_json(self.manager.get(name))}
+
+    async def list(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        return {"tenants": [tenant_json(v) for v in self.manager.list()]}
+
+    async def enter(self, call: Call) -> Reply:
+        self._require_admin(call)
+        view, fd = await self.manager.enter(call.parameters["name"], call.parameters.get("create"))
+        limits = [
+            {"name": name, "soft": lim.soft, "hard": lim.hard}
+            for name, lim in sorted(self.manager.cfg.exec.rlimits.items())
+        ]
+        return Reply(
+            {
+                "tenant": tenant_json(view),
+                "namespaceFileDescriptor": 0,
+                "umask": self.manager.cfg.exec.umask,
+                "resourceLimits": limits,
+            },
+            fds=(fd,),
+        )
+
+    async def watch(self, call: Call) -> AsyncIterator[Reply]:
+        name = call.parameters.get("name")
+        try:
+            if name is None:
+                self._require_admin(call)
+            else:
+                self._require_self_or_admin(call, name)
+        except NsdError as e:
+            raise _varlink_error(TENANT_INTERFACE, e) from None
+        # continues=True on every item: a live stream must send each event at
+        # once instead of holding it back to learn whether it is the last.
+        async for kind, view in self.manager.watch(name):
+            params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
+            yield Reply(params, continues=True)
+
+    # -- io.nsd.Daemon -----------------------------------------------------------
+
+    async def doctor(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
+        return {
+            "checks": [
+                {"name": c.name, "severity": c.severity, "message": c.message} for c in checks
+            ]
+        }
+
+    async def reconcile(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        report = await self.manager.reconcile()
+        return {
+            "actions": [
+                {"kind": a.kind, "tenant": a.tenant, "detail": a.detail} for a in report.actions
+            ],
+            "problems": report.problems,
+        }
+
+    async def status(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "tenants": self.manager.tenant_count(),
+            "degraded": self._degraded,
+        }

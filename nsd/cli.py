@@ -1,0 +1,230 @@
+"""nsctl: the admin CLI, in the style of machinectl, ip netns and systemctl.
+
+Tables for people by default, ``--json`` for scripts (``nsctl list --json`` is
+the address map a proxy generator consumes). Exit status 0 on success and 1 on
+failure, with one line on stderr that names the varlink error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .varlink.client import VarlinkClient, VarlinkError
+
+DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
+T = "io.nsd.Tenant."
+D = "io.nsd.Daemon."
+
+# Human sentences for every error the daemon names; parameters fill them in.
+_MESSAGES: dict[str, str] = {
+    "NoSuchTenant": "no tenant named {name}",
+    "TenantExists": "tenant {name} already exists",
+    "InvalidTenantName": "invalid tenant name {name!r}: {reason}",
+    "NoSuchUser": "no Unix user named {name}",
+    "UidOutOfRange": "user {name} has uid {uid}, outside the managed range {minimum}-{maximum}",
+    "TenantIdentityChanged": "tenant {recordedName} (uid {uid}) changed identity: {reason}",
+    "AddressPoolExhausted": "no free {family} address left in pool {pool}",
+    "NamespaceExists": "namespace {path} exists and was not made by nsd (adopt_existing is off)",
+    "TenantBusy": "tenant {name} still has {processes} process(es); use --force to stop them",
+    "TenantLocked": "another operation on tenant {name} did not finish in time",
+    "NetworkSetupFailed": "network set-up of {name} failed at {step}: {message}",
+    "ShuttingDown": "nsd is shutting down",
+    "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
+    "InvalidParameter": "invalid parameter {parameter}",
+    "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",
+    "InterfaceNotFound": "the daemon does not offer interface {interface} (version mismatch?)",
+}
+
+
+def describe(err: VarlinkError) -> str:
+    short = err.name.rsplit(".", 1)[-1]
+    template = _MESSAGES.get(short)
+    text = short
+    if template is not None:
+        try:
+            text = template.format(**err.parameters)
+        except (KeyError, IndexError, ValueError):
+            text = f"{short} {json.dumps(err.parameters)}"
+    return f"{text} [{err.name}]"
+
+
+class Cli:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json: bool = args.json
+
+    def client(self) -> VarlinkClient:
+        return VarlinkClient(self.args.socket)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        with self.client() as c:
+            return c.call(method, {k: v for k, v in params.items() if v is not None})
+
+    def out(self, data: Any, human: Callable[[], None]) -> None:
+        if self.json:
+            json.dump(data, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        else:
+            human()
+
+    # -- commands ---------------------------------------------------------------
+
+    def cmd_create(self) -> None:
+        t = self.call(T + "Create", name=self.args.user)["tenant"]
+        self.out(t, lambda: print(f"created {t['name']}: {t['ipv4Address']} "
+                                  f"{t['ipv6Address']} in {t['namespacePath']}"))  # fmt: skip
+
+    def cmd_ensure(self) -> None:
+        r = self.call(T + "Ensure", name=self.args.user)
+        t = r["tenant"]
+        verb = "created" if r["created"] else "ok"
+        self.out(r, lambda: print(f"{verb} {t['name']}: {t['ipv4Address']} {t['ipv6Address']} "
+                                  f"in {t['namespacePath']}"))  # fmt: skip
+
+    def cmd_remove(self) -> None:
+        self.call(T + "Remove", name=self.args.user, force=self.args.force or None)
+        self.out({}, lambda: print(f"removed {self.args.user}"))
+
+    def cmd_list(self) -> None:
+        tenants = self.call(T + "List")["tenants"]
+        rows = [
+            (t["name"], str(t["uid"]), t["state"], t["ipv4Address"], t["ipv6Address"],
+             t["hostInterface"], t["namespacePath"], "!" if t["problems"] else "")
+            for t in tenants
+        ]  # fmt: skip
+
+        def human() -> None:
+            table(("USER", "UID", "STATE", "IPV4", "IPV6", "LINK", "NAMESPACE", ""), rows)
+            print(f"\n{len(rows)} tenant(s)")
+
+        self.out(tenants, human)
+
+    def cmd_show(self) -> None:
+        t = self.call(T + "Get", name=self.args.user)["tenant"]
+
+        def human() -> None:
+            created = datetime.fromtimestamp(t["createdUSec"] / 1e6, UTC).isoformat(
+                timespec="seconds"
+            )
+            pairs = [
+                ("Name", t["name"]), ("UID", t["uid"]), ("State", t["state"]),
+                ("Namespace", t["namespacePath"]),
+                ("Inode", t["namespaceInode"] or "(not mounted)"),
+                ("Host link", t["hostInterface"]), ("Tenant link", t["tenantInterface"]),
+                ("IPv4", f"{t['ipv4Address']} via {t['ipv4Gateway']}"),
+                ("IPv6", f"{t['ipv6Address']} ({t['ipv6Prefix']}) via {t['ipv6Gateway']}"),
+                ("Adopted", "yes" if t["adopted"] else "no"), ("Created", created),
+            ]  # fmt: skip
+            width = max(len(k) for k, _ in pairs)
+            for k, v in pairs:
+                print(f"{k:>{width}}: {v}")
+            for p in t["problems"]:
+                print(f"{'Problem':>{width}}: {p}")
+
+        self.out(t, human)
+
+    def cmd_doctor(self) -> None:
+        checks = self.call(D + "Doctor")["checks"]
+        mark = {"ok": "ok", "warning": "WARN", "error": "FAIL"}
+        self.out(checks, lambda: table(
+            ("CHECK", "RESULT", "DETAIL"),
+            [(c["name"], mark[c["severity"]], c["message"]) for c in checks],
+        ))  # fmt: skip
+        if any(c["severity"] == "error" for c in checks):
+            raise SystemExit(1)
+
+    def cmd_reconcile(self) -> None:
+        r = self.call(D + "Reconcile")
+
+        def human() -> None:
+            for a in r["actions"]:
+                print(f"{a['kind']}: {a['tenant'] or '-'}: {a['detail']}")
+            for p in r["problems"]:
+                print(f"problem: {p}")
+            print(f"{len(r['actions'])} action(s), {len(r['problems'])} problem(s)")
+
+        self.out(r, human)
+
+    def cmd_status(self) -> None:
+        r = self.call(D + "Status")
+
+        def human() -> None:
+            print(f"nsd {r['version']} (pid {r['pid']}), {r['tenants']} tenant(s)")
+            for line in r["degraded"]:
+                print(f"degraded: {line}")
+
+        self.out(r, human)
+
+    def cmd_watch(self) -> None:
+        with self.client() as c:
+            for reply in c.call_more(
+                T + "Watch", {"name": self.args.user} if self.args.user else {}
+            ):
+                if self.json:
+                    print(json.dumps(reply, sort_keys=True), flush=True)
+                else:
+                    t = reply.get("tenant")
+                    print(f"{reply['event']}" + (f" {t['name']} {t['state']}" if t else ""),
+                          flush=True)  # fmt: skip
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsctl", description="Manage nsd tenants.")
+    p.add_argument("--socket", default=os.environ.get("NSD_SOCKET", DEFAULT_SOCKET),
+                   help=f"varlink socket (default {DEFAULT_SOCKET}, or $NSD_SOCKET)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("create", "create a tenant for an existing Unix user"),
+        ("ensure", "create, complete or repair a tenant (idempotent; for unit files)"),
+        ("remove", "remove a tenant (refused while it has processes, unless --force)"),
+        ("show", "show one tenant"),
+    ):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("user")
+        if name == "remove":
+            sp.add_argument(
+                "--force", action="store_true", help="stop the tenant's processes first"
+            )
+    sub.add_parser("list", help="list tenants (--json: the address map for proxies)")
+    sub.add_parser("doctor", help="check host prerequisites")
+    sub.add_parser("reconcile", help="repair differences between the store and the host")
+    sub.add_parser("status", help="show the daemon's status")
+    w = sub.add_parser("watch", help="stream tenant events")
+    w.add_argument("user", nargs="?")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cli = Cli(args)
+    try:
+        getattr(cli, f"cmd_{args.command}")()
+    except VarlinkError as e:
+        print(f"nsctl: {describe(e)}", file=sys.stderr)
+        return 1
+    except (ConnectionError, FileNotFoundError) as e:
+        print(f"nsctl: cannot reach nsd at {args.socket}: {e.strerror or e} "
+              "(is the daemon running?)", file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Process lifecycle: config, logging, socket activation, sd_notify, signals.
+
+CLI -> Config -> Daemon -> startup / serve / shutdown, as uvicorn does it.
+Start-up order matters: the store is opened and the host reconciled before the
+daemon reports READY=1, so units ordered after nsd find every tenant's
+namespace in place (after a reboot cleared /run, too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from . import __version__, config, doctor, sd
+from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
+from .ipam import Ipam
+from .manager import TenantManager
+from .netns import NetnsAdapter
+from .store import Store, StoreError
+from .varlink.server import Limits, VarlinkServer
+
+log = logging.getLogger("nsd")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+class StartupError(Exception):
+    """A reason the daemon cannot start, for humans; logged, exit status 1."""
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        try:
+            store = Store(cfg.daemon.database)
+        except StoreError as e:
+            raise StartupError(str(e)) from e
+        net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
+        await net.start()
+        server: VarlinkServer | None = None
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            ipam = Ipam(cfg.ipam, cfg.tenants, store)
+            degraded = doctor.degradations()
+            for line in degraded:
+                log.warning("%s", line)
+            if cfg.ipam.check_host_routes:
+                overlaps = ipam.overlaps(await net.host_routes())
+                if overlaps:
+                    raise StartupError(
+                        "; ".join(overlaps) + " (choose another ipam.ipv4_pool/ipv6_prefix, or set "
+                        "ipam.check_host_routes = false if the overlap is intended)"
+                    )
+            manager = TenantManager(cfg, store, ipam, net)
+            sd.notify("STATUS=Reconciling tenants")
+            report = await manager.reconcile()
+            log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
+                     store.count(), len(report.actions), len(report.problems))  # fmt: skip
+
+            admin_gid = (
+                grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
+            )
+            api = Api(manager, admin_gid, net.host_routes, degraded)
+            server = VarlinkServer(
+                vendor="nsd",
+                product="nsd",
+                version=__version__,
+                url="https://github.com/nsd/nsd",
+                limits=Limits(
+                    max_message_bytes=cfg.daemon.max_message_bytes,
+                    max_connections=cfg.daemon.max_connections,
+                    max_connections_per_uid=cfg.daemon.max_connections_per_uid,
+                ),
+            )
+            handlers = api.handlers()
+            for interface in (TENANT_INTERFACE, DAEMON_INTERFACE):
+                server.add_interface(idl(interface), handlers[interface])
+            await server.start(self._listening_socket())
+
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            # SIGHUP: nothing to reload yet that can change safely at runtime;
+            # ignore it rather than die (the default action) on a stray reload.
+            loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+            interval = sd.watchdog_interval()
+            if interval:
+                watchdog = asyncio.create_task(_watchdog(interval))
+            sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
+            log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
+                     store.count())  # fmt: skip
+            await self._stop.wait()
+
+            sd.notify("STOPPING=1\nSTATUS=Shutting down")
+            log.info("shutting down")
+            timeout = cfg.daemon.shutdown_timeout
+            # Refuse new work first, let running operations finish, then close
+            # connections; a tenant cut off mid-build keeps its recorded intent.
+            finished = await manager.shutdown(timeout)
+            if not finished:
+                log.warning(
+                    "operations still running after %.0fs; reconcile finishes them", timeout
+                )
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if server is not None:
+                await server.close(grace=1.0)
+            await net.close()
+            store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _listening_socket(self) -> socket.socket:
+        activated = sd.listen_fds()
+        for name in ("varlink", "nsd.socket", "unknown"):
+            for sock in activated.get(name, []):
+                if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                    log.info("using socket-activated listener (%s)", name)
+                    return sock
+        return bind_unix(self.cfg.daemon.socket)
+
+
+def bind_unix(path: str) -> socket.socket:
+    """Bind the varlink socket, replacing a stale one but never a live daemon's."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise StartupError(f"cannot probe {path}: {e.strerror}") from e
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise StartupError(f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Everyone may connect: authorization is per call, from SO_PEERCRED.
+    old = os.umask(0o111)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(512)
+    return sock
+
+
+async def _watchdog(interval: float) -> None:
+    # Pinging from the event loop proves the loop is alive, which is what matters.
+    while True:
+        sd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, journald timestamps each line; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pyroute2 logs every netlink hiccup at warning; we report errors ourselves.
+    logging.getLogger("pyroute2").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nsd", description="nsd: per-tenant network namespaces")
+    parser.add_argument("--config", type=Path, help=f"TOML file (default {config.DEFAULT_PATH} "
+                        "if it exists, else embedded defaults)")  # fmt: skip
+    parser.add_argument("--check-config", action="store_true", help="validate and exit")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--version", action="version", version=f"nsd {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"nsd: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"nsd: configuration OK ({cfg.source})")
+        return 0
+    setup_logging(args.log_level or cfg.daemon.log_level)
+    if os.geteuid() != 0:
+        log.error("nsd must run as root (it mounts namespaces and creates links)")
+        return EXIT_STARTUP
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except StartupError as e:
+        log.error("%s", e)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

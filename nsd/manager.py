@@ -1,0 +1,473 @@
+"""TenantManager: the core. Create, ensure, remove, get, list, enter, reconcile.
+
+Rules this module keeps:
+
+* One event loop owns all state. Store calls run on it; host changes go to the
+  netns adapter's worker thread and are awaited.
+* Intent before action: a tenant row (state ``creating``/``removing``) is
+  committed before the host is changed, so a crash anywhere can be finished by
+  reconcile.
+* One operation per tenant at a time (a per-UID lock); address allocation and
+  the insert that records it happen in one loop turn, so leases never collide.
+* Identity is the UID. A user renamed, deleted or a UID reused is reported,
+  never silently acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+
+from . import names, procs, users
+from .config import Config
+from .errors import (
+    InvalidTenantName,
+    NamespaceExists,
+    NetworkSetupFailed,
+    NoSuchTenant,
+    NoSuchUser,
+    NsdError,
+    ShuttingDown,
+    TenantBusy,
+    TenantExists,
+    TenantIdentityChanged,
+    TenantLocked,
+    UidOutOfRange,
+)
+from .ipam import Ipam
+from .model import ReconcileReport, TenantEvent, TenantRecord, TenantState, TenantView
+from .netns import NetnsAdapter, NetnsError, NetworkSpec
+from .store import Store, now_us
+
+log = logging.getLogger("nsd.manager")
+
+_WATCH_QUEUE = 1024  # events buffered per watcher before it is dropped as too slow
+
+
+class TenantManager:
+    def __init__(self, cfg: Config, store: Store, ipam: Ipam, net: NetnsAdapter) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.ipam = ipam
+        self.net = net
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
+        self._closing = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
+
+    # -- resolution and identity ----------------------------------------------
+
+    def resolve_user(self, name: str) -> users.User:
+        """A valid, existing user whose UID nsd may manage."""
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise InvalidTenantName(name, reason)
+        user = users.by_name(name)
+        if user is None:
+            raise NoSuchUser(name)
+        t = self.cfg.tenants
+        if not t.uid_min <= user.uid <= t.uid_max:
+            raise UidOutOfRange(name, user.uid, t.uid_min, t.uid_max)
+        return user
+
+    def _recorded(self, name: str) -> TenantRecord:
+        """The record for ``name`` after checking that NSS still agrees with it."""
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise InvalidTenantName(name, reason)
+        rec = self.store.get_by_name(name)
+        user = users.by_name(name)
+        if rec is None:
+            if user is not None:
+                other = self.store.get(user.uid)
+                if other is not None:
+                    raise TenantIdentityChanged(
+                        name, other.uid, other.name,
+                        f"uid {user.uid} was recorded as {other.name} and is now {name}",
+                    )  # fmt: skip
+            raise NoSuchTenant(name)
+        problem = users.identity_problem(rec.uid, rec.name)
+        if problem is not None:
+            raise TenantIdentityChanged(name, rec.uid, rec.name, problem)
+        return rec
+
+    # -- queries ---------------------------------------------------------------
+
+    def view(self, rec: TenantRecord, *, check_identity: bool = True) -> TenantView:
+        path = self.netns_path(rec.netns_name)
+        problems: list[str] = []
+        if check_identity:
+            problem = users.identity_problem(rec.uid, rec.name)
+            if problem is not None:
+                problems.append(problem)
+        inode = self.net.namespace_inode(path)
+        if inode is None and rec.state is TenantState.READY:
+            problems.append(f"namespace {path} is not mounted (reconcile recreates it)")
+        return TenantView(
+            record=rec,
+            namespace_path=path,
+            namespace_inode=inode,
+            tenant_interface=self.cfg.netns.tenant_interface,
+            ipv4_gateway=self.ipam.ipv4_gateway,
+            ipv6_gateway=self.ipam.ipv6_gateway,
+            problems=tuple(problems),
+        )
+
+    def get(self, name: str) -> TenantView:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise InvalidTenantName(name, reason)
+        rec = self.store.get_by_name(name)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return self.view(rec)
+
+    def list(self) -> list[TenantView]:
+        return [self.view(rec) for rec in self.store.all()]
+
+    def tenant_count(self) -> int:
+        return self.store.count()
+
+    def netns_path(self, netns_name: str) -> str:
+        return os.path.join(self.cfg.netns.run_dir, netns_name)
+
+    def spec(self, rec: TenantRecord) -> NetworkSpec:
+        return NetworkSpec(
+            netns_path=self.netns_path(rec.netns_name),
+            host_ifname=rec.host_ifname,
+            peer_ifname=self.cfg.netns.tenant_interface,
+            ipv4_address=rec.ipv4_address,
+            ipv4_gateway=self.ipam.ipv4_gateway,
+            ipv6_prefix=rec.ipv6_prefix,
+            ipv6_address=rec.ipv6_address,
+            ipv6_gateway=self.ipam.ipv6_gateway,
+            sysctls=self._sysctls,
+            mtu=self.cfg.netns.mtu or None,
+        )
+
+    # -- mutations -------------------------------------------------------------
+
+    async def create(self, name: str) -> TenantView:
+        view, _ = await self._ensure(name, allow_existing=False)
+        return view
+
+    async def ensure(self, name: str) -> tuple[TenantView, bool]:
+        return await self._ensure(name, allow_existing=True)
+
+    async def enter(self, name: str, create: bool | None) -> tuple[TenantView, int]:
+        """The tenant's namespace as an open descriptor (the caller owns it)."""
+        user = self.resolve_user(name)
+        rec = self.store.get(user.uid)
+        fast = (
+            rec is not None
+            and rec.state is TenantState.READY
+            and rec.name == name
+            and self.net.namespace_inode(self.netns_path(rec.netns_name)) is not None
+        )
+        if not fast:
+            if rec is None and not (self.cfg.tenants.enter_creates if create is None else create):
+                raise NoSuchTenant(name)
+            # Creates, finishes or repairs under the tenant's lock; 64 callers
+            # racing for a new tenant queue here and all get the one namespace.
+            await self._ensure(name, allow_existing=True)
+            rec = self.store.get(user.uid)
+            assert rec is not None
+        assert rec is not None
+        view = self.view(rec, check_identity=False)
+        try:
+            fd = self.net.open_namespace(view.namespace_path)
+        except OSError as e:
+            raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
+        return view, fd
+
+    async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
+        user = self.resolve_user(name)
+        async with self._operation(user.uid, name):
+            rec = self.store.get(user.uid)
+            if rec is not None:
+                if rec.name != name:
+                    raise TenantIdentityChanged(
+                        name, rec.uid, rec.name,
+                        f"uid {rec.uid} was recorded as {rec.name} and is now {name}",
+                    )  # fmt: skip
+                if not allow_existing and rec.state is not TenantState.CREATING:
+                    raise TenantExists(name)
+                if rec.state is TenantState.REMOVING:
+                    # A removal was interrupted; finish it before creating anew.
+                    await self._teardown(rec)
+                    rec = None
+            if rec is None:
+                stale = self.store.get_by_name(name)
+                if stale is not None:
+                    raise TenantIdentityChanged(
+                        name, stale.uid, stale.name,
+                        f"user {name} now has uid {user.uid}, recorded uid {stale.uid}",
+                    )  # fmt: skip
+                rec = self._record_intent(user)
+                await self._build(rec, rollback=True)
+                created = True
+            else:
+                await self._build(rec, rollback=False)
+                created = False
+            rec = self.store.get(user.uid)
+            assert rec is not None
+            view = self.view(rec, check_identity=False)
+            if created:
+                self._emit("created", view)
+            return view, created
+
+    def _record_intent(self, user: users.User) -> TenantRecord:
+        netns_name = names.netns_name(self.cfg.netns.name_template, user.name, user.uid)
+        path = self.netns_path(netns_name)
+        adopted = self.net.namespace_inode(path) is not None
+        if adopted and not self.cfg.tenants.adopt_existing:
+            raise NamespaceExists(path)
+        # No await between allocation and insert: the loop cannot run another
+        # allocation in between, so two tenants never get the same address.
+        v4, v6 = self.ipam.allocate(user.uid)
+        rec = TenantRecord(
+            uid=user.uid,
+            name=user.name,
+            state=TenantState.CREATING,
+            netns_name=netns_name,
+            host_ifname=names.host_ifname(self.cfg.netns.link_prefix, user.uid),
+            ipv4_address=v4,
+            ipv6_prefix=v6,
+            adopted=adopted,
+            created_us=now_us(),
+        )
+        self.store.insert(rec)
+        log.info("tenant %s (uid %d): recorded, ipv4 %s, ipv6 %s%s", rec.name, rec.uid, v4, v6,
+                 ", adopting existing namespace" if adopted else "")  # fmt: skip
+        return rec
+
+    async def _build(self, rec: TenantRecord, *, rollback: bool) -> tuple[str, ...]:
+        try:
+            result = await self.net.ensure(self.spec(rec))
+        except NetnsError as e:
+            if rollback:
+                await self._rollback(rec)
+            raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+        if rec.state is not TenantState.READY:
+            self.store.set_state(rec.uid, TenantState.READY)
+        for action in result.actions:
+            log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
+        return result.actions
+
+    async def _rollback(self, rec: TenantRecord) -> None:
+        try:
+            if not rec.adopted:
+                await self.net.remove(self.spec(rec))
+            self.store.delete(rec.uid, quarantine=False)
+        except (NetnsError, OSError) as e:
+            # Leave the 'creating' row: reconcile will finish or retry it.
+            log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
+
+    async def remove(self, name: str, force: bool) -> None:
+        rec = self.store.get_by_name(name)
+        if rec is None:
+            reason = names.check_user_name(name)
+            if reason is not None:
+                raise InvalidTenantName(name, reason)
+            raise NoSuchTenant(name)
+        async with self._operation(rec.uid, name):
+            rec = self.store.get(rec.uid)
+            if rec is None:
+                raise NoSuchTenant(name)
+            inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
+            if inode is not None:
+                pids = procs.processes_in_namespace(inode)
+                if pids and not force:
+                    raise TenantBusy(name, len(pids))
+                if pids:
+                    log.info("tenant %s: stopping %d process(es) before removal", name, len(pids))
+                    await procs.stop_processes(pids, term_timeout=self.cfg.tenants.stop_timeout)
+            self.store.set_state(rec.uid, TenantState.REMOVING)
+            view = self.view(rec, check_identity=False)
+            await self._teardown(rec)
+            self._emit("removed", view)
+
+    async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+        try:
+            actions = await self.net.remove(self.spec(rec))
+        except NetnsError as e:
+            raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+        self.store.delete(rec.uid, quarantine=True)
+        log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
+        return actions
+
+    # -- reconcile -------------------------------------------------------------
+
+    async def reconcile(self) -> ReconcileReport:
+        """Bring the host in line with the store; report what changed."""
+        report = ReconcileReport()
+        for rec in self.store.all():
+            problem = users.identity_problem(rec.uid, rec.name)
+            if problem is not None:
+                report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")
+                continue
+            try:
+                async with self._operation(rec.uid, rec.name):
+                    await self._reconcile_one(rec, report)
+            except NsdError as e:
+                report.problems.append(f"tenant {rec.name}: {e.message}")
+        if self.cfg.tenants.adopt_existing:
+            await self._adopt_unrecorded(report)
+        known = {r.host_ifname for r in self.store.all()}
+        for link in await self.net.list_prefixed_links():
+            if link not in known:
+                await self.net.delete_link(link)
+                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
+        for a in report.actions:
+            log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "", a.detail)
+        for p in report.problems:
+            log.warning("reconcile: %s", p)
+        return report
+
+    async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
+        current = self.store.get(rec.uid)
+        if current is None:
+            return
+        if current.state is TenantState.REMOVING:
+            await self._teardown(current)
+            report.add("finish-removal", rec.name, "finished an interrupted removal")
+            self._emit("removed", self.view(current, check_identity=False))
+            return
+        actions = await self._build(current, rollback=False)
+        if current.state is TenantState.CREATING:
+            report.add("finish-creation", rec.name, "finished an interrupted creation")
+        for action in actions:
+            report.add("repair", rec.name, action)
+        if actions or current.state is TenantState.CREATING:
+            rec2 = self.store.get(rec.uid)
+            assert rec2 is not None
+            self._emit("changed", self.view(rec2, check_identity=False))
+
+    async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
+        """Adopt namespaces whose file name matches the template for a known user."""
+        pattern = _template_regex(self.cfg.netns.name_template)
+        try:
+            entries = sorted(os.listdir(self.cfg.netns.run_dir))
+        except FileNotFoundError:
+            return
+        recorded = {r.netns_name for r in self.store.all()}
+        for entry in entries:
+            m = pattern.fullmatch(entry)
+            if m is None or entry in recorded:
+                continue
+            if self.net.namespace_inode(self.netns_path(entry)) is None:
+                continue
+            user = _user_for_match(m)
+            if (
+                user is None
+                or names.netns_name(self.cfg.netns.name_template, user.name, user.uid) != entry
+            ):
+                continue
+            try:
+                self.resolve_user(user.name)
+                _, created = await self.ensure(user.name)
+            except NsdError as e:
+                report.problems.append(f"cannot adopt {entry}: {e.message}")
+                continue
+            if created:
+                report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
+
+    # -- watch -----------------------------------------------------------------
+
+    async def watch(self, name: str | None) -> AsyncIterator[tuple[str, TenantView | None]]:
+        queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
+        self._watchers.add(queue)
+        try:
+            for rec in self.store.all():
+                if name is None or rec.name == name:
+                    yield "existing", self.view(rec)
+            yield "synced", None
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return  # dropped as too slow, or shutting down
+                if name is None or event.view.record.name == name:
+                    yield event.kind, event.view
+        finally:
+            self._watchers.discard(queue)
+
+    def _emit(self, kind: str, view: TenantView) -> None:
+        event = TenantEvent(kind, view)
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # A watcher that does not read must not make nsd buffer forever.
+                self._watchers.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.get_nowait()
+                    queue.put_nowait(None)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _operation(self, uid: int, name: str) -> AsyncIterator[None]:
+        if self._closing:
+            raise ShuttingDown()
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            try:
+                await asyncio.wait_for(lock.acquire(), self.cfg.tenants.lock_timeout)
+            except TimeoutError:
+                raise TenantLocked(name) from None
+            try:
+                yield
+            finally:
+                lock.release()
+                if not lock.locked() and not getattr(lock, "_waiters", None):
+                    self._locks.pop(uid, None)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def shutdown(self, timeout: float) -> bool:
+        """Refuse new work, wait for running operations; True if all finished."""
+        self._closing = True
+        for queue in list(self._watchers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{user\}|\{uid\})", template)
+    out = []
+    for part in parts:
+        if part == "{user}":
+            out.append(r"(?P<user>[a-z_][a-z0-9_.-]{0,31}\$?)")
+        elif part == "{uid}":
+            out.append(r"(?P<uid>[0-9]{1,10})")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+def _user_for_match(m: re.Match[str]) -> users.User | None:
+    groups = m.groupdict()
+    if groups.get("user"):
+        user = users.by_name(groups["user"])
+        if user is not None and groups.get("uid") and str(user.uid) != groups["uid"]:
+            return None
+        return user
+    if groups.get("uid"):
+        return users.by_uid(int(groups["uid"]))
+    return None

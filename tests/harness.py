@@ -1,0 +1,267 @@
+"""Test harness: users, a "host" network namespace and a real nsd daemon.
+
+The daemon under test runs inside a network namespace the test made (entered
+with ``nsenter --net``, which keeps the host's mount namespace so its
+/run/netns mounts are real), with its socket and state in a temp dir. Tests
+therefore never change the machine's own network and clean up after themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run(
+    *cmd: str, check: bool = True, netns: str | None = None, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    argv = list(cmd)
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
+
+
+def unique(prefix: str = "nt") -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+# -- users -------------------------------------------------------------------
+
+
+@dataclass
+class TestUsers:
+    """Real Unix users with a run-unique prefix, deleted at the end."""
+
+    __test__ = False  # a helper, not a pytest test class
+
+    prefix: str = field(default_factory=unique)
+    names: list[str] = field(default_factory=list)
+
+    def add(self, suffix: str = "", groups: tuple[str, ...] = ()) -> str:
+        name = f"{self.prefix}u{suffix or len(self.names)}"
+        cmd = ["useradd", "--create-home", "--user-group", "--shell", "/bin/sh"]
+        if groups:
+            cmd += ["--groups", ",".join(groups)]
+        run(*cmd, name)
+        self.names.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            run("pkill", "-KILL", "-u", name, check=False)
+            run("userdel", "--remove", "--force", name, check=False)
+        self.names.clear()
+
+
+def uid_of(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+# -- namespaces --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def host_netns(name: str | None = None) -> Iterator[str]:
+    """A test-made network namespace that plays the host; yields its /run/netns path."""
+    name = name or unique("nsdt-host-")
+    run("ip", "netns", "add", name)
+    path = f"/run/netns/{name}"
+    try:
+        run("ip", "link", "set", "lo", "up", netns=path)
+        yield path
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+def netns_inode(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino if st.st_dev == os.stat("/proc/self/ns/net").st_dev else None
+
+
+def mounts_under(directory: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split()[4]
+            if point.startswith(directory.rstrip("/") + "/"):
+                out.append(point)
+    return out
+
+
+def unmount_files(paths: list[str]) -> None:
+    for p in paths:
+        for _ in range(4):  # stacked mounts, if a test made any
+            if run("umount", "--lazy", p, check=False).returncode != 0:
+                break
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(p)
+
+
+# -- the daemon --------------------------------------------------------------
+
+
+class Daemon:
+    """nsd running for real inside a test host namespace."""
+
+    def __init__(self, host: str, tmp: Path, run_dir: str = "/run/netns", extra: str = "") -> None:
+        self.host = host
+        self.tmp = tmp
+        self.socket = str(tmp / "run" / "io.nsd.Tenant")
+        self.state_dir = tmp / "state"
+        self.run_dir = run_dir
+        self.config = tmp / "nsd.toml"
+        self.config.write_text(
+            f'[daemon]\nsocket = "{self.socket}"\nstate_dir = "{self.state_dir}"\n'
+            f'log_level = "debug"\nshutdown_timeout = 5\n'
+            f'[netns]\nrun_dir = "{run_dir}"\n' + extra
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "nsd.log"
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        return [
+            "nsenter",
+            f"--net={self.host}",
+            PY,
+            "-m",
+            "nsd.daemon",
+            "--config",
+            str(self.config),
+        ]
+
+    def start(self, prefix: list[str] | None = None, wait: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        notify_path = str(self.tmp / f"notify{self.starts}")
+        self.starts += 1
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*(prefix or []), *self.command()], stdout=log, stderr=log, env=env, cwd=ROOT
+            )
+        try:
+            if wait:
+                self._wait_ready(notify)
+        finally:
+            notify.close()
+            os.unlink(notify_path)
+
+    def _wait_ready(self, notify: socket.socket, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        notify.settimeout(0.2)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                msg = notify.recv(4096).decode()
+                if "READY=1" in msg.split("\n"):
+                    return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nsd exited with {self.proc.returncode}:\n{self.log_text()}")
+        raise AssertionError(f"nsd not ready after {timeout}s:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"nsd did not stop within {timeout}s:\n{self.log_text()}"
+            ) from None
+
+    def restart(self) -> None:
+        assert self.stop() == 0, self.log_text()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def client(self) -> Any:
+        from nsd.varlink.client import VarlinkClient
+
+        return VarlinkClient(self.socket)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        with self.client() as c:
+            result: dict[str, Any] = c.call(method, params)
+            return result
+
+    def nsctl(
+        self, *args: str, check: bool = True, user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [PY, "-m", "nsd.cli", "--socket", self.socket, *args]
+        if user is not None:
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd]
+        res = run(*cmd, check=False)
+        if check and res.returncode != 0:
+            raise AssertionError(f"nsctl {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def db_rows(self, query: str) -> list[tuple[Any, ...]]:
+        import sqlite3
+
+        con = sqlite3.connect(self.state_dir / "nsd.db")
+        try:
+            return list(con.execute(query))
+        finally:
+            con.close()
+
+    def host_links(self) -> list[str]:
+        res = run("ip", "-j", "link", "show", netns=self.host)
+        return [link["ifname"] for link in json.loads(res.stdout)]
+
+
+@contextlib.contextmanager
+def daemon_env(run_dir: str = "/run/netns", extra: str = "") -> Iterator[tuple[Daemon, TestUsers]]:
+    """A host namespace, a temp dir, test users and a daemon; everything cleaned up."""
+    users = TestUsers()
+    tmp = Path(tempfile.mkdtemp(prefix="nsdt-"))
+    os.chmod(tmp, 0o755)  # tenants' test clients must reach the socket
+    (tmp / "run").mkdir(mode=0o755)
+    with host_netns() as host:
+        d = Daemon(host, tmp, run_dir, extra)
+        try:
+            yield d, users
+        finally:
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            # Whatever a failed test left: namespace files of its users only.
+            leftovers = (
+                [
+                    os.path.join(run_dir, n)
+                    for n in os.listdir(run_dir)
+                    if n.startswith(users.prefix)
+                ]
+                if os.path.isdir(run_dir)
+                else []
+            )
+            unmount_files(leftovers)
+            users.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
