@@ -3,12 +3,11 @@
 Every check looks at the launched process through /proc while it runs, from this
 (root) test process: nsd-exec must have become the workload in place.
 
-The Enter provider here is a small in-test stand-in for the daemon: a thread that
-answers io.nsd.Tenant.Enter on a Unix socket with a real namespace descriptor
-(an `ip netns add` namespace). The `enter_server` fixture returns
-(socket_path, expected_ns_inode, user_name); swap it for the real daemon later.
-Tests that need the stand-in's knobs (wrong UID, recorded requests) use
-`enter_provider` directly and say so.
+The `enter_server` fixture is the real nsd daemon (in a test-made host
+namespace, configured with the umask and limits below) with the test user as a
+tenant. Two fault-injection tests need a daemon that misbehaves (a reply naming
+the wrong UID) or records requests; they use `enter_provider`, a small stand-in
+that answers io.nsd.Tenant.Enter with a real namespace descriptor, and say so.
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ pytestmark = [
     ),
 ]
 
-# What the stand-in provider hands out (the real daemon's configuration must match
-# these if the tests are pointed at it).
+# What the daemon under test hands out (its [exec] configuration below, and the stand-in).
 REPLY_UMASK = 0o027
 REPLY_LIMITS = [
     {"name": "nofile", "soft": 4096, "hard": 8192},
@@ -232,9 +230,26 @@ def enter_provider(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+_DAEMON_EXEC_CONFIG = """
+[exec]
+umask = "0027"
+[exec.rlimits]
+nofile = [4096, 8192]
+core = [0, "infinity"]
+"""
+
+
 @pytest.fixture(scope="module")
-def enter_server(enter_provider: EnterProvider) -> EnterServer:
-    return EnterServer(enter_provider.path, enter_provider.ns_inode, enter_provider.user.name)
+def enter_server(tenant_user: TenantUser) -> Iterator[EnterServer]:
+    """The real daemon, with the test user as its tenant."""
+    from tests.harness import daemon_env
+
+    with daemon_env(extra=_DAEMON_EXEC_CONFIG) as (daemon, _):
+        daemon.start()
+        tenant = daemon.call("io.nsd.Tenant.Create", name=tenant_user.name)["tenant"]
+        yield EnterServer(daemon.socket, tenant["namespaceInode"], tenant_user.name)
+        daemon.call("io.nsd.Tenant.Remove", name=tenant_user.name, force=True)
+        assert daemon.stop() == 0, daemon.log_text()
 
 
 @pytest.fixture(scope="module")
@@ -706,7 +721,9 @@ def test_exit_125_identity_mismatch(
     """Uses the stand-in's knob: the reply names a different UID than NSS."""
     enter_provider.uid_override = enter_provider.user.uid + 1
     try:
-        code, _, err = run_to_end(launch, enter_provider.user.name, "--", "/bin/true")
+        code, _, err = run_to_end(
+            launch, "--socket", enter_provider.path, enter_provider.user.name, "--", "/bin/true"
+        )
     finally:
         enter_provider.uid_override = None
     assert_one_line_failure(code, err, 125)
@@ -718,9 +735,10 @@ def test_request_shape(
 ) -> None:
     """Uses the stand-in's request log: the exact varlink call nsd-exec makes."""
     enter_provider.requests.clear()
-    code, _, err = run_to_end(launch, "--no-create", enter_provider.user.name, "--", "/bin/true")
+    sock = ("--socket", enter_provider.path)
+    code, _, err = run_to_end(launch, *sock, "--no-create", enter_provider.user.name, "--", "/bin/true")
     assert code == 0, err
-    code, _, err = run_to_end(launch, enter_provider.user.name, "--", "/bin/true")
+    code, _, err = run_to_end(launch, *sock, enter_provider.user.name, "--", "/bin/true")
     assert code == 0, err
     name = enter_provider.user.name
     assert enter_provider.requests == [

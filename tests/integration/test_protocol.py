@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 
 import pytest
 import varlink  # the PyPI reference implementation: a client nobody on this project wrote
 
-from tests.harness import Daemon, TestUsers, daemon_env
+from tests.harness import Daemon, TestUsers, daemon_env, run
 
 pytestmark = [
     pytest.mark.root,
@@ -64,6 +65,29 @@ def test_third_party_client(env: tuple[Daemon, TestUsers]) -> None:
             with pytest.raises(varlink.VarlinkError) as info_err:
                 tenant.Get("nosuchuserhere")
             assert info_err.value.error() == "io.nsd.Tenant.NoSuchTenant"
+    d.call("io.nsd.Tenant.Remove", name=name)
+
+
+def _varlinkctl() -> str:
+    path = os.environ.get("NSD_VARLINKCTL") or shutil.which("varlinkctl")
+    if not path:
+        pytest.skip("varlinkctl unavailable: scripts/test provides it via scripts/varlinkctl")
+    return path
+
+
+def test_varlinkctl_info_introspect_call(env: tuple[Daemon, TestUsers]) -> None:
+    d, users = env
+    ctl = _varlinkctl()
+    name = users.add()
+    d.call("io.nsd.Tenant.Create", name=name)
+    info = run(ctl, "info", d.socket).stdout
+    assert "io.nsd.Tenant" in info and "io.nsd.Daemon" in info
+    idl = run(ctl, "introspect", d.socket, "io.nsd.Tenant").stdout
+    assert "method Enter(" in idl and "error NoSuchTenant" in idl
+    listed = json.loads(run(ctl, "call", "-j", d.socket, "io.nsd.Tenant.List", "{}").stdout)
+    assert [t["name"] for t in listed["tenants"]] == [name]
+    res = run(ctl, "call", d.socket, "io.nsd.Tenant.Get", '{"name": "nosuchuserhere"}', check=False)
+    assert res.returncode != 0 and "io.nsd.Tenant.NoSuchTenant" in res.stderr
     d.call("io.nsd.Tenant.Remove", name=name)
 
 
