@@ -35,6 +35,7 @@ _MESSAGES: dict[str, str] = {
     "TenantLocked": "another operation on tenant {name} did not finish in time",
     "NetworkSetupFailed": "network set-up of {name} failed at {step}: {message}",
     "ShuttingDown": "nsd is shutting down",
+    "InternalError": "internal error in nsd (details are in its log)",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
     "InvalidParameter": "invalid parameter {parameter}",
     "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",

@@ -81,6 +81,7 @@ class Daemon:
                 product="nsd",
                 version=__version__,
                 url="https://github.com/nsd/nsd",
+                internal_error_name="io.nsd.Daemon.InternalError",
                 limits=Limits(
                     max_message_bytes=cfg.daemon.max_message_bytes,
                     max_connections=cfg.daemon.max_connections,
