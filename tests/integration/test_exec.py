@@ -736,7 +736,9 @@ def test_request_shape(
     """Uses the stand-in's request log: the exact varlink call nsd-exec makes."""
     enter_provider.requests.clear()
     sock = ("--socket", enter_provider.path)
-    code, _, err = run_to_end(launch, *sock, "--no-create", enter_provider.user.name, "--", "/bin/true")
+    code, _, err = run_to_end(
+        launch, *sock, "--no-create", enter_provider.user.name, "--", "/bin/true"
+    )
     assert code == 0, err
     code, _, err = run_to_end(launch, *sock, enter_provider.user.name, "--", "/bin/true")
     assert code == 0, err
