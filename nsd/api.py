@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from . import __version__, doctor
-from .errors import NsdError, PermissionDenied
+from .errors import NoSuchTenant, NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
@@ -135,13 +135,15 @@ class Api:
         return handler
 
     def _audit(self, call: Call, result: str) -> None:
+        # The tenant name comes from the caller: %r quotes and escapes it, so a
+        # name with a newline cannot forge a second audit line in the journal.
         audit.info(
-            "uid=%d pid=%d method=%s.%s tenant=%s result=%s",
+            "uid=%d pid=%d method=%s.%s tenant=%r result=%s",
             call.peer.uid,
             call.peer.pid,
             call.interface,
             call.method,
-            call.parameters.get("name", "-"),
+            call.parameters.get("name"),
             result,
         )
 
@@ -169,7 +171,7 @@ class Api:
 
     async def list(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        return {"tenants": [tenant_json(v) for v in self.manager.list()]}
+        return {"tenants": [tenant_json(v) for v in await self.manager.list()]}
 
     async def enter(self, call: Call) -> Reply:
         self._require_admin(call)
@@ -193,15 +195,22 @@ class Api:
         try:
             if name is None:
                 self._require_admin(call)
+                uid = None
             else:
                 self._require_self_or_admin(call, name)
+                rec = self.manager.store.get_by_name(name)
+                if rec is None:
+                    raise NoSuchTenant(name)
+                uid = rec.uid
+            # continues=True on every item: a live stream must send each event
+            # at once instead of holding it back to learn whether it is the last.
+            async for kind, view in self.manager.watch(uid):
+                params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
+                yield Reply(params, continues=True)
         except NsdError as e:
+            if isinstance(e, PermissionDenied):
+                self._audit(call, e.name)
             raise _varlink_error(TENANT_INTERFACE, e) from None
-        # continues=True on every item: a live stream must send each event at
-        # once instead of holding it back to learn whether it is the last.
-        async for kind, view in self.manager.watch(name):
-            params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
-            yield Reply(params, continues=True)
 
     # -- io.nsd.Daemon -----------------------------------------------------------
 

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
+
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
-# Per-namespace sysctls nsd may write. Keys outside net.* are host-global (writing
-# them "inside" a namespace would change the whole host), so they are refused.
-_SYSCTL_KEY = re.compile(r"^net\.[a-z0-9_]+(\.[A-Za-z0-9_-]+)+$")
-_LINK_PREFIX = re.compile(r"^[a-z]([a-z0-9]{0,3}[a-z])?$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+_LINK_PREFIX = re.compile(r"[a-z]([a-z0-9]{0,3}[a-z])?")
 _RLIMITS = frozenset(
     {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
      "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"}
@@ -206,15 +204,17 @@ def _sysctls(source: str, key: str, value: Any) -> Mapping[str, str]:
         raise ConfigError(source, key, "must be a table of sysctl = value")
     out: dict[str, str] = {}
     for name, v in _flatten(value).items():
-        if not _SYSCTL_KEY.match(name) or ".." in name:
+        if not SYSCTL_KEY.fullmatch(name):
             raise ConfigError(
                 source, f"{key}.{name}", "not a per-namespace sysctl (only net.* keys are allowed)"
             )
         if isinstance(v, bool) or not isinstance(v, int | str):
             raise ConfigError(source, f"{key}.{name}", "value must be a string or integer")
         text = str(v)
-        if "\n" in text or len(text) > 256:
-            raise ConfigError(source, f"{key}.{name}", "value must be one short line")
+        if not SYSCTL_VALUE.fullmatch(text):
+            raise ConfigError(
+                source, f"{key}.{name}", "value must be printable ASCII, at most 256 characters"
+            )
         out[name] = text
     return out
 
@@ -322,13 +322,13 @@ def _check_netns(src: str, n: NetnsConfig) -> None:
             src, "netns.run_dir", "must be an absolute path of a directory nsd may mount on"
         )
     _check_template(src, n.name_template)
-    if not _LINK_PREFIX.match(n.link_prefix):
+    if not _LINK_PREFIX.fullmatch(n.link_prefix):
         raise ConfigError(
             src, "netns.link_prefix",
             "must be 1-5 lower-case letters/digits starting with a letter and not ending in a "
             "digit (prefix + up to 10 UID digits must fit the 15-byte interface name limit)",
         )  # fmt: skip
-    if not _IFNAME.match(n.tenant_interface) or n.tenant_interface in ("lo", "all", "default"):
+    if not valid_ifname(n.tenant_interface) or n.tenant_interface in ("lo", "all", "default"):
         raise ConfigError(src, "netns.tenant_interface", "not a valid interface name")
     if n.mtu and not 1280 <= n.mtu <= 65535:
         raise ConfigError(
@@ -346,6 +346,10 @@ def _check_template(src: str, template: str) -> None:
     sample = template.format(user="a", uid=1)
     if "/" in sample or sample in (".", ".."):
         raise ConfigError(src, key, "must give a plain file name (no '/')")
+    # Injective: user names and UIDs are each unique, so the name must change
+    # when either does ("{{user}}" is a literal and would not).
+    if sample == template.format(user="b", uid=1) and sample == template.format(user="a", uid=2):
+        raise ConfigError(src, key, "gives the same name for every user")
 
 
 def _check_ipam(src: str, cfg: Config) -> None:

@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -46,6 +48,14 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # Signal handlers first: a SIGTERM during a long reconcile must stop nsd
+        # cleanly after it, not kill it mid-step with the default action.
+        self._install_signal_handlers()
+        raise_nofile_limit()
+        # One daemon per state directory, established before anything on the
+        # host is touched: a second instance must not reconcile concurrently.
+        lock = take_instance_lock(Path(cfg.daemon.state_dir))
+        listener = self._listening_socket()
         try:
             store = Store(cfg.daemon.database)
         except StoreError as e:
@@ -60,48 +70,18 @@ class Daemon:
             for line in degraded:
                 log.warning("%s", line)
             if cfg.ipam.check_host_routes:
-                overlaps = ipam.overlaps(await net.host_routes())
-                if overlaps:
-                    raise StartupError(
-                        "; ".join(overlaps) + " (choose another ipam.ipv4_pool/ipv6_prefix, or set "
-                        "ipam.check_host_routes = false if the overlap is intended)"
-                    )
+                await _check_pools(ipam, net)
             manager = TenantManager(cfg, store, ipam, net)
-            sd.notify("STATUS=Reconciling tenants")
-            report = await manager.reconcile()
-            log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
-                     store.count(), len(report.actions), len(report.problems))  # fmt: skip
-
-            admin_gid = (
-                grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
-            )
-            api = Api(manager, admin_gid, net.host_routes, degraded)
-            server = VarlinkServer(
-                vendor="nsd",
-                product="nsd",
-                version=__version__,
-                url="https://github.com/nsd/nsd",
-                internal_error_name="io.nsd.Daemon.InternalError",
-                limits=Limits(
-                    max_message_bytes=cfg.daemon.max_message_bytes,
-                    max_connections=cfg.daemon.max_connections,
-                    max_connections_per_uid=cfg.daemon.max_connections_per_uid,
-                ),
-            )
-            handlers = api.handlers()
-            for interface in (TENANT_INTERFACE, DAEMON_INTERFACE):
-                server.add_interface(idl(interface), handlers[interface])
-            await server.start(self._listening_socket())
-
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
-            # SIGHUP: nothing to reload yet that can change safely at runtime;
-            # ignore it rather than die (the default action) on a stray reload.
-            loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
             interval = sd.watchdog_interval()
             if interval:
                 watchdog = asyncio.create_task(_watchdog(interval))
+            sd.notify("STATUS=Reconciling tenants")
+            report = await manager.reconcile(progress=_reconcile_progress)
+            log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
+                     store.count(), len(report.actions), len(report.problems))  # fmt: skip
+
+            server = self._server(manager, net, degraded)
+            await server.start(listener)
             sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
             log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
                      store.count())  # fmt: skip
@@ -122,8 +102,42 @@ class Daemon:
                 watchdog.cancel()
             if server is not None:
                 await server.close(grace=1.0)
+            else:
+                listener.close()
             await net.close()
             store.close()
+            os.close(lock)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        # SIGHUP: nothing to reload yet that can change safely at runtime;
+        # ignore it rather than die (the default action) on a stray reload.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+
+    def _server(
+        self, manager: TenantManager, net: NetnsAdapter, degraded: list[str]
+    ) -> VarlinkServer:
+        cfg = self.cfg
+        admin_gid = grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
+        api = Api(manager, admin_gid, net.host_routes, degraded)
+        server = VarlinkServer(
+            vendor="nsd",
+            product="nsd",
+            version=__version__,
+            url="https://github.com/nsd/nsd",
+            internal_error_name="io.nsd.Daemon.InternalError",
+            limits=Limits(
+                max_message_bytes=cfg.daemon.max_message_bytes,
+                max_connections=cfg.daemon.max_connections,
+                max_connections_per_uid=cfg.daemon.max_connections_per_uid,
+            ),
+        )
+        handlers = api.handlers()
+        for interface in (TENANT_INTERFACE, DAEMON_INTERFACE):
+            server.add_interface(idl(interface), handlers[interface])
+        return server
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,6 +183,42 @@ def bind_unix(path: str) -> socket.socket:
         os.umask(old)
     sock.listen(512)
     return sock
+
+
+async def _check_pools(ipam: Ipam, net: NetnsAdapter) -> None:
+    overlaps = ipam.overlaps(await net.host_routes())
+    if overlaps:
+        raise StartupError(
+            "; ".join(overlaps) + " (choose another ipam.ipv4_pool/ipv6_prefix, or set "
+            "ipam.check_host_routes = false if the overlap is intended)"
+        )
+
+
+def take_instance_lock(state_dir: Path) -> int:
+    """An exclusive flock on state_dir/nsd.lock, held for the daemon's lifetime."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "nsd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another nsd is running with state directory {state_dir}") from None
+    return fd
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: connections, namespace fds and
+    pidfds all need descriptors, and 1024 is too few for a busy host."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _reconcile_progress(done: int, total: int) -> None:
+    # After a reboot, reconciling thousands of tenants can outlast the start
+    # timeout; ask systemd for more time as long as progress is made.
+    if done % 100 == 0:
+        sd.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=Reconciling tenants ({done}/{total})")
 
 
 async def _watchdog(interval: float) -> None:
@@ -219,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STARTUP
     except KeyboardInterrupt:
         pass
+    except Exception:
+        # A bug, or a host failure nothing anticipated: say so once, with the
+        # traceback, and exit non-zero so systemd's Restart= policy applies.
+        log.exception("nsd stopped on an unexpected error")
+        return EXIT_STARTUP
     return 0
 
 

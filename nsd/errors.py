@@ -133,6 +133,13 @@ class ShuttingDown(NsdError):
         super().__init__("nsd is shutting down")
 
 
+class WatcherTooSlow(NsdError):
+    name = "WatcherTooSlow"
+
+    def __init__(self) -> None:
+        super().__init__("the watcher did not read its events in time and was dropped")
+
+
 class PermissionDenied(NsdError):
     """Mapped to the standard ``org.varlink.service.PermissionDenied``."""
 

@@ -20,7 +20,8 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from . import names, procs, users
 from .config import Config
@@ -37,6 +38,7 @@ from .errors import (
     TenantIdentityChanged,
     TenantLocked,
     UidOutOfRange,
+    WatcherTooSlow,
 )
 from .ipam import Ipam
 from .model import ReconcileReport, TenantEvent, TenantRecord, TenantState, TenantView
@@ -54,7 +56,13 @@ class TenantManager:
         self.store = store
         self.ipam = ipam
         self.net = net
-        self._locks: dict[int, asyncio.Lock] = {}
+        # Per-UID locks with a user count: a lock leaves the dict only when no
+        # operation holds or awaits it (asyncio.Lock's waiter list is not a
+        # reliable signal: wait_for() enqueues the acquire one loop turn later).
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        # UIDs being removed: Enter's lock-free fast path must not hand out
+        # their namespace while their processes are being stopped.
+        self._removing: set[int] = set()
         self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
         self._closing = False
         self._inflight = 0
@@ -72,31 +80,14 @@ class TenantManager:
         user = users.by_name(name)
         if user is None:
             raise NoSuchUser(name)
+        if user.name != name:
+            # NSS backends that match case- or space-insensitively return another
+            # spelling; the recorded name and the namespace file use NSS's.
+            raise InvalidTenantName(name, f"NSS knows this user as {user.name!r}")
         t = self.cfg.tenants
         if not t.uid_min <= user.uid <= t.uid_max:
             raise UidOutOfRange(name, user.uid, t.uid_min, t.uid_max)
         return user
-
-    def _recorded(self, name: str) -> TenantRecord:
-        """The record for ``name`` after checking that NSS still agrees with it."""
-        reason = names.check_user_name(name)
-        if reason is not None:
-            raise InvalidTenantName(name, reason)
-        rec = self.store.get_by_name(name)
-        user = users.by_name(name)
-        if rec is None:
-            if user is not None:
-                other = self.store.get(user.uid)
-                if other is not None:
-                    raise TenantIdentityChanged(
-                        name, other.uid, other.name,
-                        f"uid {user.uid} was recorded as {other.name} and is now {name}",
-                    )  # fmt: skip
-            raise NoSuchTenant(name)
-        problem = users.identity_problem(rec.uid, rec.name)
-        if problem is not None:
-            raise TenantIdentityChanged(name, rec.uid, rec.name, problem)
-        return rec
 
     # -- queries ---------------------------------------------------------------
 
@@ -129,8 +120,20 @@ class TenantManager:
             raise NoSuchTenant(name)
         return self.view(rec)
 
-    def list(self) -> list[TenantView]:
-        return [self.view(rec) for rec in self.store.all()]
+    async def list(self) -> list[TenantView]:
+        records = self.store.all()
+        # One NSS lookup per tenant: on a thread, so a slow NSS backend (LDAP,
+        # sssd cache miss) cannot stall the event loop and every other caller.
+        problems = await asyncio.to_thread(
+            lambda: [users.identity_problem(r.uid, r.name) for r in records]
+        )
+        views = []
+        for rec, problem in zip(records, problems, strict=True):
+            view = self.view(rec, check_identity=False)
+            if problem is not None:
+                view = replace(view, problems=(problem, *view.problems))
+            views.append(view)
+        return views
 
     def tenant_count(self) -> int:
         return self.store.count()
@@ -163,16 +166,20 @@ class TenantManager:
 
     async def enter(self, name: str, create: bool | None) -> tuple[TenantView, int]:
         """The tenant's namespace as an open descriptor (the caller owns it)."""
+        if self._closing:
+            raise ShuttingDown()
         user = self.resolve_user(name)
         rec = self.store.get(user.uid)
         fast = (
             rec is not None
             and rec.state is TenantState.READY
             and rec.name == name
+            and user.uid not in self._removing
             and self.net.namespace_inode(self.netns_path(rec.netns_name)) is not None
         )
         if not fast:
-            if rec is None and not (self.cfg.tenants.enter_creates if create is None else create):
+            absent = rec is None or rec.state is TenantState.REMOVING
+            if absent and not (self.cfg.tenants.enter_creates if create is None else create):
                 raise NoSuchTenant(name)
             # Creates, finishes or repairs under the tenant's lock; 64 callers
             # racing for a new tenant queue here and all get the one namespace.
@@ -183,6 +190,8 @@ class TenantManager:
         view = self.view(rec, check_identity=False)
         try:
             fd = self.net.open_namespace(view.namespace_path)
+        except NetnsError as e:
+            raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
         except OSError as e:
             raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
         return view, fd
@@ -211,16 +220,18 @@ class TenantManager:
                         f"user {name} now has uid {user.uid}, recorded uid {stale.uid}",
                     )  # fmt: skip
                 rec = self._record_intent(user)
-                await self._build(rec, rollback=True)
-                created = True
+                # A namespace that appeared since the intent was recorded is not
+                # adopted behind the operator's back.
+                await self._build(rec, rollback=True, adopt=rec.adopted)
+                created, actions = True, tuple[str, ...]()
             else:
-                await self._build(rec, rollback=False)
+                actions = await self._build(rec, rollback=False)
                 created = False
             rec = self.store.get(user.uid)
             assert rec is not None
             view = self.view(rec, check_identity=False)
-            if created:
-                self._emit("created", view)
+            if created or actions:
+                self._emit("created" if created else "changed", view)
             return view, created
 
     def _record_intent(self, user: users.User) -> TenantRecord:
@@ -248,9 +259,11 @@ class TenantManager:
                  ", adopting existing namespace" if adopted else "")  # fmt: skip
         return rec
 
-    async def _build(self, rec: TenantRecord, *, rollback: bool) -> tuple[str, ...]:
+    async def _build(
+        self, rec: TenantRecord, *, rollback: bool, adopt: bool = True
+    ) -> tuple[str, ...]:
         try:
-            result = await self.net.ensure(self.spec(rec))
+            result = await self.net.ensure(self.spec(rec), adopt=adopt)
         except NetnsError as e:
             if rollback:
                 await self._rollback(rec)
@@ -271,28 +284,45 @@ class TenantManager:
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
 
     async def remove(self, name: str, force: bool) -> None:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise InvalidTenantName(name, reason)
         rec = self.store.get_by_name(name)
         if rec is None:
-            reason = names.check_user_name(name)
-            if reason is not None:
-                raise InvalidTenantName(name, reason)
             raise NoSuchTenant(name)
         async with self._operation(rec.uid, name):
             rec = self.store.get(rec.uid)
-            if rec is None:
+            if rec is None or rec.name != name:
                 raise NoSuchTenant(name)
-            inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
-            if inode is not None:
-                pids = procs.processes_in_namespace(inode)
-                if pids and not force:
-                    raise TenantBusy(name, len(pids))
-                if pids:
-                    log.info("tenant %s: stopping %d process(es) before removal", name, len(pids))
-                    await procs.stop_processes(pids, term_timeout=self.cfg.tenants.stop_timeout)
-            self.store.set_state(rec.uid, TenantState.REMOVING)
-            view = self.view(rec, check_identity=False)
-            await self._teardown(rec)
+            self._removing.add(rec.uid)
+            try:
+                await self._stop_processes(rec, force)
+                self.store.set_state(rec.uid, TenantState.REMOVING)
+                view = self.view(rec, check_identity=False)
+                await self._teardown(rec)
+            finally:
+                self._removing.discard(rec.uid)
             self._emit("removed", view)
+
+    async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
+        """Refuse (or with force, stop) while processes run in the tenant's namespace."""
+        inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
+        if inode is None:
+            return
+        pids = await asyncio.to_thread(procs.processes_in_namespace, inode)
+        if not pids:
+            return
+        if not force:
+            raise TenantBusy(rec.name, len(pids))
+        log.info("tenant %s: stopping %d process(es) before removal", rec.name, len(pids))
+        # netns_inode: a PID is only signalled if it is still in this namespace
+        # after its pidfd is open, so a PID reused since the scan is left alone.
+        await procs.stop_processes(
+            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode
+        )
+        left = await asyncio.to_thread(procs.processes_in_namespace, inode)
+        if left:
+            raise TenantBusy(rec.name, len(left))
 
     async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
         try:
@@ -305,14 +335,26 @@ class TenantManager:
 
     # -- reconcile -------------------------------------------------------------
 
-    async def reconcile(self) -> ReconcileReport:
-        """Bring the host in line with the store; report what changed."""
+    async def reconcile(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> ReconcileReport:
+        """Bring the host in line with the store; report what changed.
+
+        Tenants whose user changed identity are reported, and their recorded
+        network is still restored: a reboot must not take a namespace from
+        services that use it because NSS was briefly unreachable. Their records
+        are never changed and nothing new is created for the new identity.
+        """
         report = ReconcileReport()
-        for rec in self.store.all():
-            problem = users.identity_problem(rec.uid, rec.name)
+        records = self.store.all()
+        problems = await asyncio.to_thread(
+            lambda: [users.identity_problem(r.uid, r.name) for r in records]
+        )
+        for i, (rec, problem) in enumerate(zip(records, problems, strict=True)):
+            if progress is not None:
+                progress(i, len(records))
             if problem is not None:
                 report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")
-                continue
             try:
                 async with self._operation(rec.uid, rec.name):
                     await self._reconcile_one(rec, report)
@@ -320,16 +362,29 @@ class TenantManager:
                 report.problems.append(f"tenant {rec.name}: {e.message}")
         if self.cfg.tenants.adopt_existing:
             await self._adopt_unrecorded(report)
-        known = {r.host_ifname for r in self.store.all()}
-        for link in await self.net.list_prefixed_links():
-            if link not in known:
-                await self.net.delete_link(link)
-                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
+        await self._remove_stray_links(report)
         for a in report.actions:
             log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "", a.detail)
         for p in report.problems:
             log.warning("reconcile: %s", p)
         return report
+
+    async def _remove_stray_links(self, report: ReconcileReport) -> None:
+        known = {r.host_ifname for r in self.store.all()}
+        try:
+            links = await self.net.list_prefixed_links()
+        except NetnsError as e:
+            report.problems.append(f"cannot list links: {e}")
+            return
+        for link in links:
+            if link in known:
+                continue
+            try:
+                await self.net.delete_link(link)
+            except NetnsError as e:
+                report.problems.append(f"cannot remove stray link {link}: {e}")
+            else:
+                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
 
     async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
         current = self.store.get(rec.uid)
@@ -370,8 +425,11 @@ class TenantManager:
                 or names.netns_name(self.cfg.netns.name_template, user.name, user.uid) != entry
             ):
                 continue
+            t = self.cfg.tenants
+            if not t.uid_min <= user.uid <= t.uid_max:
+                log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
+                continue
             try:
-                self.resolve_user(user.name)
                 _, created = await self.ensure(user.name)
             except NsdError as e:
                 report.problems.append(f"cannot adopt {entry}: {e.message}")
@@ -381,19 +439,22 @@ class TenantManager:
 
     # -- watch -----------------------------------------------------------------
 
-    async def watch(self, name: str | None) -> AsyncIterator[tuple[str, TenantView | None]]:
+    async def watch(self, uid: int | None) -> AsyncIterator[tuple[str, TenantView | None]]:
+        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name)."""
         queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
         self._watchers.add(queue)
         try:
             for rec in self.store.all():
-                if name is None or rec.name == name:
+                if uid is None or rec.uid == uid:
                     yield "existing", self.view(rec)
             yield "synced", None
             while True:
                 event = await queue.get()
                 if event is None:
-                    return  # dropped as too slow, or shutting down
-                if name is None or event.view.record.name == name:
+                    if self._closing:
+                        raise ShuttingDown()
+                    raise WatcherTooSlow()
+                if uid is None or event.view.record.uid == uid:
                     yield event.kind, event.view
         finally:
             self._watchers.discard(queue)
@@ -416,7 +477,8 @@ class TenantManager:
     async def _operation(self, uid: int, name: str) -> AsyncIterator[None]:
         if self._closing:
             raise ShuttingDown()
-        lock = self._locks.setdefault(uid, asyncio.Lock())
+        lock, users_of_lock = self._locks.get(uid, (asyncio.Lock(), 0))
+        self._locks[uid] = (lock, users_of_lock + 1)
         self._inflight += 1
         self._idle.clear()
         try:
@@ -428,9 +490,12 @@ class TenantManager:
                 yield
             finally:
                 lock.release()
-                if not lock.locked() and not getattr(lock, "_waiters", None):
-                    self._locks.pop(uid, None)
         finally:
+            lock, users_of_lock = self._locks[uid]
+            if users_of_lock == 1:
+                del self._locks[uid]
+            else:
+                self._locks[uid] = (lock, users_of_lock - 1)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()

@@ -14,9 +14,25 @@ import re
 # Debian's adduser default NAME_REGEX is ^[a-z][-a-z0-9_]*$; useradd accepts more.
 # We accept the portable POSIX set plus the trailing "$" of Samba machine
 # accounts, and refuse anything that could be a path component trick.
-_USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
 MAX_IFNAME = 15  # IFNAMSIZ - 1
 MAX_UID = 2**32 - 2  # (uid_t)-1 is the "no change" sentinel, never a user
+
+# The kernel's rules for interface names (net/core/dev.c dev_valid_name).
+_BAD_IFNAME_CHARS = re.compile(r"[/:%\s\x00]")
+# Per-namespace sysctls: net.* keys only (other keys are host-global, and writing
+# them "inside" a namespace would change the whole host); values one short line.
+SYSCTL_KEY = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
+SYSCTL_VALUE = re.compile(r"[\x20-\x7e\t]{0,256}")
+
+
+def valid_ifname(name: str) -> bool:
+    raw = name.encode("utf-8", "surrogateescape")
+    return (
+        0 < len(raw) <= MAX_IFNAME
+        and name not in (".", "..")
+        and not _BAD_IFNAME_CHARS.search(name)
+    )
 
 
 def check_user_name(name: str) -> str | None:
@@ -27,7 +43,7 @@ def check_user_name(name: str) -> str | None:
         return "longer than 32 characters"
     if name in (".", ".."):
         return "reserved"
-    if not _USER_NAME.match(name):
+    if not _USER_NAME.fullmatch(name):
         return "must match [a-z_][a-z0-9_.-]* (optionally ending in $), at most 32 characters"
     return None
 

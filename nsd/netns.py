@@ -67,6 +67,7 @@ from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from nsd import linux
+from nsd.names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 
 __all__ = [
     "EnsureResult",
@@ -97,10 +98,6 @@ NSID_NOT_ASSIGNED = (-1, 0xFFFFFFFF)
 
 #: how long ensure() waits for another process (``ip netns add``) to drop the run dir lock
 LOCK_TIMEOUT = 10.0
-
-_SYSCTL_KEY = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
-_SYSCTL_VALUE = re.compile(r"[\x20-\x7e\t]{0,256}")
-_BAD_IFNAME_CHARS = re.compile(r"[/:%\s\x00]")
 
 
 # --------------------------------------------------------------------------------------
@@ -175,21 +172,13 @@ class NetnsError(Exception):
 # validation
 
 
-def valid_ifname(name: str) -> bool:
-    """The kernel's rules for interface names (net/core/dev.c dev_valid_name)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    return (
-        0 < len(raw) < IFNAMSIZ and name not in (".", "..") and not _BAD_IFNAME_CHARS.search(name)
-    )
-
-
 def _validate_sysctl(key: str, value: str) -> None:
     # Only net.* keys: those are the ones a network namespace has its own copy of, and
     # they are written from inside the tenant's namespace, where /proc/sys/net shows
     # only that namespace's table. The regex rules out '/', '..' and empty components.
-    if not _SYSCTL_KEY.fullmatch(key):
+    if not SYSCTL_KEY.fullmatch(key):
         raise NetnsError("validate", f"sysctl key {key!r} is not a net.* key", errno.EINVAL)
-    if not _SYSCTL_VALUE.fullmatch(value):
+    if not SYSCTL_VALUE.fullmatch(value):
         raise NetnsError("validate", f"sysctl {key}: bad value {value!r}", errno.EINVAL)
 
 
@@ -253,11 +242,14 @@ def _dump_addrs(ipr: Any, family: int, index: int) -> tuple[Any, ...]:
     return tuple(ipr.nlm_request(msg, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP))
 
 
-def _dump_routes(ipr: Any, family: int, oif: int | None = None) -> tuple[Any, ...]:
-    """Routes of the main table (optionally only via ``oif``), filtered by the kernel."""
+def _dump_routes(
+    ipr: Any, family: int, oif: int | None = None, table: int = RT_TABLE_MAIN
+) -> tuple[Any, ...]:
+    """Routes of ``table`` (0: every table; optionally only via ``oif``), filtered by
+    the kernel."""
     msg = rtmsg()
     msg["family"] = family
-    msg["table"] = RT_TABLE_MAIN
+    msg["table"] = table
     if oif is not None:
         msg["attrs"] = [("RTA_OIF", oif)]
     return tuple(ipr.nlm_request(msg, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP))
@@ -975,12 +967,14 @@ class _Worker:
             routes = [
                 r
                 for family in (socket.AF_INET, socket.AF_INET6)
-                for r in _dump_routes(self.host_ipr(), family)
+                for r in _dump_routes(self.host_ipr(), family, table=0)
             ]
         out: list[IPv4Network | IPv6Network] = []
         seen: set[IPv4Network | IPv6Network] = set()
         for r in routes:
-            if _route_table(r) != RT_TABLE_MAIN or int(r["dst_len"]) == 0:
+            # Every table, not only main: VPN meshes such as Tailscale route
+            # 100.64.0.0/10 from a table of their own (52).
+            if int(r["dst_len"]) == 0:
                 continue
             if r.get_attr("RTA_OIF") in ours:
                 continue
@@ -1159,6 +1153,6 @@ class NetnsAdapter:
         await self._call(functools.partial(self._worker.delete_link, name, []))
 
     async def host_routes(self) -> list[IPv4Network | IPv6Network]:
-        """Destinations in the host's main routing table, without default routes and
+        """Destinations of the host's routes in every table, without default routes and
         without routes through nsd's own links (for IPAM overlap checks)."""
         return await self._call(self._worker.host_routes)

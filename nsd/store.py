@@ -75,18 +75,21 @@ class Store:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a
             # transaction's boundaries are exactly where the code says.
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA foreign_keys = ON")
-            # WAL + synchronous=NORMAL survives a crash of the process (the case
-            # reconcile handles); FULL would only add safety against power loss.
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
             if not fresh:
+                # Check before anything writes: even switching the journal mode
+                # would modify a database that is not ours to change.
                 row = db.execute("PRAGMA quick_check").fetchone()
                 if row is None or row[0] != "ok":
                     raise StoreError(
                         f"{path}: database is corrupt ({row[0] if row else 'no answer'}); "
                         "nsd will not rewrite it. Restore a backup or move it away."
                     )
+                _check_version(db, path)
+            db.execute("PRAGMA foreign_keys = ON")
+            # WAL + synchronous=NORMAL survives a crash of the process (the case
+            # reconcile handles); FULL would only add safety against power loss.
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
             raise StoreError(
                 f"{path}: not a usable SQLite database ({e}); nsd will not rewrite it. "
@@ -96,8 +99,6 @@ class Store:
         if fresh:
             with _transaction(db):
                 _create(db)
-        else:
-            _check_version(db, path)
         return db
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ Design, and why:
 * ``upgrade`` is refused with ``org.varlink.service.InvalidParameter
   {"parameter": "upgrade"}``: no nsd method switches protocols.
 * Connection caps: ``max_connections`` in total and
-  ``max_connections_per_uid`` per peer UID, except for the UIDs in
+  ``max_connections_per_uid`` per peer UID, neither applying to the UIDs in
   ``uid_limit_exempt`` (root by default: nsd-exec runs as root on every service
   start, and a boot starts hundreds at once). Over the cap, a new connection is
   accepted and closed at once, so one tenant cannot exhaust the daemon.
@@ -77,7 +77,9 @@ class Limits:
     max_message_bytes: int = 65536
     max_connections: int = 512
     max_connections_per_uid: int = 64
-    # UIDs not subject to max_connections_per_uid (still to max_connections).
+    # UIDs subject to neither cap (root by default): unprivileged clients must
+    # not be able to fill the server and lock out nsd-exec, which runs as root
+    # on every service start. Their connections do not count towards the total.
     uid_limit_exempt: frozenset[int] = frozenset({0})
     # Seconds a message may take to arrive once its first byte is in.
     partial_message_timeout: float = 10.0
@@ -200,6 +202,7 @@ class VarlinkServer:
         self._closing = False
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._per_uid: dict[int, int] = {}
+        self._capped = 0  # connections of UIDs that count towards max_connections
         self._streaming: set[Connection] = set()
         self._last_refusal_log = 0.0
         self.add_interface(
@@ -291,10 +294,11 @@ class VarlinkServer:
             return
         limits = self._limits
         count = self._per_uid.get(peer.uid, 0)
+        exempt = peer.uid in limits.uid_limit_exempt
         refusal = None
-        if len(self._connections) >= limits.max_connections:
+        if not exempt and self._capped >= limits.max_connections:
             refusal = f"{limits.max_connections} connections in total"
-        elif count >= limits.max_connections_per_uid and peer.uid not in limits.uid_limit_exempt:
+        elif not exempt and count >= limits.max_connections_per_uid:
             refusal = f"{limits.max_connections_per_uid} connections of uid {peer.uid}"
         if refusal is not None:
             self._log_refusal(peer, refusal)
@@ -309,6 +313,8 @@ class VarlinkServer:
             on_closed=self._on_connection_closed,
         )
         self._per_uid[peer.uid] = count + 1
+        if not exempt:
+            self._capped += 1
         self._connections[conn] = self._loop.create_task(self._serve(conn))
         conn.start_reading()
 
@@ -330,6 +336,8 @@ class VarlinkServer:
 
     def _on_connection_closed(self, conn: Connection) -> None:
         uid = conn.peer.uid
+        if uid not in self._limits.uid_limit_exempt:
+            self._capped -= 1
         left = self._per_uid.get(uid, 0) - 1
         if left > 0:
             self._per_uid[uid] = left

@@ -26,6 +26,8 @@ try:
     with VarlinkClient(sock) as c:
         if method.endswith(".Enter"):
             reply, fds = c.call_with_fds(method, params)
+        elif method.endswith(".Watch"):
+            reply = next(iter(c.call_more(method, params)))
         else:
             reply = c.call(method, params)
     print(json.dumps({"ok": reply}))
@@ -123,3 +125,20 @@ def test_denials_and_mutations_are_audited(env: tuple[Daemon, TestUsers, dict[st
         and "result=PermissionDenied" in log
     )
     assert "method=io.nsd.Tenant.Create" in log and "result=ok" in log
+
+
+def test_audit_lines_cannot_be_forged(env: tuple[Daemon, TestUsers, dict[str, str]]) -> None:
+    d, _, who = env
+    forged = "x\nINFO nsd.audit: uid=0 pid=1 method=io.nsd.Tenant.Remove tenant=bob result=ok"
+    assert call_as(d, who["alice"], T + "Get", name=forged) == {"error": DENIED}
+    lines = d.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("INFO nsd.audit: uid=0 pid=1")]
+    assert any("tenant='x\\nINFO nsd.audit" in line for line in lines)
+
+
+def test_watch_of_another_tenant_is_denied_and_audited(
+    env: tuple[Daemon, TestUsers, dict[str, str]],
+) -> None:
+    d, _, who = env
+    assert call_as(d, who["alice"], T + "Watch", name=who["bob"]) == {"error": DENIED}
+    assert "method=io.nsd.Tenant.Watch" in d.log_text()

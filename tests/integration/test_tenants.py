@@ -224,21 +224,26 @@ def test_nsctl_without_daemon(tmp_path: Path) -> None:
 
 def test_watch_streams_events(env: tuple[Daemon, TestUsers]) -> None:
     d, users = env
+    from nsd.varlink.client import VarlinkError
+
     name = users.add()
     events: list[tuple[str, str | None]] = []
+    ended: list[str] = []
     synced = threading.Event()
     done = threading.Event()
 
     def watch() -> None:
         with d.client() as c:
-            for reply in c.call_more(T + "Watch", {}):
-                t = reply.get("tenant")
-                events.append((reply["event"], t["name"] if t else None))
-                if reply["event"] == "synced":
-                    synced.set()
-                if reply["event"] == "removed":
-                    done.set()
-                    return
+            try:
+                for reply in c.call_more(T + "Watch", {}):
+                    t = reply.get("tenant")
+                    events.append((reply["event"], t["name"] if t else None))
+                    if reply["event"] == "synced":
+                        synced.set()
+                    if reply["event"] == "removed":
+                        done.set()
+            except VarlinkError as e:
+                ended.append(e.name)
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
@@ -247,3 +252,15 @@ def test_watch_streams_events(env: tuple[Daemon, TestUsers]) -> None:
     d.call(T + "Remove", name=name)
     assert done.wait(10)
     assert events == [("synced", None), ("created", name), ("removed", name)]
+    # A daemon that stops ends the stream with a named error, not a broken pipe.
+    assert d.stop() == 0
+    th.join(10)
+    assert ended == [T + "ShuttingDown"]
+
+
+def test_second_instance_refused_before_touching_host(env: tuple[Daemon, TestUsers]) -> None:
+    d, _ = env
+    res = run(*d.command(), check=False)
+    assert res.returncode == 1
+    assert "another nsd is running" in res.stderr
+    assert d.call(T + "List")["tenants"] == []  # the first one still serves

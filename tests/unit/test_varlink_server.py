@@ -857,7 +857,7 @@ def test_limits_are_checked() -> None:
 
 
 def test_total_connection_cap(sockdir: Path) -> None:
-    st, _ = start(sockdir, Limits(max_connections=3))
+    st, _ = start(sockdir, Limits(max_connections=3, uid_limit_exempt=frozenset()))
     with st:
         held = [VarlinkClient(st.path, timeout=5) for _ in range(3)]
         for c in held:
@@ -885,9 +885,15 @@ def test_per_uid_connection_cap(sockdir: Path) -> None:
         held[0].close()
 
 
-def test_exempt_uids_are_not_capped_per_uid(sockdir: Path) -> None:
+def test_exempt_uids_are_not_capped(sockdir: Path) -> None:
+    # Root (nsd-exec) must get through even when unprivileged clients fill the server.
     st, _ = start(
-        sockdir, Limits(max_connections_per_uid=1, uid_limit_exempt=frozenset({os.getuid()}))
+        sockdir,
+        Limits(
+            max_connections=1,
+            max_connections_per_uid=1,
+            uid_limit_exempt=frozenset({os.getuid()}),
+        ),
     )
     with st:
         clients = [VarlinkClient(st.path, timeout=5) for _ in range(3)]
