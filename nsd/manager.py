@@ -266,7 +266,9 @@ class TenantManager:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
         except NetnsError as e:
             if rollback:
-                await self._rollback(rec)
+                # "exists": a namespace appeared at the path after the intent was
+                # recorded. It is not ours, so the rollback must leave it alone.
+                await self._rollback(rec, remove_network=e.step != "exists")
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         if rec.state is not TenantState.READY:
             self.store.set_state(rec.uid, TenantState.READY)
@@ -274,9 +276,9 @@ class TenantManager:
             log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
         return result.actions
 
-    async def _rollback(self, rec: TenantRecord) -> None:
+    async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
         try:
-            if not rec.adopted:
+            if remove_network and not rec.adopted:
                 await self.net.remove(self.spec(rec))
             self.store.delete(rec.uid, quarantine=False)
         except (NetnsError, OSError) as e:

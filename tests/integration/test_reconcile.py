@@ -171,3 +171,50 @@ def test_crash_during_create_converges(env: tuple[Daemon, TestUsers], syscall: s
         (0,)
     ]
     assert d.stop() == 0
+
+
+def test_existing_namespace_refused_unless_adopting(env: tuple[Daemon, TestUsers]) -> None:
+    d, users = env
+    from nsd.varlink.client import VarlinkError
+
+    d.start()
+    name = users.add()
+    run("ip", "netns", "add", name)  # e.g. made by an old PAM module
+    inode = netns_inode(f"/run/netns/{name}")
+    with pytest.raises(VarlinkError) as info:
+        d.call(T + "Create", name=name)
+    assert info.value.name == T + "NamespaceExists"
+    assert netns_inode(f"/run/netns/{name}") == inode  # left alone
+    assert d.db_rows("SELECT count(*) FROM tenants") == [(0,)]
+    assert d.stop() == 0
+    run("ip", "netns", "del", name)
+
+
+def test_wrapper_layout_adopted_at_start(env: tuple[Daemon, TestUsers]) -> None:
+    """Migration from the sudo+nsenter layout: usr_$user namespaces are adopted."""
+    d, users = env
+    d.config.write_text(
+        d.config.read_text() + 'name_template = "usr_{user}"\n[tenants]\nadopt_existing = true\n'
+    )
+    a, b = users.add(), users.add()
+    for n in (a, b):
+        run("ip", "netns", "add", f"usr_{n}")
+    inodes = {n: netns_inode(f"/run/netns/usr_{n}") for n in (a, b)}
+    run("ip", "netns", "add", "usr_nosuchuserhere")  # no such user: not adopted
+    try:
+        d.start()
+        listed = {t["name"]: t for t in d.call(T + "List")["tenants"]}
+        assert set(listed) == {a, b}
+        for n in (a, b):
+            t = listed[n]
+            assert t["adopted"] is True and t["namespaceInode"] == inodes[n]
+            run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
+        assert "adopt-namespace" in d.log_text()
+        assert d.call("io.nsd.Daemon.Reconcile") == {"actions": [], "problems": []}
+        for n in (a, b):
+            d.call(T + "Remove", name=n)  # adopted namespaces are nsd's now
+            assert not os.path.exists(f"/run/netns/usr_{n}")
+        assert d.stop() == 0
+    finally:
+        for n in (a, b, "nosuchuserhere"):
+            run("ip", "netns", "del", f"usr_{n}", check=False)
