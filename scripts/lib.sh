@@ -11,7 +11,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 # Debian packages: the interpreter (Debian's, not whatever `python3` on PATH
 # is), venv support, and the tools the tests use to inspect from outside.
 ensure_packages() {
-    local wanted=(python3 python3-venv iproute2 util-linux passwd procps iputils-ping strace "$@")
+    local wanted=(python3 python3-venv iproute2 util-linux passwd procps iputils-ping strace
+                  systemd systemd-container dbus dbus-daemon libpam-systemd "$@")
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
