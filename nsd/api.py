@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from . import __version__, doctor
+from . import limits as limits_mod
 from .errors import NoSuchTenant, NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
@@ -48,6 +49,7 @@ def tenant_json(view: TenantView) -> dict[str, Any]:
         "ipv6Gateway": str(view.ipv6_gateway),
         "adopted": rec.adopted,
         "createdUSec": rec.created_us,
+        "slice": view.slice,
         "problems": list(view.problems),
     }
 
@@ -105,6 +107,9 @@ class Api:
                 "Get": self._wrap(TENANT_INTERFACE, self.get),
                 "List": self._wrap(TENANT_INTERFACE, self.list),
                 "Enter": self._wrap(TENANT_INTERFACE, self.enter, mutating=True),
+                "GetLimits": self._wrap(TENANT_INTERFACE, self.get_limits),
+                "SetLimits": self._wrap(TENANT_INTERFACE, self.set_limits, mutating=True),
+                "Run": self._wrap(TENANT_INTERFACE, self.run, mutating=True),
                 "Watch": self.watch,
             },
             DAEMON_INTERFACE: {
@@ -175,7 +180,22 @@ class Api:
 
     async def enter(self, call: Call) -> Reply:
         self._require_admin(call)
-        view, fd = await self.manager.enter(call.parameters["name"], call.parameters.get("create"))
+        peer_pid = call.peer.pid
+
+        def open_pidfd() -> int:
+            # SO_PEERPIDFD (Linux >= 6.5) pins the very process that connected;
+            # otherwise a pidfd from SO_PEERCRED's pid, which the systemd adapter
+            # checks before and after placement.
+            fd = call.open_peer_pidfd()
+            return fd if fd is not None else os.pidfd_open(peer_pid)
+
+        view, fd, scope = await self.manager.enter(
+            call.parameters["name"],
+            call.parameters.get("create"),
+            call.parameters.get("scope"),
+            peer_pid,
+            open_pidfd,
+        )
         limits = [
             {"name": name, "soft": lim.soft, "hard": lim.hard}
             for name, lim in sorted(self.manager.cfg.exec.rlimits.items())
@@ -186,9 +206,38 @@ class Api:
                 "namespaceFileDescriptor": 0,
                 "umask": self.manager.cfg.exec.umask,
                 "resourceLimits": limits,
+                "scope": scope,
             },
             fds=(fd,),
         )
+
+    async def get_limits(self, call: Call) -> dict[str, Any]:
+        name = call.parameters["name"]
+        self._require_self_or_admin(call, name)
+        effective, overrides = self.manager.get_limits(name)
+        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+
+    async def set_limits(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        changes: dict[str, str | None] = {}
+        for api_name, value in call.parameters["limits"].items():
+            if value is not None:
+                changes[limits_mod.API_NAMES[api_name]] = value
+        for api_name in call.parameters.get("reset") or []:
+            field = limits_mod.API_NAMES.get(api_name)
+            if field is None:
+                raise limits_mod.InvalidLimit(api_name, "", "unknown limit")
+            changes[field] = None
+        effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
+        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+
+    async def run(self, call: Call) -> dict[str, Any]:
+        name = call.parameters["name"]
+        self._require_self_or_admin(call, name)
+        result = await self.manager.run(
+            name, call.parameters["command"], bool(call.parameters.get("wait"))
+        )
+        return {"unit": result.unit, "exitStatus": result.exit_status, "result": result.result}
 
     async def watch(self, call: Call) -> AsyncIterator[Reply]:
         name = call.parameters.get("name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -36,6 +37,11 @@ _MESSAGES: dict[str, str] = {
     "NetworkSetupFailed": "network set-up of {name} failed at {step}: {message}",
     "ShuttingDown": "nsd is shutting down",
     "InternalError": "internal error in nsd (details are in its log)",
+    "InvalidLimit": "invalid {field} {value!r}: {reason}",
+    "InvalidCommand": "invalid command: {reason}",
+    "SystemdUnavailable": "systemd is unavailable: {reason}",
+    "SystemdRequestFailed": "systemd could not handle {unit}: {message}",
+    "WatcherTooSlow": "the watch fell behind and was dropped; run it again",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
     "InvalidParameter": "invalid parameter {parameter}",
     "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",
@@ -120,6 +126,7 @@ class Cli:
                 ("Host link", t["hostInterface"]), ("Tenant link", t["tenantInterface"]),
                 ("IPv4", f"{t['ipv4Address']} via {t['ipv4Gateway']}"),
                 ("IPv6", f"{t['ipv6Address']} ({t['ipv6Prefix']}) via {t['ipv6Gateway']}"),
+                ("Slice", t["slice"] or "(no systemd)"),
                 ("Adopted", "yes" if t["adopted"] else "no"), ("Created", created),
             ]  # fmt: skip
             width = max(len(k) for k, _ in pairs)
@@ -129,6 +136,47 @@ class Cli:
                 print(f"{'Problem':>{width}}: {p}")
 
         self.out(t, human)
+
+    def cmd_limits(self) -> None:
+        a = self.args
+        changes = {api: getattr(a, attr) for api, attr in _LIMIT_OPTIONS if getattr(a, attr)}
+        if changes or a.reset:
+            r = self.call(T + "SetLimits", name=a.user, limits=changes, reset=a.reset or None)
+        else:
+            r = self.call(T + "GetLimits", name=a.user)
+
+        def human() -> None:
+            rows = []
+            for api, _ in _LIMIT_OPTIONS:
+                value = r["limits"].get(api)
+                source = "tenant" if api in r["overrides"] else ("default" if value else "")
+                rows.append((_limit_label(api), _human_size(api, value), source))
+            table(("LIMIT", "VALUE", "FROM"), rows)
+
+        self.out(r, human)
+
+    def cmd_run(self) -> None:
+        a = self.args
+        command = list(a.command)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            raise SystemExit("nsctl run: no command given")
+        if not command[0].startswith("/"):
+            # systemd needs an absolute path; resolve it here, on the caller's PATH.
+            found = shutil.which(command[0])
+            if found is None:
+                raise SystemExit(f"nsctl run: {command[0]}: command not found")
+            command[0] = found
+        r = self.call(T + "Run", name=a.user, command=command, wait=a.wait or None)
+        if self.json:
+            self.out(r, lambda: None)
+        elif a.wait:
+            print(f"{r['unit']}: {r['result']}, exit status {r['exitStatus']}", file=sys.stderr)
+        else:
+            print(r["unit"])
+        if a.wait and r.get("exitStatus"):
+            raise SystemExit(int(r["exitStatus"]))
 
     def cmd_doctor(self) -> None:
         checks = self.call(D + "Doctor")["checks"]
@@ -175,6 +223,33 @@ class Cli:
                           flush=True)  # fmt: skip
 
 
+_LIMIT_OPTIONS = (
+    ("memoryMin", "memory_min"), ("memoryLow", "memory_low"), ("memoryHigh", "memory_high"),
+    ("memoryMax", "memory_max"), ("memorySwapMax", "memory_swap_max"),
+    ("cpuWeight", "cpu_weight"), ("cpuQuota", "cpu_quota"), ("tasksMax", "tasks_max"),
+    ("ioWeight", "io_weight"),
+)  # fmt: skip
+
+
+def _limit_label(api: str) -> str:
+    return {"cpuWeight": "CPUWeight", "cpuQuota": "CPUQuota", "ioWeight": "IOWeight"}.get(
+        api, api[0].upper() + api[1:]
+    )
+
+
+def _human_size(api: str, value: str | None) -> str:
+    if value is None:
+        return "-"
+    if not api.startswith("memory") or not value.isdigit():
+        return value
+    n = int(value)
+    for unit in ("T", "G", "M", "K"):
+        size = 1 << {"T": 40, "G": 30, "M": 20, "K": 10}[unit]
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return value
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
@@ -200,6 +275,18 @@ def parser() -> argparse.ArgumentParser:
                 "--force", action="store_true", help="stop the tenant's processes first"
             )
     sub.add_parser("list", help="list tenants (--json: the address map for proxies)")
+    lim = sub.add_parser("limits", help="show or change a tenant's resource limits")
+    lim.add_argument("user")
+    for _api, attr in _LIMIT_OPTIONS:
+        lim.add_argument("--" + attr.replace("_", "-"), dest=attr, metavar="VALUE",
+                         help="e.g. 512M, 2G, infinity; weights 1-10000; quota 150%%")  # fmt: skip
+    lim.add_argument("--reset", action="append", metavar="LIMIT",
+                     choices=[api for api, _ in _LIMIT_OPTIONS],
+                     help="return a limit (API name, e.g. memoryMax) to the default")  # fmt: skip
+    run = sub.add_parser("run", help="run a command as the tenant in its namespace and slice")
+    run.add_argument("--wait", action="store_true", help="wait and exit with its status")
+    run.add_argument("user")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     sub.add_parser("doctor", help="check host prerequisites")
     sub.add_parser("reconcile", help="repair differences between the store and the host")
     sub.add_parser("status", help="show the daemon's status")

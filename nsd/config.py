@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import limits as limits_mod
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
@@ -98,6 +99,15 @@ class IpamConfig:
 
 
 @dataclass(frozen=True)
+class SystemdConfig:
+    slices: bool = True
+    parent_slice: str = "tenant.slice"
+    enter_scope: str = "auto"
+    use_pidfds: str = "auto"
+    call_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class ResourceLimit:
     soft: int | None  # None: unlimited
     hard: int | None
@@ -116,6 +126,8 @@ class Config:
     netns: NetnsConfig = field(default_factory=NetnsConfig)
     ipam: IpamConfig = field(default_factory=IpamConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
+    systemd: SystemdConfig = field(default_factory=SystemdConfig)
+    limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
     source: str = "<defaults>"
 
 
@@ -147,7 +159,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
             raise ConfigError(source, name, f"unknown section (known: {', '.join(known)})")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table")
-        sections[name] = _section(source, name, value)
+        sections[name] = (
+            _limits(source, value) if name == "limits" else _section(source, name, value)
+        )
     return validate(Config(**sections, source=source))
 
 
@@ -158,6 +172,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "netns": NetnsConfig,
     "ipam": IpamConfig,
     "exec": ExecConfig,
+    "systemd": SystemdConfig,
 }
 
 
@@ -231,6 +246,18 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _limits(source: str, raw: Mapping[str, Any]) -> limits_mod.Limits:
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(source, f"limits.{key}", "must be a string or an integer")
+    try:
+        parsed = limits_mod.from_mapping(raw)
+        limits_mod.check_consistent(parsed)
+    except limits_mod.InvalidLimit as e:
+        raise ConfigError(source, f"limits.{e.parameters['field']}", e.parameters["reason"]) from e
+    return parsed
+
+
 def _umask(source: str, key: str, value: Any) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
@@ -275,6 +302,7 @@ _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits"
 
 
 def validate(cfg: Config) -> Config:
+    _check_systemd(cfg.source, cfg.systemd)
     _check_daemon(cfg.source, cfg.daemon)
     _check_tenants(cfg.source, cfg.tenants)
     _check_netns(cfg.source, cfg.netns)
@@ -303,6 +331,23 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def _check_systemd(src: str, s: SystemdConfig) -> None:
+    parent = s.parent_slice
+    if (
+        not re.fullmatch(r"[A-Za-z0-9_.\\:]+(-[A-Za-z0-9_.\\:]+)*\.slice", parent)
+        or parent == "-.slice"
+    ):
+        raise ConfigError(
+            src, "systemd.parent_slice", "must be a slice unit name such as tenant.slice"
+        )
+    if s.enter_scope not in ("auto", "always", "never"):
+        raise ConfigError(src, "systemd.enter_scope", 'must be "auto", "always" or "never"')
+    if s.use_pidfds not in ("auto", "never"):
+        raise ConfigError(src, "systemd.use_pidfds", 'must be "auto" or "never"')
+    if s.call_timeout <= 0:
+        raise ConfigError(src, "systemd.call_timeout", "must be positive")
 
 
 def _check_tenants(src: str, t: TenantsConfig) -> None:

@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, config, doctor, sd
@@ -28,7 +29,9 @@ from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .ipam import Ipam
 from .manager import TenantManager
 from .netns import NetnsAdapter
+from .slices import TenantSlices
 from .store import Store, StoreError
+from .systemd import Systemd, SystemdError
 from .varlink.server import Limits, VarlinkServer
 
 log = logging.getLogger("nsd")
@@ -42,9 +45,12 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self._stop = asyncio.Event()
+        self._manager: TenantManager | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -52,36 +58,30 @@ class Daemon:
         # cleanly after it, not kill it mid-step with the default action.
         self._install_signal_handlers()
         raise_nofile_limit()
-        # One daemon per state directory, established before anything on the
-        # host is touched: a second instance must not reconcile concurrently.
-        lock = take_instance_lock(Path(cfg.daemon.state_dir))
-        listener = self._listening_socket()
-        try:
-            store = Store(cfg.daemon.database)
-        except StoreError as e:
-            raise StartupError(str(e)) from e
-        net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
-        await net.start()
-        server: VarlinkServer | None = None
-        watchdog: asyncio.Task[None] | None = None
-        try:
-            ipam = Ipam(cfg.ipam, cfg.tenants, store)
-            degraded = doctor.degradations()
-            for line in degraded:
-                log.warning("%s", line)
-            if cfg.ipam.check_host_routes:
-                await _check_pools(ipam, net)
-            manager = TenantManager(cfg, store, ipam, net)
-            interval = sd.watchdog_interval()
-            if interval:
-                watchdog = asyncio.create_task(_watchdog(interval))
+        # Resources are released in reverse order, on success and on failure.
+        async with contextlib.AsyncExitStack() as stack:
+            # One daemon per state directory, established before anything on the
+            # host is touched: a second instance must not reconcile concurrently.
+            stack.callback(os.close, take_instance_lock(Path(cfg.daemon.state_dir)))
+            listener = self._listening_socket()
+            stack.callback(listener.close)
+            try:
+                store = Store(cfg.daemon.database)
+            except StoreError as e:
+                raise StartupError(str(e)) from e
+            stack.callback(store.close)
+            net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
+            await net.start()
+            stack.push_async_callback(net.close)
+            manager, degraded = await self._prepare(store, net, stack)
+
             sd.notify("STATUS=Reconciling tenants")
             report = await manager.reconcile(progress=_reconcile_progress)
             log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
                      store.count(), len(report.actions), len(report.problems))  # fmt: skip
-
             server = self._server(manager, net, degraded)
             await server.start(listener)
+            stack.push_async_callback(server.close, 1.0)
             sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
             log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
                      store.count())  # fmt: skip
@@ -89,32 +89,76 @@ class Daemon:
 
             sd.notify("STOPPING=1\nSTATUS=Shutting down")
             log.info("shutting down")
-            timeout = cfg.daemon.shutdown_timeout
             # Refuse new work first, let running operations finish, then close
             # connections; a tenant cut off mid-build keeps its recorded intent.
-            finished = await manager.shutdown(timeout)
-            if not finished:
-                log.warning(
-                    "operations still running after %.0fs; reconcile finishes them", timeout
-                )
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            if server is not None:
-                await server.close(grace=1.0)
-            else:
-                listener.close()
-            await net.close()
-            store.close()
-            os.close(lock)
+            if not await manager.shutdown(cfg.daemon.shutdown_timeout):
+                log.warning("operations still running after %.0fs; reconcile finishes them",
+                            cfg.daemon.shutdown_timeout)  # fmt: skip
+
+    async def _prepare(
+        self, store: Store, net: NetnsAdapter, stack: contextlib.AsyncExitStack
+    ) -> tuple[TenantManager, list[str]]:
+        cfg = self.cfg
+        ipam = Ipam(cfg.ipam, cfg.tenants, store)
+        degraded = doctor.degradations()
+        for line in degraded:
+            log.warning("%s", line)
+        if cfg.ipam.check_host_routes:
+            await _check_pools(ipam, net)
+        systemd, reason = await connect_systemd(cfg)
+        if systemd is not None:
+            stack.push_async_callback(systemd.close)
+        manager = TenantManager(cfg, store, ipam, net, TenantSlices(cfg, systemd, reason))
+        self._manager = manager
+        interval = sd.watchdog_interval()
+        if interval:
+            # Keep a reference: the loop holds tasks only weakly.
+            self._watchdog = asyncio.create_task(_watchdog(interval))
+            stack.callback(self._watchdog.cancel)
+        return manager, degraded
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        # SIGHUP: nothing to reload yet that can change safely at runtime;
-        # ignore it rather than die (the default action) on a stray reload.
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply what can change at runtime.
+
+        Limits, exec settings and the tenant policies apply at once (limits are
+        re-applied to every slice); paths, pools and names would change what
+        already exists on the host, so those keep their values until a restart.
+        """
+        manager = self._manager
+        if manager is None:
+            log.info("SIGHUP during start-up: ignored")
+            return
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        old = self.cfg
+        applied = replace(
+            old,
+            limits=new.limits,
+            exec=new.exec,
+            tenants=replace(
+                old.tenants,
+                enter_creates=new.tenants.enter_creates,
+                lock_timeout=new.tenants.lock_timeout,
+                stop_timeout=new.tenants.stop_timeout,
+            ),
+            systemd=replace(old.systemd, enter_scope=new.systemd.enter_scope),
+        )
+        if applied != replace(new, source=old.source):
+            log.warning("reload: some changes (paths, pools, names, daemon settings) "
+                        "need a restart of nsd; they were not applied")  # fmt: skip
+        self.cfg = applied
+        report = await manager.apply_config(applied)
+        log.info("reloaded %s: %d action(s), %d problem(s)", new.source,
+                 len(report.actions), len(report.problems))  # fmt: skip
 
     def _server(
         self, manager: TenantManager, net: NetnsAdapter, degraded: list[str]
@@ -183,6 +227,23 @@ def bind_unix(path: str) -> socket.socket:
         os.umask(old)
     sock.listen(512)
     return sock
+
+
+async def connect_systemd(cfg: config.Config) -> tuple[Systemd | None, str]:
+    """The systemd adapter, or None and the reason slices and scopes are unavailable."""
+    if not cfg.systemd.slices:
+        return None, "disabled by systemd.slices = false"
+    if not doctor.systemd_is_pid1():
+        return None, "systemd is not PID 1 on this host"
+    use_pidfds = False if cfg.systemd.use_pidfds == "never" else None
+    try:
+        bus = await Systemd.connect(timeout=cfg.systemd.call_timeout, use_pidfds=use_pidfds)
+    except SystemdError as e:
+        log.warning("systemd is unavailable, tenant slices and scopes are off: %s", e)
+        return None, str(e)
+    f = bus.features
+    log.info("systemd %d on the bus; PIDFDs for scopes: %s", f.version, "yes" if f.pidfds else "no")
+    return bus, ""
 
 
 async def _check_pools(ipam: Ipam, net: NetnsAdapter) -> None:
@@ -263,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("nsd must run as root (it mounts namespaces and creates links)")
         return EXIT_STARTUP
     try:
-        asyncio.run(Daemon(cfg).run())
+        asyncio.run(Daemon(cfg, args.config).run())
     except StartupError as e:
         log.error("%s", e)
         return EXIT_STARTUP

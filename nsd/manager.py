@@ -20,10 +20,11 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
-from . import names, procs, users
+from . import cgroup, names, procs, users
+from . import limits as limits_mod
 from .config import Config
 from .errors import (
     InvalidTenantName,
@@ -43,6 +44,7 @@ from .errors import (
 from .ipam import Ipam
 from .model import ReconcileReport, TenantEvent, TenantRecord, TenantState, TenantView
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
+from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 from .store import Store, now_us
 
 log = logging.getLogger("nsd.manager")
@@ -51,11 +53,19 @@ _WATCH_QUEUE = 1024  # events buffered per watcher before it is dropped as too s
 
 
 class TenantManager:
-    def __init__(self, cfg: Config, store: Store, ipam: Ipam, net: NetnsAdapter) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        ipam: Ipam,
+        net: NetnsAdapter,
+        slices: TenantSlices | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.ipam = ipam
         self.net = net
+        self.slices = slices or TenantSlices(cfg, None, "not connected")
         # Per-UID locks with a user count: a lock leaves the dict only when no
         # operation holds or awaits it (asyncio.Lock's waiter list is not a
         # reliable signal: wait_for() enqueues the acquire one loop turn later).
@@ -108,6 +118,7 @@ class TenantManager:
             tenant_interface=self.cfg.netns.tenant_interface,
             ipv4_gateway=self.ipam.ipv4_gateway,
             ipv6_gateway=self.ipam.ipv6_gateway,
+            slice=self.slices.slice_of(rec.uid) if self.slices.available else None,
             problems=tuple(problems),
         )
 
@@ -164,8 +175,16 @@ class TenantManager:
     async def ensure(self, name: str) -> tuple[TenantView, bool]:
         return await self._ensure(name, allow_existing=True)
 
-    async def enter(self, name: str, create: bool | None) -> tuple[TenantView, int]:
-        """The tenant's namespace as an open descriptor (the caller owns it)."""
+    async def enter(
+        self,
+        name: str,
+        create: bool | None,
+        scope: bool | None = None,
+        caller_pid: int | None = None,
+        open_pidfd: Callable[[], int] | None = None,
+    ) -> tuple[TenantView, int, str | None]:
+        """The tenant's namespace as an open descriptor (the caller owns it), and the
+        scope the caller was moved into, if the placement policy moved it."""
         if self._closing:
             raise ShuttingDown()
         user = self.resolve_user(name)
@@ -194,7 +213,27 @@ class TenantManager:
             raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
         except OSError as e:
             raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
-        return view, fd
+        placed = None
+        try:
+            if caller_pid is not None and open_pidfd is not None:
+                placed = await self._place(rec, scope, caller_pid, open_pidfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return view, fd, placed
+
+    async def _place(
+        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
+    ) -> str | None:
+        tenant_slice = self.slices.slice_of(rec.uid)
+        policy = self.cfg.systemd.enter_scope
+        if not self.slices.available and scope is None:
+            return None  # auto or always, on a host without systemd: nothing to place into
+        if not wants_scope(policy, scope, caller_cgroup(pid), tenant_slice):
+            return None
+        unit = await self.slices.place(rec, pid, open_pidfd)
+        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
+        return unit
 
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)
@@ -270,11 +309,73 @@ class TenantManager:
                 # recorded. It is not ours, so the rollback must leave it alone.
                 await self._rollback(rec, remove_network=e.step != "exists")
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+        if self.slices.available:
+            try:
+                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+            except NsdError:
+                if rollback:
+                    await self._rollback(rec, remove_network=True)
+                raise
         if rec.state is not TenantState.READY:
             self.store.set_state(rec.uid, TenantState.READY)
         for action in result.actions:
             log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
         return result.actions
+
+    # -- limits, slices, runs --------------------------------------------------
+
+    def limits_of(self, uid: int) -> limits_mod.Limits:
+        """Effective limits: configured defaults overlaid with the tenant's overrides."""
+        return self.slices.effective(self.store.limit_overrides(uid))
+
+    def get_limits(self, name: str) -> tuple[limits_mod.Limits, limits_mod.Limits]:
+        """(effective, overrides) of a tenant."""
+        rec = self._existing(name)
+        overrides = self.store.limit_overrides(rec.uid)
+        return self.slices.effective(overrides), limits_mod.Limits(**overrides)
+
+    async def set_limits(
+        self, name: str, changes: dict[str, str | None]
+    ) -> tuple[limits_mod.Limits, limits_mod.Limits]:
+        """Change overrides (None resets a field to the default), apply them live, persist."""
+        rec = self._existing(name)
+        async with self._operation(rec.uid, name):
+            overrides = self.store.limit_overrides(rec.uid)
+            for field, value in changes.items():
+                if value is None:
+                    overrides.pop(field, None)
+                else:
+                    overrides[field] = limits_mod.canonical(field, value)
+            effective = self.slices.effective(overrides)
+            limits_mod.check_consistent(effective)
+            # Applied first: if systemd refuses, nothing is recorded. The slice's
+            # settings are persistent drop-ins, so both survive a crash in between
+            # (reconcile re-applies the store's values).
+            await self.slices.ensure(rec.uid, effective)
+            self.store.set_limit_overrides(rec.uid, overrides)
+            await self._protect_parent()
+            log.info("tenant %s: limits now %s", name, effective.items())
+            return effective, limits_mod.Limits(**overrides)
+
+    async def _protect_parent(self) -> None:
+        if self.slices.available:
+            await self.slices.protect_parent(self.limits_of(r.uid) for r in self.store.all())
+
+    async def run(self, name: str, argv: Sequence[str], wait: bool) -> RunResult:
+        rec = self._existing(name)
+        user = self.resolve_user(name)
+        if rec.state is not TenantState.READY:
+            await self._ensure(name, allow_existing=True)
+        return await self.slices.run(rec, self.netns_path(rec.netns_name), user.home, argv, wait)
+
+    def _existing(self, name: str) -> TenantRecord:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise InvalidTenantName(name, reason)
+        rec = self.store.get_by_name(name)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return rec
 
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
         try:
@@ -305,17 +406,21 @@ class TenantManager:
             finally:
                 self._removing.discard(rec.uid)
             self._emit("removed", view)
+            if self.slices.available:
+                await self._protect_parent()
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
         """Refuse (or with force, stop) while processes run in the tenant's namespace."""
         inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
-        if inode is None:
-            return
-        pids = await asyncio.to_thread(procs.processes_in_namespace, inode)
-        if not pids:
-            return
-        if not force:
-            raise TenantBusy(rec.name, len(pids))
+        pids = await asyncio.to_thread(procs.processes_in_namespace, inode) if inode else []
+        # Processes in the tenant's slice count too (a service with Slice= but
+        # no namespace): stopping the slice at removal would kill them.
+        in_slice = await asyncio.to_thread(cgroup.pids_in, self._slice_path(rec.uid))
+        busy = set(pids) | set(in_slice)
+        if busy and not force:
+            raise TenantBusy(rec.name, len(busy))
+        if not pids or inode is None:
+            return  # the slice's own processes end when the slice is stopped
         log.info("tenant %s: stopping %d process(es) before removal", rec.name, len(pids))
         # netns_inode: a PID is only signalled if it is still in this namespace
         # after its pidfd is open, so a PID reused since the scan is left alone.
@@ -326,7 +431,13 @@ class TenantManager:
         if left:
             raise TenantBusy(rec.name, len(left))
 
+    def _slice_path(self, uid: int) -> str:
+        parent = self.cfg.systemd.parent_slice
+        return cgroup.unit_path(parent, self.slices.slice_of(uid))
+
     async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+        if self.slices.available:
+            await self.slices.remove(rec.uid)
         try:
             actions = await self.net.remove(self.spec(rec))
         except NetnsError as e:
@@ -365,11 +476,23 @@ class TenantManager:
         if self.cfg.tenants.adopt_existing:
             await self._adopt_unrecorded(report)
         await self._remove_stray_links(report)
+        if self.slices.available:
+            await self._reconcile_slices(report)
         for a in report.actions:
             log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "", a.detail)
         for p in report.problems:
             log.warning("reconcile: %s", p)
         return report
+
+    async def _reconcile_slices(self, report: ReconcileReport) -> None:
+        try:
+            known = {r.uid for r in self.store.all()}
+            for unit in await self.slices.stray_slices(known):
+                await self.slices.forget(unit)
+                report.add("remove-stray-slice", None, f"removed slice {unit}: no tenant owns it")
+            await self._protect_parent()
+        except NsdError as e:
+            report.problems.append(e.message)
 
     async def _remove_stray_links(self, report: ReconcileReport) -> None:
         known = {r.host_ifname for r in self.store.all()}
@@ -501,6 +624,23 @@ class TenantManager:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    async def apply_config(self, cfg: Config) -> ReconcileReport:
+        """Take a reloaded configuration; re-apply every tenant's limits."""
+        self.cfg = cfg
+        self.slices.cfg = cfg
+        report = ReconcileReport()
+        if not self.slices.available:
+            return report
+        for rec in self.store.all():
+            try:
+                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+            except NsdError as e:
+                report.problems.append(f"tenant {rec.name}: {e.message}")
+            else:
+                report.add("apply-limits", rec.name, str(self.limits_of(rec.uid).items()))
+        await self._reconcile_slices(report)
+        return report
 
     async def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait for running operations; True if all finished."""

@@ -43,6 +43,7 @@ class TenantView:
     tenant_interface: str
     ipv4_gateway: IPv4Address
     ipv6_gateway: IPv6Address
+    slice: str | None = None  # None when the host has no systemd slices
     problems: tuple[str, ...] = ()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .model import TenantRecord, TenantState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -51,6 +51,19 @@ CREATE TABLE leases (
 CREATE UNIQUE INDEX leases_one_per_tenant ON leases (family, uid) WHERE released_us IS NULL;
 """
 
+# Schema changes, one transaction each: version N -> N + 1.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+-- Per-tenant limit overrides (field as in nsd.limits, canonical value).
+CREATE TABLE tenant_limits (
+    uid   INTEGER NOT NULL REFERENCES tenants(uid) ON DELETE CASCADE,
+    field TEXT    NOT NULL,
+    value TEXT    NOT NULL,
+    PRIMARY KEY (uid, field)
+);
+""",
+}
+
 
 class StoreError(Exception):
     """The database cannot be used; the message says why and what to do."""
@@ -71,6 +84,7 @@ class Store:
     def _open(path: Path) -> sqlite3.Connection:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fresh = not path.exists() or path.stat().st_size == 0
+        version = SCHEMA_VERSION
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a
             # transaction's boundaries are exactly where the code says.
@@ -84,7 +98,7 @@ class Store:
                         f"{path}: database is corrupt ({row[0] if row else 'no answer'}); "
                         "nsd will not rewrite it. Restore a backup or move it away."
                     )
-                _check_version(db, path)
+                version = _check_version(db, path)
             db.execute("PRAGMA foreign_keys = ON")
             # WAL + synchronous=NORMAL survives a crash of the process (the case
             # reconcile handles); FULL would only add safety against power loss.
@@ -99,6 +113,8 @@ class Store:
         if fresh:
             with _transaction(db):
                 _create(db)
+        else:
+            _migrate(db, path, version)
         return db
 
     def close(self) -> None:
@@ -196,6 +212,21 @@ class Store:
                 self._db.execute("DELETE FROM leases WHERE uid = ? AND released_us IS NULL", (uid,))
             self._db.execute("DELETE FROM tenants WHERE uid = ?", (uid,))
 
+    # -- limit overrides -------------------------------------------------------
+
+    def limit_overrides(self, uid: int) -> dict[str, str]:
+        rows = self._db.execute("SELECT field, value FROM tenant_limits WHERE uid = ?", (uid,))
+        return {str(f): str(v) for f, v in rows}
+
+    def set_limit_overrides(self, uid: int, overrides: dict[str, str]) -> None:
+        """Replace the tenant's overrides with ``overrides`` in one transaction."""
+        with _transaction(self._db):
+            self._db.execute("DELETE FROM tenant_limits WHERE uid = ?", (uid,))
+            self._db.executemany(
+                "INSERT INTO tenant_limits (uid, field, value) VALUES (?, ?, ?)",
+                [(uid, f, v) for f, v in sorted(overrides.items())],
+            )
+
     # -- leases ----------------------------------------------------------------
 
     def taken_addresses(self, family: int, quarantine_since_us: int) -> set[str]:
@@ -235,13 +266,28 @@ class Store:
 
 
 def _create(db: sqlite3.Connection) -> None:
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    _execute_script(db, _SCHEMA)
+    for version in sorted(_MIGRATIONS):
+        _execute_script(db, _MIGRATIONS[version])
     db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
-def _check_version(db: sqlite3.Connection, path: Path) -> None:
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    # Statement by statement: executescript() would COMMIT our open transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _migrate(db: sqlite3.Connection, path: Path, version: int) -> None:
+    while version < SCHEMA_VERSION:
+        with _transaction(db):
+            _execute_script(db, _MIGRATIONS[version])
+            version += 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+
+
+def _check_version(db: sqlite3.Connection, path: Path) -> int:
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
@@ -254,7 +300,7 @@ def _check_version(db: sqlite3.Connection, path: Path) -> None:
             f"{path}: schema version {version} was written by a newer nsd "
             f"(this one knows up to {SCHEMA_VERSION}); refusing to touch it"
         )
-    # Future migrations from older versions go here, one transaction each.
+    return version
 
 
 @contextmanager

@@ -134,3 +134,21 @@ def test_foreign_sqlite_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(store.StoreError, match="not an nsd database"):
         store.Store(db)
+
+
+def test_v1_database_is_migrated(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path)
+    add(s, ipam, 1001)
+    s.close()
+    con = sqlite3.connect(tmp_path / "nsd.db")
+    con.execute("DROP TABLE tenant_limits")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    s = store.Store(tmp_path / "nsd.db")
+    assert s.get_meta("schema_version") == str(store.SCHEMA_VERSION)
+    assert s.get(1001) is not None  # data kept
+    s.set_limit_overrides(1001, {"memory_max": "536870912"})
+    assert s.limit_overrides(1001) == {"memory_max": "536870912"}
+    s.delete(1001, quarantine=True)
+    assert s.limit_overrides(1001) == {}  # removed with the tenant

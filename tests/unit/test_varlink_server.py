@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import varlink  # type: ignore[import-untyped]
 
+from nsd.varlink import idl
 from nsd.varlink.client import VarlinkClient
 from nsd.varlink.protocol import ServiceUnavailable, VarlinkConnectionError, VarlinkError
 from nsd.varlink.server import Call, Limits, Reply, VarlinkServer, bind_unix_socket
@@ -277,7 +278,7 @@ def tenant_handlers() -> dict[str, Any]:
         yield Reply({"event": "existing", "tenant": tenant}, continues=True)
         yield Reply({"event": "synced"}, continues=False)
 
-    names = ["Create", "Ensure", "Remove", "List", "Enter"]
+    names = [m for m in idl.parse(shipped("io.nsd.Tenant")).methods if m not in ("Get", "Watch")]
     return {"Get": get, "Watch": watch} | dict.fromkeys(names, unsupported)
 
 

@@ -1,0 +1,281 @@
+"""Tenant slices, scopes and transient services: nsd's policy on top of the systemd adapter.
+
+Every tenant has one slice, ``tenant-<uid>.slice`` inside the parent
+(``systemd.parent_slice``, default ``tenant.slice``). Its limits are persistent
+drop-ins written through ``SetUnitProperties(runtime=false)``, so they hold at
+boot before nsd runs, apply at once without a daemon-reload, and an existing
+slice is simply adopted on restart (see nsd/systemd.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from . import limits as limits_mod
+from . import names
+from .config import Config
+from .errors import NsdError
+from .model import TenantRecord
+from .systemd import (
+    INFINITY,
+    JobFailed,
+    Property,
+    Systemd,
+    SystemdError,
+    SystemdUnavailable,
+    exec_start,
+    limit_properties,
+)
+
+log = logging.getLogger("nsd.slices")
+
+
+class SystemdNotAvailable(NsdError):
+    name = "SystemdUnavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
+
+
+class SystemdRequestFailed(NsdError):
+    name = "SystemdRequestFailed"
+
+    def __init__(self, unit: str, error: SystemdError) -> None:
+        detail = error.message or str(error)
+        if isinstance(error, JobFailed):
+            detail = f"job for {error.unit} ended with result {error.result!r}"
+        super().__init__(
+            f"systemd could not handle {unit}: {detail}",
+            unit=unit,
+            dbusError=error.dbus_name or None,
+            message=detail,
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    unit: str
+    exit_status: int | None
+    result: str | None
+
+
+def caller_cgroup(pid: int, proc: str = "/proc") -> str | None:
+    """The caller's cgroup path in systemd's hierarchy (v2 line, or v1 name=systemd)."""
+    try:
+        with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = None
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and controllers == "":
+            return path
+        if controllers == "name=systemd":
+            v1 = path
+    return v1
+
+
+def wants_scope(policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str) -> bool:
+    """Whether Enter should move the caller into a scope in the tenant's slice.
+
+    ``auto`` keeps processes that already belong somewhere deliberate: anything
+    inside the tenant's slice (a service with ``Slice=``), and any service's
+    processes - its main process must stay in its unit, and a process
+    manager's children (supervisord) must stay where stopping the manager
+    reaches them. Sessions (cron jobs, shells) and unit-less processes move.
+    """
+    if requested is not None:
+        return requested
+    if policy != "auto":
+        return policy == "always"
+    if cgroup is None:
+        return True
+    parts = [p for p in cgroup.split("/") if p]
+    if tenant_slice in parts:
+        return False
+    units = [p for p in parts if p.endswith((".service", ".scope"))]
+    return not (units and units[-1].endswith(".service"))
+
+
+class TenantSlices:
+    """Slices for tenants; ``systemd`` None when the host has none (all methods then refuse)."""
+
+    def __init__(self, cfg: Config, systemd: Systemd | None, unavailable_reason: str) -> None:
+        self.cfg = cfg
+        self.systemd = systemd
+        self.unavailable_reason = unavailable_reason
+        stem = cfg.systemd.parent_slice.removesuffix(".slice")
+        self._own_slice = re.compile(rf"{re.escape(stem)}-(0|[1-9][0-9]*)\.slice")
+
+    @property
+    def available(self) -> bool:
+        return self.systemd is not None and self.cfg.systemd.slices
+
+    def slice_of(self, uid: int) -> str:
+        return names.slice_name(self.cfg.systemd.parent_slice, uid)
+
+    def _bus(self) -> Systemd:
+        if self.systemd is None or not self.cfg.systemd.slices:
+            reason = self.unavailable_reason or "disabled by systemd.slices = false"
+            raise SystemdNotAvailable(reason)
+        return self.systemd
+
+    def effective(self, overrides: dict[str, str]) -> limits_mod.Limits:
+        return self.cfg.limits.overlay(limits_mod.Limits(**overrides))
+
+    async def ensure(self, uid: int, limits: limits_mod.Limits) -> None:
+        """Create or adopt the tenant's slice with ``limits``; persistent, no reload."""
+        bus = self._bus()
+        unit = self.slice_of(uid)
+        props: list[Property] = [
+            *limit_properties(**limits_mod.to_systemd(limits)),  # type: ignore[arg-type]
+        ]
+        try:
+            await bus.ensure_slice(unit, props, timeout=self.cfg.systemd.call_timeout)
+        except SystemdUnavailable as e:
+            raise SystemdNotAvailable(str(e)) from e
+        except SystemdError as e:
+            raise SystemdRequestFailed(unit, e) from e
+
+    async def protect_parent(self, all_limits: Iterable[limits_mod.Limits]) -> None:
+        """MemoryMin/MemoryLow protect a slice only if its parent is protected too:
+        give the parent the sum of its tenants' protections."""
+        bus = self._bus()
+        total = {"memory_min": 0, "memory_low": 0}
+        for lim in all_limits:
+            for field in total:
+                value = getattr(lim, field)
+                if value is not None and value != limits_mod.INFINITY:
+                    total[field] += int(value)
+        props = limit_properties(memory_min=total["memory_min"], memory_low=total["memory_low"])
+        parent = self.cfg.systemd.parent_slice
+        try:
+            await bus.set_unit_properties(parent, props, runtime=False)
+        except SystemdError as e:
+            raise SystemdRequestFailed(parent, e) from e
+
+    async def remove(self, uid: int) -> None:
+        """Stop the slice (whatever still runs in it) and drop its persistent settings."""
+        bus = self._bus()
+        unit = self.slice_of(uid)
+        try:
+            await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
+            await bus.revert_unit_files([unit])
+        except SystemdError as e:
+            raise SystemdRequestFailed(unit, e) from e
+
+    async def stray_slices(self, known_uids: set[int]) -> list[str]:
+        """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash)."""
+        bus = self._bus()
+        stem = self.cfg.systemd.parent_slice.removesuffix(".slice")
+        try:
+            units = await bus.list_units_by_patterns([], [f"{stem}-*.slice"])
+        except SystemdError as e:
+            raise SystemdRequestFailed(f"{stem}-*.slice", e) from e
+        out = []
+        for u in units:
+            m = self._own_slice.fullmatch(u.name)
+            if m is not None and int(m[1]) not in known_uids:
+                out.append(u.name)
+        return out
+
+    async def forget(self, unit: str) -> None:
+        bus = self._bus()
+        try:
+            await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
+            await bus.revert_unit_files([unit])
+        except SystemdError as e:
+            raise SystemdRequestFailed(unit, e) from e
+
+    async def place(self, rec: TenantRecord, pid: int, open_pidfd: Callable[[], int]) -> str:
+        """Move process ``pid`` into a new scope in the tenant's slice; return its name."""
+        bus = self._bus()
+        scope = f"nsd-enter-{rec.uid}-{pid}-{secrets.token_hex(4)}.scope"
+        props: list[Property] = [
+            ("Description", "s", f"{rec.name} entered by pid {pid} (nsd)"),
+            ("Slice", "s", self.slice_of(rec.uid)),
+            # Failed scopes (an OOM kill, say) are garbage-collected, not kept.
+            ("CollectMode", "s", "inactive-or-failed"),
+        ]
+        pidfd = open_pidfd()
+        try:
+            await bus.start_scope_for_process(
+                scope, pid, pidfd, props, timeout=self.cfg.systemd.call_timeout
+            )
+        except SystemdUnavailable as e:
+            raise SystemdNotAvailable(str(e)) from e
+        except SystemdError as e:
+            # Nothing to roll back that could hurt the caller: a scope the process
+            # never reached, or one it leaves when it exits with our error, is
+            # collected (CollectMode); it is never stopped, which would kill it.
+            raise SystemdRequestFailed(scope, e) from e
+        finally:
+            os.close(pidfd)
+        return scope
+
+    async def run(
+        self,
+        rec: TenantRecord,
+        netns_path: str,
+        home: str,
+        argv: Sequence[str],
+        wait: bool,
+    ) -> RunResult:
+        """A transient service as the tenant, in its namespace and slice."""
+        bus = self._bus()
+        unit = f"nsd-run-{rec.uid}-{secrets.token_hex(4)}.service"
+        try:
+            command = exec_start(argv)
+        except ValueError as e:
+            raise InvalidCommand(str(e)) from e
+        props: list[Property] = [
+            ("Description", "s", f"{argv[0]} for {rec.name} (nsctl run)"),
+            command,
+            ("Type", "s", "exec"),
+            ("User", "s", rec.name),
+            ("NetworkNamespacePath", "s", netns_path),
+            ("Slice", "s", self.slice_of(rec.uid)),
+            ("WorkingDirectory", "s", home),
+            ("CollectMode", "s", "inactive-or-failed"),
+        ]
+        if wait:
+            # Keep the unit loaded after it ends until we have read its exit status.
+            props.append(("AddRef", "b", True))
+        try:
+            await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
+            if not wait:
+                return RunResult(unit, None, None)
+            try:
+                end = await bus.wait_unit_exit(unit)
+            finally:
+                await bus.unref_unit(unit)
+        except SystemdUnavailable as e:
+            raise SystemdNotAvailable(str(e)) from e
+        except SystemdError as e:
+            raise SystemdRequestFailed(unit, e) from e
+        return RunResult(unit, end.exit_status, end.result)
+
+
+class InvalidCommand(NsdError):
+    name = "InvalidCommand"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid command: {reason}", reason=reason)
+
+
+__all__ = [
+    "INFINITY",
+    "InvalidCommand",
+    "RunResult",
+    "SystemdNotAvailable",
+    "SystemdRequestFailed",
+    "TenantSlices",
+    "caller_cgroup",
+    "wants_scope",
+]

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+
+from nsd import limits as L
+from nsd.slices import wants_scope
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "canonical"),
+    [
+        ("memory_max", "512M", "536870912"),
+        ("memory_max", "1.5G", "1610612736"),
+        ("memory_max", "4096", "4096"),
+        ("memory_max", "infinity", "infinity"),
+        ("memory_low", "2k", "2048"),
+        ("cpu_weight", "100", "100"),
+        ("io_weight", 10000, "10000"),
+        ("cpu_quota", "150%", "150%"),
+        ("cpu_quota", "infinity", "infinity"),
+        ("tasks_max", "512", "512"),
+        ("tasks_max", "infinity", "infinity"),
+    ],
+)
+def test_canonical(field: str, raw: str, canonical: str) -> None:
+    assert L.canonical(field, raw) == canonical
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ("memory_max", "lots"), ("memory_max", "-1"), ("memory_max", "1P"),
+        ("memory_max", "99999999999T"), ("cpu_weight", "0"), ("cpu_weight", "10001"),
+        ("cpu_quota", "0%"), ("cpu_quota", "1.5"), ("tasks_max", "0"), ("bogus", "1"),
+    ],
+)  # fmt: skip
+def test_invalid_values_name_the_field(field: str, raw: str) -> None:
+    with pytest.raises(L.InvalidLimit) as info:
+        L.canonical(field, raw)
+    assert info.value.parameters["field"] == field and info.value.parameters["reason"]
+
+
+def test_overlay_and_consistency() -> None:
+    defaults = L.from_mapping({"memory_max": "1G", "tasks_max": "512"})
+    mine = L.from_mapping({"memory_max": "2G"})
+    assert defaults.overlay(mine).items() == {"memory_max": str(2 << 30), "tasks_max": "512"}
+    L.check_consistent(L.from_mapping({"memory_low": "1G", "memory_max": "infinity"}))
+    with pytest.raises(L.InvalidLimit, match="must not be below memory_high"):
+        L.check_consistent(L.from_mapping({"memory_high": "2G", "memory_max": "1G"}))
+
+
+def test_to_systemd() -> None:
+    kw = L.to_systemd(L.from_mapping({"memory_max": "infinity", "cpu_quota": "50%"}))
+    assert kw == {"memory_max": 2**64 - 1, "cpu_quota_percent": 50.0}
+
+
+T = "tenant-1001.slice"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "expected"),
+    [
+        ("/user.slice/user-0.slice/session-3.scope", True),  # a root shell or cron session
+        ("/system.slice/cron.service", False),  # a service's processes stay in their unit
+        ("/system.slice/supervisor.service", False),  # a manager's children stay with it
+        ("/tenant.slice/tenant-1001.slice/php-fpm@alice.service", False),  # already there
+        ("/tenant.slice/tenant-1001.slice/nsd-enter-1001-5-ab.scope", False),
+        ("/", True),  # in no unit
+        (None, True),
+    ],
+)
+def test_auto_scope_policy(cgroup: str | None, expected: bool) -> None:
+    assert wants_scope("auto", None, cgroup, T) is expected
+
+
+def test_explicit_scope_request_wins() -> None:
+    assert wants_scope("never", True, "/system.slice/x.service", T) is True
+    assert wants_scope("always", False, "/", T) is False
+    assert wants_scope("always", None, "/system.slice/x.service", T) is True
+    assert wants_scope("never", None, "/", T) is False
