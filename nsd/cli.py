@@ -157,7 +157,13 @@ class Cli:
 
     def cmd_run(self) -> None:
         a = self.args
-        command = list(a.command)
+        command = list(a.argv)
+        wait = a.wait
+        # `nsctl run USER --wait -- CMD`: options after USER land in the remainder.
+        while command and command[0] != "--" and command[0].startswith("-"):
+            if command.pop(0) != "--wait":
+                raise SystemExit(f"nsctl run: unknown option before '--' in {a.argv!r}")
+            wait = True
         if command and command[0] == "--":
             command = command[1:]
         if not command:
@@ -168,14 +174,14 @@ class Cli:
             if found is None:
                 raise SystemExit(f"nsctl run: {command[0]}: command not found")
             command[0] = found
-        r = self.call(T + "Run", name=a.user, command=command, wait=a.wait or None)
+        r = self.call(T + "Run", name=a.user, command=command, wait=wait or None)
         if self.json:
             self.out(r, lambda: None)
-        elif a.wait:
+        elif wait:
             print(f"{r['unit']}: {r['result']}, exit status {r['exitStatus']}", file=sys.stderr)
         else:
             print(r["unit"])
-        if a.wait and r.get("exitStatus"):
+        if wait and r.get("exitStatus"):
             raise SystemExit(int(r["exitStatus"]))
 
     def cmd_doctor(self) -> None:
@@ -286,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a command as the tenant in its namespace and slice")
     run.add_argument("--wait", action="store_true", help="wait and exit with its status")
     run.add_argument("user")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     sub.add_parser("doctor", help="check host prerequisites")
     sub.add_parser("reconcile", help="repair differences between the store and the host")
     sub.add_parser("status", help="show the daemon's status")

@@ -2,7 +2,8 @@
 
 Usage::
 
-    nsd-exec [--socket PATH] [--no-create] [--setenv NAME[=VALUE]]... [--timeout SECONDS]
+    nsd-exec [--socket PATH] [--no-create] [--scope | --no-scope] [--setenv NAME[=VALUE]]...
+             [--timeout SECONDS]
              USER -- CMD [ARGS...]
 
 nsd-exec is the PAM-free launcher. It runs as root (a unit's ``ExecStart=``, a
@@ -124,6 +125,8 @@ options:
   --socket PATH          nsd's varlink socket (default $NSD_SOCKET or
                          /run/nsd/io.nsd.Tenant)
   --no-create            fail instead of creating a missing tenant
+  --scope, --no-scope    move into a scope in the tenant's slice, or stay in this
+                         unit (default: nsd's policy, systemd.enter_scope)
   --setenv NAME=VALUE    add NAME=VALUE to the workload's environment
   --setenv NAME          copy NAME from nsd-exec's environment (repeatable)
   --timeout SECONDS      how long to wait for nsd (default 30)
@@ -146,11 +149,12 @@ class Failure(Exception):
 
 
 class Options:
-    __slots__ = ("argv", "create", "setenv", "socket_path", "timeout", "user")
+    __slots__ = ("argv", "create", "scope", "setenv", "socket_path", "timeout", "user")
 
     def __init__(self) -> None:
         self.socket_path = os.environ.get("NSD_SOCKET") or DEFAULT_SOCKET
         self.create = True
+        self.scope: bool | None = None  # None: the daemon's policy
         self.setenv: list[tuple[str, str | None]] = []
         self.timeout = DEFAULT_TIMEOUT
         self.user = ""
@@ -175,6 +179,9 @@ def parse_args(args: list[str]) -> Options:
             raise HelpRequested
         if arg == "--no-create":
             opts.create = False
+            i += 1
+        elif arg in ("--scope", "--no-scope"):
+            opts.scope = arg == "--scope"
             i += 1
         elif arg.partition("=")[0] in ("--socket", "--setenv", "--timeout"):
             i = _parse_valued_option(opts, args, i)
@@ -278,11 +285,15 @@ def _receive_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
         raise
 
 
-def call_enter(path: str, user: str, create: bool, timeout: float) -> tuple[object, list[int]]:
+def call_enter(
+    path: str, user: str, create: bool, timeout: float, scope: bool | None = None
+) -> tuple[object, list[int]]:
     """Calls io.nsd.Tenant.Enter; returns the decoded reply and the descriptors."""
     params: dict[str, object] = {"name": user}
     if not create:
         params["create"] = False
+    if scope is not None:
+        params["scope"] = scope
     request = json.dumps({"method": ENTER_METHOD, "parameters": params}).encode() + b"\0"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -607,7 +618,7 @@ def run(args: list[str]) -> int:
     except (KeyError, ValueError):
         raise Failure(f"no such user: {opts.user!r}") from None
     groups = supplementary_groups(pw)
-    reply, fds = call_enter(opts.socket_path, opts.user, opts.create, opts.timeout)
+    reply, fds = call_enter(opts.socket_path, opts.user, opts.create, opts.timeout, opts.scope)
     grant = parse_enter_reply(reply, fds)
     if grant.uid != pw.pw_uid or grant.name != pw.pw_name:
         os.close(grant.ns_fd)
