@@ -95,6 +95,75 @@ def run(run_dir: str, ipam: Ipam, routes: list[IPv4Network | IPv6Network]) -> li
     ]
 
 
+def limit_checks(
+    slices_reason: str | None,
+    systemd_version: int | None,
+    pidfds: bool | None,
+    parent_slice: str,
+    configured: list[set[str]],
+    *,
+    block_root: str = "/sys/block",
+    cgroup_root: str = CGROUP_ROOT,
+) -> list[Check]:
+    """What of the configured limits is in effect on this host.
+
+    ``slices_reason`` is None when slices are available, else why not;
+    ``configured`` has, per tenant, the limit fields that are set (defaults or
+    overrides), so settings nobody uses are not reported.
+    """
+    used = set().union(*configured) if configured else set()
+    if slices_reason is not None:
+        sev = "warning" if used else "ok"
+        return [Check("slices", sev, f"tenant slices are unavailable: {slices_reason}"
+                      + ("; configured limits are not in effect" if used else ""))]  # fmt: skip
+    checks = [Check(
+        "slices", "ok",
+        f"systemd {systemd_version}: tenant slices under {parent_slice}; scope placement "
+        + ("by PIDFDs" if pidfds else "by PIDs guarded with pidfds (this systemd has no PIDFDs)"),
+    )]  # fmt: skip
+    controllers = cgroup2_controllers(cgroup_root) or set()
+    for field, controller in (("memory", "memory"), ("cpu", "cpu"), ("tasks", "pids"),
+                              ("io", "io")):  # fmt: skip
+        if any(f.startswith(field) for f in used) and controller not in controllers:
+            checks.append(Check(f"{field}-limits", "warning",
+                                f"{field} limits are configured but the cgroup v2 '{controller}' "
+                                "controller is not available: they are not enforced"))  # fmt: skip
+    if used & {"memory_min", "memory_low"}:
+        checks.append(Check(
+            "memory-protection", "ok",
+            f"MemoryMin/MemoryLow are set; nsd gives {parent_slice} the sum of its tenants' "
+            "protections, since a child is only protected as far as its parent is",
+        ))  # fmt: skip
+    if "io_weight" in used and not _io_weights_honoured(block_root, cgroup_root):
+        checks.append(Check(
+            "io-weight", "warning",
+            "IOWeight is configured but no block device uses the BFQ scheduler and io.cost "
+            "is not enabled: IO weights are not in effect",
+        ))  # fmt: skip
+    return checks
+
+
+def _io_weights_honoured(block_root: str, cgroup_root: str) -> bool:
+    try:
+        with open(os.path.join(cgroup_root, "io.cost.qos"), encoding="ascii") as f:
+            if "enable=1" in f.read():
+                return True
+    except OSError:
+        pass
+    try:
+        devices = os.listdir(block_root)
+    except OSError:
+        return False
+    for dev in devices:
+        try:
+            with open(os.path.join(block_root, dev, "queue", "scheduler"), encoding="ascii") as f:
+                if "[bfq]" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _check_systemd() -> Check:
     if systemd_is_pid1():
         return Check("systemd", "ok", "systemd is PID 1")

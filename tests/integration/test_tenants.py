@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nsd.doctor import systemd_is_pid1
 from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
 
 pytestmark = [
@@ -264,3 +265,41 @@ def test_second_instance_refused_before_touching_host(env: tuple[Daemon, TestUse
     assert res.returncode == 1
     assert "another nsd is running" in res.stderr
     assert d.call(T + "List")["tenants"] == []  # the first one still serves
+
+
+@pytest.mark.skipif(
+    systemd_is_pid1(),
+    reason="checks the behaviour without systemd; on a systemd host tests/systemd covers it",
+)
+def test_without_systemd_namespaces_work_and_systemd_methods_say_why(
+    env: tuple[Daemon, TestUsers],
+) -> None:
+    d, users = env
+    from nsd.varlink.client import VarlinkError
+
+    name = users.add()
+    t = d.call(T + "Create", name=name)["tenant"]
+    assert t["slice"] is None and t["namespaceInode"] is not None
+    assert "systemd is not PID 1" in d.log_text()
+    for method, params in (
+        ("SetLimits", {"name": name, "limits": {"memoryMax": "1G"}}),
+        ("Run", {"name": name, "command": ["/bin/true"]}),
+    ):
+        with pytest.raises(VarlinkError) as info:
+            d.call(T + method, **params)
+        assert info.value.name == T + "SystemdUnavailable"
+        assert "not PID 1" in info.value.parameters["reason"]
+    with pytest.raises(VarlinkError) as info, d.client() as c:
+        c.call_with_fds(T + "Enter", {"name": name, "scope": True})
+    assert info.value.name == T + "SystemdUnavailable"
+    # Without an explicit request, Enter still hands out the namespace.
+    with d.client() as c:
+        reply, fds = c.call_with_fds(T + "Enter", {"name": name})
+    assert reply["scope"] is None and os.fstat(fds[0]).st_ino == t["namespaceInode"]
+    for fd in fds:
+        os.close(fd)
+    assert d.call(T + "GetLimits", name=name) == {"limits": {}, "overrides": {}}
+    res = d.nsctl("limits", name, "--memory-max", "1G", check=False)
+    assert res.returncode == 1
+    assert "systemd is unavailable" in res.stderr and "SystemdUnavailable" in res.stderr
+    d.call(T + "Remove", name=name)

@@ -99,3 +99,32 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert daemon.main(["--config", str(bad), "--check-config"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: tenants.uid_mni: unknown key" in err
+
+
+def test_limit_checks_report_what_is_not_in_effect(tmp_path: Path) -> None:
+    from nsd import doctor
+
+    block = tmp_path / "block" / "vda" / "queue"
+    block.mkdir(parents=True)
+    (block / "scheduler").write_text("[mq-deadline] none\n")
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "cgroup.controllers").write_text("cpu io memory pids\n")
+    used = [{"memory_max", "io_weight"}]
+    checks = {c.name: c for c in doctor.limit_checks(
+        None, 257, True, "tenant.slice", used, block_root=str(tmp_path / "block"),
+        cgroup_root=str(cg))}  # fmt: skip
+    assert checks["slices"].severity == "ok" and "PIDFDs" in checks["slices"].message
+    assert checks["io-weight"].severity == "warning"
+    (block / "scheduler").write_text("mq-deadline [bfq] none\n")
+    names = [c.name for c in doctor.limit_checks(
+        None, 257, True, "tenant.slice", used, block_root=str(tmp_path / "block"),
+        cgroup_root=str(cg))]  # fmt: skip
+    assert "io-weight" not in names
+    (cg / "cgroup.controllers").write_text("cpu pids\n")
+    names = [c.name for c in doctor.limit_checks(
+        None, 257, True, "tenant.slice", used, block_root=str(tmp_path / "block"),
+        cgroup_root=str(cg))]  # fmt: skip
+    assert "memory-limits" in names
+    off = doctor.limit_checks("systemd is not PID 1", None, None, "tenant.slice", used)
+    assert off[0].severity == "warning" and "not in effect" in off[0].message
