@@ -299,7 +299,7 @@ class TenantManager:
         return rec
 
     async def _build(
-        self, rec: TenantRecord, *, rollback: bool, adopt: bool = True
+        self, rec: TenantRecord, *, rollback: bool, adopt: bool = True, dropins: bool = True
     ) -> tuple[str, ...]:
         try:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
@@ -312,6 +312,8 @@ class TenantManager:
         if self.slices.available:
             try:
                 await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+                if dropins:  # reconcile writes all tenants' drop-ins at once
+                    await self.slices.sync_dropins([rec], prune_users={rec.name})
             except NsdError:
                 if rollback:
                     await self._rollback(rec, remove_network=True)
@@ -407,6 +409,8 @@ class TenantManager:
                 self._removing.discard(rec.uid)
             self._emit("removed", view)
             if self.slices.available:
+                await self.slices.sync_dropins([], prune_users={rec.name})
+                await self.slices.stop_ensure_unit(rec.name)
                 await self._protect_parent()
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
@@ -486,10 +490,19 @@ class TenantManager:
 
     async def _reconcile_slices(self, report: ReconcileReport) -> None:
         try:
-            known = {r.uid for r in self.store.all()}
+            records = self.store.all()
+            changes = await self.slices.sync_dropins(records, prune_users=None)
+            for unit in changes.written:
+                report.add("write-template-dropin", None, f"{unit}: Slice= of its tenant")
+            for unit in changes.removed:
+                report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
+            report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
+            known = {r.uid for r in records}
             for unit in await self.slices.stray_slices(known):
-                await self.slices.forget(unit)
-                report.add("remove-stray-slice", None, f"removed slice {unit}: no tenant owns it")
+                if await self.slices.has_settings(unit):
+                    await self.slices.forget(unit)
+                    report.add("forget-stray-slice", None,
+                               f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
             await self._protect_parent()
         except NsdError as e:
             report.problems.append(e.message)
@@ -520,7 +533,7 @@ class TenantManager:
             report.add("finish-removal", rec.name, "finished an interrupted removal")
             self._emit("removed", self.view(current, check_identity=False))
             return
-        actions = await self._build(current, rollback=False)
+        actions = await self._build(current, rollback=False, dropins=False)
         if current.state is TenantState.CREATING:
             report.add("finish-creation", rec.name, "finished an interrupted creation")
         for action in actions:

@@ -9,6 +9,7 @@ slice is simply adopted on restart (see nsd/systemd.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import limits as limits_mod
-from . import names
+from . import names, unitfiles
 from .config import Config
 from .errors import NsdError
 from .model import TenantRecord
@@ -186,12 +187,62 @@ class TenantSlices:
         return out
 
     async def forget(self, unit: str) -> None:
+        """Drop a stray slice's persistent settings; never stop it.
+
+        A slice nsd has no tenant for may still be in use: on a fresh host,
+        services enabled for a tenant nsd does not know yet start their slice
+        before nsd runs, and stopping it would cancel their start jobs.
+        """
         bus = self._bus()
         try:
-            await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
             await bus.revert_unit_files([unit])
         except SystemdError as e:
             raise SystemdRequestFailed(unit, e) from e
+
+    async def has_settings(self, unit: str) -> bool:
+        """Whether the slice has persistent settings (nsd's control drop-ins) to drop;
+        keeps a second reconcile from reporting the same stray slice again."""
+        bus = self._bus()
+        try:
+            props = await bus.get_unit_properties(unit)
+        except SystemdError as e:
+            raise SystemdRequestFailed(unit, e) from e
+        return any("/system.control/" in str(p) for p in props.get("DropInPaths", []))
+
+    async def sync_dropins(
+        self, tenants: Iterable[TenantRecord], prune_users: set[str] | None
+    ) -> unitfiles.Changes:
+        """Write the template drop-ins (Slice=) for ``tenants``; reload systemd if needed.
+
+        ``prune_users``: only these users' drop-ins may be removed (one tenant at a
+        time); None makes the drop-ins exactly those of ``tenants`` (reconcile).
+        """
+        bus = self._bus()
+        parent = self.cfg.systemd.parent_slice
+        refs = [unitfiles.TenantRef.of(r.name, r.uid, parent) for r in tenants]
+        changes = await asyncio.to_thread(unitfiles.sync, refs, prune_users=prune_users)
+        for problem in changes.problems:
+            log.warning("template drop-in for %s: %s", problem.unit, problem.reason)
+        for skipped in changes.skipped:
+            log.warning("no template drop-ins for %s: %s", skipped.user, skipped.reason)
+        if changes.changed:
+            try:
+                # One daemon-reload per change set: a start job queued behind
+                # nsd-tenant@USER sees the new Slice= when it runs.
+                await bus.reload()
+            except SystemdError as e:
+                raise SystemdRequestFailed("daemon-reload", e) from e
+        return changes
+
+    async def stop_ensure_unit(self, user: str) -> None:
+        """Stop nsd-tenant@USER.service after removal, so that a later start of the
+        user's services runs `nsctl ensure` again instead of finding it active."""
+        bus = self._bus()
+        unit = unitfiles.unit_name("nsd-tenant@.service", user)
+        try:
+            await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
+        except SystemdError as e:
+            log.debug("stopping %s: %s", unit, e)
 
     async def place(self, rec: TenantRecord, pid: int, open_pidfd: Callable[[], int]) -> str:
         """Move process ``pid`` into a new scope in the tenant's slice; return its name."""
@@ -248,7 +299,14 @@ class TenantSlices:
             # Keep the unit loaded after it ends until we have read its exit status.
             props.append(("AddRef", "b", True))
         try:
-            await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
+            try:
+                await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
+            except JobFailed:
+                # A command that ends at once (even exec failing) can fail its start
+                # job before systemd reports the job done; with AddRef the unit is
+                # still there and says how it ended, which is the answer wanted.
+                if not wait:
+                    raise
             if not wait:
                 return RunResult(unit, None, None)
             try:

@@ -844,6 +844,14 @@ class Systemd:
         (changes,) = await self._call("RevertUnitFiles", "as", [list(names)])
         return [(str(a), str(b), str(c)) for a, b, c in changes]
 
+    async def reload(self, timeout: float = 120.0) -> None:
+        """daemon-reload: systemd re-reads unit files and drop-ins (answers when done).
+
+        Not needed for properties set with :meth:`set_unit_properties`; only for
+        unit-file drop-ins written to disk (nsd's template drop-ins).
+        """
+        await self._call("Reload", "", [], timeout=timeout)
+
     async def reset_failed_unit(self, name: str) -> None:
         await self._call("ResetFailedUnit", "s", [name])
 

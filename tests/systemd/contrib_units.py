@@ -1,0 +1,122 @@
+"""Installing contrib/systemd into a test container the way an operator does.
+
+nsd at /opt/nsd
+---------------
+The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec}. The container binds the project's own
+venv there (``--bind-ro=.venv:/opt/nsd``): its bin/ holds the console scripts pip
+generated for nsd's entry points (nsd.daemon:main, nsd.cli:main, nsd.exec:main), and
+they run this checkout's code (the venv's nsd is an editable install; the checkout is
+bound at its own path inside, so the scripts' ``#!/work/main/.venv/bin/python`` resolves).
+So the binaries are the real ones, with no network and no build step. An operator's
+``pip install`` into /opt/nsd is exercised by the VM tier (scripts/vm/prepare-guest).
+
+php-fpm
+-------
+php-fpm@.service names Debian's /usr/sbin/php-fpm8.2, which this host does not have,
+and ``systemd-analyze verify`` checks that ExecStart= is executable. Rather than point
+the unit at a stand-in, the test fetches Debian's own package with ``apt-get download``
+(signature-checked by apt through the host's package lists), unpacks it into
+``.cache/contrib-units`` and lays it over the container's /usr with
+``--overlay-ro=/usr:<unpacked>/usr:/usr``: the real binary at its real path, and nothing
+installed on the host. If the host has the binary, it is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from nspawn import ROOT, Container
+
+CONTRIB = ROOT / "contrib" / "systemd"
+CACHE = ROOT / ".cache" / "contrib-units"
+UNIT_DIR = "/etc/systemd/system"
+VENV_AT_OPT = f"--bind-ro={ROOT / '.venv'}:/opt/nsd"
+_PHP_FPM = re.compile(r"/usr/sbin/php-fpm(\d+\.\d+)\b")
+
+
+def contrib_unit_files() -> list[Path]:
+    return sorted(
+        p for p in CONTRIB.iterdir() if p.suffix in (".service", ".socket", ".slice", ".target")
+    )
+
+
+def php_fpm_binaries() -> dict[str, str]:
+    """Binary path -> Debian package, for every php-fpm the contrib units run."""
+    found: dict[str, str] = {}
+    for unit in contrib_unit_files():
+        for line in unit.read_text().splitlines():
+            if line.startswith("ExecStart="):
+                for match in _PHP_FPM.finditer(line):
+                    found[match.group(0)] = f"php{match.group(1)}-fpm"
+    return found
+
+
+def overlay_for_php_fpm() -> tuple[list[str], str | None]:
+    """nspawn arguments that make the php-fpm binaries exist; or a reason why not."""
+    missing = {b: p for b, p in php_fpm_binaries().items() if not os.access(b, os.X_OK)}
+    if not missing:
+        return [], None
+    root = CACHE / "root"
+    for binary, package in missing.items():
+        if (root / binary.lstrip("/")).exists():
+            continue
+        reason = _unpack(package, root)
+        if reason is not None:
+            return [], reason
+        if not (root / binary.lstrip("/")).exists():
+            return [], f"Debian package {package} has no {binary}"
+    return [f"--overlay-ro=/usr:{root / 'usr'}:/usr"], None
+
+
+def _unpack(package: str, root: Path) -> str | None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        download = subprocess.run(
+            ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        debs = list(Path(tmp).glob("*.deb"))
+        if download.returncode != 0 or len(debs) != 1:
+            return f"apt-get download {package} failed: {download.stderr.strip()[-500:]}"
+        unpacked = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
+        # Merge into the cache atomically per package (another run may do the same).
+        target = root.parent / f"root.{os.getpid()}"
+        if root.exists():
+            shutil.copytree(root, target, symlinks=True)
+        shutil.copytree(unpacked, target, symlinks=True, dirs_exist_ok=True)
+        if root.exists():
+            shutil.rmtree(root)
+        target.rename(root)
+    return None
+
+
+def install_units(c: Container) -> None:
+    """Copy every unit of contrib/systemd to /etc/systemd/system and reload."""
+    c.run(["cp", *map(str, contrib_unit_files()), UNIT_DIR])
+    c.run(["systemctl", "daemon-reload"])
+
+
+TENANT_APP = (
+    "#!/bin/sh\n# the tenant's own program: here, something that just runs\nexec sleep infinity\n"
+)
+
+
+def add_tenant_user(c: Container, user: str) -> int:
+    """A Unix user with a home and ~/bin/tenant-app (what tenant-app@.service runs)."""
+    c.run(["useradd", "--create-home", "--shell", "/bin/sh", user])
+    app = f"/home/{user}/bin/tenant-app"
+    c.run(["install", "-d", "-o", user, "-g", user, f"/home/{user}/bin"])
+    c.run(["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", TENANT_APP, app])
+    c.run(["chown", f"{user}:{user}", app])
+    c.run(["chmod", "0755", app])
+    return int(c.run(["id", "-u", user]).stdout)
