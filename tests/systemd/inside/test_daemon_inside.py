@@ -205,3 +205,26 @@ def test_remove_drops_the_slice(env: tuple[Daemon, TestUsers]) -> None:
     assert show(unit, "ActiveState")["ActiveState"] == "inactive"
     assert not (CONTROL / f"{unit}.d").exists()
     assert netns_inode(str(t["namespacePath"])) is None
+
+
+def test_sighup_reapplies_changed_default_limits(env: tuple[Daemon, TestUsers]) -> None:
+    d, users = env
+    _, t = tenant(d, users)
+    unit = str(t["slice"])
+    own, t_own = tenant(d, users)
+    d.nsctl("limits", own, "--memory-max", "1G")
+    original = d.config.read_text()
+    d.config.write_text(original.replace('memory_max = "512M"', 'memory_max = "768M"'))
+    try:
+        assert d.proc is not None
+        d.proc.send_signal(1)  # SIGHUP
+        deadline = time.monotonic() + 10
+        while show(unit, "MemoryMax")["MemoryMax"] != str(768 << 20):
+            assert time.monotonic() < deadline, d.log_text()[-2000:]
+            time.sleep(0.1)
+        # A tenant's own override still wins over the new default.
+        assert show(str(t_own["slice"]), "MemoryMax")["MemoryMax"] == str(1 << 30)
+        assert "reloaded" in d.log_text()
+    finally:
+        d.config.write_text(original)
+        d.proc.send_signal(1)
