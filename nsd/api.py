@@ -140,15 +140,16 @@ class Api:
         return handler
 
     def _audit(self, call: Call, result: str) -> None:
-        # The tenant name comes from the caller: %r quotes and escapes it, so a
-        # name with a newline cannot forge a second audit line in the journal.
+        # The tenant name comes from the caller: repr() quotes and escapes it, so
+        # a name with a newline cannot forge a second audit line in the journal.
+        name = call.parameters.get("name")
         audit.info(
-            "uid=%d pid=%d method=%s.%s tenant=%r result=%s",
+            "uid=%d pid=%d method=%s.%s tenant=%s result=%s",
             call.peer.uid,
             call.peer.pid,
             call.interface,
             call.method,
-            call.parameters.get("name"),
+            "-" if name is None else repr(name),
             result,
         )
 

@@ -483,7 +483,9 @@ class TenantManager:
         if self.slices.available:
             await self._reconcile_slices(report)
         for a in report.actions:
-            log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "", a.detail)
+            if a.kind != "repair":  # repairs were logged as they happened
+                log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "",
+                         a.detail)  # fmt: skip
         for p in report.problems:
             log.warning("reconcile: %s", p)
         return report

@@ -225,13 +225,17 @@ class TenantSlices:
             log.warning("template drop-in for %s: %s", problem.unit, problem.reason)
         for skipped in changes.skipped:
             log.warning("no template drop-ins for %s: %s", skipped.user, skipped.reason)
-        if changes.changed:
-            try:
-                # One daemon-reload per change set: a start job queued behind
-                # nsd-tenant@USER sees the new Slice= when it runs.
-                await bus.reload()
-            except SystemdError as e:
-                raise SystemdRequestFailed("daemon-reload", e) from e
+        try:
+            # A unit systemd has not loaded reads its drop-ins when it is first
+            # loaded; only loaded ones (say a start job queued behind
+            # nsd-tenant@USER) need a daemon-reload, which is costly for PID 1 on
+            # a busy host - so reload only then, once per change set.
+            for unit in (*changes.written, *changes.removed):
+                if await bus.is_loaded(unit):
+                    await bus.reload()
+                    break
+        except SystemdError as e:
+            raise SystemdRequestFailed("daemon-reload", e) from e
         return changes
 
     async def stop_ensure_unit(self, user: str) -> None:

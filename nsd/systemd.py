@@ -873,6 +873,16 @@ class Systemd:
         (units,) = await self._call("ListUnitsByPatterns", "asas", [list(states), list(patterns)])
         return [UnitState(str(u[0]), str(u[3]), str(u[4])) for u in units]
 
+    async def is_loaded(self, name: str) -> bool:
+        """Whether systemd has the unit loaded now (GetUnit, which never loads it)."""
+        try:
+            await self._call("GetUnit", "s", [name])
+        except SystemdError as e:
+            if e.dbus_name == "org.freedesktop.systemd1.NoSuchUnit":
+                return False
+            raise
+        return True
+
     async def unit_for_pid(self, pid: int) -> str | None:
         """The unit a process belongs to (GetUnitByPID), or None if none."""
         try:
