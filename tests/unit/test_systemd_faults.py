@@ -680,3 +680,70 @@ async def test_job_removed_from_anyone_but_systemd_is_ignored(
             await pending
     finally:
         rogue.disconnect()
+
+
+# -- the same faults, as nsd's API reports them -------------------------------------
+
+
+def _slices(adapter: sd.Systemd) -> Any:
+    from nsd import config
+    from nsd.slices import TenantSlices
+
+    cfg = config.from_mapping({"systemd": {"call_timeout": FAST}})
+    return TenantSlices(cfg, adapter, "")
+
+
+def _record() -> Any:
+    from ipaddress import IPv4Address, IPv6Network
+
+    from nsd.model import TenantRecord, TenantState
+
+    v4, v6 = IPv4Address("100.64.0.2"), IPv6Network("fd00:1:2:1::/64")
+    return TenantRecord(1001, "alice", TenantState.READY, "alice", "nsd1001", v4, v6, False, 0)
+
+
+def _as_varlink(e: Exception) -> tuple[str, dict[str, Any]]:
+    from nsd.api import _varlink_error
+    from nsd.errors import NsdError
+
+    assert isinstance(e, NsdError)
+    err = _varlink_error("io.nsd.Tenant", e)
+    return err.name, err.parameters
+
+
+@pytest.mark.parametrize("fault", ["error", "job-failed", "delay", "vanish"])
+async def test_faults_become_named_api_errors_and_nothing_is_left(
+    adapter: sd.Systemd, fake: FakeSystemd, sleeper: tuple[int, int], fault: str
+) -> None:
+    from nsd.errors import NsdError
+
+    if fault == "error":
+        fake.behaviour.start_error = ("org.freedesktop.systemd1.UnitExists", "Unit exists.")
+    elif fault == "job-failed":
+        fake.behaviour.job_result = "failed"
+    elif fault == "delay":
+        fake.behaviour.delay = 30.0
+    else:
+        fake.behaviour.vanish = "call"
+    pid, _ = sleeper
+    slices = _slices(adapter)
+    with quick(), pytest.raises(NsdError) as info:
+        await slices.place(_record(), pid, lambda: os.pidfd_open(pid))
+    name, params = _as_varlink(info.value)
+    if fault == "vanish":
+        assert name == "io.nsd.Tenant.SystemdUnavailable" and params["reason"]
+    else:
+        assert name == "io.nsd.Tenant.SystemdRequestFailed"
+        assert params["unit"].startswith("nsd-enter-1001-") and params["message"]
+    if fault == "error":
+        assert params["dbusError"] == "org.freedesktop.systemd1.UnitExists"
+    if fault == "job-failed":
+        assert "result 'failed'" in params["message"]
+    # The daemon keeps serving: once systemd behaves again, placement works.
+    fake.behaviour = Behaviour()
+    back = await FakeSystemd(fake.address).start() if fault == "vanish" else None
+    try:
+        await eventually_ok(adapter)
+    finally:
+        if back is not None:
+            back.vanish()
