@@ -9,18 +9,24 @@ the method, the tenant and the result: the audit trail in the journal.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor
 from . import limits as limits_mod
 from .errors import NoSuchTenant, NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
+from .sampler import Snapshot, UsageUnavailable, audit_reply, usage_reply
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
+
+if TYPE_CHECKING:
+    from .metrics import MetricsService
 
 audit = logging.getLogger("nsd.audit")
 
@@ -68,11 +74,13 @@ class Api:
         admin_gid: int | None,
         routes: Callable[[], Awaitable[list[Any]]],
         degraded: list[str],
+        metrics: MetricsService | None = None,
     ) -> None:
         self.manager = manager
         self.admin_gid = admin_gid
         self._routes = routes
         self._degraded = degraded
+        self._metrics = metrics
 
     # -- authorization -----------------------------------------------------------
 
@@ -111,6 +119,9 @@ class Api:
                 "SetLimits": self._wrap(TENANT_INTERFACE, self.set_limits, mutating=True),
                 "Run": self._wrap(TENANT_INTERFACE, self.run, mutating=True),
                 "Watch": self.watch,
+                # Plain call or, with "more", a stream: the handler returns either.
+                "GetUsage": cast(Handler, self.get_usage),
+                "Audit": self._wrap(TENANT_INTERFACE, self.audit_processes),
             },
             DAEMON_INTERFACE: {
                 "Doctor": self._wrap(DAEMON_INTERFACE, self.doctor),
@@ -262,6 +273,69 @@ class Api:
                 self._audit(call, e.name)
             raise _varlink_error(TENANT_INTERFACE, e) from None
 
+    # -- usage and audit: the metrics sampler's last snapshot ----------------------
+
+    def _usage_uid(self, call: Call) -> int | None:
+        """None (every tenant: admins only) or the UID of the one tenant asked about."""
+        name = call.parameters.get("name")
+        if name is None:
+            self._require_admin(call)
+            return None
+        self._require_self_or_admin(call, name)
+        rec = self.manager.store.get_by_name(name)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return rec.uid
+
+    async def _snapshot(self, after: int = 0) -> Snapshot:
+        if self._metrics is None:
+            raise UsageUnavailable("metrics sampling is not running")
+        sampler = self._metrics.sampler
+        if sampler.snapshot is not None and sampler.snapshot.generation > after:
+            return sampler.snapshot
+        if after == 0:
+            # Only right after start: wait for the first sample, but not forever.
+            try:
+                return await asyncio.wait_for(sampler.next_snapshot(0), 30)
+            except TimeoutError:
+                raise UsageUnavailable("no sample yet") from None
+        return await sampler.next_snapshot(after)
+
+    def get_usage(self, call: Call) -> Any:
+        return self._usage_stream(call) if call.more else self._usage_once(call)
+
+    async def _usage_once(self, call: Call) -> dict[str, Any]:
+        try:
+            return usage_reply(await self._snapshot(), self._usage_uid(call))
+        except NsdError as e:
+            if isinstance(e, PermissionDenied):
+                self._audit(call, e.name)
+            raise _varlink_error(TENANT_INTERFACE, e) from None
+
+    async def _usage_stream(self, call: Call) -> AsyncIterator[Reply]:
+        try:
+            uid = self._usage_uid(call)
+            snap = await self._snapshot()
+            while True:
+                yield Reply(usage_reply(snap, uid), continues=True)
+                snap = await self._snapshot(snap.generation)
+        except NsdError as e:
+            if isinstance(e, PermissionDenied):
+                self._audit(call, e.name)
+            raise _varlink_error(TENANT_INTERFACE, e) from None
+
+    async def audit_processes(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        uid = None
+        name = call.parameters.get("name")
+        if name is not None:
+            rec = self.manager.store.get_by_name(name)
+            if rec is None:
+                raise NoSuchTenant(name)
+            uid = rec.uid
+        snap = await self._snapshot()
+        return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
+
     # -- io.nsd.Daemon -----------------------------------------------------------
 
     async def doctor(self, call: Call) -> dict[str, Any]:
@@ -275,7 +349,12 @@ class Api:
 
     async def reconcile(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
+        started = time.perf_counter()
         report = await self.manager.reconcile()
+        if self._metrics is not None:
+            self._metrics.daemon.on_reconcile(
+                time.perf_counter() - started, report.actions, len(report.problems)
+            )
         return {
             "actions": [
                 {"kind": a.kind, "tenant": a.tenant, "detail": a.detail} for a in report.actions

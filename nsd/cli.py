@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from . import topview
 from .varlink.client import VarlinkClient, VarlinkError
 
 DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
@@ -42,6 +43,7 @@ _MESSAGES: dict[str, str] = {
     "SystemdUnavailable": "systemd is unavailable: {reason}",
     "SystemdRequestFailed": "systemd could not handle {unit}: {message}",
     "WatcherTooSlow": "the watch fell behind and was dropped; run it again",
+    "UsageUnavailable": "no usage data: {reason}",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
     "InvalidParameter": "invalid parameter {parameter}",
     "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",
@@ -216,6 +218,30 @@ class Cli:
 
         self.out(r, human)
 
+    def cmd_top(self) -> None:
+        a = self.args
+        params = {"name": a.user} if a.user else {}
+        if not a.watch:
+            r = self.call(T + "GetUsage", **params)
+            self.out(r, lambda: print(topview.format_top(r, a.sort)))
+            return
+        clear = sys.stdout.isatty() and not self.json
+        with self.client() as c:
+            for r in c.call_more(T + "GetUsage", params):
+                if self.json:
+                    print(json.dumps(r, sort_keys=True), flush=True)
+                    continue
+                # Home and clear on a terminal; blank-line separated blocks in a pipe.
+                print(("\x1b[H\x1b[2J" if clear else "\n") + topview.format_top(r, a.sort),
+                      flush=True)  # fmt: skip
+
+    def cmd_audit(self) -> None:
+        a = self.args
+        r = self.call(T + "Audit", name=a.user, helpers=a.helpers or None)
+        self.out(r, lambda: print(topview.format_audit(r)))
+        if r["processes"] and any(p["reason"] != "helper" for p in r["processes"]):
+            raise SystemExit(1)  # flagged processes: non-zero, for scripts and cron
+
     def cmd_watch(self) -> None:
         with self.client() as c:
             for reply in c.call_more(
@@ -296,6 +322,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check host prerequisites")
     sub.add_parser("reconcile", help="repair differences between the store and the host")
     sub.add_parser("status", help="show the daemon's status")
+    top = sub.add_parser("top", help="per-tenant memory, helpers and OOM kills, by memory")
+    top.add_argument("user", nargs="?")
+    top.add_argument("--sort", choices=sorted(topview.SORTS), default="memory")
+    top.add_argument("--watch", action="store_true", help="redraw after every sample")
+    audit = sub.add_parser("audit", help="tenant processes outside their slice or namespace")
+    audit.add_argument("user", nargs="?")
+    audit.add_argument("--helpers", action="store_true",
+                       help="also list helper processes (sd-pam, su, sudo, ...)")  # fmt: skip
     w = sub.add_parser("watch", help="stream tenant events")
     w.add_argument("user", nargs="?")
     return p

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
+from .metrics import DEFAULT_LISTEN, parse_listen
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
+from .procscan import COMM_LEN, DEFAULT_HELPERS
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
@@ -120,6 +122,13 @@ class ExecConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = DEFAULT_LISTEN
+    interval: float = 15.0
+    helpers: tuple[str, ...] = DEFAULT_HELPERS
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
@@ -127,6 +136,7 @@ class Config:
     ipam: IpamConfig = field(default_factory=IpamConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
     source: str = "<defaults>"
 
@@ -173,6 +183,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ipam": IpamConfig,
     "exec": ExecConfig,
     "systemd": SystemdConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -294,7 +305,20 @@ def _rlimits(source: str, key: str, value: Any) -> Mapping[str, ResourceLimit]:
     return out
 
 
-_SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits})
+def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, 'must be a list of process names, e.g. ["(sd-pam)", "su"]')
+    for name in value:
+        if not name or len(name.encode()) > COMM_LEN or "/" in name or "\n" in name:
+            raise ConfigError(
+                source, key,
+                f"{name!r} is not a process name as /proc/PID/comm shows it (1-15 bytes, no '/')",
+            )  # fmt: skip
+    return tuple(dict.fromkeys(value))
+
+
+_SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
+                 "metrics.helpers": _helpers})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +331,7 @@ def validate(cfg: Config) -> Config:
     _check_tenants(cfg.source, cfg.tenants)
     _check_netns(cfg.source, cfg.netns)
     _check_ipam(cfg.source, cfg)
+    _check_metrics(cfg.source, cfg.metrics)
     return cfg
 
 
@@ -331,6 +356,15 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def _check_metrics(src: str, m: MetricsConfig) -> None:
+    try:
+        parse_listen(m.listen)
+    except ValueError as e:
+        raise ConfigError(src, "metrics.listen", str(e)) from None
+    if not 1.0 <= m.interval <= 3600.0:
+        raise ConfigError(src, "metrics.interval", "must be between 1 and 3600 seconds")
 
 
 def _check_systemd(src: str, s: SystemdConfig) -> None:

@@ -21,14 +21,18 @@ import signal
 import socket
 import stat
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, config, doctor, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
+from .cgroupstats import detect_root, slice_cgroup_path
 from .ipam import Ipam
 from .manager import TenantManager
+from .metrics import MetricsService
 from .netns import NetnsAdapter
+from .sampler import manager_targets
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -74,14 +78,31 @@ class Daemon:
             await net.start()
             stack.push_async_callback(net.close)
             manager, degraded = await self._prepare(store, net, stack)
+            metrics = MetricsService(
+                lambda: manager_targets(manager),
+                interval=cfg.metrics.interval,
+                listen=cfg.metrics.listen,
+                helpers=cfg.metrics.helpers,
+                cgroup_root=detect_root(),
+                probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
+            )
 
             sd.notify("STATUS=Reconciling tenants")
+            started = time.perf_counter()
             report = await manager.reconcile(progress=_reconcile_progress)
+            metrics.daemon.on_reconcile(
+                time.perf_counter() - started, report.actions, len(report.problems)
+            )
             log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
                      store.count(), len(report.actions), len(report.problems))  # fmt: skip
-            server = self._server(manager, net, degraded)
+            server = self._server(manager, net, degraded, metrics)
             await server.start(listener)
             stack.push_async_callback(server.close, 1.0)
+            # After the reconcile, so the first sample sees every namespace mounted.
+            await metrics.start()
+            stack.push_async_callback(metrics.close)
+            if metrics.listen_error:
+                degraded.append(metrics.listen_error)
             sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
             log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
                      store.count())  # fmt: skip
@@ -161,17 +182,22 @@ class Daemon:
                  len(report.actions), len(report.problems))  # fmt: skip
 
     def _server(
-        self, manager: TenantManager, net: NetnsAdapter, degraded: list[str]
+        self,
+        manager: TenantManager,
+        net: NetnsAdapter,
+        degraded: list[str],
+        metrics: MetricsService,
     ) -> VarlinkServer:
         cfg = self.cfg
         admin_gid = grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
-        api = Api(manager, admin_gid, net.host_routes, degraded)
+        api = Api(manager, admin_gid, net.host_routes, degraded, metrics)
         server = VarlinkServer(
             vendor="nsd",
             product="nsd",
             version=__version__,
             url="https://github.com/nsd/nsd",
             internal_error_name="io.nsd.Daemon.InternalError",
+            on_call_done=metrics.daemon.on_call_done,
             limits=Limits(
                 max_message_bytes=cfg.daemon.max_message_bytes,
                 max_connections=cfg.daemon.max_connections,
