@@ -6,6 +6,7 @@ tenant services needed them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,19 @@ def test_nsd_exec_after_reboot() -> None:
     out = run(NSD_EXEC, "alice", "--", "/usr/bin/python3", "-c",
               "import os; print(os.stat('/proc/self/ns/net').st_ino)").stdout  # fmt: skip
     assert int(out) == inode(NETNS_DIR / "alice")
+
+
+@pytest.mark.phase2
+def test_template_service_at_boot_has_its_slice_limits() -> None:
+    """Enabled in phase 1: at boot it starts in tenant-<uid>.slice, whose limits
+    (persistent drop-ins set through nsd in phase 1) are in force."""
+    from tests.e2e.test_50_slices import BOOT_LIMITS, slice_dir
+
+    unit = "tenant-app@web-shop.service"
+    assert is_active(unit) == "active"
+    pid = int(show(unit, "MainPID")["MainPID"])
+    cg = Path(f"/proc/{pid}/cgroup").read_text().strip().split(":", 2)[2]
+    assert cg == f"/tenant.slice/tenant-{uid_of('web-shop')}.slice/{unit}"
+    assert netns_inode_of(pid) == os.stat("/run/netns/web-shop").st_ino
+    d = slice_dir("web-shop")
+    assert {f: (d / f).read_text().strip() for f in BOOT_LIMITS} == BOOT_LIMITS
