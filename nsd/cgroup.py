@@ -12,11 +12,6 @@ import os
 CGROUP_ROOTS = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
 
-def unit_path(parent_slice: str, slice_name: str) -> str:
-    """The cgroup path of a slice nested in ``parent_slice`` (both top-level names)."""
-    return f"/{parent_slice}/{slice_name}"
-
-
 def pids_in(path: str, roots: tuple[str, ...] = CGROUP_ROOTS) -> list[int]:
     """PIDs in the cgroup at ``path`` and below, from the first hierarchy that has it."""
     for root in roots:

@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from . import cgroup, names, procs, users
 from . import limits as limits_mod
+from .cgroupstats import slice_cgroup_path
 from .config import Config
 from .errors import (
     InvalidTenantName,
@@ -436,8 +437,7 @@ class TenantManager:
             raise TenantBusy(rec.name, len(left))
 
     def _slice_path(self, uid: int) -> str:
-        parent = self.cfg.systemd.parent_slice
-        return cgroup.unit_path(parent, self.slices.slice_of(uid))
+        return slice_cgroup_path(self.slices.slice_of(uid))
 
     async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
         if self.slices.available:
