@@ -124,13 +124,7 @@ class TenantManager:
         )
 
     def get(self, name: str) -> TenantView:
-        reason = names.check_user_name(name)
-        if reason is not None:
-            raise InvalidTenantName(name, reason)
-        rec = self.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return self.view(rec)
+        return self.view(self._existing(name))
 
     async def list(self) -> list[TenantView]:
         records = self.store.all()
@@ -390,16 +384,13 @@ class TenantManager:
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
 
     async def remove(self, name: str, force: bool) -> None:
-        reason = names.check_user_name(name)
-        if reason is not None:
-            raise InvalidTenantName(name, reason)
-        rec = self.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        async with self._operation(rec.uid, name):
-            rec = self.store.get(rec.uid)
-            if rec is None or rec.name != name:
+        uid = self._existing(name).uid
+        async with self._operation(uid, name):
+            # Again under the lock: a queued operation may have changed it.
+            current = self.store.get(uid)
+            if current is None or current.name != name:
                 raise NoSuchTenant(name)
+            rec = current
             self._removing.add(rec.uid)
             try:
                 await self._stop_processes(rec, force)
