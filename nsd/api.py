@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__, doctor
+from . import __version__, doctor, netpolicy
 from . import limits as limits_mod
 from .errors import NoSuchTenant, NsdError, PermissionDenied
 from .manager import TenantManager
@@ -118,6 +118,8 @@ class Api:
                 "GetLimits": self._wrap(TENANT_INTERFACE, self.get_limits),
                 "SetLimits": self._wrap(TENANT_INTERFACE, self.set_limits, mutating=True),
                 "Run": self._wrap(TENANT_INTERFACE, self.run, mutating=True),
+                "GetNetwork": self._wrap(TENANT_INTERFACE, self.get_network),
+                "SetBandwidth": self._wrap(TENANT_INTERFACE, self.set_bandwidth, mutating=True),
                 "Watch": self.watch,
                 # Plain call or, with "more", a stream: the handler returns either.
                 "GetUsage": cast(Handler, self.get_usage),
@@ -242,6 +244,33 @@ class Api:
             changes[field] = None
         effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
         return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+
+    async def get_network(self, call: Call) -> dict[str, Any]:
+        name = call.parameters["name"]
+        self._require_self_or_admin(call, name)
+        return {"network": await self.manager.get_network(name)}
+
+    async def set_bandwidth(self, call: Call) -> dict[str, Any]:
+        self._require_admin(call)
+        p = call.parameters
+
+        def rate(field: str) -> int | None:
+            value = p.get(field)
+            if value is None:
+                return None
+            try:
+                return netpolicy.parse_rate(value, field) or 0  # 0: explicitly unlimited
+            except netpolicy.NetworkConfigError as e:
+                raise limits_mod.InvalidLimit(field, str(value), e.reason) from e
+
+        reset = p.get("reset") or []
+        for r in reset:
+            if r not in ("egress", "ingress"):
+                raise limits_mod.InvalidLimit("reset", r, 'must be "egress" or "ingress"')
+        network = await self.manager.set_bandwidth(
+            p["name"], rate("egressRate"), rate("ingressRate"), reset
+        )
+        return {"network": network}
 
     async def run(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]

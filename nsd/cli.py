@@ -186,6 +186,47 @@ class Cli:
         if wait and r.get("exitStatus"):
             raise SystemExit(int(r["exitStatus"]))
 
+    def cmd_net(self) -> None:
+        a = self.args
+        if a.egress or a.ingress or a.reset:
+            r = self.call(T + "SetBandwidth", name=a.user, egressRate=a.egress,
+                          ingressRate=a.ingress, reset=a.reset or None)["network"]  # fmt: skip
+        else:
+            r = self.call(T + "GetNetwork", name=a.user)["network"]
+        t = self.call(T + "Get", name=a.user)["tenant"]
+
+        def rate(value: int | None, override: int | None) -> str:
+            text = "unlimited" if not value else f"{value / 1e6:g} Mbit/s"
+            return f"{text} ({'tenant' if override is not None else 'default'})"
+
+        def human() -> None:
+            if not r["enabled"]:
+                print("network policy: off (network.enabled = false)")
+            services = "; ".join(
+                f"{s['name']} {s['address']} -> {s['host']} ({' '.join(s['protocols'])})"
+                for s in r["services"]
+            )
+            pairs = [
+                ("Addresses", f"{t['ipv4Address']} {t['ipv6Address']} ({t['ipv6Prefix']})"),
+                ("Gateways", f"{t['ipv4Gateway']} {t['ipv6Gateway']}"),
+                ("Routes", "; ".join(r["routes"]) or "-"),
+                ("Egress", f"{r['egress']} via {', '.join(r['uplinks']) or '-'}"),
+                ("Isolation", f"{'on' if r['isolation'] else 'off'}; may connect to: "
+                              f"{', '.join(r['allowedTo']) or '-'}; reachable from: "
+                              f"{', '.join(r['allowedFrom']) or '-'}"),
+                ("Connections", f"{r['connections']} (limit {r['conntrackLimit'] or 'none'})"),
+                ("Services", services or "-"),
+                ("Upload", rate(r["egressRate"], r["egressOverride"])),
+                ("Download", rate(r["ingressRate"], r["ingressOverride"])),
+            ]  # fmt: skip
+            width = max(len(k) for k, _ in pairs)
+            for k, v in pairs:
+                print(f"{k:>{width}}: {v}")
+            for p in r["problems"]:
+                print(f"{'Problem':>{width}}: {p}")
+
+        self.out(r, human)
+
     def cmd_doctor(self) -> None:
         checks = self.call(D + "Doctor")["checks"]
         mark = {"ok": "ok", "warning": "WARN", "error": "FAIL"}
@@ -319,6 +360,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", action="store_true", help="wait and exit with its status")
     run.add_argument("user")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    net = sub.add_parser("net", help="show a tenant's network (routes, policy, limits) "
+                         "or set its bandwidth")  # fmt: skip
+    net.add_argument("user")
+    net.add_argument("--egress", metavar="RATE", help="upload limit, e.g. 10M; 0 = unlimited")
+    net.add_argument("--ingress", metavar="RATE", help="download limit, e.g. 100M")
+    net.add_argument("--reset", action="append", choices=["egress", "ingress"],
+                     help="return a limit to the configured default")  # fmt: skip
     sub.add_parser("doctor", help="check host prerequisites")
     sub.add_parser("reconcile", help="repair differences between the store and the host")
     sub.add_parser("status", help="show the daemon's status")

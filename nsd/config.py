@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
+from . import netpolicy
 from .metrics import DEFAULT_LISTEN, parse_listen
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
@@ -138,6 +139,7 @@ class Config:
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
+    network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
     source: str = "<defaults>"
 
 
@@ -169,6 +171,12 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
             raise ConfigError(source, name, f"unknown section (known: {', '.join(known)})")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table")
+        if name == "network":
+            try:
+                sections[name] = netpolicy.config_from_mapping(value)
+            except netpolicy.NetworkConfigError as e:
+                raise ConfigError(source, f"network.{e.key}", e.reason) from e
+            continue
         sections[name] = (
             _limits(source, value) if name == "limits" else _section(source, name, value)
         )

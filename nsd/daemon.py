@@ -25,13 +25,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__, config, doctor, sd
+from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .cgroupstats import detect_root, slice_cgroup_path
+from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
-from .netns import NetnsAdapter
+from .netns import NetnsAdapter, NetnsError
 from .sampler import manager_targets
 from .slices import TenantSlices
 from .store import Store, StoreError
@@ -129,8 +130,16 @@ class Daemon:
         systemd, reason = await connect_systemd(cfg)
         if systemd is not None:
             stack.push_async_callback(systemd.close)
-        manager = TenantManager(cfg, store, ipam, net, TenantSlices(cfg, systemd, reason))
+        hostnet = await host_network(cfg, net, ipam)
+        manager = TenantManager(
+            cfg, store, ipam, net, slices=TenantSlices(cfg, systemd, reason), network=hostnet
+        )
         self._manager = manager
+        # Fail closed: nsd's table is loaded before reconcile brings up any veth.
+        try:
+            await manager.apply_network_host()
+        except (nft.NftError, NetnsError, OSError) as e:
+            raise StartupError(f"cannot load the nftables table inet nsd: {e}") from e
         interval = sd.watchdog_interval()
         if interval:
             # Keep a reference: the loop holds tasks only weakly.
@@ -172,6 +181,7 @@ class Daemon:
                 stop_timeout=new.tenants.stop_timeout,
             ),
             systemd=replace(old.systemd, enter_scope=new.systemd.enter_scope),
+            network=new.network,
         )
         if applied != replace(new, source=old.source):
             log.warning("reload: some changes (paths, pools, names, daemon settings) "
@@ -270,6 +280,32 @@ async def connect_systemd(cfg: config.Config) -> tuple[Systemd | None, str]:
     f = bus.features
     log.info("systemd %d on the bus; PIDFDs for scopes: %s", f.version, "yes" if f.pidfds else "no")
     return bus, ""
+
+
+async def host_network(cfg: config.Config, net: NetnsAdapter, ipam: Ipam) -> HostNetwork | None:
+    """The network policy (nftables, NAT, host services, shaping), or None if disabled."""
+    if not cfg.network.enabled:
+        return None
+    why = nft.available()
+    if why is not None:
+        raise StartupError(why + " (install nftables, or set network.enabled = false)")
+    hostnet = HostNetwork(
+        cfg.network,
+        net,
+        ipv4_gateway=ipam.ipv4_gateway,
+        ipv6_gateway=ipam.ipv6_gateway,
+        ipv4_pool=cfg.ipam.ipv4_network,
+        ipv6_pool=ipam.ipv6_base,
+        tenant_interface=cfg.netns.tenant_interface,
+        link_prefix=cfg.netns.link_prefix,
+    )
+    try:
+        await hostnet.refresh_site()
+    except netpolicy.NetworkConfigError as e:
+        raise StartupError(f"network.{e.key}: {e.reason}") from e
+    for line in await hostnet.foreign_drop_policies():
+        log.warning("%s", line)
+    return hostnet
 
 
 async def _check_pools(ipam: Ipam, net: NetnsAdapter) -> None:

@@ -22,8 +22,9 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from . import cgroup, names, procs, users
+from . import cgroup, names, netpolicy, procs, users
 from . import limits as limits_mod
 from .cgroupstats import slice_cgroup_path
 from .config import Config
@@ -43,9 +44,19 @@ from .errors import (
     WatcherTooSlow,
 )
 from .ipam import Ipam
-from .model import ReconcileReport, TenantEvent, TenantRecord, TenantState, TenantView
+from .model import (
+    ReconcileAction,
+    ReconcileReport,
+    TenantEvent,
+    TenantRecord,
+    TenantState,
+    TenantView,
+)
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
 from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
+
+if TYPE_CHECKING:
+    from .hostnet import HostNetwork
 from .store import Store, now_us
 
 log = logging.getLogger("nsd.manager")
@@ -60,13 +71,18 @@ class TenantManager:
         store: Store,
         ipam: Ipam,
         net: NetnsAdapter,
+        *,
         slices: TenantSlices | None = None,
+        network: HostNetwork | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.ipam = ipam
         self.net = net
         self.slices = slices or TenantSlices(cfg, None, "not connected")
+        # The nftables policy, NAT, host services and shaping; None when
+        # network.enabled is false.
+        self.network = network
         # Per-UID locks with a user count: a lock leaves the dict only when no
         # operation holds or awaits it (asyncio.Lock's waiter list is not a
         # reliable signal: wait_for() enqueues the acquire one loop turn later).
@@ -298,6 +314,7 @@ class TenantManager:
     ) -> tuple[str, ...]:
         try:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
+            actions = result.actions + await self._apply_tenant_network(rec)
         except NetnsError as e:
             if rollback:
                 # "exists": a namespace appeared at the path after the intent was
@@ -315,9 +332,80 @@ class TenantManager:
                 raise
         if rec.state is not TenantState.READY:
             self.store.set_state(rec.uid, TenantState.READY)
-        for action in result.actions:
+        for action in actions:
             log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
-        return result.actions
+        return actions
+
+    # -- network policy --------------------------------------------------------
+
+    def tenant_net(self, rec: TenantRecord) -> netpolicy.TenantNet:
+        egress, ingress = self.store.bandwidth_override(rec.uid)
+        bw = self.cfg.network.bandwidth.overlay(netpolicy.Bandwidth(egress, ingress)).effective()
+        return netpolicy.TenantNet(
+            rec.name, rec.uid, rec.host_ifname, rec.ipv4_address, rec.ipv6_prefix, bw
+        )
+
+    def _policy_tenants(self) -> Sequence[netpolicy.TenantNet]:
+        return [self.tenant_net(r) for r in self.store.all() if r.state is not TenantState.REMOVING]
+
+    async def apply_network_host(self) -> None:
+        """Load the host table before any tenant veth is touched (fail closed)."""
+        if self.network is None:
+            return
+        rep = await self.network.apply_host(self._policy_tenants())
+        for a in rep.actions:
+            log.info("network: %s", a)
+        for p in rep.problems:
+            log.warning("network: %s", p)
+
+    async def _apply_tenant_network(self, rec: TenantRecord) -> tuple[str, ...]:
+        if self.network is None:
+            return ()
+        # The host table must name this veth before traffic through it is allowed.
+        rep = await self.network.apply_host(self._policy_tenants())
+        rep.extend(
+            await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
+        )
+        for p in rep.problems:
+            log.warning("tenant %s: %s", rec.name, p)
+        return tuple(rep.actions)
+
+    async def _reconcile_network(self, report: ReconcileReport) -> None:
+        if self.network is None:
+            return
+        try:
+            await self.network.refresh_site()
+            rep = await self.network.apply(
+                self._policy_tenants(),
+                {r.uid: self.netns_path(r.netns_name) for r in self.store.all()},
+            )
+            report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
+            report.problems += rep.problems
+            report.problems += await self.network.foreign_drop_policies()
+        except (NsdError, NetnsError, OSError, ValueError) as e:
+            report.problems.append(f"network policy: {e}")
+
+    async def get_network(self, name: str) -> dict[str, Any]:
+        rec = self._existing(name)
+        if self.network is None:
+            return _NETWORK_OFF
+        status = await self.network.tenant_status(
+            self.tenant_net(rec), self.netns_path(rec.netns_name)
+        )
+        egress, ingress = self.store.bandwidth_override(rec.uid)
+        return {**status, "egressOverride": egress, "ingressOverride": ingress}
+
+    async def set_bandwidth(
+        self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
+    ) -> dict[str, Any]:
+        rec = self._existing(name)
+        async with self._operation(rec.uid, name):
+            old_e, old_i = self.store.bandwidth_override(rec.uid)
+            new_e = None if "egress" in reset else (egress if egress is not None else old_e)
+            new_i = None if "ingress" in reset else (ingress if ingress is not None else old_i)
+            self.store.set_bandwidth_override(rec.uid, new_e, new_i)
+            await self._apply_tenant_network(rec)
+        return await self.get_network(name)
 
     # -- limits, slices, runs --------------------------------------------------
 
@@ -439,6 +527,8 @@ class TenantManager:
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
+        if self.network is not None:
+            await self.network.apply_host(self._policy_tenants())
         return actions
 
     # -- reconcile -------------------------------------------------------------
@@ -454,6 +544,7 @@ class TenantManager:
         are never changed and nothing new is created for the new identity.
         """
         report = ReconcileReport()
+        await self._reconcile_network(report)
         records = self.store.all()
         problems = await asyncio.to_thread(
             lambda: [users.identity_problem(r.uid, r.name) for r in records]
@@ -636,6 +727,9 @@ class TenantManager:
         self.cfg = cfg
         self.slices.cfg = cfg
         report = ReconcileReport()
+        if self.network is not None:
+            self.network.cfg = cfg.network
+            await self._reconcile_network(report)
         if not self.slices.available:
             return report
         for rec in self.store.all():
@@ -684,3 +778,12 @@ def _user_for_match(m: re.Match[str]) -> users.User | None:
     if groups.get("uid"):
         return users.by_uid(int(groups["uid"]))
     return None
+
+
+# GetNetwork's answer when the daemon applies no network policy.
+_NETWORK_OFF: dict[str, Any] = {
+    "enabled": False, "uplinks": [], "egress": "none", "isolation": False, "allowedTo": [],
+    "allowedFrom": [], "conntrackLimit": None, "connections": None, "routes": [],
+    "services": [], "egressRate": None, "ingressRate": None, "egressOverride": None,
+    "ingressOverride": None, "problems": [],
+}  # fmt: skip

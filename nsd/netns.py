@@ -919,6 +919,21 @@ class _Worker:
 
     # -- remove and host queries ------------------------------------------------------
 
+    def run_in(self, path: str | None, fn: Callable[[Any], T]) -> T:
+        if path is None:
+            return fn(self.host_ipr())
+        fd = self.a.open_namespace(path)
+        try:
+            with self.entered(fd, path):
+                with _step("open", f"netlink socket in {path}"):
+                    ipr = _new_ipr()
+                try:
+                    return fn(ipr)
+                finally:
+                    ipr.close()
+        finally:
+            os.close(fd)
+
     def remove(self, ref: NetworkRef) -> tuple[str, ...]:
         actions: list[str] = []
         if ref.host_ifname is not None:
@@ -1151,6 +1166,20 @@ class NetnsAdapter:
         """Delete a host link; refuses names that are not nsd's. Missing is fine."""
         self.check_link_name(name)
         await self._call(functools.partial(self._worker.delete_link, name, []))
+
+    async def run_in_namespace(self, netns_path: str | None, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(ipr)`` on the worker thread while the thread is inside the network
+        namespace mounted at ``netns_path`` (None: the host namespace), with ``ipr`` a
+        sync pyroute2 ``IPRoute`` of that namespace (do not close or keep it).
+
+        For work that must happen inside a namespace and must not block the event loop:
+        tc through ``ipr``, libnftables (its netlink socket opens in the thread's
+        namespace), /proc/sys/net files (they show the thread's namespace). ``fn`` must
+        not switch namespaces itself; the worker always returns home afterwards.
+        """
+        if netns_path is not None:
+            self.check_path(netns_path)
+        return await self._call(functools.partial(self._worker.run_in, netns_path, fn))
 
     async def host_routes(self) -> list[IPv4Network | IPv6Network]:
         """Destinations of the host's routes in every table, without default routes and

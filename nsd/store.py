@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .model import TenantRecord, TenantState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -60,6 +60,14 @@ CREATE TABLE tenant_limits (
     field TEXT    NOT NULL,
     value TEXT    NOT NULL,
     PRIMARY KEY (uid, field)
+);
+""",
+    2: """
+-- Per-tenant bandwidth overrides in bit/s: NULL the default, 0 explicitly unlimited.
+CREATE TABLE tenant_bandwidth (
+    uid         INTEGER PRIMARY KEY REFERENCES tenants(uid) ON DELETE CASCADE,
+    egress_bps  INTEGER,
+    ingress_bps INTEGER
 );
 """,
 }
@@ -225,6 +233,23 @@ class Store:
             self._db.executemany(
                 "INSERT INTO tenant_limits (uid, field, value) VALUES (?, ?, ?)",
                 [(uid, f, v) for f, v in sorted(overrides.items())],
+            )
+
+    # -- bandwidth overrides ---------------------------------------------------
+
+    def bandwidth_override(self, uid: int) -> tuple[int | None, int | None]:
+        """(egress, ingress) in bit/s: None the default, 0 explicitly unlimited."""
+        row = self._db.execute(
+            "SELECT egress_bps, ingress_bps FROM tenant_bandwidth WHERE uid = ?", (uid,)
+        ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    def set_bandwidth_override(self, uid: int, egress: int | None, ingress: int | None) -> None:
+        with _transaction(self._db):
+            self._db.execute(
+                "INSERT OR REPLACE INTO tenant_bandwidth (uid, egress_bps, ingress_bps) "
+                "VALUES (?, ?, ?)",
+                (uid, egress, ingress),
             )
 
     # -- leases ----------------------------------------------------------------

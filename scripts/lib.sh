@@ -12,7 +12,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 # is), venv support, and the tools the tests use to inspect from outside.
 ensure_packages() {
     local wanted=(python3 python3-venv iproute2 util-linux passwd procps iputils-ping strace
-                  systemd systemd-container dbus dbus-daemon libpam-systemd "$@")
+                  systemd systemd-container dbus dbus-daemon libpam-systemd nftables "$@")
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

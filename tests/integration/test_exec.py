@@ -353,8 +353,16 @@ def proc_limit(pid: int, title: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def open_fds(pid: int) -> list[int]:
-    return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+def open_fds(pid: int, expected: list[int] | None = None) -> list[int]:
+    """The workload's descriptors. Right after exec, /bin/sleep's own start-up
+    (setlocale opening the locale archive) may hold one for a moment; with
+    ``expected``, wait up to a second for that to pass."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+        if expected is None or fds == expected or time.monotonic() > deadline:
+            return fds
+        time.sleep(0.02)
 
 
 # --- the running workload ------------------------------------------------------------
@@ -409,7 +417,7 @@ def test_signals_reset(sleeper: Sleeper) -> None:
 
 
 def test_only_stdio_descriptors(sleeper: Sleeper) -> None:
-    assert open_fds(sleeper.pid) == [0, 1, 2]
+    assert open_fds(sleeper.pid, [0, 1, 2]) == [0, 1, 2]
 
 
 def test_clean_environment(sleeper: Sleeper, tenant_user: TenantUser) -> None:
@@ -490,7 +498,7 @@ def test_listen_fds_passthrough(
         finally:
             os.close(stray)
         wait_for_exec(proc, "/bin/sleep")
-        assert open_fds(proc.pid) == [0, 1, 2, 3]
+        assert open_fds(proc.pid, [0, 1, 2, 3]) == [0, 1, 2, 3]
         ino = os.fstat(listener.fileno()).st_ino
         assert os.readlink(f"/proc/{proc.pid}/fd/3") == f"socket:[{ino}]"
         env = proc_environ(proc.pid)
@@ -515,7 +523,7 @@ def test_listen_fds_for_another_pid_are_dropped(
             listen_pid="other",
         )
         wait_for_exec(proc, "/bin/sleep")
-        assert open_fds(proc.pid) == [0, 1, 2]
+        assert open_fds(proc.pid, [0, 1, 2]) == [0, 1, 2]
         assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & proc_environ(proc.pid).keys()
 
 

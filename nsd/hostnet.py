@@ -1,0 +1,391 @@
+"""Applies the network policy to the host: nftables, sysctls, tc. Async facade.
+
+``nsd.netpolicy`` derives documents and plans (pure); this module puts them in place on
+the netns worker thread (``NetnsAdapter.run_in_namespace``): libnftables (``nsd.nft``)
+and /proc/sys/net writes in the right namespace, tc through pyroute2 (``nsd.shaping``).
+
+Order, so that nothing is ever open that should not be (fail closed):
+
+1. the host table first, before any tenant veth exists (daemon start) -- its rules
+   treat every interface with nsd's link prefix as a tenant's and drop what such an
+   interface sends until the table knows it;
+2. forwarding sysctls, only for the uplinks and nsd's veths;
+3. per tenant: its namespace's table and sysctls, then the tc qdiscs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, TypeVar
+
+from . import netpolicy as npol
+from . import nft, shaping
+from .netns import NetnsAdapter, NetnsError
+
+log = logging.getLogger("nsd.network")
+
+T = TypeVar("T")
+
+RT_TABLE_MAIN = 254
+
+
+@dataclass
+class NetworkReport:
+    actions: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def extend(self, other: NetworkReport) -> None:
+        self.actions += other.actions
+        self.problems += other.problems
+
+
+@dataclass(frozen=True)
+class Check:
+    """Same shape as nsd.doctor.Check (name, severity ok/warning/error, message)."""
+
+    name: str
+    severity: str
+    message: str
+
+
+def _write_sysctls(pairs: Sequence[tuple[str, str]], where: str) -> tuple[list[str], list[str]]:
+    """Write ``pairs`` in the calling thread's namespace; (changes, problems)."""
+    changed: list[str] = []
+    problems: list[str] = []
+    for key, value in pairs:
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, encoding="ascii") as f:
+                if f.read().strip() == value:
+                    continue
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            problems.append(f"cannot set {key}={value} ({where}): {e.strerror}")
+            continue
+        changed.append(f"set {key}={value} ({where})")
+    return changed, problems
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _apply_document(document: Mapping[str, Any] | None, what: str) -> list[str]:
+    """Replace nsd's table with ``document`` (delete it for None) if the live table
+    differs; runs in the calling thread's namespace."""
+    live = nft.list_table()
+    if document is None:
+        if live is not None:
+            nft.delete_table()
+            return [f"deleted table inet nsd ({what})"]
+        return []
+    if live is not None and npol.summary(live) == npol.summary(document):
+        return []
+    nft.apply(document)
+    return [("loaded" if live is None else "replaced") + f" table inet nsd ({what})"]
+
+
+def _default_route_links(ipr: Any) -> list[str]:
+    """Interfaces of the default routes of the main table (IPv4 and IPv6)."""
+    names: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if int(r["dst_len"]) != 0 or r.get_attr("RTA_TABLE") not in (None, RT_TABLE_MAIN):
+                continue
+            oifs = [r.get_attr("RTA_OIF")]
+            multipath = r.get_attr("RTA_MULTIPATH") or []
+            oifs += [hop["oif"] for hop in multipath]
+            for oif in oifs:
+                if not oif:
+                    continue
+                for link in ipr.get_links(oif):
+                    name = link.get_attr("IFLA_IFNAME")
+                    if name and name not in names:
+                        names.append(name)
+    return names
+
+
+class HostNetwork:
+    """The network policy of one host: derive, apply, repair, report."""
+
+    def __init__(
+        self,
+        cfg: npol.NetworkConfig,
+        net: NetnsAdapter,
+        *,
+        ipv4_gateway: IPv4Address,
+        ipv6_gateway: IPv6Address,
+        ipv4_pool: IPv4Network,
+        ipv6_pool: IPv6Network,
+        tenant_interface: str = "eth0",
+        link_prefix: str = "nsd",
+        resolv_conf: str = "/etc/resolv.conf",
+    ) -> None:
+        self.cfg = cfg
+        self.net = net
+        self.resolv_conf = resolv_conf
+        self.site = npol.Site(
+            ipv4_gateway=ipv4_gateway,
+            ipv6_gateway=ipv6_gateway,
+            ipv4_pool=ipv4_pool,
+            ipv6_pool=ipv6_pool,
+            tenant_interface=tenant_interface,
+            link_prefix=link_prefix,
+            uplinks=cfg.uplinks,
+        )
+        self.forwarding_notes: tuple[str, ...] = ()
+
+    # -- host facts ----------------------------------------------------------------------
+
+    async def refresh_site(self) -> npol.Site:
+        """Re-read what the policy depends on: uplinks (configured, or the interfaces of
+        the default routes) and the host's loopback resolvers."""
+        uplinks = self.cfg.uplinks
+        if not uplinks:
+            found = await self.net.run_in_namespace(None, _default_route_links)
+            uplinks = tuple(n for n in found if not n.startswith(self.site.link_prefix))
+        resolvers: tuple[IPv4Address, ...] = ()
+        if self.cfg.dns == "auto":
+            try:
+                with open(self.resolv_conf, encoding="utf-8", errors="replace") as f:
+                    resolvers = npol.loopback_resolvers(f.read())
+            except OSError as e:
+                log.warning("cannot read %s: %s", self.resolv_conf, e.strerror)
+        self.site = replace(self.site, uplinks=uplinks, loopback_resolvers=resolvers)
+        npol.check_config(self.cfg, self.site)
+        return self.site
+
+    def _in(self, path: str | None, fn: Callable[[Any], T]) -> Awaitable[T]:
+        return self.net.run_in_namespace(path, fn)
+
+    # -- applying ------------------------------------------------------------------------
+
+    async def apply_host(self, tenants: Sequence[npol.TenantNet]) -> NetworkReport:
+        """The host table and the forwarding sysctls. Raises nft.NftError if the table
+        cannot be loaded (the caller fails closed: no tenant veth comes up)."""
+        report = NetworkReport()
+        if not self.cfg.enabled:
+            report.actions += await self._in(None, lambda _i: _apply_document(None, "host"))
+            return report
+        document = npol.host_document(self.cfg, self.site, tenants)
+        report.actions += await self._in(None, lambda _i: _apply_document(document, "host"))
+        report.extend(await self._in(None, lambda ipr: self._forwarding(ipr, tenants)))
+        return report
+
+    def _forwarding(self, ipr: Any, tenants: Sequence[npol.TenantNet]) -> NetworkReport:
+        report = NetworkReport()
+        force = os.path.exists("/proc/sys/net/ipv6/conf/all/force_forwarding")
+        accept_ra = {}
+        for up in self.site.uplinks:
+            value = _read(f"/proc/sys/net/ipv6/conf/{up}/accept_ra")
+            if value is None:
+                report.problems.append(f"uplink {up} does not exist")
+            else:
+                accept_ra[up] = int(value)
+        present = {t.host_ifname for t in tenants if ipr.link_lookup(ifname=t.host_ifname)}
+        plan = npol.forwarding_plan(
+            replace(self.site, uplinks=tuple(accept_ra)),
+            [t.host_ifname for t in tenants if t.host_ifname in present],
+            force_forwarding=force,
+            accept_ra=accept_ra,
+        )
+        self.forwarding_notes = plan.notes
+        changed, problems = _write_sysctls(plan.sysctls, "host")
+        report.actions += changed
+        report.problems += problems
+        return report
+
+    async def apply_tenant(self, tenant: npol.TenantNet, netns_path: str) -> NetworkReport:
+        """One tenant's namespace table, sysctls and qdiscs, and its host-side sysctls
+        and qdisc. Call after its veth exists and after ``apply_host`` knows it."""
+        report = NetworkReport()
+        cfg, site = self.cfg, self.site
+        enabled = cfg.enabled
+        document = npol.tenant_document(cfg, site, tenant) if enabled else None
+        plan = npol.shaping_plan(site, tenant)
+        tenant_sysctls = npol.tenant_sysctls(cfg, site) if enabled else ()
+        host_sysctls = npol.host_interface_sysctls(cfg, site, tenant) if enabled else ()
+
+        def inside(ipr: Any) -> NetworkReport:
+            r = NetworkReport()
+            changed, problems = _write_sysctls(tenant_sysctls, tenant.name)
+            r.actions += changed
+            r.problems += problems
+            r.actions += _apply_document(document, tenant.name)
+            r.actions += shaping.ensure(
+                ipr, plan.tenant_ifname, plan.egress_bps if enabled else None, default_limited=True
+            )
+            return r
+
+        def host_side(ipr: Any) -> NetworkReport:
+            r = NetworkReport()
+            changed, problems = _write_sysctls(host_sysctls, "host")
+            r.actions += changed
+            r.problems += problems
+            r.actions += shaping.ensure(
+                ipr, plan.host_ifname, plan.ingress_bps if enabled else None, default_limited=False
+            )
+            return r
+
+        for path, fn in ((netns_path, inside), (None, host_side)):
+            try:
+                report.extend(await self._in(path, fn))
+            except (nft.NftError, shaping.ShapingError, NetnsError) as e:
+                report.problems.append(f"tenant {tenant.name}: {e}")
+        return report
+
+    async def apply(
+        self, tenants: Sequence[npol.TenantNet], netns_paths: Mapping[int, str]
+    ) -> NetworkReport:
+        """Everything: host table, forwarding, every tenant (reconcile)."""
+        report = await self.apply_host(tenants)
+        for t in tenants:
+            path = netns_paths.get(t.uid)
+            if path is not None and self.net.namespace_inode(path) is not None:
+                report.extend(await self.apply_tenant(t, path))
+        return report
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def tenant_status(self, tenant: npol.TenantNet, netns_path: str) -> dict[str, Any]:
+        """What ``nsctl net USER`` shows; API field names (lowerCamelCase)."""
+        cfg, site = self.cfg, self.site
+        services = npol.resolve_services(cfg, site)
+        snat4, snat6 = cfg.snat.get(tenant.name, (None, None))
+        problems: list[str] = []
+
+        def inside(ipr: Any) -> dict[str, Any]:
+            routes = []
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+                    dst = r.get_attr("RTA_DST")
+                    routes.append(
+                        (f"{dst}/{r['dst_len']}" if dst else "default")
+                        + (f" via {r.get_attr('RTA_GATEWAY')}" if r.get_attr("RTA_GATEWAY") else "")
+                    )
+            count = _read("/proc/sys/net/netfilter/nf_conntrack_count")
+            return {
+                "routes": routes,
+                "shaping": shaping.state(ipr, site.tenant_interface),
+                "connections": int(count) if count is not None else None,
+                "table": nft.list_table() is not None,
+            }
+
+        def host_side(ipr: Any) -> shaping.ShapingState:
+            return shaping.state(ipr, tenant.host_ifname)
+
+        try:
+            inner = await self._in(netns_path, inside)
+            host_shaping = await self._in(None, host_side)
+        except (NetnsError, nft.NftError, shaping.ShapingError) as e:
+            problems.append(str(e))
+            inner = {"routes": [], "shaping": None, "connections": None, "table": False}
+            host_shaping = None
+        allowed_to = sorted(dst for src, dst in cfg.allow if src == tenant.name)
+        allowed_from = sorted(src for src, dst in cfg.allow if dst == tenant.name)
+        if cfg.egress == "none" or not cfg.enabled:
+            egress = "none"
+        elif snat4 is not None or snat6 is not None:
+            egress = "snat " + " ".join(str(a) for a in (snat4, snat6) if a is not None)
+        else:
+            egress = "masquerade"
+        live_up = inner["shaping"].rate_bps if inner["shaping"] else None
+        live_down = host_shaping.rate_bps if host_shaping else None
+        if tenant.bandwidth.egress_bps != live_up:
+            problems.append("upload limit not in effect (reconcile repairs it)")
+        if tenant.bandwidth.ingress_bps != live_down:
+            problems.append("download limit not in effect (reconcile repairs it)")
+        return {
+            "enabled": cfg.enabled,
+            "uplinks": list(site.uplinks),
+            "egress": egress,
+            "isolation": cfg.isolation,
+            "allowedTo": allowed_to,
+            "allowedFrom": allowed_from,
+            "conntrackLimit": cfg.conntrack_limit or None,
+            "connections": inner["connections"],
+            "routes": inner["routes"],
+            "services": [
+                {
+                    "name": s.name,
+                    "address": f"{s.tenant}:{s.tenant_port}",
+                    "host": f"{s.host}:{s.host_port}",
+                    "protocols": list(s.protocols),
+                }
+                for s in services
+            ],
+            "egressRate": tenant.bandwidth.egress_bps,
+            "ingressRate": tenant.bandwidth.ingress_bps,
+            "problems": problems,
+        }
+
+    async def checks(self) -> list[Check]:
+        """For ``nsctl doctor``: libnftables, nsd's table, forwarding, drop policies of
+        other tables in the forward and input hooks."""
+        out: list[Check] = []
+        reason = nft.available()
+        if reason is not None:
+            return [Check("nftables", "error", reason)]
+        if not self.cfg.enabled:
+            return [Check("nftables", "ok", "network policy disabled (network.enabled)")]
+
+        def probe(_ipr: Any) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
+            return nft.list_table(), nft.list_ruleset(), _read("/proc/net/ip_tables_names")
+
+        table, ruleset, legacy = await self._in(None, probe)
+        if table is None:
+            out.append(Check("nftables", "error", "table inet nsd is missing (reconcile loads it)"))
+        else:
+            out.append(Check("nftables", "ok", "table inet nsd is loaded"))
+        drops = npol.forward_drop_policies(ruleset)
+        for line in drops:
+            out.append(Check("foreign-drop-policy", "warning", line))
+        if legacy:
+            out.append(
+                Check(
+                    "iptables-legacy",
+                    "warning",
+                    f"legacy iptables tables are in use ({legacy.replace(chr(10), ' ')}):"
+                    " nsd cannot see whether they drop tenant traffic",
+                )
+            )
+        if not self.site.uplinks:
+            out.append(
+                Check(
+                    "uplinks",
+                    "warning",
+                    "no uplink (network.uplinks empty and no default route): "
+                    "tenants have no internet access",
+                )
+            )
+        else:
+            out.append(Check("uplinks", "ok", "egress through " + ", ".join(self.site.uplinks)))
+        force = os.path.exists("/proc/sys/net/ipv6/conf/all/force_forwarding")
+        out.append(
+            Check(
+                "forwarding",
+                "ok" if force else "warning",
+                "IPv4 forwarding per interface, IPv6 by force_forwarding per interface"
+                if force
+                else "; ".join(self.forwarding_notes)
+                or "IPv6 forwarding needs net.ipv6.conf.all.forwarding (kernel < 6.17)",
+            )
+        )
+        return out
+
+    async def foreign_drop_policies(self) -> list[str]:
+        ruleset = await self._in(None, lambda _i: nft.list_ruleset())
+        return npol.forward_drop_policies(ruleset)

@@ -1,0 +1,335 @@
+"""Network policy derivation: configuration, nftables documents, sysctls, tc plans (no root)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+import pytest
+
+from nsd import netpolicy as npol
+
+SITE = npol.Site(
+    ipv4_gateway=IPv4Address("100.64.0.1"),
+    ipv6_gateway=IPv6Address("fe80::1"),
+    ipv4_pool=IPv4Network("100.64.0.0/16"),
+    ipv6_pool=IPv6Network("fd12:3456:789a::/48"),
+    uplinks=("eth0",),
+    loopback_resolvers=(IPv4Address("127.0.0.53"),),
+)
+
+
+def tenant(n: int, **kw: Any) -> npol.TenantNet:
+    return npol.TenantNet(
+        name=f"u{n}",
+        uid=1000 + n,
+        host_ifname=f"nsd{1000 + n}",
+        ipv4=IPv4Address("100.64.0.1") + n,
+        ipv6_prefix=IPv6Network(f"fd12:3456:789a:{n:x}::/64"),
+        **kw,
+    )
+
+
+def cfg(text: str = "") -> npol.NetworkConfig:
+    return npol.config_from_mapping(tomllib.loads(text).get("network", {}))
+
+
+def rules(doc: dict[str, Any], chain: str | None = None) -> list[dict[str, Any]]:
+    return [
+        c["add"]["rule"]
+        for c in doc["nftables"]
+        if "rule" in c.get("add", {}) and (chain is None or c["add"]["rule"]["chain"] == chain)
+    ]
+
+
+def sets(doc: dict[str, Any]) -> dict[str, list[Any]]:
+    return {
+        c["add"]["set"]["name"]: c["add"]["set"].get("elem", [])
+        for c in doc["nftables"]
+        if "set" in c.get("add", {})
+    }
+
+
+def text(obj: Any) -> str:
+    return json.dumps(obj)
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    c = cfg()
+    assert c.enabled and c.isolation and c.egress == "masquerade" and c.dns == "auto"
+    assert c.uplinks == () and c.conntrack_limit == 20000
+    assert c.bandwidth == npol.Bandwidth(None, None)
+
+
+def test_full_config() -> None:
+    c = cfg(
+        """
+        [network]
+        uplinks = ["eth0", "eth1"]
+        egress = "masquerade"
+        snat = { alice = "203.0.113.7", bob = ["203.0.113.8", "2001:db8::8"] }
+        allow = [["alice", "bob"]]
+        conntrack_limit = 5000
+        dns = true
+        [[network.host_services]]
+        name = "mysql"
+        host = "127.0.0.1:3306"
+        tenant_address = "127.0.0.1:3306"
+        protocols = ["tcp"]
+        [[network.host_services]]
+        name = "syslog"
+        host = "127.0.0.1:514"
+        tenant_address = "gateway:514"
+        protocols = ["udp", "tcp"]
+        source = "tenant"
+        [network.bandwidth]
+        egress_mbit = 10
+        ingress_mbit = 2.5
+        """
+    )
+    assert c.uplinks == ("eth0", "eth1")
+    assert c.snat["bob"] == (IPv4Address("203.0.113.8"), IPv6Address("2001:db8::8"))
+    assert c.allow == (("alice", "bob"),)
+    assert c.dns == "auto"
+    mysql, syslog = c.host_services
+    assert mysql.tenant == IPv4Address("127.0.0.1") and mysql.snat_loopback
+    assert syslog.tenant is None and syslog.tenant_port == 514
+    assert syslog.protocols == ("tcp", "udp") and not syslog.snat_loopback
+    assert c.bandwidth == npol.Bandwidth(10_000_000, 2_500_000)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"uplink": ["eth0"]}, "uplink"),
+        ({"uplinks": "eth0"}, "uplinks"),
+        ({"uplinks": ["a/b"]}, "uplinks"),
+        ({"egress": "snat"}, "egress"),
+        ({"isolation": "yes"}, "isolation"),
+        ({"allow": [["a"]]}, "allow"),
+        ({"snat": {"a": "nope"}}, "snat.a"),
+        ({"snat": {"a": ["1.2.3.4", "1.2.3.5"]}}, "snat.a"),
+        ({"conntrack_limit": -1}, "conntrack_limit"),
+        ({"dns": "maybe"}, "dns"),
+        ({"host_services": [{"name": "x", "host": "localhost:1"}]}, "host_services[0].host"),
+        ({"host_services": [{"name": "x", "host": "127.0.0.1:0"}]}, "host_services[0].host"),
+        ({"host_services": [{"name": "x y", "host": "127.0.0.1:1"}]}, "host_services[0].name"),
+        (
+            {"host_services": [{"name": "x", "host": "127.0.0.1:1", "protocols": ["sctp"]}]},
+            "host_services[0].protocols",
+        ),
+        ({"host_services": [{"name": "x", "host": "127.0.0.1:1", "port": 1}]},
+         "host_services[0].port"),
+        ({"bandwidth": {"egress_mbit": -1}}, "bandwidth.egress_mbit"),
+        ({"bandwidth": {"egress": 1}}, "bandwidth.egress"),
+    ],
+)  # fmt: skip
+def test_bad_config_names_the_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(npol.NetworkConfigError) as e:
+        npol.config_from_mapping(raw)
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "bps"),
+    [
+        (10, 10**6, 10_000_000),
+        (0, 10**6, None),
+        ("10M", 1, 10_000_000),
+        ("10mbit", 1, 10_000_000),
+        ("1.5G", 1, 1_500_000_000),
+        ("500k", 1, 500_000),
+    ],
+)
+def test_parse_rate(value: Any, unit: int, bps: int | None) -> None:
+    assert npol.parse_rate(value, "k", unit=unit) == bps
+
+
+@pytest.mark.parametrize("value", ["ten", "-1M", True, "1bit", 10**12])
+def test_parse_rate_refuses(value: Any) -> None:
+    with pytest.raises(npol.NetworkConfigError):
+        npol.parse_rate(value, "k")
+
+
+def test_format_rate() -> None:
+    assert npol.format_rate(10_000_000) == "10 Mbit/s"
+    assert npol.format_rate(None) == "unlimited"
+
+
+def test_bandwidth_overlay_and_zero_lifts_a_default() -> None:
+    default = npol.Bandwidth(10_000_000, 20_000_000)
+    assert default.overlay(npol.Bandwidth(5_000_000, None)) == npol.Bandwidth(5_000_000, 20_000_000)
+    assert default.overlay(npol.Bandwidth(0, None)).effective() == npol.Bandwidth(None, 20_000_000)
+
+
+def test_loopback_resolvers() -> None:
+    conf = "# x\nnameserver 127.0.0.53\nnameserver 8.8.8.8\nnameserver ::1\nnameserver 127.0.0.53\n"
+    assert npol.loopback_resolvers(conf) == (IPv4Address("127.0.0.53"),)
+    assert npol.loopback_resolvers("search example\n") == ()
+
+
+def test_services_resolution_and_conflicts() -> None:
+    c = cfg('[[network.host_services]]\nname = "db"\nhost = "127.0.0.1:3306"\n')
+    db, dns = npol.resolve_services(c, SITE)
+    assert (db.tenant, db.gateway_port, db.tenant_side(SITE.ipv4_gateway)) == (
+        SITE.ipv4_gateway, 3306, False,
+    )  # fmt: skip
+    assert dns.tenant == IPv4Address("127.0.0.53") and dns.tenant_side(SITE.ipv4_gateway)
+    svc = '[[network.host_services]]\nname = "{}"\nhost = "127.0.0.1:{}"\ntenant_address = "{}"\n'
+    clash = cfg(svc.format("a", 1, "gateway:9") + svc.format("b", 2, "10.9.9.9:9"))
+    with pytest.raises(npol.NetworkConfigError, match="port 9"):
+        npol.resolve_services(clash, SITE)
+    with pytest.raises(npol.NetworkConfigError, match="tenant address"):
+        npol.check_config(cfg('[network]\nsnat = { a = "100.64.0.9" }'), SITE)
+
+
+# -- the host table ----------------------------------------------------------------------
+
+
+def test_host_document_replaces_the_whole_table_first() -> None:
+    doc = npol.host_document(cfg(), SITE, [tenant(1)])
+    head = doc["nftables"][:3]
+    assert [next(iter(c)) for c in head] == ["add", "delete", "add"]
+    assert all(c[next(iter(c))]["table"]["name"] == "nsd" for c in head)
+    # objects before rules: a jump or @set must exist when the rule is added
+    kinds = [next(iter(c["add"])) for c in doc["nftables"][3:]]
+    assert kinds.index("rule") > max(i for i, k in enumerate(kinds) if k in ("chain", "set"))
+    json.dumps(doc)  # serialisable as is
+
+
+def test_host_document_content() -> None:
+    c = cfg('[network]\nallow = [["u1", "u2"], ["u1", "ghost"]]\nsnat = { u2 = "203.0.113.7" }')
+    doc = npol.host_document(c, SITE, [tenant(2), tenant(1)])
+    s = sets(doc)
+    assert s["tenant_ifs"] == ["nsd1001", "nsd1002"]  # sorted by uid
+    assert s["uplinks"] == ["eth0"]
+    assert s["tenant_src4"][0] == {"concat": ["nsd1001", "100.64.0.2"]}
+    assert s["allowed"] == [{"concat": ["nsd1001", "nsd1002"]}]  # unknown tenants ignored
+    assert s["upload_shaped"] == []
+    nat = text(rules(doc, "egress_nat"))
+    assert '"snat": {"family": "ip", "addr": "203.0.113.7"}' in nat
+    assert nat.count("masquerade") == 2
+    assert "nsd*" in text(rules(doc, "forward")) and "nsd*" in text(rules(doc, "guard"))
+    assert '"ct count": {"val": 20000, "inv": true}' in text(rules(doc, "ctlimit_1001"))
+    # DNS from resolv.conf: DNAT from the gateway to the host's 127.0.0.53, source loopback
+    services = text(rules(doc, "services"))
+    assert '"addr": "127.0.0.53", "port": 53' in services
+    assert "127.0.0.1" in text(rules(doc, "services_source"))
+    assert text(rules(doc, "from_tenant")).count('"drop"') == 3  # invalid, unknown, isolation
+
+
+def test_host_document_variants() -> None:
+    none = npol.host_document(cfg('[network]\negress = "none"\ndns = false'), SITE, [tenant(1)])
+    assert not rules(none, "egress_nat") and not rules(none, "services")
+    assert "egress" not in text(rules(none, "from_tenant"))
+    open_ = npol.host_document(cfg("[network]\nisolation = false\nconntrack_limit = 0"), SITE,
+                               [tenant(1)])  # fmt: skip
+    assert not any(r["chain"].startswith("ctlimit") for r in rules(open_))
+    assert text(rules(open_, "tenant_to_host")).count('"drop"') == 2  # invalid, unknown only
+    no_v6nat = npol.host_document(cfg("[network]\nipv6_nat = false"), SITE, [tenant(1)])
+    assert text(rules(no_v6nat, "egress_nat")).count("masquerade") == 1
+
+
+def test_shaping_marks_only_when_limited() -> None:
+    plain = npol.host_document(cfg(), SITE, [tenant(1)])
+    assert not rules(plain, "forward_marks")
+    limited = tenant(1, bandwidth=npol.Bandwidth(10_000_000, 20_000_000))
+    doc = npol.host_document(cfg(), SITE, [limited, tenant(2)])
+    marks = text(rules(doc, "forward_marks"))
+    assert npol.PRIO_LIMITED in marks and '"field": "dscp"' in marks
+    assert sets(doc)["upload_shaped"] == ["nsd1001"]
+    assert rules(doc, "output_marks")
+
+
+# -- the tenant table --------------------------------------------------------------------
+
+
+def test_tenant_document() -> None:
+    assert npol.tenant_document(cfg("[network]\ndns = false"), SITE, tenant(1)) is None
+    doc = npol.tenant_document(cfg(), SITE, tenant(1))
+    assert doc is not None
+    dnat = text(rules(doc, "services"))
+    assert '"right": "127.0.0.53"' in dnat and '"addr": "100.64.0.1", "port": 53' in dnat
+    assert '"addr": "100.64.0.2"' in text(rules(doc, "services_source"))
+    assert not rules(doc, "classify")
+    shaped = npol.tenant_document(
+        cfg("[network]\ndns = false"), SITE, tenant(1, bandwidth=npol.Bandwidth(1_000_000, None))
+    )
+    assert shaped is not None
+    assert npol.PRIO_DIRECT in text(rules(shaped, "classify"))
+    assert not rules(shaped, "services")
+
+
+def test_sysctls() -> None:
+    assert npol.tenant_sysctls(cfg(), SITE) == (("net.ipv4.conf.eth0.route_localnet", "1"),)
+    assert npol.tenant_sysctls(cfg("[network]\ndns = false"), SITE)[0][1] == "0"
+    host = dict(npol.host_interface_sysctls(cfg(), SITE, tenant(1)))
+    assert host == {
+        "net.ipv4.conf.nsd1001.forwarding": "1",
+        "net.ipv4.conf.nsd1001.route_localnet": "1",
+    }
+
+
+def test_forwarding_plan_per_interface() -> None:
+    plan = npol.forwarding_plan(SITE, ["nsd1001"], force_forwarding=True, accept_ra={"eth0": 1})
+    assert set(plan.sysctls) == {
+        ("net.ipv4.conf.eth0.forwarding", "1"),
+        ("net.ipv4.conf.nsd1001.forwarding", "1"),
+        ("net.ipv6.conf.eth0.force_forwarding", "1"),
+        ("net.ipv6.conf.nsd1001.force_forwarding", "1"),
+    }
+    assert not plan.notes
+
+
+def test_forwarding_plan_old_kernel_keeps_router_advertisements() -> None:
+    plan = npol.forwarding_plan(SITE, ["nsd1001"], force_forwarding=False, accept_ra={"eth0": 1})
+    keys = [k for k, _ in plan.sysctls]
+    # accept_ra=2 before the global switch, or the uplink drops RAs and its default route
+    assert keys.index("net.ipv6.conf.eth0.accept_ra") < keys.index("net.ipv6.conf.all.forwarding")
+    assert plan.notes
+    static = npol.forwarding_plan(SITE, [], force_forwarding=False, accept_ra={"eth0": 0})
+    assert ("net.ipv6.conf.eth0.accept_ra", "2") not in static.sysctls
+
+
+def test_shaping_plan() -> None:
+    t = tenant(1, bandwidth=npol.Bandwidth(1_000_000, 2_000_000))
+    assert npol.shaping_plan(SITE, t) == npol.ShapingPlan("nsd1001", "eth0", 2_000_000, 1_000_000)
+
+
+# -- reading live tables -----------------------------------------------------------------
+
+
+def test_summary_detects_drift() -> None:
+    doc = npol.host_document(cfg(), SITE, [tenant(1)])
+    # what `nft -j list table` returns: bare objects, not commands
+    live = {"nftables": [next(iter(c.values())) for c in doc["nftables"][2:]]}
+    assert npol.summary(live) == npol.summary(doc)
+    flushed = {"nftables": [o for o in live["nftables"] if "rule" not in o]}
+    assert npol.summary(flushed) != npol.summary(doc)
+    other = npol.host_document(cfg(), SITE, [tenant(1), tenant(2)])
+    assert npol.summary(other) != npol.summary(doc)
+
+
+def test_forward_drop_policies() -> None:
+    ruleset = {
+        "nftables": [
+            {"metainfo": {}},
+            {"chain": {"family": "ip", "table": "filter", "name": "FORWARD",
+                       "hook": "forward", "policy": "drop"}},
+            {"chain": {"family": "ip", "table": "filter", "name": "INPUT",
+                       "hook": "input", "policy": "drop"}},
+            {"chain": {"family": "inet", "table": "nsd", "name": "forward",
+                       "hook": "forward", "policy": "drop"}},
+            {"chain": {"family": "ip", "table": "x", "name": "fw",
+                       "hook": "forward", "policy": "accept"}},
+        ]
+    }  # fmt: skip
+    found = npol.forward_drop_policies(ruleset)
+    assert len(found) == 2
+    assert "table ip filter chain FORWARD (hook forward)" in found[0]
+    assert "host services" in found[1]
