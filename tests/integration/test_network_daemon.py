@@ -127,3 +127,49 @@ def test_operator_table_untouched_and_flushed_table_repaired(
     rules = run("nft", "-j", "list", "table", "inet", "nsd", netns=d.host).stdout
     assert '"rule"' in rules
     assert wait_open(ta["namespacePath"], "10.99.0.2", 8080) == "10.99.0.1"
+
+
+ECHO = (
+    "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind(('127.0.0.1',3306));s.listen()\nc,a=s.accept()\n"
+    "while (d:=c.recv(100)):\n c.sendall(d)\n"
+)
+# Inside a tenant: connect to the in-namespace service address, echo once, wait for
+# "go" on stdin (the daemon restarts meanwhile), echo again over the same connection.
+PERSISTENT_CLIENT = (
+    "import socket,sys\nc=socket.create_connection(('127.0.0.1',3306),timeout=5)\n"
+    "c.sendall(b'one');print(c.recv(10).decode(),flush=True)\nsys.stdin.readline()\n"
+    "c.sendall(b'two');print(c.recv(10).decode(),flush=True)\n"
+)
+
+
+def test_loopback_host_service_survives_a_restart() -> None:
+    """A service bound to 127.0.0.1 in the host namespace, reached from a tenant at
+    127.0.0.1:3306 inside its namespace; an established connection survives an nsd
+    restart (kernel NAT and conntrack, no proxy in nsd)."""
+    extra = (
+        '[network]\nuplinks = []\n[[network.host_services]]\nname = "db"\n'
+        'host = "127.0.0.1:3306"\ntenant_address = "127.0.0.1:3306"\n'
+    )
+    with daemon_env(extra=extra) as (d, users):
+        server = subprocess.Popen(["nsenter", f"--net={d.host}", "python3", "-I", "-c", ECHO])
+        try:
+            d.start()
+            name = users.add()
+            t = d.call(T + "Create", name=name)["tenant"]
+            client = subprocess.Popen(
+                ["nsenter", f"--net={t['namespacePath']}", "python3", "-I", "-c",
+                 PERSISTENT_CLIENT],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert client.stdout is not None and client.stdin is not None
+            assert client.stdout.readline().strip() == "one"
+            d.restart()
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "two"
+            assert client.wait(10) == 0
+            assert d.stop() == 0
+        finally:
+            server.kill()
+            server.wait()
