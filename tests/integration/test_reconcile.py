@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
+from tests.harness import (
+    Daemon,
+    TestUsers,
+    daemon_env,
+    mounts_under,
+    netns_inode,
+    run,
+    uid_of,
+    unmount_files,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -190,34 +201,39 @@ def test_existing_namespace_refused_unless_adopting(env: tuple[Daemon, TestUsers
     run("ip", "netns", "del", name)
 
 
-def test_wrapper_layout_adopted_at_start(env: tuple[Daemon, TestUsers]) -> None:
-    """Migration from the sudo+nsenter layout: usr_$user namespaces are adopted."""
-    d, users = env
-    d.config.write_text(
-        d.config.read_text() + 'name_template = "usr_{user}"\n[tenants]\nadopt_existing = true\n'
-    )
-    a, b = users.add(), users.add()
-    for n in (a, b):
-        run("ip", "netns", "add", f"usr_{n}")
-    inodes = {n: netns_inode(f"/run/netns/usr_{n}") for n in (a, b)}
-    run("ip", "netns", "add", "usr_nosuchuserhere")  # no such user: not adopted
-    try:
-        d.start()
-        listed = {t["name"]: t for t in d.call(T + "List")["tenants"]}
-        # (a subset: anything else on this host with a usr_<existing user> namespace
-        # is adopted too, which is the point of the option)
-        assert {a, b} <= set(listed)
-        for n in (a, b):
-            t = listed[n]
-            assert t["adopted"] is True and t["namespaceInode"] == inodes[n]
-            run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
-        assert "adopt-namespace" in d.log_text()
-        again = d.call("io.nsd.Daemon.Reconcile")["actions"]
-        assert [x for x in again if x["tenant"] in (a, b)] == []  # nothing left to do for ours
-        for n in (a, b):
-            d.call(T + "Remove", name=n)  # adopted namespaces are nsd's now
-            assert not os.path.exists(f"/run/netns/usr_{n}")
-        assert d.stop() == 0
-    finally:
-        for n in (a, b, "nosuchuserhere"):
-            run("ip", "netns", "del", f"usr_{n}", check=False)
+def test_wrapper_layout_adopted_at_start() -> None:
+    """Migration from the sudo+nsenter layout: usr_$user namespaces are adopted.
+
+    The namespaces live in a run dir of the test's own (made the way `ip netns add`
+    makes them), so that nothing else on the machine with a usr_* namespace can
+    take part in the test."""
+    run_dir = tempfile.mkdtemp(prefix="nsdt-netns-")
+    with daemon_env(run_dir=run_dir) as (d, users):
+        d.config.write_text(
+            d.config.read_text()
+            + 'name_template = "usr_{user}"\n[tenants]\nadopt_existing = true\n'
+        )
+        a, b = users.add(), users.add()
+        for n in (a, b, "nosuchuserhere"):  # the last has no user: not adopted
+            path = os.path.join(run_dir, f"usr_{n}")
+            open(path, "x").close()
+            run("unshare", "--net", "--", "mount", "--bind", "/proc/self/ns/net", path)
+        inodes = {n: netns_inode(os.path.join(run_dir, f"usr_{n}")) for n in (a, b)}
+        try:
+            d.start()
+            listed = {t["name"]: t for t in d.call(T + "List")["tenants"]}
+            assert set(listed) == {a, b}
+            for n in (a, b):
+                t = listed[n]
+                assert t["adopted"] is True and t["namespaceInode"] == inodes[n]
+                run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
+            assert "adopt-namespace" in d.log_text()
+            assert d.call("io.nsd.Daemon.Reconcile") == {"actions": [], "problems": []}
+            for n in (a, b):
+                d.call(T + "Remove", name=n)  # adopted namespaces are nsd's now
+                assert not os.path.exists(os.path.join(run_dir, f"usr_{n}"))
+            assert d.stop() == 0
+        finally:
+            unmount_files([os.path.join(run_dir, n) for n in os.listdir(run_dir)])
+            run("umount", "--lazy", run_dir, check=False)  # nsd made it a mount point
+            shutil.rmtree(run_dir, ignore_errors=True)
