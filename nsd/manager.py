@@ -310,11 +310,19 @@ class TenantManager:
         return rec
 
     async def _build(
-        self, rec: TenantRecord, *, rollback: bool, adopt: bool = True, dropins: bool = True
+        self,
+        rec: TenantRecord,
+        *,
+        rollback: bool,
+        adopt: bool = True,
+        dropins: bool = True,
+        network: bool = True,
     ) -> tuple[str, ...]:
         try:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
-            actions = result.actions + await self._apply_tenant_network(rec)
+            # Reconcile applies the policy once for all tenants instead: the host
+            # table lists every tenant, so per-tenant re-applies would be O(n^2).
+            actions = result.actions + (await self._apply_tenant_network(rec) if network else ())
         except NetnsError as e:
             if rollback:
                 # "exists": a namespace appeared at the path after the intent was
@@ -544,7 +552,6 @@ class TenantManager:
         are never changed and nothing new is created for the new identity.
         """
         report = ReconcileReport()
-        await self._reconcile_network(report)
         records = self.store.all()
         problems = await asyncio.to_thread(
             lambda: [users.identity_problem(r.uid, r.name) for r in records]
@@ -561,6 +568,9 @@ class TenantManager:
                 report.problems.append(f"tenant {rec.name}: {e.message}")
         if self.cfg.tenants.adopt_existing:
             await self._adopt_unrecorded(report)
+        # After the namespaces exist again (the host table itself was loaded before
+        # any veth came up: the daemon applies it first), once for everyone.
+        await self._reconcile_network(report)
         await self._remove_stray_links(report)
         if self.slices.available:
             await self._reconcile_slices(report)
@@ -617,7 +627,7 @@ class TenantManager:
             report.add("finish-removal", rec.name, "finished an interrupted removal")
             self._emit("removed", self.view(current, check_identity=False))
             return
-        actions = await self._build(current, rollback=False, dropins=False)
+        actions = await self._build(current, rollback=False, dropins=False, network=False)
         if current.state is TenantState.CREATING:
             report.add("finish-creation", rec.name, "finished an interrupted creation")
         for action in actions:
