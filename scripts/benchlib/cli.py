@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-docs", action="store_true", help="do not render docs")
     p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print the table of an earlier run's results and render the "
+        "docs from them (to --docs-dir, default docs/)",
+    )
+    p.add_argument(
         "--vm-figures",
         type=Path,
         help="figures JSON of the VM e2e tier (scripts/vm-test) for the systemd "
@@ -96,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.policy_tenants = 3 if q else 100
     if args.tenants < 2:
         p.error("--tenants must be at least 2")
-    if args.docs_dir is None and not q and not args.no_docs:
+    if args.docs_dir is None and (not q or args.render) and not args.no_docs:
         args.docs_dir = ROOT / "docs"
     if args.no_docs:
         args.docs_dir = None
@@ -258,8 +265,20 @@ class Run:
         log(f"total {results['meta']['total_s']:.0f} s")
 
 
+def render_only(args: argparse.Namespace) -> int:
+    results: dict[str, Any] = json.loads(args.render.read_text())
+    report.derive(results)
+    print(report.table_text(results))
+    if args.docs_dir is not None:
+        written = report.render_docs(results, args.docs_dir)
+        log("rendered " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        return render_only(args)
     if os.geteuid() != 0:
         print("scripts/bench: needs root (namespaces, veth pairs, users)", file=sys.stderr)
         return 1

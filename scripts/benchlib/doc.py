@@ -176,6 +176,14 @@ due. {api["reps"]} repetitions of {api["duration_s"]:g} s per cell, Get and Ente
 interleaved.
 
 {chr(10).join(rows)}
+
+When the daemon serves fewer calls/s than are offered, the open-loop queue grows for
+the whole window and its latencies are queueing, not per-call cost. Where a `Get` and
+an `Enter` spend their time (a py-spy profile: NSS lookups that reread /etc/passwd,
+SQLite for every lookup, formatting IPv6 addresses, the audit line per `Enter`), and a
+patch that takes `Get` to ~17,000 calls/s and `Enter` to ~7,000 calls/s at 1,000
+tenants, is in `scripts/benchlib/proposals/README.md` (`api-fast-path.patch`;
+measure it with `--daemon-pythonpath`).
 """
 
 
@@ -228,7 +236,8 @@ tenth {last:.0f} ms; {p["create_total_s"]:.1f} s for all), restart to `READY=1`
 {p["restart_ready_s"]:.2f} s ({rec.get("actions", "?")} reconcile actions), RSS
 {p["memory"]["after_restart"]["rss_kib"] / 1024:.1f} MiB after the restart. If the cost
 per tenant grows with the number of tenants, creating N tenants and reconciling them
-is quadratic; see the proposals in the bench's report.
+is quadratic: the profiles and a patch are in `scripts/benchlib/proposals/README.md`
+(`network-policy-scaling.patch`).
 """
 
 

@@ -51,12 +51,14 @@ def hbar(
     subtitle: str = "",
     target: float | None = None,
     target_label: str = "target",
-    width: int = 760,
+    plot_w: int = 420,
 ) -> str:
     """A horizontal bar chart: one bar per row, optional p10-p90 whiskers, optional
-    vertical target line."""
-    label_w, right_pad, row_h, top = 290, 90, 28, 58
-    plot_w = width - label_w - right_pad
+    vertical target line. The value text after each bar gets room of its own."""
+    label_w, row_h, top = 290, 28, 58
+    longest = max((len(b.text or _fmt(b.value)) for b in bars), default=4)
+    right_pad = 20 + int(6.6 * longest)
+    width = label_w + plot_w + right_pad
     height = top + row_h * len(bars) + 44
     finite = [b.hi if b.hi is not None else b.value for b in bars]
     finite = [v for v in finite if not math.isnan(v)]
@@ -91,6 +93,15 @@ def hbar(
         f"<text x='{label_w + plot_w / 2:.0f}' y='{axis_y + 34}' text-anchor='middle' "
         f"fill='#4a5568'>{escape(unit)}</text>"
     )
+    if target is not None:
+        tx = x(target)
+        out.append(
+            f"<line x1='{tx:.1f}' y1='{top - 8}' x2='{tx:.1f}' y2='{axis_y}' "
+            "stroke='#c53030' stroke-width='1.5' stroke-dasharray='5,3'/>"
+        )
+        out.append(
+            f"<text x='{tx + 4:.1f}' y='{top - 10}' fill='#c53030'>{escape(target_label)}</text>"
+        )
     for i, b in enumerate(bars):
         y = top + i * row_h
         out.append(
@@ -122,17 +133,9 @@ def hbar(
                 )
             end = max(end, x2)
         out.append(
-            f"<text x='{end + 5:.1f}' y='{y + row_h / 2 + 4:.1f}' fill='#1a202c'>"
+            f"<text x='{end + 5:.1f}' y='{y + row_h / 2 + 4:.1f}' fill='#1a202c' "
+            "paint-order='stroke' stroke='white' stroke-width='3'>"
             f"{escape(b.text or _fmt(b.value))}</text>"
-        )
-    if target is not None:
-        tx = x(target)
-        out.append(
-            f"<line x1='{tx:.1f}' y1='{top - 8}' x2='{tx:.1f}' y2='{axis_y}' "
-            "stroke='#c53030' stroke-width='1.5' stroke-dasharray='5,3'/>"
-        )
-        out.append(
-            f"<text x='{tx + 4:.1f}' y='{top - 10}' fill='#c53030'>{escape(target_label)}</text>"
         )
     out.append("</svg>")
     return "\n".join(out) + "\n"
