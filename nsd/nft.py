@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .netpolicy import FAMILY, TABLE
@@ -47,11 +47,7 @@ def _load() -> ctypes.CDLL:
     with _lib_lock:
         if "lib" in _loaded:
             return _loaded["lib"]
-        names = list(_LIB_NAMES)
-        found = ctypes.util.find_library("nftables")
-        if found:
-            names.append(found)
-        for name in names:
+        for name in _candidates():
             try:
                 lib = ctypes.CDLL(name, use_errno=True)
             except OSError:
@@ -70,12 +66,20 @@ def _load() -> ctypes.CDLL:
             lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
             lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
             lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-            _lib = lib
+            # Loaded once per process: every later call is a dict lookup.
+            _loaded["lib"] = lib
             return lib
-        _lib_error = (
+        raise NftError(
             "libnftables.so.1 not found: install Debian's nftables package (it brings libnftables1)"
         )
-        raise NftError(_lib_error)
+
+
+def _candidates() -> Iterator[str]:
+    yield from _LIB_NAMES
+    # Only if the usual sonames fail: find_library() forks `ldconfig -p`.
+    found = ctypes.util.find_library("nftables")
+    if found:
+        yield found
 
 
 def available() -> str | None:
