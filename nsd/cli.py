@@ -131,11 +131,7 @@ class Cli:
                 ("Slice", t["slice"] or "(no systemd)"),
                 ("Adopted", "yes" if t["adopted"] else "no"), ("Created", created),
             ]  # fmt: skip
-            width = max(len(k) for k, _ in pairs)
-            for k, v in pairs:
-                print(f"{k:>{width}}: {v}")
-            for p in t["problems"]:
-                print(f"{'Problem':>{width}}: {p}")
+            key_values(pairs, t["problems"])
 
         self.out(t, human)
 
@@ -219,11 +215,7 @@ class Cli:
                 ("Upload", rate(r["egressRate"], r["egressOverride"])),
                 ("Download", rate(r["ingressRate"], r["ingressOverride"])),
             ]  # fmt: skip
-            width = max(len(k) for k, _ in pairs)
-            for k, v in pairs:
-                print(f"{k:>{width}}: {v}")
-            for p in r["problems"]:
-                print(f"{'Problem':>{width}}: {p}")
+            key_values(pairs, r["problems"])
 
         self.out(r, human)
 
@@ -321,6 +313,15 @@ def _human_size(api: str, value: str | None) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return value
+
+
+def key_values(pairs: Sequence[tuple[str, object]], problems: Sequence[str]) -> None:
+    """`nsctl show`-style output: right-aligned keys, then one line per problem."""
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        print(f"{k:>{width}}: {v}")
+    for p in problems:
+        print(f"{'Problem':>{width}}: {p}")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
