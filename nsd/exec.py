@@ -59,14 +59,15 @@ the rest of nsd (the varlink framing for this single call is written out here).
 
 from __future__ import annotations
 
+import _signal as signal  # type: ignore[import-not-found]  # C module: signal.py imports enum
+import _socket as socket  # the C module: socket.py imports enum and selectors
 import errno
-import json
 import os
 import pwd
 import resource
-import signal
-import socket
 import sys
+from _json import encode_basestring_ascii as _json_string
+from _json import make_scanner as _json_scanner
 
 DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -240,6 +241,39 @@ def _parse_setenv(value: str) -> tuple[str, str | None]:
 # --- varlink: one call, one reply, with descriptors -----------------------------------
 
 
+class _JsonContext:
+    """What json.JSONDecoder hands the C scanner: importing json costs ~8 ms per start
+    (json.decoder imports re, enum, functools, collections)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"),
+                      "-Infinity": float("-inf")}.__getitem__  # fmt: skip
+
+
+def _json_loads(raw: bytes) -> object:
+    """json.loads for one reply, on the C scanner alone."""
+    text = raw.decode("utf-8")
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    try:
+        # the C scanner reads its options off any object, as JSONDecoder passes itself
+        value, end = _json_scanner(_JsonContext())(text, start)  # type: ignore[arg-type]
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if text[end:].strip(" \t\n\r"):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
+def _dumps(value: object, sort_keys: bool = False) -> str:
+    import json  # noqa: PLC0415 -- error messages only: not paid on the normal path
+
+    return json.dumps(value, sort_keys=sort_keys)
+
+
 def _peer_uid(sock: socket.socket) -> int:
     # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
     cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -289,12 +323,14 @@ def call_enter(
     path: str, user: str, create: bool, timeout: float, scope: bool | None = None
 ) -> tuple[object, list[int]]:
     """Calls io.nsd.Tenant.Enter; returns the decoded reply and the descriptors."""
-    params: dict[str, object] = {"name": user}
+    params = ['"name": ' + _json_string(user)]
     if not create:
-        params["create"] = False
+        params.append('"create": false')
     if scope is not None:
-        params["scope"] = scope
-    request = json.dumps({"method": ENTER_METHOD, "parameters": params}).encode() + b"\0"
+        params.append('"scope": ' + ("true" if scope else "false"))
+    request = (
+        f'{{"method": "{ENTER_METHOD}", "parameters": {{{", ".join(params)}}}}}'.encode() + b"\0"
+    )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
@@ -316,7 +352,7 @@ def call_enter(
     finally:
         sock.close()
     try:
-        return json.loads(raw), fds
+        return _json_loads(raw), fds
     except ValueError:
         _close_all(fds)
         raise Failure("nsd's reply is not valid JSON") from None
@@ -343,7 +379,7 @@ def _bad_reply(what: str) -> Failure:
 def _int(value: object, what: str, low: int = 0, high: int = 1 << 63) -> int:
     """A JSON integer within [low, high); JSON true/false are not integers."""
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
-        raise _bad_reply(f"{what}: {json.dumps(value)}")
+        raise _bad_reply(f"{what}: {_dumps(value)}")
     return value
 
 
@@ -356,8 +392,8 @@ def parse_enter_reply(reply: object, fds: list[int]) -> Grant:
         error = reply.get("error")
         if error is not None:
             parameters = reply.get("parameters")
-            detail = json.dumps(parameters if parameters is not None else {}, sort_keys=True)
-            raise Failure(f"nsd refused: {json.dumps(error)[1:-1]} {detail}")
+            detail = _dumps(parameters if parameters is not None else {}, sort_keys=True)
+            raise Failure(f"nsd refused: {_dumps(error)[1:-1]} {detail}")
         params = reply.get("parameters")
         if not isinstance(params, dict):
             raise _bad_reply("no parameters")
@@ -397,7 +433,7 @@ def _parse_limit(item: object) -> tuple[str, int, int, int]:
     # Unknown limits fail closed: silently skipping one would run the workload
     # with less restriction than nsd's policy asks for.
     if not isinstance(name, str) or not name.isascii() or not name.isalpha() or not name.islower():
-        raise _bad_reply(f"resource limit name {json.dumps(name)}")
+        raise _bad_reply(f"resource limit name {_dumps(name)}")
     number = getattr(resource, "RLIMIT_" + name.upper(), None)
     if not isinstance(number, int):
         raise Failure(f"nsd asks for resource limit {name!r}, which this system does not know")
@@ -428,11 +464,22 @@ def _setns_net(fd: int) -> None:
     if sys.version_info >= (3, 12):
         os.setns(fd, os.CLONE_NEWNET)
     else:  # Python 3.11 has no os.setns; pay for ctypes only here.
-        import ctypes  # noqa: PLC0415
+        # _ctypes directly: the ctypes package costs ~3 ms to import.
+        import _ctypes  # noqa: PLC0415
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
+        class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]  # not subscriptable at run time
+            _type_ = "i"
+
+        class Libc:
+            _handle = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # dlopen(NULL)
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = CInt
+
+        setns = Function(("setns", Libc()))  # type: ignore[arg-type]  # ctypes.CDLL's duck type
+        if setns(fd, CLONE_NEWNET) != 0:
+            err = _ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
 

@@ -4,9 +4,10 @@ nsd at /opt/nsd
 ---------------
 The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec}. The container binds the project's own
 venv there (``--bind-ro=.venv:/opt/nsd``): its bin/ holds the console scripts pip
-generated for nsd's entry points (nsd.daemon:main, nsd.cli:main, nsd.exec:main), and
-they run this checkout's code (the venv's nsd is an editable install; the checkout is
-bound at its own path inside, so the scripts' ``#!/work/main/.venv/bin/python`` resolves).
+generated for nsd's entry points (nsd.daemon:main, nsd.cli:main) and the nsd-exec
+launcher (bin/nsd-exec, which calls nsd.exec:main), and they run this checkout's code
+(the venv's nsd is an editable install; the checkout is bound at its own path inside,
+so the scripts' ``#!/work/main/.venv/bin/python`` resolves).
 So the binaries are the real ones, with no network and no build step. An operator's
 ``pip install`` into /opt/nsd is exercised by the VM tier (scripts/vm/prepare-guest).
 
