@@ -10,11 +10,13 @@ the method, the tenant and the result: the audit trail in the journal.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
+from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, netpolicy
@@ -38,8 +40,15 @@ def idl(interface: str) -> str:
     return resources.files("nsd.varlink").joinpath(f"{interface}.varlink").read_text("utf-8")
 
 
+@functools.lru_cache(maxsize=64)
+def _text(address: IPv4Address | IPv6Address) -> str:
+    # The gateways are the same for every tenant; formatting an IPv6 address costs.
+    return str(address)
+
+
 def tenant_json(view: TenantView) -> dict[str, Any]:
     rec = view.record
+    ipv4, ipv6, prefix = rec.address_texts
     return {
         "name": rec.name,
         "uid": rec.uid,
@@ -48,11 +57,11 @@ def tenant_json(view: TenantView) -> dict[str, Any]:
         "namespaceInode": view.namespace_inode,
         "hostInterface": rec.host_ifname,
         "tenantInterface": view.tenant_interface,
-        "ipv4Address": str(rec.ipv4_address),
-        "ipv4Gateway": str(view.ipv4_gateway),
-        "ipv6Address": str(rec.ipv6_address),
-        "ipv6Prefix": str(rec.ipv6_prefix),
-        "ipv6Gateway": str(view.ipv6_gateway),
+        "ipv4Address": ipv4,
+        "ipv4Gateway": _text(view.ipv4_gateway),
+        "ipv6Address": ipv6,
+        "ipv6Prefix": prefix,
+        "ipv6Gateway": _text(view.ipv6_gateway),
         "adopted": rec.adopted,
         "createdUSec": rec.created_us,
         "slice": view.slice,
