@@ -118,14 +118,18 @@ class TenantManager:
 
     # -- queries ---------------------------------------------------------------
 
-    def view(self, rec: TenantRecord, *, check_identity: bool = True) -> TenantView:
+    def view(
+        self, rec: TenantRecord, *, check_identity: bool = True, inode: int | None = None
+    ) -> TenantView:
+        """``inode``: the namespace's, when the caller has it open already."""
         path = self.netns_path(rec.netns_name)
         problems: list[str] = []
         if check_identity:
             problem = users.identity_problem(rec.uid, rec.name)
             if problem is not None:
                 problems.append(problem)
-        inode = self.net.namespace_inode(path)
+        if inode is None:
+            inode = self.net.namespace_inode(path)
         if inode is None and rec.state is TenantState.READY:
             problems.append(f"namespace {path} is not mounted (reconcile recreates it)")
         return TenantView(
@@ -200,14 +204,18 @@ class TenantManager:
             raise ShuttingDown()
         user = self.resolve_user(name)
         rec = self.store.get(user.uid)
-        fast = (
+        fd = None
+        if (
             rec is not None
             and rec.state is TenantState.READY
             and rec.name == name
             and user.uid not in self._removing
-            and self.net.namespace_inode(self.netns_path(rec.netns_name)) is not None
-        )
-        if not fast:
+        ):
+            # The fast path opens the namespace straight away (it checks that a
+            # network namespace is mounted there); failing that, the slow path repairs.
+            with contextlib.suppress(NetnsError):
+                fd = self.net.open_namespace(self.netns_path(rec.netns_name))
+        if fd is None:
             absent = rec is None or rec.state is TenantState.REMOVING
             if absent and not (self.cfg.tenants.enter_creates if create is None else create):
                 raise NoSuchTenant(name)
@@ -216,16 +224,16 @@ class TenantManager:
             await self._ensure(name, allow_existing=True)
             rec = self.store.get(user.uid)
             assert rec is not None
+            try:
+                fd = self.net.open_namespace(self.netns_path(rec.netns_name))
+            except NetnsError as e:
+                raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
+            except OSError as e:
+                raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
         assert rec is not None
-        view = self.view(rec, check_identity=False)
-        try:
-            fd = self.net.open_namespace(view.namespace_path)
-        except NetnsError as e:
-            raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
-        except OSError as e:
-            raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
         placed = None
         try:
+            view = self.view(rec, check_identity=False, inode=os.fstat(fd).st_ino)
             if caller_pid is not None and open_pidfd is not None:
                 placed = await self._place(rec, scope, caller_pid, open_pidfd)
         except BaseException:
@@ -240,7 +248,9 @@ class TenantManager:
         policy = self.cfg.systemd.enter_scope
         if not self.slices.available and scope is None:
             return None  # auto or always, on a host without systemd: nothing to place into
-        if not wants_scope(policy, scope, caller_cgroup(pid), tenant_slice):
+        # The caller's cgroup matters only to the "auto" policy's own choice.
+        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
+        if not wants_scope(policy, scope, cgroup, tenant_slice):
             return None
         unit = await self.slices.place(rec, pid, open_pidfd)
         log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)

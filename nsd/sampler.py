@@ -296,17 +296,23 @@ class _Manager(Protocol):
     @property
     def slices(self) -> Any: ...
     def netns_path(self, netns_name: str) -> str: ...
-    def limits_of(self, uid: int) -> limits_mod.Limits: ...
 
 
 def manager_targets(manager: _Manager) -> list[Target]:
     """The sampler's targets from the daemon's manager; call on the event loop (store).
 
-    One namespace lstat and one limits query per tenant: ~1 ms per 100 tenants.
+    It runs on the event loop, so it must stay short (a stall here is a stall of every
+    API call; it took ~40 ms with 1,000 tenants, one SQLite query per tenant): the
+    records come from the store's cache, the limit overrides from one query, and the
+    effective limits of the tenants without overrides are computed once. What remains
+    per tenant is one namespace lstat (~3 ms for 1,000 tenants).
     """
     slices = manager.slices.available
+    overrides = manager.store.all_limit_overrides()
+    defaults = manager.slices.effective({})
     out = []
     for rec in manager.store.all():
+        own = overrides.get(rec.uid)
         out.append(
             Target(
                 uid=rec.uid,
@@ -314,7 +320,7 @@ def manager_targets(manager: _Manager) -> list[Target]:
                 cgroup=slice_cgroup_path(manager.slices.slice_of(rec.uid)) if slices else None,
                 netns_inode=manager.net.namespace_inode(manager.netns_path(rec.netns_name)),
                 host_ifname=rec.host_ifname,
-                limits=manager.limits_of(rec.uid),
+                limits=defaults if own is None else manager.slices.effective(own),
             )
         )
     return out

@@ -410,14 +410,23 @@ def test_manager_targets() -> None:
     from nsd.sampler import manager_targets
 
     rec = SimpleNamespace(uid=1001, name="alice", netns_name="alice", host_ifname="nsd1001")
+    bob = SimpleNamespace(uid=1002, name="bob", netns_name="bob", host_ifname="nsd1002")
+    defaults = Limits(memory_max="1024", tasks_max="100")
     manager = SimpleNamespace(
-        store=SimpleNamespace(all=lambda: [rec]),
+        store=SimpleNamespace(
+            all=lambda: [rec, bob], all_limit_overrides=lambda: {1002: {"memory_max": "2048"}}
+        ),
         net=SimpleNamespace(namespace_inode=lambda path: 42 if path == "/run/netns/alice" else 0),
-        slices=SimpleNamespace(available=True, slice_of=lambda uid: f"tenant-{uid}.slice"),
+        slices=SimpleNamespace(
+            available=True,
+            slice_of=lambda uid: f"tenant-{uid}.slice",
+            effective=lambda own: defaults.overlay(Limits(**own)),
+        ),
         netns_path=lambda name: f"/run/netns/{name}",
-        limits_of=lambda uid: Limits(memory_max="1024"),
     )
-    (t,) = manager_targets(manager)
-    assert t == Target(1001, "alice", ALICE_SLICE, 42, "nsd1001", Limits(memory_max="1024"))
+    t, u = manager_targets(manager)
+    assert t == Target(1001, "alice", ALICE_SLICE, 42, "nsd1001", defaults)
+    # overrides overlay the defaults, tenant by tenant
+    assert u.limits == Limits(memory_max="2048", tasks_max="100") and u.netns_inode == 0
     manager.slices.available = False
     assert manager_targets(manager)[0].cgroup is None
