@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_metrics import bench_metrics
+
 from . import report
 from .api import run_api
 from .env import (
@@ -37,6 +39,7 @@ from .env import (
 )
 from .launcher import ROOT, run_launcher
 from .policy import run_policy
+from .report import VM_RESULTS
 from .tenants import ShellAnchor, run_create
 
 
@@ -73,8 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vm-figures",
         type=Path,
-        help="figures JSON of the VM e2e tier (scripts/vm-test) for the systemd "
-        "sections (default: bench-results/vm-figures.json if it exists)",
+        help="the VM e2e tier's figures for the systemd sections: a figures.json, or a "
+        "results directory of scripts/vm-test with phase*/figures.json (default: "
+        f"bench-results/vm-figures.json, else {VM_RESULTS}, if it exists)",
+    )
+    p.add_argument(
+        "--metrics-processes",
+        type=int,
+        help="extra idle processes for the metrics section (default 20000, --quick 50; "
+        "0 skips the section)",
     )
     p.add_argument("--launcher-rounds", type=int, help="starts of each launcher variant")
     p.add_argument("--api-seconds", type=float, help="measured seconds per API cell and rep")
@@ -101,14 +111,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.restarts = args.restarts or (1 if q else 3)
     if args.policy_tenants is None:
         args.policy_tenants = 3 if q else 100
+    if args.metrics_processes is None:
+        args.metrics_processes = 50 if q else 20000
     if args.tenants < 2:
         p.error("--tenants must be at least 2")
     if args.docs_dir is None and (not q or args.render) and not args.no_docs:
         args.docs_dir = ROOT / "docs"
     if args.no_docs:
         args.docs_dir = None
-    if args.vm_figures is None and (ROOT / "bench-results/vm-figures.json").exists():
-        args.vm_figures = ROOT / "bench-results/vm-figures.json"
+    if args.vm_figures is None:
+        for candidate in (ROOT / "bench-results/vm-figures.json", VM_RESULTS):
+            if candidate.exists():
+                args.vm_figures = candidate
+                break
     return args
 
 
@@ -219,6 +234,13 @@ class Run:
             log(f"network policy on: {k} tenants through a second daemon")
             self.results["policy"] = run_policy(cleanup, prefix, users[:k], args.daemon_pythonpath)
             self.phase("network policy on", t)
+
+        if args.metrics_processes:
+            t = time.monotonic()
+            p = args.metrics_processes
+            log(f"metrics: sampler and scrapes with {n} tenants and {p} extra processes")
+            self.results["metrics"] = bench_metrics(n, p, 3 if args.quick else 5)
+            self.phase("metrics", t)
 
     def _remove_namespaces(self) -> None:
         removed = remove_namespace_files((f"usr_{self.prefix}", f"{self.prefix}s"))

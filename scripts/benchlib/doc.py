@@ -33,12 +33,11 @@ def _launcher(r: dict[str, Any]) -> str:
         top = ", ".join(f"`{m}` {us / 1000:.1f}" for m, us in list(it["top_level_us"].items())[:6])
         imports.append(f"| {la['labels'][key]} | {top} | {it['total_us'] / 1000:.1f} ms |")
     interp = an["python -IS -c pass"]["median"]
+    shell = an["sh -c :"]["median"]
     site = an["python -c pass (venv)"]["median"] - interp
     editable = an["python -c pass (editable .venv)"]["median"] - interp
-    imp_now = an["python -IS, import nsd.exec"]["median"] - interp
-    prop = "proposed-IS" in v
-    imp_prop = an["python -IS, import nsd.exec (proposed)"]["median"] - interp if prop else math.nan
-    best = v["proposed-IS"] if prop else v["nsd-exec-IS"]
+    imp = an["python -IS, import nsd.exec"]["median"] - interp
+    ours, console = v["nsd-exec"]["median"], v["console-script"]["median"]
     floor = v["nsenter"]["median"]
     sudo = an["sudo -iu USER true"]["median"]
     return f"""## 1. Launcher overhead
@@ -59,60 +58,48 @@ Where the time goes (from the rows in italics, and `python -X importtime`):
 
 {chr(10).join(imports)}
 
-* The interpreter itself (`python -IS -c pass`) costs {interp:.1f} ms. No Python
-  launcher gets below that, so "≤ 0.5{TIMES} the wrapper" ({wrap / 2:.1f} ms) is out of reach
-  for any Python nsd-exec on this host; the wrapper's own cost is mostly sudo
-  ({sudo:.1f} ms for `sudo -iu USER true`).
-* `site` adds {site:.1f} ms in a normal venv and {editable:.1f} ms in the editable
+* The interpreter itself (`python -IS -c pass`) costs {interp:.1f} ms, the launcher's
+  `/bin/sh` line {shell:.1f} ms, and nsd.exec's imports {imp:.1f} ms; the rest is the
+  work: NSS, the varlink call, `setns`, limits, dropping privileges, `execve`.
+* `site` would add {site:.1f} ms in a normal venv and {editable:.1f} ms in the editable
   development venv (its `.pth` import hook), which is why the editable figure is not
   the one to quote.
-* pip's console-script template runs `import re` before `main()` (~4-6 ms with its
-  dependencies).
-* nsd.exec's own imports cost {imp_now:.1f} ms today: `json` pulls in `re`, `enum`,
-  `functools` and `collections`; `socket` and `signal` pull in `enum` and `selectors`;
-  on Python 3.11 `ctypes` is loaded for `setns`.
+* pip's console-script launcher runs `site` and `import re` before `main()`:
+  {console:.1f} ms against {ours:.1f} ms for the same code started by nsd's launcher.
+* "≤ 0.5{TIMES} the wrapper" ({wrap / 2:.1f} ms) is below the interpreter's own start on
+  this host, so no Python nsd-exec reaches it; the wrapper's cost is mostly sudo
+  ({sudo:.1f} ms for `sudo -iu USER true`).
 
-### Design choice and recommendation
+### Design choice
 
-The proposal in `scripts/benchlib/proposals/nsd-exec-imports.patch` keeps nsd-exec's
-behaviour and its one-call protocol and changes only what it imports: the C modules
-`_socket`, `_signal` and `_json` (decoding the one reply with the C scanner, encoding
-the one request with `encode_basestring_ascii`), `json` only on error paths, and on
-Python 3.11 `_ctypes` instead of `ctypes` for `setns`. Its import cost is
-{imp_prop:.1f} ms instead of {imp_now:.1f} ms. The bench applies the patch to a copy of
-the tree and measures it (the "proposed" rows; they disappear once the patch is merged).
+nsd-exec stays a Python program (it shares its protocol code and its tests with nsd,
+and every check it makes before `execve` is plain to read), and pays only for the
+interpreter:
 
-Recommended, both parts:
+1. **Imports**: `nsd/exec.py` imports the C modules `_socket`, `_signal` and `_json`
+   (the C scanner decodes the one reply, `encode_basestring_ascii` encodes the one
+   request), `json` only on error paths, and on Python 3.11 `_ctypes` instead of
+   `ctypes` for `setns`. The packages `json`, `socket`, `signal` and `ctypes` pull in
+   `re`, `enum`, `functools`, `collections` and `selectors`: ~15 ms of a start.
+2. **Launcher**: the installed `nsd-exec` is `bin/nsd-exec` of the checkout (a
+   `script-files` entry in pyproject.toml, so `pip install` puts it into the venv's
+   `bin/`), not a `[project.scripts]` console script. Its first line is `#!/bin/sh`;
+   one shell line execs the venv's interpreter (found next to the script, symlinks
+   resolved) with `-IS` on the same file, whose Python part appends the venv's
+   site-packages to `sys.path` and calls `nsd.exec.main`. pip rewrites a `#!python`
+   line to the bare interpreter path, dropping flags, and pip-installed wheels run no
+   install hooks, so a shebang with `-IS` cannot be installed by pip; a `#!/bin/sh`
+   line is left alone. `-I` also makes nsd-exec ignore `PYTHONPATH` and friends in a
+   unit's environment. Where nsd is not in a venv's site-packages (an editable or a
+   system-wide install) the launcher falls back to `site`, only slower.
 
-1. apply the patch (every installation gains from it);
-2. start nsd-exec through a launcher that runs the interpreter with `-IS` (isolated, no
-   `site`) and puts nsd's site-packages on `sys.path` itself, instead of pip's console
-   script: five lines, exactly what the bench generates as `nsd-exec-IS`:
+Result: nsd-exec takes {ours:.1f} ms ({ours / wrap:.2f}{TIMES} the wrapper,
+{ours - floor:.1f} ms over bare nsenter at {floor:.1f} ms). Getting within 10 ms of nsenter
+would take a launcher that is not Python (a small C or Rust `nsd-exec` speaking the same
+varlink call, with every check of docs/nsd-exec.md rewritten and re-tested): not done,
+as the target that matters, faster than the wrapper it replaces, holds without it.
 
-   ```python
-   #!/opt/nsd/bin/python -IS
-   import sys
-   sys.path.append("/opt/nsd/lib/python3.11/site-packages")
-   from nsd.exec import main
-   sys.exit(main())
-   ```
-
-   pip cannot generate it (it rewrites a `#!python` line to the bare interpreter path,
-   dropping flags), so it belongs in the Debian package or is written at install time.
-   `-I` also makes nsd-exec ignore `PYTHONPATH` and friends in a unit's environment.
-
-With both, nsd-exec takes {best["median"]:.1f} ms ({best["median"] / wrap:.2f}{TIMES} the
-wrapper, {best["median"] - floor:.1f} ms over bare nsenter at {floor:.1f} ms). Today's
-pip-installed nsd-exec takes {v["nsd-exec"]["median"]:.1f} ms
-({v["nsd-exec"]["median"] / wrap:.2f}{TIMES}). Getting within a few ms of nsenter would take a
-launcher that is not Python (a small C or Rust `nsd-exec` speaking the same varlink
-call); the Python one has the advantage of sharing its tests and protocol code with nsd.
-
-**systemd-native template** (`NetworkNamespacePath=` + `Slice=` + `User=`, no launcher
-process): expected to add nothing to a unit's start, since systemd joins the namespace
-itself before exec. This host has no systemd as PID 1, so it is not measured here; the
-VM tier (`scripts/vm-test`) measures it, and `scripts/bench --vm-figures FILE` puts its
-figures into this table (keys below).
+{_native(r)}
 """
 
 
@@ -178,12 +165,39 @@ interleaved.
 {chr(10).join(rows)}
 
 When the daemon serves fewer calls/s than are offered, the open-loop queue grows for
-the whole window and its latencies are queueing, not per-call cost. Where a `Get` and
-an `Enter` spend their time (a py-spy profile: NSS lookups that reread /etc/passwd,
-SQLite for every lookup, formatting IPv6 addresses, the audit line per `Enter`), and a
-patch that takes `Get` to ~17,000 calls/s and `Enter` to ~7,000 calls/s at 1,000
-tenants, is in `scripts/benchlib/proposals/README.md` (`api-fast-path.patch`;
-measure it with `--daemon-pythonpath`).
+the whole window and its latencies are queueing, not per-call cost. The load client
+runs on the same 2 CPUs as the daemon (and as whatever else runs on the machine), so
+at 5,000 calls/s the two together keep both CPUs busy.
+
+What the profiles showed and what changed (py-spy of the daemon at 64 clients and
+1,000 tenants; the figures in this paragraph are from those development runs, not
+from the run above):
+
+* `Get`: NSS `getpwuid` 25% (glibc's files backend rereads /etc/passwd on every
+  call), SQLite `get_by_name` 16%, formatting IPv6 addresses 10-12%. Now positive NSS
+  answers are reused (`nsd/users.py`: dropped at once when /etc/passwd changes, and
+  after at most 2 s for other NSS backends; negative answers are never cached), tenant
+  records are cached in `Store` (every write empties the cache), and each record's
+  address strings are formatted once. `Get` went from ~3,400 to ~12,000-17,000
+  calls/s at 64 clients.
+* `Enter`: besides the above, two `lstat`s and an `open` of the namespace per call,
+  now one `open` (its `fstat` gives the inode); a read of `/proc/PID/cgroup` when the
+  caller had already said `scope: false`, now skipped; the audit line per call (16%)
+  now without the logging module's caller lookup and thread/process names. ~2,700 →
+  ~7,000-7,700 calls/s at 64 clients; what remains is mostly `sendmsg` with the
+  namespace descriptor (SCM_RIGHTS), the JSON and the varlink framing.
+* The single 70-220 ms stalls every ~15 s were the metrics sampler: (1) it built its
+  list of targets on the event loop with one SQLite query per tenant and every record
+  parsed anew, ~40 ms at 1,000 tenants (now the cached records, one query for all
+  limit overrides, the default limits computed once: ~3 ms); (2) its allocations set
+  off full collections of the cyclic GC, which walked the whole start-up heap
+  (pyroute2, dbus, modules) with the GIL held: 23-36 ms each, seen with a
+  `gc.callbacks` probe at the very times of the stalls (now `gc.freeze()` once start-up
+  is done: no full collection was seen in the following minutes). What is left is CPU
+  contention: a sample burns ~0.1-2 s of CPU reading /proc (section 6) and holds the
+  GIL for ~80 ms of pure-Python rendering on its worker thread, and on 2 shared CPUs an
+  unrelated process measuring its own scheduling delays sees 30-70 ms gaps at the same
+  15 s period. With the sampler off (`[metrics] interval = 3600`) those gaps went away.
 """
 
 
@@ -241,11 +255,150 @@ is quadratic: the profiles and a patch are in `scripts/benchlib/proposals/README
 """
 
 
-def render(r: dict[str, Any], table: str, vm_keys: dict[str, str]) -> str:
+def _vm_source(r: dict[str, Any]) -> str:
+    vm = r.get("vm") or {}
+    if not vm.get("source"):
+        return "no VM figures were given (`--vm-figures`)"
+    return f"the VM tier's figures from `{vm['source']}` (taken {vm['taken']})"
+
+
+def _native(r: dict[str, Any]) -> str:
+    starts = ((r.get("vm") or {}).get("figures") or {}).get("unit_start_ms")
+    head = """**systemd-native template** (`NetworkNamespacePath=` + `Slice=` + `User=`, no
+launcher process): systemd joins the namespace itself, in the process it forks for the
+unit, before `execve`."""
+    if not starts:
+        return (
+            head
+            + f""" This host has no systemd as PID 1, so its start cost is
+measured by the VM tier (tests/e2e/test_65_start_cost.py); {_vm_source(r)}, and they
+hold no unit start times (`unit_start_ms`)."""
+        )
+    plain = starts["plain"]
+    rows = ["| unit | start to exit | vs plain |", "|---|---|---|"]
+    for key, label in (
+        ("plain", "plain (`User=` only)"),
+        ("native", "native template (`NetworkNamespacePath=` + `User=`)"),
+        ("nsd-exec", "through nsd-exec (root unit)"),
+        ("pamname", "`PAMName=su-l` + `User=`"),
+    ):
+        diff = "" if key == "plain" else f"{starts[key] - plain:+.1f} ms"
+        rows.append(f"| {label} | {starts[key]:.1f} ms | {diff} |")
+    return (
+        head
+        + f""" The VM tier (Debian 13, systemd 257, under qemu on this machine;
+tests/e2e/test_65_start_cost.py) times `systemd-run --wait` of `/bin/true` as the
+tenant, {starts["rounds"]} interleaved rounds ({_vm_source(r)}), medians:
+
+{chr(10).join(rows)}
+
+The native template adds {starts["native"] - plain:+.1f} ms to a unit's start, which is
+within the noise of a `systemd-run` round trip: it costs nothing measurable.
+"""
+    )
+
+
+def _metrics(r: dict[str, Any]) -> str:
+    m = r.get("metrics")
+    if not m:
+        return "## 6. Metrics\n\nNot measured in this run (`--metrics-processes 0`).\n"
+    procs = m["proc_scan_contained"]["processes"]
+    rows = ["| what | median | min | max |", "|---|---|---|---|"]
+    for key, label in (
+        ("sampler_total", "one sample (cgroup files, /proc, /proc/net/dev)"),
+        ("proc_scan_contained", "of it: the /proc scan, all processes contained"),
+        ("proc_scan_all_escaped", "the /proc scan, every tenant process an escape (worst case)"),
+        ("sampler_cgroup_files_only", "cgroup files only (no /proc)"),
+    ):
+        x = m[key]
+        rows.append(
+            f"| {label} | {x['median_ms']:.0f} ms | {x['min_ms']:.0f} | {x['max_ms']:.0f} |"
+        )
+    rows.append(
+        f"| pre-rendering the exposition after a sample | {m['prerender_text_ms']:.0f} ms | | |"
+    )
+    for key, label in (
+        ("scrape_text", f"scrape, text ({m['scrape_text']['bytes'] / 1e6:.1f} MB)"),
+        ("scrape_text_gzip", f"scrape, gzip ({m['scrape_text_gzip']['bytes'] / 1e6:.2f} MB)"),
+        ("scrape_openmetrics", "scrape, OpenMetrics"),
+    ):
+        x = m[key]
+        rows.append(
+            f"| {label} | {x['median_ms']:.1f} ms | {x['min_ms']:.1f} | {x['max_ms']:.1f} |"
+        )
+    rows.append(f"| 10 concurrent scrapes, all done | {m['10_concurrent_scrapes_ms']:.1f} ms | | |")
+    return f"""## 6. Metrics
+
+`scripts/bench_metrics.py` (also on its own as `scripts/bench-metrics`): the sampler's
+`collect()` for {m["tenants"]} tenants, whose cgroup files are a fixture tree in the
+kernel's formats (this host has no cgroup v2 slices), over this host's real /proc with
+{m["processes_spawned"]:,} extra idle processes spread over the tenants' UIDs (10 % named
+`(sd-pam)`; {procs:,} processes scanned in all), then scrapes of the pre-rendered
+exposition over HTTP. Medians of {m.get("rounds", 5)} rounds where not said otherwise.
+
+{chr(10).join(rows)}
+
+{m["series_total"]:,} series in all (at most {m["series_per_tenant_max"]} per tenant).
+A sample runs on a worker thread every `[metrics] interval` (15 s), never on the event
+loop; scrapes only send the bytes rendered after the last sample, so their cost does
+not grow with the number of scrapers. The sample's CPU time is what a 2-CPU host feels
+as the periodic latency bump of section 3.
+"""
+
+
+def _pam_parent(mem: dict[str, Any]) -> str:
+    parent = mem["pamname"].get("sd_pam_parent")
+    if mem["pamname"]["sd_pam_processes"] == 0:
+        return " (this run of the VM tier found none in the services' cgroups)"
+    return f" (forked by {parent})" if parent else ""
+
+
+def _resident(r: dict[str, Any]) -> str:
+    mem = ((r.get("vm") or {}).get("figures") or {}).get("memory_per_service")
+    head = "## 7. Resident helpers: `PAMName=` against the native template\n\n"
+    if not mem:
+        return (
+            head
+            + f"""Measured by the VM end-to-end tier (real systemd), not on this
+host; {_vm_source(r)}. Pass `--vm-figures` (a figures.json, or the results directory
+of `scripts/vm-test`, by default {"/var/cache/nsd-vm/last-results"}).
+"""
+        )
+    rows = [
+        "| variant | (sd-pam) processes | their RSS | their PSS | service cgroup memory (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (
+        ("pamname", "`PAMName=su-l` + `User=`"),
+        ("native", "native template (`NetworkNamespacePath=` + `User=`)"),
+        ("nsd-exec", "through nsd-exec"),
+    ):
+        v = mem[key]
+        rows.append(
+            f"| {label} | {v['sd_pam_processes']} | {v['sd_pam_rss_kib_total']:,} KiB "
+            f"| {v['sd_pam_pss_kib_total']:,} KiB "
+            f"| {v['memory_current_median_bytes'] / 1024:,.0f} KiB |"
+        )
+    n = mem["pamname"]["services"]
+    return (
+        head
+        + f"""From the VM end-to-end tier (Debian 13, systemd {mem.get("systemd_version", "?")};
+tests/e2e/test_60_memory.py): {n} identical `sleep infinity` services for one tenant,
+started each way; {_vm_source(r)}.
+
+{chr(10).join(rows)}
+
+With `PAMName=`, systemd keeps an `(sd-pam)` process per service for the service's
+whole life{_pam_parent(mem)}; the native template and nsd-exec keep none: nsd-exec has
+exec'd the workload, and the native template never had a launcher.
+"""
+    )
+
+
+def render(r: dict[str, Any], table: str) -> str:
     meta = r["meta"]
     loads = meta.get("loadavg", {})
     busiest = max((v[0] for v in loads.values()), default=math.nan)
-    vm_rows = "\n".join(f"| `{k}` | {v} |" for k, v in vm_keys.items())
     return f"""# Benchmarks
 
 nsd against the tools it replaces, side by side in one run. Everything below comes from
@@ -291,20 +444,6 @@ repetitions) is what `tests/integration/test_bench_smoke.py` runs.
 {_api(r)}
 {_memory(r)}
 {_policy(r)}
-## 6. Metrics
-
-Not yet. The benchmark issue was written before the metrics endpoint landed; its
-scrape cost with N tenants (and per-tenant memory figures, which need a cgroup v2
-host, unlike this one) is the next figure to add here: a `metrics` section in the
-results JSON and a row "6 metrics" in the table, which already holds the place.
-
-## 7. Resident helpers: `PAMName=` against the native template
-
-Measured by the VM end-to-end tier (real systemd), not on this host; pass its figures
-with `--vm-figures FILE` (default `bench-results/vm-figures.json` if present) and they
-appear in the table. The keys it reads:
-
-| key | meaning |
-|---|---|
-{vm_rows}
+{_metrics(r)}
+{_resident(r)}
 """

@@ -3,11 +3,14 @@
 Variants, each starting ``/bin/true`` as the tenant inside the tenant's namespace:
 
 * ``nsd-exec`` from a NON-editable ``pip install`` into a temp venv (how operators
-  install it): the headline number;
-* the same, run as ``python -I -S …/site-packages/nsd/exec.py`` (no ``site``: what a
-  trimmed launcher would cost);
+  install it): the headline number. That is bin/nsd-exec, the sh/Python launcher
+  that runs the venv's interpreter with ``-IS``;
+* pip's console-script launcher for ``nsd.exec:main`` in the same venv (what a
+  ``[project.scripts]`` entry would install: ``site``, then ``import re``), to show
+  what the launcher design saves;
 * ``nsd-exec`` from the repository's editable ``.venv`` (what developers see: the
-  editable install's ``.pth`` finder alone costs ~10 ms per start);
+  launcher falls back to ``site`` there, and the editable install's ``.pth`` finder
+  costs ~10 ms per start);
 * the seed's wrapper script, verbatim (``sudo -iu USER true``, then
   ``nsenter --net=/var/run/netns/usr_USER --setuid=$(id -u) --setgid=$(id -g)``);
 * bare ``nsenter --net=… --setuid --setgid /bin/true``: the floor.
@@ -53,38 +56,40 @@ ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "
 ROOT = Path(__file__).resolve().parents[2]
 
 
-PROPOSAL = Path(__file__).resolve().parent / "proposals" / "nsd-exec-imports.patch"
+#: pip's console-script template (pip/_internal/operations/install/wheel.py), as pip
+#: writes it for a ``[project.scripts]`` entry ``nsd-exec = "nsd.exec:main"``.
+CONSOLE_SCRIPT = """\
+#!{python}
+# -*- coding: utf-8 -*-
+import re
+import sys
+from nsd.exec import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
 
 
 class Install:
-    """nsd pip-installed (not editable) into a temp venv from a copy of the checkout,
-    optionally with a patch applied to the copy."""
+    """nsd pip-installed (not editable) into a temp venv from a copy of the checkout."""
 
     def __init__(self, venv: Path, how: str) -> None:
         self.venv = venv
         self.how = how
         self.python = str(venv / "bin/python")
         self.site = _site_packages(venv)
-        self.console_script = str(venv / "bin/nsd-exec")
-        # What a launcher run as `python -IS` looks like: no site (no .pth files, no
-        # site-packages scan), no user environment; the package path is explicit, and
-        # unlike pip's console script it does not import re (~4 ms).
-        self.is_script = str(venv / "bin/nsd-exec-IS")
-        Path(self.is_script).write_text(
-            f"#!{self.python} -IS\n"
-            "import sys\n"
-            f"sys.path.append({self.site!r})\n"
-            "from nsd.exec import main\n"
-            "sys.exit(main())\n"
-        )
-        os.chmod(self.is_script, 0o755)  # noqa: S103 -- a launcher in a temp venv
+        #: what pip installed: bin/nsd-exec of the checkout
+        self.launcher = str(venv / "bin/nsd-exec")
+        #: the alternative, for comparison: pip's console script for nsd.exec:main
+        self.console_script = str(venv / "bin/nsd-exec-console-script")
+        Path(self.console_script).write_text(CONSOLE_SCRIPT.format(python=self.python))
+        os.chmod(self.console_script, 0o755)  # noqa: S103 -- a launcher in a temp venv
 
 
-def install_noneditable(cleanup: Cleanup, prefix: str, patch: Path | None = None) -> Install | None:
+def install_noneditable(cleanup: Cleanup, prefix: str) -> Install:
     """Built from a copy so pip's in-tree build never writes build/ into the checkout.
     If pip cannot build (no network for the build backend), the layout a wheel
-    produces is made by hand: the package in site-packages and pip's console script.
-    With ``patch``: None if the patch does not apply (e.g. it is already merged)."""
+    produces is made by hand: the package in site-packages and bin/nsd-exec."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-venv-"))
     cleanup.push(f"remove {tmp}", lambda: shutil.rmtree(tmp, ignore_errors=True))
     src = tmp / "src"
@@ -92,17 +97,7 @@ def install_noneditable(cleanup: Cleanup, prefix: str, patch: Path | None = None
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "nsd", src / "nsd", ignore=shutil.ignore_patterns("__pycache__"))
-    if patch is not None:
-        res = subprocess.run(
-            ["git", "apply", "-p1", str(patch)],
-            cwd=src,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
-            log(f"{patch.name} does not apply to this tree (merged already?): {res.stderr.strip()}")
-            return None
+    shutil.copytree(ROOT / "bin", src / "bin")
     venv = tmp / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
     res = subprocess.run(
@@ -125,17 +120,8 @@ def install_noneditable(cleanup: Cleanup, prefix: str, patch: Path | None = None
         log(f"pip install failed, laying out the wheel by hand: {res.stderr.strip()[-300:]}")
         site = Path(_site_packages(venv))
         shutil.copytree(src / "nsd", site / "nsd")
-        script = venv / "bin/nsd-exec"
-        # pip's console-script template, as pip would write it
-        script.write_text(
-            f"#!{venv}/bin/python\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
-            "from nsd.exec import main\n"
-            "if __name__ == '__main__':\n"
-            "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-            "    sys.exit(main())\n"
-        )
-        script.chmod(0o755)
-        how = "package copied into site-packages + pip's console-script template (pip failed)"
+        shutil.copy2(src / "bin/nsd-exec", venv / "bin/nsd-exec")  # a script-files entry
+        how = "package copied into site-packages + bin/nsd-exec (pip failed)"
     # Byte-compiled as pip does, so no start pays for compiling.
     subprocess.run(
         [str(venv / "bin/python"), "-m", "compileall", "-q", _site_packages(venv) + "/nsd"],
@@ -173,10 +159,8 @@ def _spawn_ms(argv: list[str], devnull: int) -> float:
 #: display names of the variants, in table order
 LABELS = {
     "nsd-exec": "nsd-exec (pip install)",
-    "nsd-exec-IS": "nsd-exec, python -IS launcher",
+    "console-script": "nsd.exec via pip's console script",
     "nsd-exec-editable": "nsd-exec (editable .venv)",
-    "proposed": "proposed imports (pip install)",
-    "proposed-IS": "proposed imports, python -IS launcher",
     "wrapper": "wrapper script (sudo + nsenter)",
     "nsenter": "bare nsenter (floor)",
 }
@@ -199,20 +183,15 @@ def run_launcher(
     wrapper.write_text(WRAPPER_SCRIPT)
     wrapper.chmod(0o755)
     current = install_noneditable(cleanup, prefix)
-    assert current is not None
-    proposed = install_noneditable(cleanup, prefix, PROPOSAL)
     netns = f"{RUN_NETNS}/usr_{user}"
     dev_py = sys.executable
     dev_exec = str(Path(dev_py).with_name("nsd-exec"))
     exec_args = ["--socket", socket_path, user, "--", "/bin/true"]
     variants: dict[str, list[str]] = {
-        "nsd-exec": [current.console_script, *exec_args],
-        "nsd-exec-IS": [current.is_script, *exec_args],
+        "nsd-exec": [current.launcher, *exec_args],
+        "console-script": [current.console_script, *exec_args],
         "nsd-exec-editable": [dev_exec, *exec_args],
     }
-    if proposed is not None:
-        variants["proposed"] = [proposed.console_script, *exec_args]
-        variants["proposed-IS"] = [proposed.is_script, *exec_args]
     variants["wrapper"] = [str(wrapper), user, "/bin/true"]
     variants["nsenter"] = [
         "/usr/bin/nsenter",
@@ -228,13 +207,12 @@ def run_launcher(
 
     # Where the time goes: pieces of the above, measured in the same loop.
     anatomy: dict[str, list[str]] = {
+        "sh -c :": ["/bin/sh", "-c", ":"],
         "python -IS -c pass": [current.python, "-IS", "-c", "pass"],
         "python -c pass (venv)": [current.python, "-c", "pass"],
         "python -c pass (editable .venv)": [dev_py, "-c", "pass"],
         "python -IS, import nsd.exec": import_only(current),
     }
-    if proposed is not None:
-        anatomy["python -IS, import nsd.exec (proposed)"] = import_only(proposed)
     anatomy["sudo -iu USER true"] = ["/usr/bin/sudo", "-iu", user, "/usr/bin/true"]
     anatomy["/bin/true"] = ["/bin/true"]
     allv = {**variants, **anatomy}
@@ -254,27 +232,20 @@ def run_launcher(
     summary = {k: summarize(v) for k, v in samples.items()}
     wrap = summary["wrapper"]["median"]
     floor = summary["nsenter"]["median"]
+    # The launcher's Python part as its sh line starts it (the sh line cannot pass -X).
     importtimes = {
-        "nsd-exec": importtime([current.python, "-X", "importtime", *variants["nsd-exec"]]),
-        "nsd-exec-IS": importtime(
-            [current.python, "-X", "importtime", "-IS", *variants["nsd-exec-IS"]]
+        "nsd-exec": importtime([current.python, "-X", "importtime", "-IS", *variants["nsd-exec"]]),
+        "console-script": importtime(
+            [current.python, "-X", "importtime", *variants["console-script"]]
         ),
         "nsd-exec-editable": importtime(
-            [dev_py, "-X", "importtime", *variants["nsd-exec-editable"]]
+            [dev_py, "-X", "importtime", "-IS", *variants["nsd-exec-editable"]]
         ),
     }
-    if proposed is not None:
-        importtimes["proposed"] = importtime(
-            [proposed.python, "-X", "importtime", *variants["proposed"]]
-        )
-        importtimes["proposed-IS"] = importtime(
-            [proposed.python, "-X", "importtime", "-IS", *variants["proposed-IS"]]
-        )
     return {
         "rounds": rounds,
         "warmup_rounds": warmup,
         "install": current.how,
-        "proposal": str(PROPOSAL.relative_to(ROOT)) if proposed is not None else None,
         "labels": {k: LABELS[k] for k in variants},
         "variants_ms": {k: summary[k] for k in variants},
         "anatomy_ms": {k: summary[k] for k in anatomy},

@@ -54,7 +54,7 @@ def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
 
     # 1. launcher: nsd-exec (as operators install it), the seed's wrapper, bare nsenter
     la = r["launcher"]
-    for key in ("nsd-exec", "nsd-exec-IS", "nsd-exec-editable", "wrapper", "nsenter"):
+    for key in ("nsd-exec", "console-script", "nsd-exec-editable", "wrapper", "nsenter"):
         assert positive(la["variants_ms"][key]["median"]), key
         assert la["variants_ms"][key]["n"] == la["rounds"]
     assert all(positive(s["median"]) for s in la["anatomy_ms"].values())
@@ -88,6 +88,11 @@ def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
     # 5b. the network policy on
     p = r["policy"]
     assert positive(p["create_ms"]["median"]) and positive(p["restart_ready_s"])
+
+    # 6. metrics: a sample and scrapes at n tenants, with the extra processes
+    m = r["metrics"]
+    assert m["tenants"] == n and m["processes_spawned"] > 0
+    assert positive(m["sampler_total"]["median_ms"]) and positive(m["scrape_text"]["median_ms"])
 
     # the table has a row for every comparison, placeholders included
     sections = {row["comparison"] for row in r["summary"]}
