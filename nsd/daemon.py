@@ -148,6 +148,11 @@ class Daemon:
             await manager.apply_network_host()
         except (nft.NftError, NetnsError, OSError) as e:
             raise StartupError(f"cannot load the nftables table inet nsd: {e}") from e
+        if hostnet is not None:
+            # Operators (and the VM tier) read the boot order from this line: it comes
+            # before the reconcile line that brings tenants' veths up.
+            uplinks = ", ".join(hostnet.site.uplinks) or "none"
+            log.info("network policy: table inet nsd loaded (uplinks: %s)", uplinks)
         interval = sd.watchdog_interval()
         if interval:
             # Keep a reference: the loop holds tasks only weakly.
