@@ -64,6 +64,7 @@ def run_api(
             "p90_ms": _median([r["p90_ms"] for r in runs]),
             "p99_ms": _median([r["p99_ms"] for r in runs]),
             "p99_ms_worst_run": max(r["p99_ms"] for r in runs),
+            "p99_ms_runs": [r["p99_ms"] for r in runs],
             "max_ms": max(r["max_ms"] for r in runs),
             "calls": calls,
             "errors": sum(r["errors"] for r in runs),

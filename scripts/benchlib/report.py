@@ -155,7 +155,7 @@ def _launcher_rows(t: _Rows, r: dict[str, Any]) -> None:
                     f"{starts[key]:.1f} ms",
                     f"plain User= unit {plain:.1f} ms",
                     f"{starts[key] - plain:+.1f} ms",
-                    "no added cost" if key == "native" else "",
+                    "expected: no added cost" if key == "native" else "",
                 )
     else:
         t.add(
