@@ -19,13 +19,19 @@ descendant, reached through helpers only, runs as the tenant).
 A tenant's own (non-helper) processes are classified by where they run:
 
 - ``contained``: inside the tenant's slice and namespace (where nsd puts work);
-- ``session``: a login session (``session-*.scope``, or an audit login UID on
-  hosts without systemd sessions) - legitimately elsewhere, not flagged;
-- ``user_manager``: the user's systemd instance (``user@UID.service``) - ditto;
+- ``session``: a login session (``session-*.scope``, or an audit login UID:
+  cron without pam_systemd, hosts without systemd sessions) in the tenant's
+  namespace but not its slice - what pam_nsd makes of a login under the default
+  layout, where logind's session scopes are not in the tenant's slice
+  (docs/logins.md); not flagged;
+- ``user_manager``: the user's systemd instance (``user@UID.service``) - legitimately
+  elsewhere, not flagged;
 - escapes, which are flagged: ``outside_slice`` (in the namespace but not the
   slice: its memory is neither limited nor counted with the tenant),
-  ``outside_namespace`` (in the slice but another network namespace), and
-  ``outside_slice_and_namespace``.
+  ``outside_namespace`` (in the slice but another network namespace),
+  ``outside_slice_and_namespace``, and ``session_outside_namespace``: a login
+  left in another network namespace (pam_nsd is not in that service's PAM stack,
+  or skipped the login because nsd was unreachable).
 
 When the host has no tenant slices (no systemd) only the namespace is judged;
 when a tenant's namespace is not mounted, only the slice.
@@ -46,10 +52,16 @@ USER_MANAGER = "user_manager"
 OUTSIDE_SLICE = "outside_slice"
 OUTSIDE_NAMESPACE = "outside_namespace"
 OUTSIDE_BOTH = "outside_slice_and_namespace"
+SESSION_OUTSIDE_NAMESPACE = "session_outside_namespace"
 HELPER = "helper"
 #: Where a tenant's process may be; the first three are legitimate.
 CLASSES: tuple[str, ...] = (CONTAINED, SESSION, USER_MANAGER)
-ESCAPES: tuple[str, ...] = (OUTSIDE_SLICE, OUTSIDE_NAMESPACE, OUTSIDE_BOTH)
+ESCAPES: tuple[str, ...] = (
+    OUTSIDE_SLICE,
+    OUTSIDE_NAMESPACE,
+    OUTSIDE_BOTH,
+    SESSION_OUTSIDE_NAMESPACE,
+)
 
 DEFAULT_HELPERS: tuple[str, ...] = ("(sd-pam)", "su", "sudo", "runuser", "nsenter")
 COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to this
@@ -339,7 +351,7 @@ def scan(
     )
 
 
-def _classify(p: _Proc, proc_root: str) -> str:  # noqa: PLR0911 - one return per class
+def _classify(p: _Proc, proc_root: str) -> str:
     t = p.tenant
     assert t is not None
     in_ns = t.netns_inode is None or p.netns == t.netns_inode
@@ -347,20 +359,19 @@ def _classify(p: _Proc, proc_root: str) -> str:  # noqa: PLR0911 - one return pe
     in_slice = t.cgroup is None or (p.cgroup is not None and _in(p.cgroup, t.cgroup))
     if in_slice and in_ns:
         return CONTAINED
-    if in_slice and t.cgroup is not None:
-        # In the slice, but another namespace: a session moved into the slice
-        # is still an escape from the namespace.
-        return OUTSIDE_NAMESPACE
     cgroup = p.cgroup or ""
     if _USER_MANAGER.search(cgroup):
         return USER_MANAGER
-    if _SESSION.search(cgroup):
-        return SESSION
+    # A login: a logind session scope, or a PAM session without one (cron without
+    # pam_systemd, hosts without systemd) that set an audit login UID. In the
+    # tenant's namespace it is where pam_nsd puts it (under the default layout
+    # session scopes are not in the tenant's slice); anywhere else pam_nsd did
+    # not run for it.
     login = _loginuid(f"{proc_root}/{p.pid}")
-    if login is not None and login != _NO_LOGINUID:
-        # A PAM session without a systemd scope (cron without pam_systemd, hosts
-        # without systemd): a login, not a service that escaped.
-        return SESSION
+    if _SESSION.search(cgroup) or (login is not None and login != _NO_LOGINUID):
+        return SESSION if in_ns else SESSION_OUTSIDE_NAMESPACE
+    if in_slice and t.cgroup is not None:
+        return OUTSIDE_NAMESPACE
     if t.cgroup is None:
         return OUTSIDE_NAMESPACE
     return OUTSIDE_SLICE if in_ns else OUTSIDE_BOTH

@@ -333,6 +333,7 @@ _REASONS_API = {
     "outside_slice": "outsideSlice",
     "outside_namespace": "outsideNamespace",
     "outside_slice_and_namespace": "outsideSliceAndNamespace",
+    "session_outside_namespace": "sessionOutsideNamespace",
 }
 
 

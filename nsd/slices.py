@@ -5,6 +5,11 @@ Every tenant has one slice, ``tenant-<uid>.slice`` inside the parent
 drop-ins written through ``SetUnitProperties(runtime=false)``, so they hold at
 boot before nsd runs, apply at once without a daemon-reload, and an existing
 slice is simply adopted on restart (see nsd/systemd.py).
+
+With ``parent_slice = "user.slice"`` the tenant slice is logind's
+``user-<uid>.slice``, where logins and ``user@.service`` already run: one budget
+per tenant (docs/logins.md). Those names are shared with every user who logs
+in, so nsd then never treats a slice it has no tenant for as its own.
 """
 
 from __future__ import annotations
@@ -115,6 +120,13 @@ class TenantSlices:
         self._own_slice = re.compile(rf"{re.escape(stem)}-(0|[1-9][0-9]*)\.slice")
 
     @property
+    def shares_parent(self) -> bool:
+        """Whether the tenant slices are logind's ``user-<uid>.slice`` (parent_slice =
+        "user.slice", one budget per tenant, docs/logins.md): names nsd does not own
+        alone - every user who logs in gets one, tenant or not."""
+        return self.cfg.systemd.parent_slice == "user.slice"
+
+    @property
     def available(self) -> bool:
         return self.systemd is not None and self.cfg.systemd.slices
 
@@ -172,17 +184,30 @@ class TenantSlices:
             raise SystemdRequestFailed(unit, e) from e
 
     async def stray_slices(self, known_uids: set[int]) -> list[str]:
-        """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash)."""
+        """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash).
+
+        Only UIDs in the tenant range count: ``user-0.slice`` (root's logins) or a
+        system account's slice is never a tenant's. Under a shared parent
+        (user.slice) there are none at all: any user's slice there may carry an
+        administrator's ``systemctl set-property`` drop-ins, which look exactly like
+        nsd's, and nsd must never touch a non-tenant's slice.
+        """
+        if self.shares_parent:
+            return []
         bus = self._bus()
         stem = self.cfg.systemd.parent_slice.removesuffix(".slice")
         try:
             units = await bus.list_units_by_patterns([], [f"{stem}-*.slice"])
         except SystemdError as e:
             raise SystemdRequestFailed(f"{stem}-*.slice", e) from e
+        t = self.cfg.tenants
         out = []
         for u in units:
             m = self._own_slice.fullmatch(u.name)
-            if m is not None and int(m[1]) not in known_uids:
+            if m is None:
+                continue
+            uid = int(m[1])
+            if uid not in known_uids and t.uid_min <= uid <= t.uid_max:
                 out.append(u.name)
         return out
 

@@ -20,12 +20,16 @@ _REASONS = {
     "outsideSlice": "outside slice",
     "outsideNamespace": "outside namespace",
     "outsideSliceAndNamespace": "outside slice+namespace",
+    "sessionOutsideNamespace": "login outside namespace",
 }
 REASON_HELP = {
     "helper": "launches or babysits the tenant's work (sd-pam, su, sudo, ...)",
     "outsideSlice": "in the tenant's namespace but not its slice: not limited or counted with it",
     "outsideNamespace": "in the tenant's slice but another network namespace",
     "outsideSliceAndNamespace": "neither in the tenant's slice nor in its namespace",
+    "sessionOutsideNamespace": "a login (ssh, cron, su) in another network namespace: add "
+    "pam_nsd to that service's PAM stack (docs/logins.md), or end the session if nsd was "
+    "down when it began",
 }
 
 

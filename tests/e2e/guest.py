@@ -27,6 +27,10 @@ NETNS_DIR = Path("/run/netns")
 # Test users made by scripts/vm/prepare-guest; web-shop has a dash, which in a
 # slice name would mean nesting.
 TENANTS = ("alice", "bob", "web-shop")
+# The VM's nsd runs with systemd.parent_slice = "user.slice" (written by
+# scripts/vm/prepare-guest): one budget per tenant, shared with its logins
+# (docs/logins.md). The nspawn tier (tests/systemd) covers the default tenant.slice.
+PARENT_SLICE = "user.slice"
 # Scratch space of one boot, readable by the test users.
 SCRATCH = Path("/run/nsd-e2e")
 
@@ -128,6 +132,16 @@ def ping(address: str, *, netns: str | None = None, count: int = 2) -> None:
 
 def uid_of(user: str) -> int:
     return pwd.getpwnam(user).pw_uid
+
+
+def slice_of(user: str) -> str:
+    """The tenant's slice unit, as nsd names it (names.slice_name)."""
+    return f"{PARENT_SLICE.removesuffix('.slice')}-{uid_of(user)}.slice"
+
+
+def slice_cgroup(user: str) -> str:
+    """The tenant slice's cgroup path, e.g. /user.slice/user-1001.slice."""
+    return f"/{PARENT_SLICE}/{slice_of(user)}"
 
 
 def proc_status(pid: int) -> dict[str, str]:

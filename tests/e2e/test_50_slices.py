@@ -23,19 +23,20 @@ from tests.e2e.guest import (
     nsctl,
     run,
     show,
+    slice_cgroup,
+    slice_of,
     uid_of,
     wait_for,
 )
 
 pytestmark = pytest.mark.phase1
 
-CGROUP = Path("/sys/fs/cgroup/tenant.slice")
 # web-shop keeps these for phase 2 (limits in force at boot, before anyone asks nsd).
 BOOT_LIMITS = {"memory.max": str(96 << 20), "pids.max": "150"}
 
 
 def slice_dir(user: str) -> Path:
-    return CGROUP / f"tenant-{uid_of(user)}.slice"
+    return Path("/sys/fs/cgroup" + slice_cgroup(user))
 
 
 def cgroup_of(pid: int) -> str:
@@ -44,7 +45,7 @@ def cgroup_of(pid: int) -> str:
 
 def test_every_tenant_has_an_active_slice(tenants_ready: dict[str, dict[str, Any]]) -> None:
     for name, t in tenants_ready.items():
-        unit = f"tenant-{uid_of(name)}.slice"
+        unit = slice_of(name)
         assert t["slice"] == unit
         assert show(unit, "ActiveState")["ActiveState"] == "active"
         assert slice_dir(name).is_dir()  # realized in the cgroup v2 tree
@@ -60,7 +61,7 @@ def test_limits_reach_the_cgroup_files(tenants_ready: dict[str, dict[str, Any]])
     d = slice_dir("web-shop")
     assert {f: (d / f).read_text().strip() for f in BOOT_LIMITS} == BOOT_LIMITS
     # Persistent: systemd keeps them as drop-ins, no unit file, no daemon-reload.
-    control = Path(f"/etc/systemd/system.control/tenant-{uid_of('web-shop')}.slice.d")
+    control = Path(f"/etc/systemd/system.control/{slice_of('web-shop')}.d")
     assert (control / "50-MemoryMax.conf").is_file()
 
 
@@ -95,7 +96,7 @@ def test_launched_process_is_placed_with_pidfds(tenants_ready: dict[str, dict[st
         wait_for(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep",
                  "the workload to exec")  # fmt: skip
         cg = cgroup_of(proc.pid)
-        assert cg.startswith(f"/tenant.slice/tenant-{uid_of('alice')}.slice/nsd-enter-"), cg
+        assert cg.startswith(f"{slice_cgroup('alice')}/nsd-enter-"), cg
         assert netns_inode_of(proc.pid) == os.stat("/run/netns/alice").st_ino
     finally:
         proc.kill()
@@ -115,8 +116,6 @@ def test_template_instance_runs_in_its_namespace_and_slice(
     os.chown(home, uid_of("web-shop"), uid_of("web-shop"))
     run("systemctl", "enable", "--now", "tenant-app@web-shop.service")
     pid = int(show("tenant-app@web-shop.service", "MainPID")["MainPID"])
-    assert cgroup_of(pid) == (
-        f"/tenant.slice/tenant-{uid_of('web-shop')}.slice/tenant-app@web-shop.service"
-    )
+    assert cgroup_of(pid) == (f"{slice_cgroup('web-shop')}/tenant-app@web-shop.service")
     assert netns_inode_of(pid) == os.stat("/run/netns/web-shop").st_ino
     assert Path(f"/proc/{pid}/status").read_text().count(f"\t{uid_of('web-shop')}\t") >= 1

@@ -40,8 +40,25 @@ def kib(path: Path, key: str) -> int:
 
 
 def sd_pam_of(unit: str) -> list[int]:
-    procs = Path(f"/sys/fs/cgroup/system.slice/{unit}/cgroup.procs").read_text().split()
-    return [int(p) for p in procs if Path(f"/proc/{p}/comm").read_text().strip() == "(sd-pam)"]
+    """The unit's (sd-pam): in its cgroup, or the main process's child (systemd >= 255
+    forks it from systemd-executor, which becomes the main process). With pam_systemd
+    in the stack (libpam-systemd), logind registers a background session for the
+    service and may take processes into the session's scope; the parent still tells."""
+    main = show(unit, "MainPID")["MainPID"]
+    cgroup = Path(f"/sys/fs/cgroup/system.slice/{unit}/cgroup.procs")
+    members = set(cgroup.read_text().split()) if cgroup.exists() else set()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(x.split(":\t", 1) for x in status.splitlines() if ":\t" in x)
+        if fields.get("Name") == "(sd-pam)" and (fields.get("PPid") == main or d.name in members):
+            found.append(int(d.name))
+    return found
 
 
 def test_memory_per_service_pamname_vs_native_vs_nsd_exec(

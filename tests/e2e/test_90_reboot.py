@@ -27,6 +27,7 @@ from tests.e2e.guest import (
     run,
     save_state,
     show,
+    slice_cgroup,
     tenants,
     uid_of,
 )
@@ -176,7 +177,7 @@ def test_nsd_exec_after_reboot() -> None:
 
 @pytest.mark.phase2
 def test_template_service_at_boot_has_its_slice_limits() -> None:
-    """Enabled in phase 1: at boot it starts in tenant-<uid>.slice, whose limits
+    """Enabled in phase 1: at boot it starts in the tenant's slice, whose limits
     (persistent drop-ins set through nsd in phase 1) are in force."""
     from tests.e2e.test_50_slices import BOOT_LIMITS, slice_dir
 
@@ -184,7 +185,7 @@ def test_template_service_at_boot_has_its_slice_limits() -> None:
     assert is_active(unit) == "active"
     pid = int(show(unit, "MainPID")["MainPID"])
     cg = Path(f"/proc/{pid}/cgroup").read_text().strip().split(":", 2)[2]
-    assert cg == f"/tenant.slice/tenant-{uid_of('web-shop')}.slice/{unit}"
+    assert cg == f"{slice_cgroup('web-shop')}/{unit}"
     assert netns_inode_of(pid) == os.stat("/run/netns/web-shop").st_ino
     d = slice_dir("web-shop")
     assert {f: (d / f).read_text().strip() for f in BOOT_LIMITS} == BOOT_LIMITS

@@ -101,7 +101,8 @@ def test_tenant_values(snap: Snapshot) -> None:
     assert value(text, "nsd_tenant_network_transmit_drops_total", **a) == 2
     assert value(text, "nsd_tenant_network_receive_errors_total", **a) == 3
     assert value(text, "nsd_tenant_helper_processes", **a) == 2
-    assert value(text, "nsd_tenant_processes", **a, **{"class": "session"}) == 2
+    assert value(text, "nsd_tenant_processes", **a, **{"class": "session"}) == 1
+    assert value(text, "nsd_tenant_escaped_processes", **a, reason="session_outside_namespace") == 1
     assert value(text, "nsd_tenant_escaped_processes", **a, reason="outside_slice") == 1
     assert value(text, "nsd_helper_processes", helper="sudo") == 3
     assert value(text, "nsd_tenants") == 3
@@ -135,7 +136,7 @@ def test_series_per_tenant_are_bounded(snap: Snapshot) -> None:
     reg, _ = registry_for(snap)
     text = generate_latest(reg).decode()
     limit = M.per_tenant_series()
-    assert limit == 71
+    assert limit == 72
     alice = tenant_series(text, "alice")
     # Every source but PSS (one of her helpers has no smaps_rollup), and 3 of the 9 limits.
     assert len(alice) == limit - 1 - 6
