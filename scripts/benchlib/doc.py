@@ -206,7 +206,7 @@ from the run above):
   off full collections of the cyclic GC, which walked the whole start-up heap
   (pyroute2, dbus, modules) with the GIL held: 23-36 ms each, seen with a
   `gc.callbacks` probe at the very times of the stalls (now `gc.freeze()` once start-up
-  is done: no full collection was seen in the following minutes). What is left is CPU
+  is done: no full collection was seen in the following 60 s of load). What is left is CPU
   contention: a sample burns ~0.1-2 s of CPU reading /proc (section 6) and holds the
   GIL for ~80 ms of pure-Python rendering on its worker thread, and on 2 shared CPUs an
   unrelated process measuring its own scheduling delays sees 30-70 ms gaps at the same
