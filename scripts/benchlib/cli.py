@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="JSON",
         help="measure nothing: print the table of an earlier run's results and render the "
-        "docs from them (to --docs-dir, default docs/)",
+        "docs from them (to --docs-dir, default docs/); with --vm-figures, those replace "
+        "the VM figures stored in the results",
     )
     p.add_argument(
         "--vm-figures",
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.docs_dir = ROOT / "docs"
     if args.no_docs:
         args.docs_dir = None
+    args.vm_figures_given = args.vm_figures is not None
     if args.vm_figures is None:
         for candidate in (ROOT / "bench-results/vm-figures.json", VM_RESULTS):
             if candidate.exists():
@@ -289,6 +291,8 @@ class Run:
 
 def render_only(args: argparse.Namespace) -> int:
     results: dict[str, Any] = json.loads(args.render.read_text())
+    if args.vm_figures_given:  # newer VM figures for an earlier run's results
+        results["vm"] = report.load_vm_figures(args.vm_figures)
     report.derive(results)
     print(report.table_text(results))
     if args.docs_dir is not None:

@@ -332,8 +332,9 @@ machine has no KVM), where a plain unit's `systemd-run --wait` round trip takes
 {plain:.0f} ms and nsd-exec's start {slow:.0f} times what it takes on the host, so only
 the ratios carry over: of the three ways into the tenant's namespace or session, the
 native template is the cheapest, but the expected "no added cost" is not what was
-measured (systemd opens the namespace file and joins it in the unit's process before
-`execve`; only medians of {starts["rounds"]} rounds were recorded, no spread).
+measured. Where the time goes is not profiled: systemd opens the namespace file and
+joins it in the unit's process before `execve`, and may set up more around it (only
+medians of {starts["rounds"]} rounds are recorded, no spread).
 """
     )
 
