@@ -476,6 +476,11 @@ class TenantManager:
             if remove_network and not rec.adopted:
                 await self.net.remove(self.spec(rec))
             self.store.delete(rec.uid, quarantine=False)
+            if self.network is not None:
+                # its elements, if the host table got them before the failure
+                rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
+                for p in rep.problems:
+                    log.warning("tenant %s: %s", rec.name, p)
         except (NetnsError, OSError) as e:
             # Leave the 'creating' row: reconcile will finish or retry it.
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
