@@ -32,6 +32,7 @@ Bandwidth classification (verified on Linux 6.18, see docs/networking.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -648,7 +649,32 @@ class _Doc:
         self.rules.append({"add": {"rule": body}})
 
     def document(self) -> dict[str, Any]:
-        return {"nftables": [*self.cmds, *self.objects, *self.rules]}
+        """The commands; the first rule's comment carries a hash of every rule (see
+        ``_stamp``)."""
+        rules = [json.loads(json.dumps(r)) for r in self.rules]
+        if rules:
+            digest = hashlib.sha256(
+                json.dumps([r["add"]["rule"] for r in rules], sort_keys=True).encode()
+            ).hexdigest()[:RULES_HASH_LEN]
+            first = rules[0]["add"]["rule"]
+            first["comment"] = _stamp(first.get("comment"), digest)
+        return {"nftables": [*self.cmds, *self.objects, *rules]}
+
+
+#: hex digits of the rules' hash in the first rule's comment
+RULES_HASH_LEN = 12
+
+
+def _stamp(comment: str | None, digest: str) -> str:
+    """A rule comment that also names the hash of every rule of the derived table.
+
+    libnftables lists rules in a normalised form that differs from what nsd loads, so
+    rules cannot be compared with the derived ones directly; comments come back as they
+    were. With the hash in a comment, ``summary`` sees any change of the derived rules
+    (a host service's port, a new limit) even in a new process, where nsd has not yet
+    seen the live rules it loaded."""
+    tag = f"rules {digest}"
+    return f"{comment} [{tag}]" if comment else f"nsd {tag}"
 
 
 # Chain priorities (nft's named priorities as numbers: valid for every hook in nft 1.0.6)

@@ -447,3 +447,23 @@ def test_forward_drop_policies() -> None:
     assert len(found) == 2
     assert "table ip filter chain FORWARD (hook forward)" in found[0]
     assert "host services" in found[1]
+
+
+def test_summary_sees_a_changed_rule_with_the_same_comment() -> None:
+    """A host service moved to another port: same chains, rule counts and comments, but
+    different rules. The hash in the first rule's comment tells them apart, also for a
+    new process that never saw the live table's rules."""
+    svc = '[[network.host_services]]\nname = "db"\nhost = "127.0.0.1:{0}"\n'
+    svc += 'tenant_address = "127.0.0.1:{0}"\n'
+    a = npol.host_document(cfg("[network]\n" + svc.format(3306)), SITE, [tenant(1)])
+    b = npol.host_document(cfg("[network]\n" + svc.format(3307)), SITE, [tenant(1)])
+    assert npol.summary(a) != npol.summary(b)
+    assert npol.summary(as_listed(a)) == npol.summary(a)
+    first = rules(a)[0]["comment"]
+    assert first.startswith("spoofed IPv4 source [rules ") and len(first) < 128
+    # elements do not change the hash: a tenant's creation changes no rule
+    c = npol.host_document(cfg("[network]\n" + svc.format(3306)), SITE, [tenant(1), tenant(2)])
+    assert rules(c) == rules(a)
+    ta = npol.tenant_document(cfg("[network]\n" + svc.format(3306)), SITE, tenant(1))
+    tb = npol.tenant_document(cfg("[network]\n" + svc.format(3307)), SITE, tenant(1))
+    assert ta is not None and tb is not None and npol.summary(ta) != npol.summary(tb)
