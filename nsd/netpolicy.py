@@ -13,7 +13,11 @@ pools, uplinks, the host's loopback resolvers) and the tenants, build
 Every document replaces its table in one transaction (``nsd.nft``): ``add table``,
 ``delete table``, ``add table`` and the content, so chains and sets that are no longer
 derived disappear too, and packets see either the old or the new ruleset, never a mix.
-The model is explained in docs/networking.md.
+The host table is replaced through ``replacement`` instead, which keeps the set holding
+the conntrack counts; and since tenants appear in it only as set and map elements
+(``tenant_elements``), one tenant's creation or removal is an element transaction
+(``element_changes``) that leaves the table equal to the derived one. The model is
+explained in docs/networking.md.
 
 Bandwidth classification (verified on Linux 6.18, see docs/networking.md):
 
