@@ -29,8 +29,8 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_ECHO, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETQDISC
 
-from .netns import _get_link, _Msg, _nlattrs, _Rtnl, _text
 from .netpolicy import HTB_HANDLE, HTB_LIMITED
+from .rtnl import NlMsg, Rtnl, cstr, get_link, nlattrs
 
 TC_H_ROOT = 0xFFFFFFFF
 DEFAULT_LIMITED = HTB_LIMITED & 0xFFFF
@@ -61,29 +61,29 @@ TCA_OPTIONS = 2
 TCA_HTB_INIT = 2
 
 
-def _index(nl: _Rtnl, ifname: str) -> int:
+def _index(nl: Rtnl, ifname: str) -> int:
     # One RTM_GETLINK by name: the kernel looks the link up, whatever the number of
     # links on the host (a dump would make every tenant's call O(links)).
-    link = _get_link(nl, ifname=ifname)
+    link = get_link(nl, ifname=ifname)
     if link is None:
         raise ShapingError(f"no interface {ifname}", errno.ENODEV)
     return int(link["index"])
 
 
-def _decode_qdisc(data: memoryview, offset: int, end: int) -> _Msg:
+def _decode_qdisc(data: memoryview, offset: int, end: int) -> NlMsg:
     _family, index, handle, parent, _info = _TCMSG.unpack_from(data, offset)
     attrs: dict[str, Any] = {}
-    for kind, value in _nlattrs(data, offset + _TCMSG.size, end):
+    for kind, value in nlattrs(data, offset + _TCMSG.size, end):
         if kind == TCA_KIND:
-            attrs["TCA_KIND"] = _text(value)
+            attrs["TCA_KIND"] = cstr(value)
         elif kind == TCA_OPTIONS:
-            for sub, subvalue in _nlattrs(value, 0, len(value)):
+            for sub, subvalue in nlattrs(value, 0, len(value)):
                 if sub == TCA_HTB_INIT and len(subvalue) >= _HTB_GLOB.size:
                     attrs["defcls"] = _HTB_GLOB.unpack_from(subvalue)[2]
-    return _Msg({"index": index, "handle": handle, "parent": parent}, attrs)
+    return NlMsg({"index": index, "handle": handle, "parent": parent}, attrs)
 
 
-def _root(nl: _Rtnl, index: int) -> _Msg | None:
+def _root(nl: Rtnl, index: int) -> NlMsg | None:
     """The root qdisc of one interface (None: none, or the built-in noqueue).
 
     An RTM_GETQDISC for (ifindex, root), which the kernel answers from the device itself.
@@ -105,7 +105,7 @@ def _root(nl: _Rtnl, index: int) -> _Msg | None:
     return None
 
 
-def _ours(root: _Msg | None) -> bool:
+def _ours(root: NlMsg | None) -> bool:
     return root is not None and root.get_attr("TCA_KIND") == "htb" and root["handle"] == HTB_HANDLE
 
 
@@ -125,7 +125,7 @@ def _class_rate(cls: Any) -> int | None:
 
 
 def state(ipr: Any, ifname: str) -> ShapingState:
-    nl = _Rtnl()
+    nl = Rtnl()
     try:
         index = _index(nl, ifname)
         root = _root(nl, index)
@@ -153,7 +153,7 @@ def ensure(ipr: Any, ifname: str, rate_bps: int | None, *, default_limited: bool
     default = DEFAULT_LIMITED if default_limited else 0
     # Reads through a raw socket of the calling thread's namespace (one request each,
     # see _index and _root); changes through pyroute2, which builds the tc options.
-    nl = _Rtnl()
+    nl = Rtnl()
     try:
         index = _index(nl, ifname)
         root = _root(nl, index)
