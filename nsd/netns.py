@@ -95,7 +95,6 @@ T = TypeVar("T")
 #: exit status when the worker thread cannot return to the host namespace (EX_SOFTWARE)
 EXIT_WRONG_NAMESPACE = 70
 
-IFNAMSIZ = 16  # including the NUL: names are at most 15 bytes
 NAME_MAX = 255
 
 #: how long ensure() waits for another process (``ip netns add``) to drop the run dir lock
