@@ -85,7 +85,8 @@ def _read(path: str) -> str | None:
 
 def _apply_document(document: Mapping[str, Any] | None, what: str) -> list[str]:
     """Replace nsd's table with ``document`` (delete it for None) if the live table
-    differs; runs in the calling thread's namespace."""
+    differs; runs in the calling thread's namespace. For the tables inside tenant
+    namespaces, which hold no state of their own."""
     live = nft.list_table()
     if document is None:
         if live is not None:
@@ -96,6 +97,11 @@ def _apply_document(document: Mapping[str, Any] | None, what: str) -> list[str]:
         return []
     nft.apply(document)
     return [("loaded" if live is None else "replaced") + f" table inet nsd ({what})"]
+
+
+def _force_forwarding() -> bool:
+    """The kernel has per-interface IPv6 forwarding (Linux 6.17+)."""
+    return os.path.exists("/proc/sys/net/ipv6/conf/all/force_forwarding")
 
 
 def _default_route_links(ipr: Any) -> list[str]:
@@ -147,6 +153,14 @@ class HostNetwork:
             uplinks=cfg.uplinks,
         )
         self.forwarding_notes: tuple[str, ...] = ()
+        # The tenants whose elements nsd put into the live host table (by uid and by
+        # name), since the last full load; None: no full load yet in this process. The
+        # incremental path (set_tenant, remove_tenant) derives element changes from it.
+        self._loaded: dict[int, npol.TenantNet] | None = None
+        self._names: dict[str, npol.TenantNet] = {}
+        # (rules of the document, rules of the live table right after loading it):
+        # lets a later comparison check every rule exactly (npol.rules_of)
+        self._rules: tuple[str, str] | None = None
 
     # -- host facts ----------------------------------------------------------------------
 
@@ -174,20 +188,122 @@ class HostNetwork:
     # -- applying ------------------------------------------------------------------------
 
     async def apply_host(self, tenants: Sequence[npol.TenantNet]) -> NetworkReport:
-        """The host table and the forwarding sysctls. Raises nft.NftError if the table
-        cannot be loaded (the caller fails closed: no tenant veth comes up)."""
+        """The host table and the forwarding sysctls, in full (daemon start, reconcile,
+        and the fallback of the incremental path): O(tenants). Raises nft.NftError if
+        the table cannot be loaded (the caller fails closed: no tenant veth comes up)."""
         report = NetworkReport()
+        # Recorded before the first await: an incremental change queued after this one
+        # on the worker thread builds on these tenants.
+        self._remember(tenants)
         if not self.cfg.enabled:
             report.actions += await self._in(None, lambda _i: _apply_document(None, "host"))
             return report
         document = npol.host_document(self.cfg, self.site, tenants)
-        report.actions += await self._in(None, lambda _i: _apply_document(document, "host"))
-        report.extend(await self._in(None, lambda ipr: self._forwarding(ipr, tenants)))
+        report.actions += await self._in(None, lambda _i: self._load_host(document))
+        # One dump of the host's links (the adapter's raw socket), not one lookup per
+        # tenant.
+        links = set(await self.net.list_prefixed_links())
+        report.extend(await self._in(None, lambda _ipr: self._forwarding(tenants, links)))
         return report
 
-    def _forwarding(self, ipr: Any, tenants: Sequence[npol.TenantNet]) -> NetworkReport:
+    def _remember(self, tenants: Sequence[npol.TenantNet]) -> None:
+        self._loaded = {t.uid: t for t in tenants}
+        self._names = {t.name: t for t in tenants}
+
+    def _load_host(self, document: Mapping[str, Any]) -> list[str]:
+        """On the worker, in the host namespace: replace the host table by ``document``
+        unless the live table already equals it; keep the conntrack counts."""
+        live = nft.list_table()
+        if live is not None and self._matches(live, document):
+            return []
+        action = ("loaded" if live is None else "replaced") + " table inet nsd (host)"
+        try:
+            nft.run(npol.replacement(document, live))
+        except nft.NftError as e:
+            # The live table changed between the read and the load, or a stateful set
+            # there is not what nsd declares: replace it outright (counts restart).
+            log.warning("keeping the conntrack counts failed (%s); replacing the table", e)
+            nft.apply(document)
+            action += ", conntrack counts restarted"
+        loaded = nft.list_table()
+        self._rules = (npol.rules_of(document), npol.rules_of(loaded or {}))
+        return [action]
+
+    def _matches(self, live: Mapping[str, Any], document: Mapping[str, Any]) -> bool:
+        if npol.summary(live) != npol.summary(document):
+            return False
+        # Rules exactly, when nsd has seen this document's rules loaded (in this
+        # process); else by chain, count and comment only (npol.summary).
+        if self._rules is not None and self._rules[0] == npol.rules_of(document):
+            return self._rules[1] == npol.rules_of(live)
+        return True
+
+    async def set_tenant(
+        self, tenant: npol.TenantNet, everyone: Callable[[], Sequence[npol.TenantNet]]
+    ) -> NetworkReport:
+        """Add ``tenant`` to the host table, or bring its elements up to date (a new
+        bandwidth limit): one element transaction, O(1) in the number of tenants.
+        ``everyone``: all tenants, called only when the incremental path cannot be
+        taken (no full load yet, or the live table is not what nsd left)."""
+        if self._loaded is None or not self.cfg.enabled:
+            return await self.apply_host(everyone())
+        old = self._loaded.get(tenant.uid)
+        present = dict(self._names)
+        if old is not None:
+            present.pop(old.name, None)
+        before = npol.tenant_elements(self.cfg, old, self._names) if old is not None else {}
+        present[tenant.name] = tenant
+        after = npol.tenant_elements(self.cfg, tenant, present)
+        # Recorded before the await: a change of another tenant computed meanwhile (an
+        # allowed pair between the two) sees this one; the worker runs them in order.
+        self._loaded[tenant.uid] = tenant
+        self._names = present
+        return await self._change_elements(before, after, tenant.name, everyone)
+
+    async def remove_tenant(
+        self, uid: int, everyone: Callable[[], Sequence[npol.TenantNet]]
+    ) -> NetworkReport:
+        """Take tenant ``uid`` out of the host table: one element transaction. Call
+        after its veth is gone; a failure is a problem in the report, not an error."""
+        if self._loaded is None or not self.cfg.enabled:
+            return await self.apply_host(everyone())
+        old = self._loaded.get(uid)
+        if old is None:
+            return NetworkReport()
+        before = npol.tenant_elements(self.cfg, old, self._names)
+        del self._loaded[uid]
+        self._names.pop(old.name, None)
+        try:
+            return await self._change_elements(before, {}, old.name, everyone)
+        except nft.NftError as e:
+            # The tenant's veth is gone already: nothing is open that should not be,
+            # and reconcile loads the table again.
+            return NetworkReport(problems=[f"cannot reload table inet nsd: {e}"])
+
+    async def _change_elements(
+        self,
+        before: npol.Elements,
+        after: npol.Elements,
+        name: str,
+        everyone: Callable[[], Sequence[npol.TenantNet]],
+    ) -> NetworkReport:
         report = NetworkReport()
-        force = os.path.exists("/proc/sys/net/ipv6/conf/all/force_forwarding")
+        change = npol.element_changes(before, after)
+        if change is None:
+            return report
+        try:
+            await self._in(None, lambda _i: nft.run(change))
+        except nft.NftError as e:
+            # Elements nsd did not expect (someone edited or deleted the table):
+            # derive the whole table from state and replace it.
+            log.warning("network: tenant %s: element update failed (%s); reloading", name, e)
+            return await self.apply_host(everyone())
+        report.actions.append(f"updated the elements of tenant {name} in table inet nsd (host)")
+        return report
+
+    def _forwarding(self, tenants: Sequence[npol.TenantNet], links: set[str]) -> NetworkReport:
+        report = NetworkReport()
+        force = _force_forwarding()
         accept_ra = {}
         for up in self.site.uplinks:
             value = _read(f"/proc/sys/net/ipv6/conf/{up}/accept_ra")
@@ -195,10 +311,9 @@ class HostNetwork:
                 report.problems.append(f"uplink {up} does not exist")
             else:
                 accept_ra[up] = int(value)
-        present = {t.host_ifname for t in tenants if ipr.link_lookup(ifname=t.host_ifname)}
         plan = npol.forwarding_plan(
             replace(self.site, uplinks=tuple(accept_ra)),
-            [t.host_ifname for t in tenants if t.host_ifname in present],
+            [t.host_ifname for t in tenants if t.host_ifname in links],
             force_forwarding=force,
             accept_ra=accept_ra,
         )
@@ -217,7 +332,11 @@ class HostNetwork:
         document = npol.tenant_document(cfg, site, tenant) if enabled else None
         plan = npol.shaping_plan(site, tenant)
         tenant_sysctls = npol.tenant_sysctls(cfg, site) if enabled else ()
-        host_sysctls = npol.host_interface_sysctls(cfg, site, tenant) if enabled else ()
+        host_sysctls = (
+            npol.host_interface_sysctls(cfg, site, tenant, force_forwarding=_force_forwarding())
+            if enabled
+            else ()
+        )
 
         def inside(ipr: Any) -> NetworkReport:
             r = NetworkReport()
@@ -373,7 +492,7 @@ class HostNetwork:
             )
         else:
             out.append(Check("uplinks", "ok", "egress through " + ", ".join(self.site.uplinks)))
-        force = os.path.exists("/proc/sys/net/ipv6/conf/all/force_forwarding")
+        force = _force_forwarding()
         out.append(
             Check(
                 "forwarding",

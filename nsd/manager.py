@@ -379,8 +379,9 @@ class TenantManager:
     async def _apply_tenant_network(self, rec: TenantRecord) -> tuple[str, ...]:
         if self.network is None:
             return ()
-        # The host table must name this veth before traffic through it is allowed.
-        rep = await self.network.apply_host(self._policy_tenants())
+        # The host table must name this veth before traffic through it is allowed: one
+        # element transaction (the full table only when the incremental path fails).
+        rep = await self.network.set_tenant(self.tenant_net(rec), self._policy_tenants)
         rep.extend(
             await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
         )
@@ -485,6 +486,11 @@ class TenantManager:
             if remove_network and not rec.adopted:
                 await self.net.remove(self.spec(rec))
             self.store.delete(rec.uid, quarantine=False)
+            if self.network is not None:
+                # its elements, if the host table got them before the failure
+                rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
+                for p in rep.problems:
+                    log.warning("tenant %s: %s", rec.name, p)
         except (NetnsError, OSError) as e:
             # Leave the 'creating' row: reconcile will finish or retry it.
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
@@ -546,7 +552,7 @@ class TenantManager:
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
         if self.network is not None:
-            await self.network.apply_host(self._policy_tenants())
+            await self.network.remove_tenant(rec.uid, self._policy_tenants)
         return actions
 
     # -- reconcile -------------------------------------------------------------

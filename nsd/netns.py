@@ -9,14 +9,13 @@ tenant's namespace; on the worker it only moves the worker, and the worker alway
 back (see ``_Worker.go_home``). One thread also serialises every change, so concurrent
 ``ensure()`` calls can never race each other into two namespaces or two veth pairs.
 
-The worker talks netlink on plain blocking sockets (``_Rtnl``), with pyroute2's message
-classes encoding the requests and decoding the replies; pyroute2's synchronous ``IPRoute``,
-which runs an event loop per request, is kept for the one request it builds for us, the
-creation of a veth pair. A netlink socket
-belongs to the network namespace it was created in, for its whole life: so a socket for a
-tenant's namespace is made by entering the namespace, creating the socket and leaving
-again. That is what pyroute2's ``netns=`` argument would do by forking a helper process
-per socket; doing it on the worker thread costs a ``setns()`` instead of a ``fork()``.
+The worker talks netlink through nsd/rtnl.py (``Rtnl``, plain blocking sockets; that
+module says why not pyroute2's synchronous ``IPRoute``, which is kept here for the one
+request it builds for us, the creation of a veth pair). A netlink socket belongs to the
+network namespace it was created in, for its whole life: so a socket for a tenant's
+namespace is made by entering the namespace, creating the socket and leaving again.
+That is what pyroute2's ``netns=`` argument would do by forking a helper process per
+socket; doing it on the worker thread costs a ``setns()`` instead of a ``fork()``.
 
 Namespace files follow iproute2's ``ip netns add`` protocol (ip/ipnetns.c, netns_add), so
 ``ip netns``, ``nsenter --net=``, ``NetworkNamespacePath=`` all work on them:
@@ -43,7 +42,6 @@ import os
 import re
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,33 +59,25 @@ from ipaddress import (
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_EXCL,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-)
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELADDR,
-    RTM_DELLINK,
-    RTM_DELROUTE,
-    RTM_GETADDR,
-    RTM_GETLINK,
-    RTM_GETNSID,
-    RTM_GETROUTE,
-    RTM_NEWADDR,
-    RTM_NEWLINK,
-    RTM_NEWROUTE,
-)
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from nsd import linux
 from nsd.names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
+from nsd.rtnl import (
+    IFA_F_DADFAILED,
+    RT_SCOPE_LINK,
+    RT_TABLE_MAIN,
+    RouteSpec,
+    Rtnl,
+    dump_addrs,
+    dump_routes,
+    get_link,
+    is_up,
+    link_kind,
+    netnsid,
+    route_dst,
+    route_table,
+)
 
 __all__ = [
     "EnsureResult",
@@ -105,22 +95,7 @@ T = TypeVar("T")
 #: exit status when the worker thread cannot return to the host namespace (EX_SOFTWARE)
 EXIT_WRONG_NAMESPACE = 70
 
-IFNAMSIZ = 16  # including the NUL: names are at most 15 bytes
 NAME_MAX = 255
-IFF_UP = 0x1
-IFA_F_DADFAILED = 0x08
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_LINK = 253
-RT_TABLE_MAIN = 254
-RTNH_F_ONLINK = 0x4
-RTN_UNICAST = 1
-RTPROT_STATIC = 4
-RT_SCOPE_NOWHERE = 255
-RT_TABLE_COMPAT = 252
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
-NSID_NOT_ASSIGNED = (-1, 0xFFFFFFFF)
 
 #: how long ensure() waits for another process (``ip netns add``) to drop the run dir lock
 LOCK_TIMEOUT = 10.0
@@ -225,7 +200,7 @@ def _sysctl_tokens(value: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# small netlink helpers (all run on the worker thread)
+# netlink helpers (all run on the worker thread)
 
 
 @contextmanager
@@ -241,487 +216,22 @@ def _step(step: str, what: str) -> Iterator[None]:
         raise NetnsError(step, f"{what}: {e.strerror or e}", e.errno) from e
 
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_NLATTR = struct.Struct("=HH")  # len, type
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-# family, dst_len, src_len, tos, table, proto, scope, type, flags
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_RTGENMSG = struct.Struct("=Bxxx")  # family
-_S32 = struct.Struct("=i")
-_U32 = struct.Struct("=I")
-NLA_TYPE_MASK = 0x3FFF
-NLM_F_CAPPED = 0x100
-NLM_F_ACK_TLVS = 0x200
-NLMSGERR_ATTR_MSG = 1
-IFLA_IFNAME = 3
-IFLA_MTU = 4
-IFLA_LINK = 5
-IFLA_LINKINFO = 18
-IFLA_LINK_NETNSID = 37
-IFLA_INFO_KIND = 1
-IFA_ADDRESS = 1
-IFA_LOCAL = 2
-IFA_FLAGS = 8
-RTA_DST = 1
-RTA_OIF = 4
-RTA_GATEWAY = 5
-RTA_PRIORITY = 6
-RTA_PREFSRC = 7
-RTA_TABLE = 15
-NETNSA_NSID = 1
-NETNSA_FD = 3
-
-
-class _Msg:
-    """One decoded rtnetlink message: the fixed header's fields by name
-    (``msg["index"]``) and the attributes nsd reads (``msg.get_attr("IFLA_IFNAME")``),
-    with the names and value types pyroute2 uses."""
-
-    __slots__ = ("attrs", "fields")
-
-    def __init__(self, fields: dict[str, int], attrs: dict[str, Any]) -> None:
-        self.fields = fields
-        self.attrs = attrs
-
-    def __getitem__(self, key: str) -> int:
-        return self.fields[key]
-
-    def get_attr(self, name: str) -> Any:
-        return self.attrs.get(name)
-
-
-def _nlattrs(data: memoryview, offset: int, end: int) -> Iterator[tuple[int, memoryview]]:
-    while offset + 4 <= end:
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < 4 or offset + length > end:
-            break
-        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _text(value: memoryview) -> str:
-    return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def _ip(family: int, value: memoryview) -> str:
-    return socket.inet_ntop(family, bytes(value))
-
-
-def _decode_link(data: memoryview, offset: int, end: int) -> _Msg:
-    family, _type, index, flags, change = _IFINFOMSG.unpack_from(data, offset)
-    attrs: dict[str, Any] = {}
-    for kind, value in _nlattrs(data, offset + _IFINFOMSG.size, end):
-        if kind == IFLA_IFNAME:
-            attrs["IFLA_IFNAME"] = _text(value)
-        elif kind == IFLA_MTU:
-            attrs["IFLA_MTU"] = _U32.unpack_from(value)[0]
-        elif kind == IFLA_LINK:
-            attrs["IFLA_LINK"] = _U32.unpack_from(value)[0]
-        elif kind == IFLA_LINK_NETNSID:
-            attrs["IFLA_LINK_NETNSID"] = _S32.unpack_from(value)[0]
-        elif kind == IFLA_LINKINFO:
-            for sub, subvalue in _nlattrs(value, 0, len(value)):
-                if sub == IFLA_INFO_KIND:
-                    attrs["IFLA_INFO_KIND"] = _text(subvalue)
-    return _Msg({"family": family, "index": index, "flags": flags, "change": change}, attrs)
-
-
-def _decode_addr(data: memoryview, offset: int, end: int) -> _Msg:
-    family, prefixlen, flags, scope, index = _IFADDRMSG.unpack_from(data, offset)
-    attrs: dict[str, Any] = {}
-    for kind, value in _nlattrs(data, offset + _IFADDRMSG.size, end):
-        if kind == IFA_ADDRESS:
-            attrs["IFA_ADDRESS"] = _ip(family, value)
-        elif kind == IFA_LOCAL:
-            attrs["IFA_LOCAL"] = _ip(family, value)
-        elif kind == IFA_FLAGS:
-            attrs["IFA_FLAGS"] = _U32.unpack_from(value)[0]
-    fields = {
-        "family": family,
-        "prefixlen": prefixlen,
-        "flags": flags,
-        "scope": scope,
-        "index": index,
-    }
-    return _Msg(fields, attrs)
-
-
-_ROUTE_U32 = {RTA_OIF: "RTA_OIF", RTA_PRIORITY: "RTA_PRIORITY", RTA_TABLE: "RTA_TABLE"}
-_ROUTE_IP = {RTA_DST: "RTA_DST", RTA_GATEWAY: "RTA_GATEWAY", RTA_PREFSRC: "RTA_PREFSRC"}
-
-
-def _decode_route(data: memoryview, offset: int, end: int) -> _Msg:
-    values = _RTMSG.unpack_from(data, offset)
-    fields = dict(zip(_ROUTE_FIELDS, values, strict=True))
-    family = values[0]
-    attrs: dict[str, Any] = {}
-    for kind, value in _nlattrs(data, offset + _RTMSG.size, end):
-        if kind in _ROUTE_U32:
-            attrs[_ROUTE_U32[kind]] = _U32.unpack_from(value)[0]
-        elif kind in _ROUTE_IP:
-            attrs[_ROUTE_IP[kind]] = _ip(family, value)
-    return _Msg(fields, attrs)
-
-
-_ROUTE_FIELDS = ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type", "flags")
-
-
-def _decode_nsid(data: memoryview, offset: int, end: int) -> _Msg:
-    attrs: dict[str, Any] = {}
-    for kind, value in _nlattrs(data, offset + _RTGENMSG.size, end):
-        if kind == NETNSA_NSID:
-            attrs["NETNSA_NSID"] = _S32.unpack_from(value)[0]
-    return _Msg({}, attrs)
-
-
-def _nlattr(kind: int, payload: bytes) -> bytes:
-    length = _NLATTR.size + len(payload)
-    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _attr_text(kind: int, value: str) -> bytes:
-    return _nlattr(kind, value.encode() + b"\0")
-
-
-def _attr_u32(kind: int, value: int) -> bytes:
-    return _nlattr(kind, _U32.pack(value))
-
-
-def _attr_ip(kind: int, family: int, value: str) -> bytes:
-    return _nlattr(kind, socket.inet_pton(family, value))
-
-
-def _ifinfomsg(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
-    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
-
-
-Decoder = Callable[[memoryview, int, int], _Msg]
-
-
-class _Rtnl:
-    """A blocking rtnetlink socket; requests and replies are packed and unpacked here.
-
-    pyroute2 0.9.7's synchronous API runs an asyncio event loop to completion for
-    every request (``run_until_complete`` per call) and decodes every attribute of
-    every reply: a profile of 100 no-op ``ensure()`` calls showed 4,400
-    ``run_until_complete`` calls taking 70% of the time and message decoding most of
-    the rest, ~6 ms per no-op ensure. Here a request is one ``send`` and a reply one
-    ``recvmsg_into`` on the worker thread, and only the fields nsd reads are
-    unpacked (with pyroute2's names, see :class:`_Msg`).
-
-    Errors are pyroute2's ``NetlinkError`` carrying the kernel's errno and its
-    extended-ACK message, if any, as before. Like every netlink socket it belongs to
-    the network namespace it was created in.
-    """
-
-    def __init__(self) -> None:
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-        )
-        try:
-            # The kernel filters dumps by ifindex/oif/table (see _dump_addrs and
-            # _dump_routes) and says why a request failed.
-            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            sock.bind((0, 0))  # no multicast groups: nothing arrives unasked
-        except BaseException:
-            sock.close()
-            raise
-        self.sock: socket.socket | None = sock
-        self.seq = 0
-        self.buf = bytearray(1 << 16)  # > the 32 KiB the kernel puts in one datagram
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def request(
-        self, msg_type: int, flags: int, body: bytes, decode: Decoder | None = None
-    ) -> list[_Msg]:
-        """Send one request; return its replies (a dump's messages, a get's answer, or
-        nothing for an acknowledged change). A dump the kernel marks as interrupted
-        (the table changed meanwhile) is repeated."""
-        replies, interrupted = self._request(msg_type, flags, body, decode)
-        for _ in range(4):
-            if not interrupted:
-                break
-            replies, interrupted = self._request(msg_type, flags, body, decode)
-        return replies
-
-    def _request(
-        self, msg_type: int, flags: int, body: bytes, decode: Decoder | None
-    ) -> tuple[list[_Msg], bool]:
-        sock = self.sock
-        if sock is None:
-            raise OSError(errno.EBADF, "netlink socket is closed")
-        self.seq = self.seq % 0x7FFFFFFF + 1
-        seq = self.seq
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body)
-        out: list[_Msg] = []
-        interrupted = False
-        single = not flags & (NLM_F_DUMP | NLM_F_ACK)  # a get: one answer, no ACK
-        view = memoryview(self.buf)
-        while True:
-            size, _, msg_flags, _ = sock.recvmsg_into([view])
-            if msg_flags & socket.MSG_TRUNC:
-                raise OSError(errno.EMSGSIZE, "netlink reply larger than the receive buffer")
-            offset = 0
-            while offset + _NLMSGHDR.size <= size:
-                length, kind, mflags, mseq, _pid = _NLMSGHDR.unpack_from(view, offset)
-                if length < _NLMSGHDR.size or offset + length > size:
-                    break
-                start, end = offset + _NLMSGHDR.size, offset + length
-                offset = (end + 3) & ~3
-                if mseq != seq:
-                    continue  # the late answer to a request abandoned on an error
-                if kind in (NLMSG_ERROR, NLMSG_DONE):
-                    # ERROR: the ACK (0) or a failure; DONE: the end of a dump, which
-                    # carries the dump's own result
-                    code = -_S32.unpack_from(view, start)[0] if end - start >= 4 else 0
-                    if code:
-                        raise _netlink_error(view, start, end, flags=mflags, code=code, kind=kind)
-                    return out, interrupted
-                if mflags & NLM_F_DUMP_INTR:
-                    interrupted = True
-                if decode is not None:
-                    out.append(decode(view, start, end))
-                if single:
-                    return out, interrupted
-
-    # -- the changes nsd makes (all acknowledged) -----------------------------------------
-
-    def _change(self, msg_type: int, body: bytes, extra_flags: int = 0) -> None:
-        self.request(msg_type, NLM_F_REQUEST | NLM_F_ACK | extra_flags, body)
-
-    def link_set(
-        self,
-        index: int,
-        *,
-        up: bool | None = None,
-        ifname: str | None = None,
-        mtu: int | None = None,
-    ) -> None:
-        body = _ifinfomsg(index, (IFF_UP if up else 0), (IFF_UP if up is not None else 0))
-        if ifname is not None:
-            body += _attr_text(IFLA_IFNAME, ifname)
-        if mtu is not None:
-            body += _attr_u32(IFLA_MTU, mtu)
-        self._change(RTM_NEWLINK, body)
-
-    def link_del(self, index: int) -> None:
-        self._change(RTM_DELLINK, _ifinfomsg(index))
-
-    def link_dump(self) -> list[_Msg]:
-        return self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, _ifinfomsg(), _decode_link)
-
-    def addr_change(
-        self, add: bool, index: int, address: IPv4Address | IPv6Address, prefixlen: int
-    ) -> None:
-        text = str(address)
-        if address.version == 4:
-            # as `ip addr add`: the local address and the peer address are the same
-            body = _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-            body += _attr_ip(IFA_LOCAL, socket.AF_INET, text)
-            body += _attr_ip(IFA_ADDRESS, socket.AF_INET, text)
-        else:
-            # NODAD: usable at once, no 1-2 s of "tentative" after every setup
-            flags = IFA_F_NODAD if add else 0
-            body = _IFADDRMSG.pack(socket.AF_INET6, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
-            body += _attr_ip(IFA_ADDRESS, socket.AF_INET6, text)
-        if add:
-            self._change(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
-        else:
-            self._change(RTM_DELADDR, body)
-
-    def route_add(self, w: _WantRoute) -> None:
-        family = socket.AF_INET if w.dst.version == 4 else socket.AF_INET6
-        body = _RTMSG.pack(
-            family,
-            w.dst.prefixlen,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_STATIC,
-            w.scope,
-            RTN_UNICAST,
-            RTNH_F_ONLINK if w.onlink else 0,
-        )
-        body += _attr_u32(RTA_TABLE, RT_TABLE_MAIN)
-        body += _attr_ip(RTA_DST, family, str(w.dst.network_address))
-        body += _attr_u32(RTA_OIF, w.oif)
-        if w.gateway is not None:
-            body += _attr_ip(RTA_GATEWAY, family, str(w.gateway))
-        if w.prefsrc is not None:
-            body += _attr_ip(RTA_PREFSRC, family, str(w.prefsrc))
-        self._change(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_EXCL)
-
-    def route_del(self, route: _Msg) -> None:
-        """Delete exactly ``route`` (a message from a dump), as `ip route del` would:
-        matched by destination, table, tos, output link, gateway and metric."""
-        family = route["family"]
-        table = _route_table(route)
-        body = _RTMSG.pack(
-            family,
-            route["dst_len"],
-            0,
-            route["tos"],
-            table if table < 256 else RT_TABLE_COMPAT,
-            0,
-            RT_SCOPE_NOWHERE,
-            0,
-            0,
-        )
-        body += _attr_u32(RTA_TABLE, table)
-        for kind, name in ((RTA_DST, "RTA_DST"), (RTA_GATEWAY, "RTA_GATEWAY")):
-            value = route.get_attr(name)
-            if value is not None:
-                body += _attr_ip(kind, family, value)
-        for kind, name in ((RTA_OIF, "RTA_OIF"), (RTA_PRIORITY, "RTA_PRIORITY")):
-            value = route.get_attr(name)
-            if value is not None:
-                body += _attr_u32(kind, value)
-        self._change(RTM_DELROUTE, body)
-
-
-def _netlink_error(
-    view: memoryview, start: int, end: int, *, flags: int, code: int, kind: int
-) -> NetlinkError:
-    """The NetlinkError for a failed request, with the kernel's extended-ACK text."""
-    text: str | None = None
-    if flags & NLM_F_ACK_TLVS:
-        offset = start + 4
-        if kind == NLMSG_ERROR:  # the request's header (and body unless capped) follows
-            echoed = _NLMSGHDR.unpack_from(view, offset)[0] if offset + 16 <= end else 16
-            offset += _NLMSGHDR.size if flags & NLM_F_CAPPED else (echoed + 3) & ~3
-        for attr, value in _nlattrs(view, offset, end):
-            if attr == NLMSGERR_ATTR_MSG:
-                text = _text(value)
-    return NetlinkError(code, text)
-
-
-def _new_nl() -> _Rtnl:
-    """A raw rtnetlink socket bound to the calling thread's current network namespace."""
-    return _Rtnl()
-
-
 def _new_ipr() -> Any:
     """A sync IPRoute bound to the calling thread's current network namespace: for the
     creation of veth pairs (a nested request pyroute2 builds for us, once per tenant)
     and for ``run_in_namespace`` callers; nsd's own reads and changes go through
-    :class:`_Rtnl`.
+    :class:`Rtnl`.
 
     groups=0: no multicast subscriptions. pyroute2's default (RTMGRP_DEFAULTS) would
     queue every link/address/route event of the namespace on a socket nobody reads.
     strict_check: NETLINK_GET_STRICT_CHK, so that the kernel itself filters dumps by
-    ifindex/oif/table (see _dump_addrs/_dump_routes).
+    ifindex/oif/table (see nsd.rtnl.dump_addrs/dump_routes).
     """
     ipr = IPRoute(groups=0, strict_check=True)
     # pyroute2 0.9.7: the sync nlm_request() reads status['nlm_generator'], which its
     # constructor never sets (KeyError). False = return a tuple.
     ipr.status["nlm_generator"] = False
     return ipr
-
-
-def _dump_addrs(ipr: _Rtnl, family: int, index: int) -> tuple[_Msg, ...]:
-    """Addresses of one link, filtered by the kernel (an unfiltered dump would mean
-    thousands of messages parsed per call with thousands of tenants)."""
-    body = _IFADDRMSG.pack(family, 0, 0, 0, index)
-    return tuple(ipr.request(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, body, _decode_addr))
-
-
-def _dump_routes(
-    ipr: _Rtnl, family: int, oif: int | None = None, table: int = RT_TABLE_MAIN
-) -> tuple[_Msg, ...]:
-    """Routes of ``table`` (0: every table; optionally only via ``oif``), filtered by
-    the kernel."""
-    body = _RTMSG.pack(family, 0, 0, 0, table, 0, 0, 0, 0)
-    if oif is not None:
-        body += _attr_u32(RTA_OIF, oif)
-    return tuple(ipr.request(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body, _decode_route))
-
-
-def _get_link(ipr: _Rtnl, *, ifname: str | None = None, index: int | None = None) -> _Msg | None:
-    """RTM_GETLINK for one link, or None if there is no such link.
-
-    Sent without NLM_F_ACK: the kernel answers with the link alone, one datagram.
-    """
-    if ifname is not None:
-        body = _ifinfomsg() + _attr_text(IFLA_IFNAME, ifname)
-    else:
-        body = _ifinfomsg(index or 0)
-    try:
-        msgs = ipr.request(RTM_GETLINK, NLM_F_REQUEST, body, _decode_link)
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
-    return msgs[0] if msgs else None
-
-
-def _netnsid(ipr: _Rtnl, ns_fd: int) -> int | None:
-    """The id the socket's namespace gave the namespace ``ns_fd`` (None if none yet)."""
-    body = _RTGENMSG.pack(socket.AF_UNSPEC) + _attr_u32(NETNSA_FD, ns_fd)
-    for reply in ipr.request(RTM_GETNSID, NLM_F_REQUEST, body, _decode_nsid):
-        nsid = reply.get_attr("NETNSA_NSID")
-        if nsid is not None and nsid not in NSID_NOT_ASSIGNED:
-            return int(nsid)
-    return None
-
-
-def _link_kind(link: _Msg) -> str | None:
-    kind = link.get_attr("IFLA_INFO_KIND")
-    return str(kind) if kind is not None else None
-
-
-def _is_up(link: Any) -> bool:
-    return bool(int(link["flags"]) & IFF_UP)
-
-
-def _route_table(route: Any) -> int:
-    table = route.get_attr("RTA_TABLE")
-    return int(table if table is not None else route["table"])
-
-
-def _route_dst(route: Any) -> IPv4Network | IPv6Network:
-    family = int(route["family"])
-    dst = route.get_attr("RTA_DST")
-    if dst is None:
-        dst = "0.0.0.0" if family == socket.AF_INET else "::"  # noqa: S104 -- a default route
-    return ip_network(f"{dst}/{int(route['dst_len'])}", strict=False)
-
-
-@dataclass(frozen=True)
-class _WantRoute:
-    dst: IPv4Network | IPv6Network
-    oif: int
-    gateway: IPv4Address | IPv6Address | None = None
-    prefsrc: IPv4Address | None = None
-    scope: int = RT_SCOPE_UNIVERSE
-    onlink: bool = False
-
-    def matches(self, route: Any) -> bool:
-        gateway = route.get_attr("RTA_GATEWAY")
-        prefsrc = route.get_attr("RTA_PREFSRC")
-        return (
-            route.get_attr("RTA_OIF") == self.oif
-            and (ip_address(gateway) if gateway else None) == self.gateway
-            and (
-                self.prefsrc is None
-                or (prefsrc is not None and ip_address(prefsrc) == self.prefsrc)
-            )
-            and int(route["scope"]) == self.scope
-            and int(route["type"]) == RTN_UNICAST
-        )
-
-    def __str__(self) -> str:
-        text = str(self.dst)
-        if self.gateway is not None:
-            text += f" via {self.gateway}"
-        if self.prefsrc is not None:
-            text += f" src {self.prefsrc}"
-        return text
 
 
 # --------------------------------------------------------------------------------------
@@ -735,7 +245,7 @@ class _Worker:
         self.host_fd = -1
         self.host_inode = 0
         self._ipr: Any | None = None  # pyroute2 IPRoute: veth creation, run_in()
-        self._nl: _Rtnl | None = None  # everything else
+        self._nl: Rtnl | None = None  # everything else
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -771,9 +281,9 @@ class _Worker:
             self._ipr = _new_ipr()
         return self._ipr
 
-    def host_nl(self) -> _Rtnl:
+    def host_nl(self) -> Rtnl:
         if self._nl is None:
-            self._nl = _new_nl()
+            self._nl = Rtnl()
         return self._nl
 
     def reset_host_ipr(self) -> None:
@@ -834,9 +344,9 @@ class _Worker:
         finally:
             self.go_home()
 
-    def open_nl_in(self, fd: int, what: str) -> _Rtnl:
+    def open_nl_in(self, fd: int, what: str) -> Rtnl:
         with self.entered(fd, what), _step("open", f"netlink socket in {what}"):
-            return _new_nl()
+            return Rtnl()
 
     # -- namespace files --------------------------------------------------------------
 
@@ -955,7 +465,7 @@ class _Worker:
     def ensure(self, spec: NetworkSpec, adopt: bool) -> EnsureResult:
         actions: list[str] = []
         ns_fd, adopted = self.ensure_namespace(spec.netns_path, adopt, actions)
-        tenant: _Rtnl | None = None
+        tenant: Rtnl | None = None
         try:
             inode = os.fstat(ns_fd).st_ino
             tenant = self.open_nl_in(ns_fd, spec.netns_path)
@@ -969,39 +479,39 @@ class _Worker:
             os.close(ns_fd)
         return EnsureResult(inode=inode, adopted_existing=adopted, actions=tuple(actions))
 
-    def find_pair(self, spec: NetworkSpec, ns_fd: int, tenant: _Rtnl) -> tuple[Any, Any]:
+    def find_pair(self, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tuple[Any, Any]:
         """(host link or None, its peer if that peer is a veth inside ``ns_fd`` or None)."""
         ipr = self.host_nl()
         with _step("veth", f"inspect {spec.host_ifname}"):
-            host = _get_link(ipr, ifname=spec.host_ifname)
-            if host is None or _link_kind(host) != "veth":
+            host = get_link(ipr, ifname=spec.host_ifname)
+            if host is None or link_kind(host) != "veth":
                 return host, None
             # The peer is identified by the namespace id the host assigned to the
             # tenant's namespace plus its ifindex there: names prove nothing.
-            nsid = _netnsid(ipr, ns_fd)
+            nsid = netnsid(ipr, ns_fd)
             peer_index = host.get_attr("IFLA_LINK")
             if nsid is None or host.get_attr("IFLA_LINK_NETNSID") != nsid or not peer_index:
                 return host, None
-            peer = _get_link(tenant, index=peer_index)
+            peer = get_link(tenant, index=peer_index)
             if (
                 peer is None
-                or _link_kind(peer) != "veth"
+                or link_kind(peer) != "veth"
                 or peer.get_attr("IFLA_LINK") != host["index"]
             ):
                 return host, None
             return host, peer
 
-    def clear_name(self, tenant: _Rtnl, name: str, where: str, actions: list[str]) -> None:
+    def clear_name(self, tenant: Rtnl, name: str, where: str, actions: list[str]) -> None:
         """Delete whatever link is called ``name`` inside a tenant's namespace (all of it
         is nsd's) so that the name can be given to the veth peer."""
         with _step("veth", f"clear {name} in {where}"):
-            squatter = _get_link(tenant, ifname=name)
+            squatter = get_link(tenant, ifname=name)
             if squatter is not None:
                 tenant.link_del(int(squatter["index"]))
                 actions.append(f"deleted stray {name} in {where}")
 
     def create_pair(
-        self, spec: NetworkSpec, ns_fd: int, tenant: _Rtnl, actions: list[str]
+        self, spec: NetworkSpec, ns_fd: int, tenant: Rtnl, actions: list[str]
     ) -> tuple[Any, Any]:
         host_name, peer_name = spec.host_ifname, spec.peer_ifname
         self.clear_name(tenant, peer_name, spec.netns_path, actions)
@@ -1013,15 +523,15 @@ class _Worker:
             # The peer is created directly in the namespace (IFLA_NET_NS_FD inside the
             # peer's attributes): there is never a half-moved pair.
             self.host_ipr().link("add", ifname=host_name, kind="veth", peer=peer_args, **host_args)
-            host = _get_link(self.host_nl(), ifname=host_name)
-            peer = _get_link(tenant, ifname=peer_name)
+            host = get_link(self.host_nl(), ifname=host_name)
+            peer = get_link(tenant, ifname=peer_name)
         if host is None or peer is None:
             raise NetnsError("veth", f"{host_name} vanished right after creation")
         actions.append(f"created veth {host_name} <-> {peer_name} in {spec.netns_path}")
         return host, peer
 
     def ensure_veth(
-        self, spec: NetworkSpec, ns_fd: int, tenant: _Rtnl, actions: list[str]
+        self, spec: NetworkSpec, ns_fd: int, tenant: Rtnl, actions: list[str]
     ) -> tuple[Any, Any]:
         """Return the (host, peer) link messages, current after any change made here."""
         ipr = self.host_nl()
@@ -1048,7 +558,7 @@ class _Worker:
                 # a link must be down to be renamed; ensure_tenant_side brings it up again
                 tenant.link_set(peer_idx, up=False)
                 tenant.link_set(peer_idx, ifname=spec.peer_ifname)
-                peer = _get_link(tenant, index=peer_idx)
+                peer = get_link(tenant, index=peer_idx)
             if peer is None:
                 raise NetnsError("veth", f"{spec.peer_ifname} vanished", errno.ENODEV)
             actions.append(f"renamed {old} to {spec.peer_ifname} in {spec.netns_path}")
@@ -1079,8 +589,8 @@ class _Worker:
                         os.close(fd)
                 actions.append(f"set {key}={value} in {spec.netns_path}")
 
-    def ensure_up(self, ipr: _Rtnl, link: Any, where: str, actions: list[str]) -> None:
-        if not _is_up(link):
+    def ensure_up(self, ipr: Rtnl, link: Any, where: str, actions: list[str]) -> None:
+        if not is_up(link):
             name = link.get_attr("IFLA_IFNAME")
             with _step("link", f"set {name} up"):
                 ipr.link_set(int(link["index"]), up=True)
@@ -1088,7 +598,7 @@ class _Worker:
 
     def ensure_addresses(
         self,
-        ipr: _Rtnl,
+        ipr: Rtnl,
         *,
         index: int,
         ifname: str,
@@ -1102,7 +612,7 @@ class _Worker:
             have = [
                 a
                 for family in (socket.AF_INET, socket.AF_INET6)
-                for a in _dump_addrs(ipr, family, index)
+                for a in dump_addrs(ipr, family, index)
                 if a["index"] == index
             ]
         present: set[tuple[IPv4Address | IPv6Address, int]] = set()
@@ -1133,14 +643,14 @@ class _Worker:
 
     def ensure_routes(
         self,
-        ipr: _Rtnl,
+        ipr: Rtnl,
         *,
         oif: int | None,
         ifname: str,
         where: str,
-        want: list[_WantRoute],
+        want: list[RouteSpec],
         actions: list[str],
-        on_conflict: Callable[[_WantRoute], None] | None = None,
+        on_conflict: Callable[[RouteSpec], None] | None = None,
     ) -> None:
         """Make the main table hold each route in ``want``, replacing routes to the same
         destination that differ. With ``oif``, only routes through that link are looked
@@ -1151,11 +661,10 @@ class _Worker:
             have = [
                 r
                 for family in (socket.AF_INET, socket.AF_INET6)
-                for r in _dump_routes(ipr, family, oif)
-                if _route_table(r) == RT_TABLE_MAIN
-                and (oif is None or r.get_attr("RTA_OIF") == oif)
+                for r in dump_routes(ipr, family, oif)
+                if route_table(r) == RT_TABLE_MAIN and (oif is None or r.get_attr("RTA_OIF") == oif)
             ]
-        have_dst = [(_route_dst(r), r) for r in have]
+        have_dst = [(route_dst(r), r) for r in have]
         for w in want:
             same_dst = [r for dst, r in have_dst if dst == w.dst]
             for r in same_dst:
@@ -1177,12 +686,12 @@ class _Worker:
             actions.append(f"added route {w} dev {ifname} ({where})")
 
     def ensure_tenant_side(
-        self, spec: NetworkSpec, tenant: _Rtnl, peer: Any, actions: list[str]
+        self, spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list[str]
     ) -> None:
         where = spec.netns_path
         peer_idx = int(peer["index"])
         with _step("link", f"inspect lo in {where}"):
-            lo = _get_link(tenant, ifname="lo")
+            lo = get_link(tenant, ifname="lo")
         if lo is None:
             raise NetnsError("link", f"no lo in {where}", errno.ENODEV)
         self.ensure_up(tenant, lo, where, actions)
@@ -1203,14 +712,14 @@ class _Worker:
             ifname=spec.peer_ifname,
             where=where,
             want=[
-                _WantRoute(dst=gw4, oif=peer_idx, scope=RT_SCOPE_LINK),
-                _WantRoute(
+                RouteSpec(dst=gw4, oif=peer_idx, scope=RT_SCOPE_LINK),
+                RouteSpec(
                     dst=IPv4Network("0.0.0.0/0"),
                     oif=peer_idx,
                     gateway=spec.ipv4_gateway,
                     onlink=True,
                 ),
-                _WantRoute(dst=IPv6Network("::/0"), oif=peer_idx, gateway=spec.ipv6_gateway),
+                RouteSpec(dst=IPv6Network("::/0"), oif=peer_idx, gateway=spec.ipv6_gateway),
             ],
             actions=actions,
         )
@@ -1229,14 +738,14 @@ class _Worker:
             actions=actions,
         )
 
-        def on_conflict(w: _WantRoute) -> None:
+        def on_conflict(w: RouteSpec) -> None:
             # Some other link already has a route to exactly this destination. If it is
             # one of ours (a tenant whose addresses moved), take it over; never touch
             # anyone else's.
             ours = {i for i, _ in self.prefixed_links()}
             family = socket.AF_INET if w.dst.version == 4 else socket.AF_INET6
-            for r in _dump_routes(ipr, family):
-                if _route_table(r) != RT_TABLE_MAIN or _route_dst(r) != w.dst:
+            for r in dump_routes(ipr, family):
+                if route_table(r) != RT_TABLE_MAIN or route_dst(r) != w.dst:
                     continue
                 if r.get_attr("RTA_OIF") not in ours:
                     raise NetnsError(
@@ -1253,13 +762,13 @@ class _Worker:
             ifname=name,
             where="host",
             want=[
-                _WantRoute(
+                RouteSpec(
                     dst=ip_network(f"{spec.ipv4_address}/32"),
                     oif=host_idx,
                     prefsrc=spec.ipv4_gateway,
                     scope=RT_SCOPE_LINK,
                 ),
-                _WantRoute(dst=spec.ipv6_prefix, oif=host_idx),
+                RouteSpec(dst=spec.ipv6_prefix, oif=host_idx),
             ],
             actions=actions,
             on_conflict=on_conflict,
@@ -1306,7 +815,7 @@ class _Worker:
     def delete_link(self, name: str, actions: list[str]) -> None:
         ipr = self.host_nl()
         with _step("link", f"delete {name}"):
-            link = _get_link(ipr, ifname=name)
+            link = get_link(ipr, ifname=name)
             if link is None:
                 return
             try:
@@ -1332,7 +841,7 @@ class _Worker:
             routes = [
                 r
                 for family in (socket.AF_INET, socket.AF_INET6)
-                for r in _dump_routes(self.host_nl(), family, table=0)
+                for r in dump_routes(self.host_nl(), family, table=0)
             ]
         out: list[IPv4Network | IPv6Network] = []
         seen: set[IPv4Network | IPv6Network] = set()
@@ -1343,7 +852,7 @@ class _Worker:
                 continue
             if r.get_attr("RTA_OIF") in ours:
                 continue
-            dst = _route_dst(r)
+            dst = route_dst(r)
             if dst not in seen:
                 seen.add(dst)
                 out.append(dst)

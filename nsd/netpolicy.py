@@ -13,7 +13,11 @@ pools, uplinks, the host's loopback resolvers) and the tenants, build
 Every document replaces its table in one transaction (``nsd.nft``): ``add table``,
 ``delete table``, ``add table`` and the content, so chains and sets that are no longer
 derived disappear too, and packets see either the old or the new ruleset, never a mix.
-The model is explained in docs/networking.md.
+The host table is replaced through ``replacement`` instead, which keeps the set holding
+the conntrack counts; and since tenants appear in it only as set and map elements
+(``tenant_elements``), one tenant's creation or removal is an element transaction
+(``element_changes``) that leaves the table equal to the derived one. The model is
+explained in docs/networking.md.
 
 Bandwidth classification (verified on Linux 6.18, see docs/networking.md):
 
@@ -32,9 +36,11 @@ Bandwidth classification (verified on Linux 6.18, see docs/networking.md):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import (
     IPv4Address,
@@ -615,14 +621,25 @@ class _Doc:
         elements: Iterable[Any],
         *,
         interval: bool = False,
+        map_: str | None = None,
+        dynamic_size: int | None = None,
     ) -> None:
+        """A named set (a map with ``map_``, the data type). ``dynamic_size``: a set the
+        kernel fills from the packet path (``add @set``), holding state of its own."""
         body: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name, "type": type_}
-        if interval:
-            body["flags"] = ["interval"]
+        flags = ["interval"] if interval else []
+        if dynamic_size is not None:
+            # nft 1.0.6's JSON parser knows no "dynamic" flag; the kernel gets it
+            # (NFT_SET_EVAL) from nft's evaluation of the ``add @set`` rule.
+            body["size"] = dynamic_size
+        if flags:
+            body["flags"] = flags
+        if map_ is not None:
+            body["map"] = map_
         elems = list(elements)
         if elems:
             body["elem"] = elems
-        self.objects.append({"add": {"set": body}})
+        self.objects.append({"add": {"map" if map_ is not None else "set": body}})
 
     def rule(self, chain: str, *expr: dict[str, Any], comment: str | None = None) -> None:
         body: dict[str, Any] = {
@@ -636,7 +653,32 @@ class _Doc:
         self.rules.append({"add": {"rule": body}})
 
     def document(self) -> dict[str, Any]:
-        return {"nftables": [*self.cmds, *self.objects, *self.rules]}
+        """The commands; the first rule's comment carries a hash of every rule (see
+        ``_stamp``)."""
+        rules = [json.loads(json.dumps(r)) for r in self.rules]
+        if rules:
+            digest = hashlib.sha256(
+                json.dumps([r["add"]["rule"] for r in rules], sort_keys=True).encode()
+            ).hexdigest()[:RULES_HASH_LEN]
+            first = rules[0]["add"]["rule"]
+            first["comment"] = _stamp(first.get("comment"), digest)
+        return {"nftables": [*self.cmds, *self.objects, *rules]}
+
+
+#: hex digits of the rules' hash in the first rule's comment
+RULES_HASH_LEN = 12
+
+
+def _stamp(comment: str | None, digest: str) -> str:
+    """A rule comment that also names the hash of every rule of the derived table.
+
+    libnftables lists rules in a normalised form that differs from what nsd loads, so
+    rules cannot be compared with the derived ones directly; comments come back as they
+    were. With the hash in a comment, ``summary`` sees any change of the derived rules
+    (a host service's port, a new limit) even in a new process, where nsd has not yet
+    seen the live rules it loaded."""
+    tag = f"rules {digest}"
+    return f"{comment} [{tag}]" if comment else f"nsd {tag}"
 
 
 # Chain priorities (nft's named priorities as numbers: valid for every hook in nft 1.0.6)
@@ -650,38 +692,125 @@ PRIO_SRCNAT = 100
 # the host table
 
 
+#: per-tenant elements of the host table: set or map name -> its elements
+Elements = dict[str, list[Any]]
+
+#: the named sets and maps whose elements come from tenants (and the allow-list), with
+#: their types; everything else in the host table depends on the configuration and the
+#: site alone, so a tenant's creation or removal changes elements of these, nothing else
+TENANT_SETS: dict[str, tuple[str | list[str], bool, str | None]] = {
+    # name: (type, interval, map data type)
+    "tenant_ifs": ("ifname", False, None),
+    "tenant_src4": (["ifname", "ipv4_addr"], False, None),
+    "tenant_src6": (["ifname", "ipv6_addr"], True, None),
+    "allowed": (["ifname", "ifname"], False, None),
+    "upload_shaped": ("ifname", False, None),
+    "download_shaped": ("ifname", False, None),
+    "snat4": ("ipv4_addr", False, "ipv4_addr"),
+    "snat6": ("ipv6_addr", True, "ipv6_addr"),
+}
+#: elements of the conntrack-limit set at most (one per tenant interface that opened a
+#: connection); beyond it a new interface's connections are not counted
+CTCOUNT_SIZE = 65535
+
+
+def ctcount_set(limit: int) -> str:
+    """The dynamic set that counts each tenant interface's connections.
+
+    Its elements (one per host veth, each with its own ``ct count``) are the counting
+    state: a table replacement keeps this set (see ``replacement``). The limit is part
+    of the name because an element keeps the limit it was created with: a new limit is a
+    new set, and the old one (and its counts) goes."""
+    return f"ctcount_{limit}"
+
+
+def tenant_elements(
+    cfg: NetworkConfig, tenant: TenantNet, present: Mapping[str, TenantNet]
+) -> Elements:
+    """The host table's elements that exist because of ``tenant``; ``present``: the
+    tenants the table knows, by name (for the allow-list pairs, whose other end must
+    exist). O(1) in the number of tenants (O(len(network.allow)))."""
+    t = tenant
+    out: Elements = {
+        "tenant_ifs": [t.host_ifname],
+        "tenant_src4": [{"concat": [t.host_ifname, str(t.ipv4)]}],
+        "tenant_src6": [{"concat": [t.host_ifname, _prefix(t.ipv6_prefix)]}],
+    }
+    if t.bandwidth.egress_bps is not None:
+        out["upload_shaped"] = [t.host_ifname]
+    if t.bandwidth.ingress_bps is not None:
+        out["download_shaped"] = [t.host_ifname]
+    v4, v6 = cfg.snat.get(t.name, (None, None))
+    if v4 is not None:
+        out["snat4"] = [[str(t.ipv4), str(v4)]]
+    if v6 is not None:
+        out["snat6"] = [[_prefix(t.ipv6_prefix), str(v6)]]
+    pairs = []
+    for src, dst in cfg.allow:
+        if src == dst:
+            continue
+        if src == t.name and dst in present:
+            pairs.append({"concat": [t.host_ifname, present[dst].host_ifname]})
+        elif dst == t.name and src in present:
+            pairs.append({"concat": [present[src].host_ifname, t.host_ifname]})
+    if pairs:
+        out["allowed"] = pairs
+    return out
+
+
+def _key(element: Any) -> str:
+    return json.dumps(element, sort_keys=True)
+
+
+def all_elements(cfg: NetworkConfig, tenants: Sequence[TenantNet]) -> Elements:
+    """Every tenant's elements, each once (an allowed pair comes from both ends)."""
+    by_name = {t.name: t for t in tenants}
+    out: dict[str, dict[str, Any]] = {name: {} for name in TENANT_SETS}
+    for t in sorted(tenants, key=lambda t: t.uid):
+        for name, elems in tenant_elements(cfg, t, by_name).items():
+            for e in elems:
+                out[name].setdefault(_key(e), e)
+    return {name: list(elems.values()) for name, elems in out.items()}
+
+
+def element_changes(old: Elements, new: Elements) -> dict[str, Any] | None:
+    """The transaction that turns the elements ``old`` into ``new`` in the live host
+    table (deletions first), or None if they are equal."""
+    cmds: list[dict[str, Any]] = []
+    adds: list[dict[str, Any]] = []
+    for name in TENANT_SETS:
+        before = {_key(e): e for e in old.get(name, [])}
+        after = {_key(e): e for e in new.get(name, [])}
+        gone = [e for k, e in before.items() if k not in after]
+        added = [e for k, e in after.items() if k not in before]
+        ref = {"family": FAMILY, "table": TABLE, "name": name}
+        if gone:
+            cmds.append({"delete": {"element": dict(ref, elem=gone)}})
+        if added:
+            adds.append({"add": {"element": dict(ref, elem=added)}})
+    cmds += adds
+    return {"nftables": cmds} if cmds else None
+
+
 def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as one
     cfg: NetworkConfig, site: Site, tenants: Sequence[TenantNet]
 ) -> dict[str, Any]:
-    """The ``inet nsd`` table of the host namespace."""
-    tenants = sorted(tenants, key=lambda t: t.uid)
+    """The ``inet nsd`` table of the host namespace.
+
+    Tenants appear only as elements of the named sets and maps of ``TENANT_SETS``
+    (``tenant_elements``); chains and rules depend on the configuration and the site
+    alone. That is what lets nsd add or remove one tenant with an element transaction
+    (``element_changes``) that leaves the table equal to this document."""
     services = resolve_services(cfg, site)
-    by_name = {t.name: t for t in tenants}
     doc = _Doc("nsd: tenant egress, isolation, host services; replaced by nsd on every change")
     wild = _wild(site.link_prefix)
     gw4, gw6 = site.ipv4_gateway, site.ipv6_gateway
 
     # -- sets --------------------------------------------------------------------------
-    doc.set("tenant_ifs", "ifname", [t.host_ifname for t in tenants])
     doc.set("uplinks", "ifname", list(site.uplinks))
-    doc.set(
-        "tenant_src4",
-        ["ifname", "ipv4_addr"],
-        [{"concat": [t.host_ifname, str(t.ipv4)]} for t in tenants],
-    )
-    doc.set(
-        "tenant_src6",
-        ["ifname", "ipv6_addr"],
-        [{"concat": [t.host_ifname, _prefix(t.ipv6_prefix)]} for t in tenants],
-        interval=True,
-    )
-    pairs = []
-    for src, dst in cfg.allow:
-        if src in by_name and dst in by_name and src != dst:
-            pairs.append({"concat": [by_name[src].host_ifname, by_name[dst].host_ifname]})
-    doc.set("allowed", ["ifname", "ifname"], pairs)
-    upload_shaped = [t.host_ifname for t in tenants if t.bandwidth.egress_bps is not None]
-    doc.set("upload_shaped", "ifname", upload_shaped)
+    for name, elems in all_elements(cfg, tenants).items():
+        type_, interval, data = TENANT_SETS[name]
+        doc.set(name, type_, elems, interval=interval, map_=data)
 
     # -- prerouting guard: anti-spoofing and per-tenant conntrack limits ------------------
     doc.chain("guard", hook="prerouting", prio=PRIO_RAW_MANGLE)
@@ -706,28 +835,27 @@ def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as
         _DROP,
         comment="spoofed IPv6 source",
     )
-    limited = [t for t in tenants if cfg.conntrack_limit > 0]
-    if limited:
+    if cfg.conntrack_limit > 0:
+        # One element per tenant interface, created by the first new connection, each
+        # counting that interface's connections: no per-tenant rule or chain.
+        counts = ctcount_set(cfg.conntrack_limit)
+        doc.set(counts, "ifname", [], dynamic_size=CTCOUNT_SIZE)
         doc.rule(
             "guard",
+            _match(_meta("iifname"), wild),
             _match(_ct("state"), "new"),
             {
-                "vmap": {
-                    "key": _meta("iifname"),
-                    "data": {"set": [[t.host_ifname, _jump(f"ctlimit_{t.uid}")] for t in limited]},
+                "set": {
+                    "op": "add",
+                    "elem": _meta("iifname"),
+                    "set": _ref(counts),
+                    "stmt": [{"ct count": {"val": cfg.conntrack_limit, "inv": True}}],
                 }
             },
+            _COUNTER,
+            _DROP,
+            comment=f"more than {cfg.conntrack_limit} connections of one tenant",
         )
-        for t in limited:
-            name = f"ctlimit_{t.uid}"
-            doc.chain(name)
-            doc.rule(
-                name,
-                {"ct count": {"val": cfg.conntrack_limit, "inv": True}},
-                _COUNTER,
-                _DROP,
-                comment=f"{t.name}: more than {cfg.conntrack_limit} connections",
-            )
 
     # -- host services: DNAT from the gateway, SNAT to loopback ---------------------------
     if services:
@@ -803,38 +931,36 @@ def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as
 
     # -- forward: marks for shaping (before any verdict) ----------------------------------
     doc.chain("forward_marks", hook="forward", prio=PRIO_RAW_MANGLE)
-    if any(t.bandwidth.ingress_bps is not None for t in tenants):
+    doc.rule(
+        "forward_marks",
+        _match(_meta("iifname"), _ref("uplinks")),
+        _match(_meta("oifname"), _ref("download_shaped")),
+        {"mangle": {"key": _meta("priority"), "value": PRIO_LIMITED}},
+        comment="download shaping class",
+    )
+    for proto in ("ip", "ip6"):
         doc.rule(
             "forward_marks",
             _match(_meta("iifname"), _ref("uplinks")),
-            _match(_meta("oifname"), _ref("tenant_ifs")),
-            {"mangle": {"key": _meta("priority"), "value": PRIO_LIMITED}},
-            comment="download shaping class",
+            _match(_meta("oifname"), _ref("upload_shaped")),
+            {"mangle": {"key": _payload(proto, "dscp"), "value": DSCP_UPLINK}},
+            comment="tells the tenant side: from an uplink",
         )
-    if upload_shaped:
-        for proto in ("ip", "ip6"):
-            doc.rule(
-                "forward_marks",
-                _match(_meta("iifname"), _ref("uplinks")),
-                _match(_meta("oifname"), _ref("upload_shaped")),
-                {"mangle": {"key": _payload(proto, "dscp"), "value": DSCP_UPLINK}},
-                comment="tells the tenant side: from an uplink",
-            )
-            doc.rule(
-                "forward_marks",
-                _match(_meta("iifname"), _ref("uplinks"), "!="),
-                _match(_meta("oifname"), _ref("upload_shaped")),
-                _match(_payload(proto, "dscp"), DSCP_UPLINK),
-                {"mangle": {"key": _payload(proto, "dscp"), "value": 0}},
-            )
-        doc.chain("output_marks", hook="output", prio=PRIO_RAW_MANGLE)
-        for proto in ("ip", "ip6"):
-            doc.rule(
-                "output_marks",
-                _match(_meta("oifname"), _ref("upload_shaped")),
-                _match(_payload(proto, "dscp"), DSCP_UPLINK),
-                {"mangle": {"key": _payload(proto, "dscp"), "value": 0}},
-            )
+        doc.rule(
+            "forward_marks",
+            _match(_meta("iifname"), _ref("uplinks"), "!="),
+            _match(_meta("oifname"), _ref("upload_shaped")),
+            _match(_payload(proto, "dscp"), DSCP_UPLINK),
+            {"mangle": {"key": _payload(proto, "dscp"), "value": 0}},
+        )
+    doc.chain("output_marks", hook="output", prio=PRIO_RAW_MANGLE)
+    for proto in ("ip", "ip6"):
+        doc.rule(
+            "output_marks",
+            _match(_meta("oifname"), _ref("upload_shaped")),
+            _match(_payload(proto, "dscp"), DSCP_UPLINK),
+            {"mangle": {"key": _payload(proto, "dscp"), "value": 0}},
+        )
 
     # -- forward: isolation and egress ----------------------------------------------------
     doc.chain("forward", hook="forward", prio=PRIO_FILTER)
@@ -878,23 +1004,23 @@ def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as
     # -- egress NAT ------------------------------------------------------------------------
     if cfg.egress == "masquerade" and site.uplinks:
         doc.chain("egress_nat", type_="nat", hook="postrouting", prio=PRIO_SRCNAT)
-        for t in tenants:
-            v4, v6 = cfg.snat.get(t.name, (None, None))
-            if v4 is not None:
+        # network.snat: the source address by the tenant's address; a packet whose source
+        # is not in the map does not match (the lookup fails) and is masqueraded below.
+        for proto, name, present in (
+            ("ip", "snat4", any(v4 is not None for v4, _ in cfg.snat.values())),
+            ("ip6", "snat6", any(v6 is not None for _, v6 in cfg.snat.values())),
+        ):
+            if present:
                 doc.rule(
                     "egress_nat",
                     _match(_meta("oifname"), _ref("uplinks")),
-                    _match(_payload("ip", "saddr"), str(t.ipv4)),
-                    {"snat": {"family": "ip", "addr": str(v4)}},
-                    comment=t.name,
-                )
-            if v6 is not None:
-                doc.rule(
-                    "egress_nat",
-                    _match(_meta("oifname"), _ref("uplinks")),
-                    _match(_payload("ip6", "saddr"), _prefix(t.ipv6_prefix)),
-                    {"snat": {"family": "ip6", "addr": str(v6)}},
-                    comment=t.name,
+                    {
+                        "snat": {
+                            "family": proto,
+                            "addr": {"map": {"key": _payload(proto, "saddr"), "data": _ref(name)}},
+                        }
+                    },
+                    comment="network.snat",
                 )
         doc.rule(
             "egress_nat",
@@ -1013,14 +1139,16 @@ def tenant_document(cfg: NetworkConfig, site: Site, tenant: TenantNet) -> dict[s
 
 
 def host_interface_sysctls(
-    cfg: NetworkConfig, site: Site, tenant: TenantNet
+    cfg: NetworkConfig, site: Site, tenant: TenantNet, *, force_forwarding: bool = False
 ) -> tuple[tuple[str, str], ...]:
     """Per-interface sysctls of a tenant's host veth (host namespace).
 
     IPv4 forwarding is a property of the *input* interface (net.ipv4.conf.X.forwarding),
     so it is switched on for nsd's veths and the uplinks only, never globally. IPv6 uses
-    ``force_forwarding`` (Linux 6.17+), which forwards without turning the interface into
-    a router (accept_ra stays as it is); see ``forwarding_plan``.
+    ``force_forwarding`` (Linux 6.17+, ``force_forwarding``), which forwards without
+    turning the interface into a router (accept_ra stays as it is); see
+    ``forwarding_plan`` for older kernels. Written when the tenant's veth comes up, so
+    that its creation needs no pass over every tenant.
     """
     name = tenant.host_ifname
     services = resolve_services(cfg, site)
@@ -1031,6 +1159,8 @@ def host_interface_sysctls(
             "1" if any(s.host.is_loopback for s in services) else "0",
         ),
     ]
+    if force_forwarding:
+        out.append((f"net.ipv6.conf.{name}.force_forwarding", "1"))
     return tuple(out)
 
 
@@ -1115,27 +1245,103 @@ def shaping_plan(site: Site, tenant: TenantNet) -> ShapingPlan:
 # reading live rulesets
 
 
-def summary(document: Mapping[str, Any]) -> dict[str, Any]:
-    """A comparable digest of a table: chains with their hooks and rule counts, sets with
-    their element counts. Works on what nsd loads and on what ``nft -j list table``
-    returns, so drift (a flushed table, a deleted chain or set, rules added or removed)
-    shows as a difference."""
-    chains: dict[str, list[Any]] = {}
-    sets: dict[str, int] = {}
+def is_stateful(set_name: str) -> bool:
+    """A set the kernel fills (conntrack counts): its elements are state, not policy."""
+    return set_name.startswith("ctcount_")
+
+
+def _objects(document: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, body) of each table object of a document nsd builds (``add`` commands) or
+    of what ``nft -j list table`` returns (bare objects)."""
     for cmd in document.get("nftables", []):
-        item = cmd.get("add", cmd)
+        item = cmd.get("add", cmd) if isinstance(cmd, dict) else None
         if not isinstance(item, dict):
             continue
-        if "chain" in item:
-            c = item["chain"]
-            chains.setdefault(c["name"], [c.get("hook"), c.get("prio"), c.get("policy"), 0])
-        elif "rule" in item:
-            r = item["rule"]
-            chains.setdefault(r["chain"], [None, None, None, 0])[3] += 1
-        elif "set" in item:
-            s = item["set"]
-            sets[s["name"]] = len(s.get("elem", []))
-    return {"chains": chains, "sets": sets}
+        for kind in ("chain", "rule", "set", "map"):
+            if kind in item:
+                yield kind, item[kind]
+
+
+def summary(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A comparable digest of a table: chains with their type, hook, priority and policy;
+    each chain's rules (their comments, in order); every set and map with its elements
+    (sorted; a stateful set's elements are left out). Works on what nsd loads and on what
+    ``nft -j list table`` returns, so drift (a flushed table, a deleted chain, set or
+    element, an element added by hand, rules added or removed) shows as a difference.
+    Rule expressions are not compared here: libnftables lists them in a normalised form
+    that differs from what nsd loads (see ``rules_of`` for how nsd still checks them)."""
+    chains: dict[str, list[Any]] = {}
+    rules: dict[str, list[str]] = {}
+    sets: dict[str, list[str] | None] = {}
+    for kind, body in _objects(document):
+        if kind == "chain":
+            chains[body["name"]] = [
+                body.get("type"),
+                body.get("hook"),
+                body.get("prio"),
+                body.get("policy"),
+            ]
+            rules.setdefault(body["name"], [])
+        elif kind == "rule":
+            rules.setdefault(body["chain"], []).append(body.get("comment", ""))
+        else:
+            name = body["name"]
+            elems = body.get("elem", [])
+            sets[name] = None if is_stateful(name) else sorted(_key(e) for e in elems)
+    return {"chains": chains, "rules": rules, "sets": sets}
+
+
+def rules_of(document: Mapping[str, Any]) -> str:
+    """Every rule of a table, exactly, as one comparable string (handles left out,
+    counters zeroed). nsd keeps this of the live table after each full load: later, the
+    live rules must still read the same (a rule changed in place is drift too)."""
+    out = []
+    for kind, body in _objects(document):
+        if kind != "rule":
+            continue
+        rule = {k: v for k, v in body.items() if k != "handle"}
+        rule["expr"] = [
+            {"counter": None} if isinstance(e, dict) and "counter" in e else e
+            for e in body.get("expr", [])
+        ]
+        out.append(rule)
+    return json.dumps(out, sort_keys=True)
+
+
+def replacement(document: Mapping[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The transaction that replaces the ``live`` table by ``document`` atomically while
+    keeping its stateful sets (the conntrack counts of ``ctcount_set``).
+
+    ``document`` (``host_document``) starts with add + delete + add of the table: right
+    when there is no live table. Otherwise the table is emptied instead of deleted: flush
+    (every rule), delete every set and map but the stateful ones the document declares
+    too, delete every chain, then the document's content without those sets. It is one
+    transaction: packets see the old or the new ruleset. It fails (NftError) if the live
+    table changed since ``live`` was read; the caller then loads ``document`` as is."""
+    cmds = list(document["nftables"])
+    if live is None:
+        return {"nftables": cmds}
+    table = {"family": FAMILY, "name": TABLE}
+    declared = {body["name"] for kind, body in _objects(document) if kind in ("set", "map")}
+    kept: set[str] = set()
+    out: list[dict[str, Any]] = [{"add": {"table": dict(table)}}, {"flush": {"table": table}}]
+    chains = []
+    for kind, body in _objects(live):
+        ref = {"family": FAMILY, "table": TABLE, "name": str(body.get("name"))}
+        if kind in ("set", "map"):
+            if is_stateful(ref["name"]) and ref["name"] in declared:
+                kept.add(ref["name"])
+            else:
+                out.append({"delete": {kind: ref}})
+        elif kind == "chain":
+            chains.append({"delete": {"chain": ref}})
+    out += chains  # after the sets: a map element can name a chain (a verdict)
+    for cmd in cmds[3:]:
+        add = cmd.get("add", {})
+        if any(k in add and add[k]["name"] in kept for k in ("set", "map")):
+            continue
+        out.append(cmd)
+    return {"nftables": out}
 
 
 def forward_drop_policies(ruleset: Mapping[str, Any], *, own: str = TABLE) -> list[str]:

@@ -21,12 +21,16 @@ the netns worker (``NetnsAdapter.run_in_namespace``).
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import dataclass
 from typing import Any
 
+from pyroute2.netlink import NLM_F_ACK, NLM_F_ECHO, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETQDISC
 
 from .netpolicy import HTB_HANDLE, HTB_LIMITED
+from .rtnl import NlMsg, Rtnl, cstr, get_link, nlattrs
 
 TC_H_ROOT = 0xFFFFFFFF
 DEFAULT_LIMITED = HTB_LIMITED & 0xFFFF
@@ -50,18 +54,59 @@ class ShapingState:
     foreign: str | None = None
 
 
-def _index(ipr: Any, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
+_TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+_HTB_GLOB = struct.Struct("=IIII")  # version, rate2quantum, defcls, debug
+TCA_KIND = 1
+TCA_OPTIONS = 2
+TCA_HTB_INIT = 2
+
+
+def _index(nl: Rtnl, ifname: str) -> int:
+    # One RTM_GETLINK by name: the kernel looks the link up, whatever the number of
+    # links on the host (a dump would make every tenant's call O(links)).
+    link = get_link(nl, ifname=ifname)
+    if link is None:
         raise ShapingError(f"no interface {ifname}", errno.ENODEV)
-    return int(found[0])
+    return int(link["index"])
 
 
-def _root(ipr: Any, index: int) -> Any | None:
-    for q in ipr.get_qdiscs(index=index):
-        if int(q["index"]) == index and int(q["parent"]) == TC_H_ROOT:
+def _decode_qdisc(data: memoryview, offset: int, end: int) -> NlMsg:
+    _family, index, handle, parent, _info = _TCMSG.unpack_from(data, offset)
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + _TCMSG.size, end):
+        if kind == TCA_KIND:
+            attrs["TCA_KIND"] = cstr(value)
+        elif kind == TCA_OPTIONS:
+            for sub, subvalue in nlattrs(value, 0, len(value)):
+                if sub == TCA_HTB_INIT and len(subvalue) >= _HTB_GLOB.size:
+                    attrs["defcls"] = _HTB_GLOB.unpack_from(subvalue)[2]
+    return NlMsg({"index": index, "handle": handle, "parent": parent}, attrs)
+
+
+def _root(nl: Rtnl, index: int) -> NlMsg | None:
+    """The root qdisc of one interface (None: none, or the built-in noqueue).
+
+    An RTM_GETQDISC for (ifindex, root), which the kernel answers from the device itself.
+    pyroute2's ``get_qdiscs(index=)`` dumps every qdisc of the namespace and filters in
+    Python: O(tenants) per call on the host. Linux 6.18 sends the answer to a get only
+    with NLM_F_ECHO (else just the ACK); built-in qdiscs (noqueue) get no answer, as
+    they are left out of dumps too."""
+    body = _TCMSG.pack(0, index, 0, TC_H_ROOT, 0)
+    flags = NLM_F_REQUEST | NLM_F_ECHO | NLM_F_ACK
+    try:
+        msgs = nl.request(RTM_GETQDISC, flags, body, _decode_qdisc)
+    except NetlinkError as e:
+        if e.code in (errno.ENOENT, errno.EINVAL):
+            return None
+        raise
+    for q in msgs:
+        if q["index"] == index and q["parent"] == TC_H_ROOT:
             return q
     return None
+
+
+def _ours(root: NlMsg | None) -> bool:
+    return root is not None and root.get_attr("TCA_KIND") == "htb" and root["handle"] == HTB_HANDLE
 
 
 def _our_class(ipr: Any, index: int) -> Any | None:
@@ -80,12 +125,16 @@ def _class_rate(cls: Any) -> int | None:
 
 
 def state(ipr: Any, ifname: str) -> ShapingState:
-    index = _index(ipr, ifname)
-    root = _root(ipr, index)
+    nl = Rtnl()
+    try:
+        index = _index(nl, ifname)
+        root = _root(nl, index)
+    finally:
+        nl.close()
     if root is None:
         return ShapingState(ifname, None)
-    kind = root.get_attr("TCA_KIND")
-    if kind != "htb" or int(root["handle"]) != HTB_HANDLE:
+    if not _ours(root):
+        kind = root.get_attr("TCA_KIND")
         return ShapingState(ifname, None, foreign=None if kind == "noqueue" else kind)
     cls = _our_class(ipr, index)
     return ShapingState(ifname, _class_rate(cls) if cls is not None else None)
@@ -101,24 +150,21 @@ def ensure(ipr: Any, ifname: str, rate_bps: int | None, *, default_limited: bool
     """Make ``ifname``'s root qdisc nsd's HTB at ``rate_bps``, or remove nsd's qdisc when
     ``rate_bps`` is None. Returns what changed."""
     actions: list[str] = []
-    index = _index(ipr, ifname)
     default = DEFAULT_LIMITED if default_limited else 0
+    # Reads through a raw socket of the calling thread's namespace (one request each,
+    # see _index and _root); changes through pyroute2, which builds the tc options.
+    nl = Rtnl()
     try:
-        root = _root(ipr, index)
-        ours = (
-            root is not None
-            and root.get_attr("TCA_KIND") == "htb"
-            and int(root["handle"]) == HTB_HANDLE
-        )
+        index = _index(nl, ifname)
+        root = _root(nl, index)
+        ours = _ours(root)
         if rate_bps is None:
             if ours:
                 ipr.tc("del", index=index, handle=HTB_HANDLE, parent=TC_H_ROOT)
                 actions.append(f"removed the bandwidth limit of {ifname}")
             return actions
-        if ours and root is not None:
-            init = root.get_nested("TCA_OPTIONS", "TCA_HTB_INIT") or {}
-            if int(init.get("defcls", -1)) != default:
-                ours = False
+        if ours and root is not None and root.get_attr("defcls") != default:
+            ours = False
         if not ours:
             kind = root.get_attr("TCA_KIND") if root is not None else None
             if root is not None and kind != "noqueue":
@@ -143,4 +189,6 @@ def ensure(ipr: Any, ifname: str, rate_bps: int | None, *, default_limited: bool
         actions.append(f"limited {ifname} to {rate_bps / 1e6:g} Mbit/s")
     except NetlinkError as e:
         raise ShapingError(f"tc on {ifname}: {e}", e.code) from e
+    finally:
+        nl.close()
     return actions

@@ -568,3 +568,144 @@ async def test_apply_is_cheap_when_nothing_changed(topo: Topo) -> None:
     assert again.actions == [], again.actions
     print(f"no-op apply of 3 tenants: {elapsed * 1000:.1f} ms")
     await asyncio.sleep(0)
+
+
+# conntrack counting: holds `sys.argv[2]` connections open, then one more per input line
+HOLDER = textwrap.dedent(
+    """
+    import socket, sys
+    held = [socket.create_connection((sys.argv[1], 8080), timeout=2)
+            for _ in range(int(sys.argv[2]))]
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            held.append(socket.create_connection((sys.argv[1], 8080), timeout=1))
+            print("open", flush=True)
+        except OSError:
+            print("refused", flush=True)
+    """
+)
+
+
+async def test_conntrack_counts_survive_table_replacement(topo: Topo) -> None:
+    """The limit's counting state lives in a dynamic set that no change of the table
+    resets: not a tenant's creation (an element transaction), not a replacement of the
+    whole table (a repair after someone flushed it, a configuration change)."""
+    hn = topo.network(conntrack_limit=5)
+    t1, t2, t3 = (topo.tenants[n] for n in ("t1", "t2", "t3"))
+    await topo.apply(hn, [t1, t2])
+    topo.start(topo.inet, SERVER, "0.0.0.0", "8080")
+    holder = subprocess.Popen(
+        ["nsenter", f"--net={topo.ns('t1')}", PY, "-u", "-c", HOLDER, INET_V4, "5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    topo.procs.append(holder)
+    assert holder.stdin is not None and holder.stdout is not None
+    assert holder.stdout.readline().strip() == "ready"
+
+    def one_more() -> str:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        return holder.stdout.readline().strip()
+
+    assert one_more() == "refused"
+    # another tenant is created: its elements are added, nothing else changes
+    report = await hn.set_tenant(t3, lambda: [t1, t2, t3])
+    assert report.actions == ["updated the elements of tenant t3 in table inet nsd (host)"]
+    assert one_more() == "refused"
+    # someone flushes the table; reconcile replaces it (repair)
+    sh(topo.host, "nft", "flush", "table", "inet", "nsd")
+    report = await topo.apply(hn)
+    assert "replaced table inet nsd (host)" in report.actions
+    assert one_more() == "refused"
+    # a configuration change with the same limit: the whole table is replaced
+    report = await topo.apply(topo.network(conntrack_limit=5, isolation=False))
+    assert "replaced table inet nsd (host)" in report.actions
+    assert one_more() == "refused"
+    # the other tenants keep their own budget
+    assert topo.who(topo.ns("t3"), INET_V4, 8080) == UPLINK_V4
+
+
+def listed_summary(netns: str) -> dict[str, Any]:
+    return npol.summary(nft_json(netns, "list", "table", "inet", "nsd"))
+
+
+async def test_incremental_changes_leave_the_table_a_rebuild_would_load(topo: Topo) -> None:
+    """Creations, changes and removals as element transactions: afterwards the live table
+    is the one host_document derives, and a full apply finds nothing to do."""
+    hn = topo.network(allow=[["t1", "t2"], ["t3", "t1"]], snat={"t2": SNAT_V4})
+    t1, t2, t3 = (topo.tenants[n] for n in ("t1", "t2", "t3"))
+    await topo.apply(hn, [t1])
+    everyone: list[npol.TenantNet] = [t1]
+    limited = replace(t2, bandwidth=npol.Bandwidth(10**7, 2 * 10**7))
+    for step in (
+        ("set", t2),
+        ("set", t3),
+        ("set", limited),
+        ("remove", t1),
+        ("set", t1),
+        ("remove", t3),
+        ("set", t3),
+        ("set", t2),
+    ):
+        op, t = step
+        everyone = [x for x in everyone if x.uid != t.uid]
+        if op == "set":
+            everyone.append(t)
+            report = await hn.set_tenant(t, lambda e=everyone: e)
+        else:
+            report = await hn.remove_tenant(t.uid, lambda e=everyone: e)
+        assert report.actions == [
+            f"updated the elements of tenant {t.name} in table inet nsd (host)"
+        ]
+        want = npol.host_document(hn.cfg, hn.site, everyone)
+        assert listed_summary(topo.host) == npol.summary(want), step
+    # exactly the rules a full load gives: nothing to replace
+    report = await hn.apply_host(everyone)
+    assert not [a for a in report.actions if "table" in a], report.actions
+    # and it works: t3 -> t1 is allowed, t2 goes out through its SNAT address
+    for name in ("t1", "t2", "t3"):
+        topo.start(topo.ns(name), SERVER, "0.0.0.0", "9000")
+    topo.start(topo.inet, SERVER, "0.0.0.0", "8080")
+    t1_addr = str(topo.specs["t1"].ipv4_address)
+    assert topo.who(topo.ns("t3"), t1_addr, 9000) == str(topo.specs["t3"].ipv4_address)
+    assert topo.who(topo.ns("t2"), INET_V4, 8080) == SNAT_V4
+    assert topo.who(topo.ns("t1"), INET_V4, 8080) == UPLINK_V4
+
+
+async def test_drift_in_elements_is_repaired(topo: Topo) -> None:
+    """An element added or deleted by hand, a rule changed in place: the live table no
+    longer is the derived one, and a full apply replaces it."""
+    hn = topo.network()
+    await topo.apply(hn)
+    t2 = topo.tenants["t2"]
+    sh(
+        topo.host,
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "nsd",
+        "tenant_ifs",
+        f"{{ {t2.host_ifname} }}",
+    )
+    sh(topo.host, "nft", "add", "element", "inet", "nsd", "tenant_ifs", "{ nsdx9 }")
+    report = await topo.apply(hn)
+    assert "replaced table inet nsd (host)" in report.actions
+    assert (await topo.apply(hn)).actions == []
+    # a rule replaced by one with the same comment (same count): caught by the exact
+    # comparison with what was loaded
+    listed = nft_json(topo.host, "-a", "list", "chain", "inet", "nsd", "to_tenant")
+    last = [o["rule"] for o in listed["nftables"] if "rule" in o][-1]
+    comment = '"no new connections from outside"'
+    sh(topo.host, "nft", "replace", "rule", "inet", "nsd", "to_tenant", "handle",
+       str(last["handle"]), "counter", "accept", "comment", comment)  # fmt: skip
+    report = await topo.apply(hn)
+    assert "replaced table inet nsd (host)" in report.actions
+    # the incremental path falls back to a full load when the table is not what it expects
+    sh(topo.host, "nft", "delete", "table", "inet", "nsd")
+    report = await hn.remove_tenant(t2.uid, lambda: [topo.tenants["t1"], topo.tenants["t3"]])
+    assert "loaded table inet nsd (host)" in report.actions

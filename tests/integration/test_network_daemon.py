@@ -129,6 +129,30 @@ def test_operator_table_untouched_and_flushed_table_repaired(
     assert wait_open(ta["namespacePath"], "10.99.0.2", 8080) == "10.99.0.1"
 
 
+def test_creations_and_removals_leave_the_derived_table(
+    env: tuple[Daemon, TestUsers, str],
+) -> None:
+    """Creations, a bandwidth change and removals go through element transactions; the
+    next reconcile, which derives the whole table and compares it exactly, finds
+    nothing to repair, and the removed tenants' veths are no longer in the table."""
+    d, users, _ = env
+    d.call("io.nsd.Daemon.Reconcile")
+    names = [users.add() for _ in range(4)]
+    made = [d.call(T + "Create", name=n)["tenant"] for n in names]
+    d.nsctl("net", names[0], "--egress", "20M")
+    for n in names[1:3]:
+        d.call(T + "Remove", name=n, force=True)
+    report = d.call("io.nsd.Daemon.Reconcile")
+    assert not [x for x in report["actions"] if x["kind"] == "network"], report
+    listed = json.loads(run("nft", "-j", "list", "set", "inet", "nsd", "tenant_ifs",
+                            netns=d.host).stdout)  # fmt: skip
+    elems = next(o["set"] for o in listed["nftables"] if "set" in o).get("elem", [])
+    host_ifs = {t["hostInterface"] for t in made}
+    assert len(host_ifs & set(elems)) == 2, elems
+    shaped = run("nft", "list", "set", "inet", "nsd", "upload_shaped", netns=d.host).stdout
+    assert made[0]["hostInterface"] in shaped
+
+
 ECHO = (
     "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
     "s.bind(('127.0.0.1',3306));s.listen()\nc,a=s.accept()\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -45,10 +46,12 @@ def rules(doc: dict[str, Any], chain: str | None = None) -> list[dict[str, Any]]
 
 
 def sets(doc: dict[str, Any]) -> dict[str, list[Any]]:
+    """Sets and maps by name, with their elements."""
     return {
-        c["add"]["set"]["name"]: c["add"]["set"].get("elem", [])
+        c["add"][kind]["name"]: c["add"][kind].get("elem", [])
         for c in doc["nftables"]
-        if "set" in c.get("add", {})
+        for kind in ("set", "map")
+        if kind in c.get("add", {})
     }
 
 
@@ -211,11 +214,15 @@ def test_host_document_content() -> None:
     assert s["tenant_src4"][0] == {"concat": ["nsd1001", "100.64.0.2"]}
     assert s["allowed"] == [{"concat": ["nsd1001", "nsd1002"]}]  # unknown tenants ignored
     assert s["upload_shaped"] == []
+    assert s["snat4"] == [["100.64.0.3", "203.0.113.7"]] and s["snat6"] == []
     nat = text(rules(doc, "egress_nat"))
-    assert '"snat": {"family": "ip", "addr": "203.0.113.7"}' in nat
+    assert '"data": "@snat4"' in nat and "@snat6" not in nat  # no IPv6 snat configured
     assert nat.count("masquerade") == 2
     assert "nsd*" in text(rules(doc, "forward")) and "nsd*" in text(rules(doc, "guard"))
-    assert '"ct count": {"val": 20000, "inv": true}' in text(rules(doc, "ctlimit_1001"))
+    # one rule and one dynamic set count every tenant's connections
+    guard = text(rules(doc, "guard"))
+    assert '"ct count": {"val": 20000, "inv": true}' in guard and "@ctcount_20000" in guard
+    assert s["ctcount_20000"] == []
     # DNS from resolv.conf: DNAT from the gateway to the host's 127.0.0.53, source loopback
     services = text(rules(doc, "services"))
     assert '"addr": "127.0.0.53", "port": 53' in services
@@ -229,21 +236,25 @@ def test_host_document_variants() -> None:
     assert "egress" not in text(rules(none, "from_tenant"))
     open_ = npol.host_document(cfg("[network]\nisolation = false\nconntrack_limit = 0"), SITE,
                                [tenant(1)])  # fmt: skip
-    assert not any(r["chain"].startswith("ctlimit") for r in rules(open_))
+    assert "ct count" not in text(rules(open_)) and "ctcount_20000" not in sets(open_)
     assert text(rules(open_, "tenant_to_host")).count('"drop"') == 2  # invalid, unknown only
     no_v6nat = npol.host_document(cfg("[network]\nipv6_nat = false"), SITE, [tenant(1)])
     assert text(rules(no_v6nat, "egress_nat")).count("masquerade") == 1
 
 
-def test_shaping_marks_only_when_limited() -> None:
+def test_shaping_marks_only_for_limited_tenants() -> None:
+    # the rules are always there (they depend on no tenant); the sets say who is shaped
     plain = npol.host_document(cfg(), SITE, [tenant(1)])
-    assert not rules(plain, "forward_marks")
+    assert sets(plain)["upload_shaped"] == [] and sets(plain)["download_shaped"] == []
     limited = tenant(1, bandwidth=npol.Bandwidth(10_000_000, 20_000_000))
     doc = npol.host_document(cfg(), SITE, [limited, tenant(2)])
     marks = text(rules(doc, "forward_marks"))
     assert npol.PRIO_LIMITED in marks and '"field": "dscp"' in marks
+    assert "@download_shaped" in marks
     assert sets(doc)["upload_shaped"] == ["nsd1001"]
+    assert sets(doc)["download_shaped"] == ["nsd1001"]
     assert rules(doc, "output_marks")
+    assert rules(doc) == rules(plain)  # only elements differ
 
 
 # -- the tenant table --------------------------------------------------------------------
@@ -273,6 +284,8 @@ def test_sysctls() -> None:
         "net.ipv4.conf.nsd1001.forwarding": "1",
         "net.ipv4.conf.nsd1001.route_localnet": "1",
     }
+    forced = dict(npol.host_interface_sysctls(cfg(), SITE, tenant(1), force_forwarding=True))
+    assert forced["net.ipv6.conf.nsd1001.force_forwarding"] == "1"
 
 
 def test_forwarding_plan_per_interface() -> None:
@@ -304,15 +317,116 @@ def test_shaping_plan() -> None:
 # -- reading live tables -----------------------------------------------------------------
 
 
+def as_listed(doc: dict[str, Any]) -> dict[str, Any]:
+    """What `nft -j list table` returns for a loaded document: bare objects."""
+    return {"nftables": [next(iter(c.values())) for c in doc["nftables"][2:]]}
+
+
 def test_summary_detects_drift() -> None:
     doc = npol.host_document(cfg(), SITE, [tenant(1)])
-    # what `nft -j list table` returns: bare objects, not commands
-    live = {"nftables": [next(iter(c.values())) for c in doc["nftables"][2:]]}
+    live = as_listed(doc)
     assert npol.summary(live) == npol.summary(doc)
     flushed = {"nftables": [o for o in live["nftables"] if "rule" not in o]}
     assert npol.summary(flushed) != npol.summary(doc)
     other = npol.host_document(cfg(), SITE, [tenant(1), tenant(2)])
     assert npol.summary(other) != npol.summary(doc)
+    # an element swapped for another (same count) is drift too
+    swapped = npol.host_document(cfg(), SITE, [tenant(2)])
+    assert npol.summary(swapped) != npol.summary(doc)
+    # the kernel's elements of the conntrack counting set are state, not drift
+    counted = json.loads(json.dumps(live))
+    for o in counted["nftables"]:
+        if o.get("set", {}).get("name") == "ctcount_20000":
+            o["set"]["elem"] = [{"elem": {"val": "nsd1001"}}]
+    assert npol.summary(counted) == npol.summary(doc)
+
+
+def test_rules_of_ignores_counters_and_handles() -> None:
+    doc = npol.host_document(cfg(), SITE, [tenant(1)])
+    live = as_listed(doc)
+    for i, o in enumerate(live["nftables"]):
+        if "rule" in o:
+            o["rule"] = dict(o["rule"], handle=i, expr=[
+                {"counter": {"packets": 3, "bytes": 9}} if "counter" in e else e
+                for e in o["rule"]["expr"]
+            ])  # fmt: skip
+    assert npol.rules_of(live) == npol.rules_of(doc)
+    other = npol.host_document(cfg("[network]\nisolation = false"), SITE, [])
+    assert npol.rules_of(other) != npol.rules_of(doc)
+
+
+C_ALLOW = """
+[network]
+allow = [["u1", "u2"], ["u3", "u1"]]
+snat = { u2 = ["203.0.113.7", "2001:db8::7"] }
+"""
+
+
+def test_incremental_changes_equal_a_rebuild() -> None:
+    """Tenants created and removed one by one, each as an element transaction applied to
+    a model of the live table: always what host_document derives for the same tenants."""
+    c = cfg(C_ALLOW)
+    live = {k: {json.dumps(e, sort_keys=True) for e in v} for k, v in sets(
+        npol.host_document(c, SITE, [])).items()}  # fmt: skip
+    present: dict[str, npol.TenantNet] = {}
+
+    def run(change: dict[str, Any] | None) -> None:
+        assert change is not None
+        for cmd in change["nftables"]:
+            ((op, body),) = cmd.items()
+            elems = {json.dumps(e, sort_keys=True) for e in body["element"]["elem"]}
+            target = live[body["element"]["name"]]
+            if op == "delete":
+                assert elems <= target  # nft refuses to delete a missing element
+                target -= elems
+            else:
+                target |= elems
+
+    order = [tenant(n, bandwidth=npol.Bandwidth(10**6 if n % 2 else None, None)) for n in
+             (1, 2, 3, 4, 5)]  # fmt: skip
+    steps = [("add", t) for t in order] + [("del", order[1]), ("del", order[0]),
+             ("add", order[1]), ("del", order[4]), ("add", order[0])]  # fmt: skip
+    for op, t in steps:
+        if op == "add":
+            present[t.name] = t
+            run(npol.element_changes({}, npol.tenant_elements(c, t, present)))
+        else:
+            run(npol.element_changes(npol.tenant_elements(c, t, present), {}))
+            del present[t.name]
+        want = sets(npol.host_document(c, SITE, list(present.values())))
+        assert {k: v for k, v in live.items() if v or want.get(k)} == {
+            k: {json.dumps(e, sort_keys=True) for e in v} for k, v in want.items() if v
+        }, (op, t.name)
+    # a changed tenant (a new limit): deletions, then additions, of its elements only
+    t = present["u1"]
+    changed = replace(t, bandwidth=npol.Bandwidth(None, 10**6))
+    change = npol.element_changes(
+        npol.tenant_elements(c, t, present), npol.tenant_elements(c, changed, present)
+    )
+    assert change is not None
+    assert [next(iter(cmd)) for cmd in change["nftables"]] == ["delete", "add"]
+    assert npol.element_changes(npol.tenant_elements(c, t, present),
+                                npol.tenant_elements(c, t, present)) is None  # fmt: skip
+
+
+def test_replacement_keeps_the_conntrack_counts() -> None:
+    doc = npol.host_document(cfg(), SITE, [tenant(1)])
+    assert npol.replacement(doc, None) == doc  # no table yet: add, delete, add
+    live = as_listed(npol.host_document(cfg(), SITE, [tenant(1), tenant(2)]))
+    tx = npol.replacement(doc, live)["nftables"]
+    ops = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in tx]
+    assert ops[:2] == [("add", "table"), ("flush", "table")]
+    assert ("delete", "table") not in ops
+    deleted = [next(iter(c["delete"].values()))["name"] for c in tx if "delete" in c]
+    assert "ctcount_20000" not in deleted and "tenant_ifs" in deleted and "guard" in deleted
+    added = [next(iter(c["add"].values())).get("name") for c in tx[2:] if "add" in c]
+    assert "ctcount_20000" not in added and "tenant_ifs" in added
+    # a new limit is a new set: the old one goes
+    other = npol.replacement(npol.host_document(cfg("[network]\nconntrack_limit = 5"), SITE,
+                                                [tenant(1)]), live)  # fmt: skip
+    assert {"delete": {"set": {"family": "inet", "table": "nsd", "name": "ctcount_20000"}}} in (
+        other["nftables"]
+    )
 
 
 def test_forward_drop_policies() -> None:
@@ -333,3 +447,23 @@ def test_forward_drop_policies() -> None:
     assert len(found) == 2
     assert "table ip filter chain FORWARD (hook forward)" in found[0]
     assert "host services" in found[1]
+
+
+def test_summary_sees_a_changed_rule_with_the_same_comment() -> None:
+    """A host service moved to another port: same chains, rule counts and comments, but
+    different rules. The hash in the first rule's comment tells them apart, also for a
+    new process that never saw the live table's rules."""
+    svc = '[[network.host_services]]\nname = "db"\nhost = "127.0.0.1:{0}"\n'
+    svc += 'tenant_address = "127.0.0.1:{0}"\n'
+    a = npol.host_document(cfg("[network]\n" + svc.format(3306)), SITE, [tenant(1)])
+    b = npol.host_document(cfg("[network]\n" + svc.format(3307)), SITE, [tenant(1)])
+    assert npol.summary(a) != npol.summary(b)
+    assert npol.summary(as_listed(a)) == npol.summary(a)
+    first = rules(a)[0]["comment"]
+    assert first.startswith("spoofed IPv4 source [rules ") and len(first) < 128
+    # elements do not change the hash: a tenant's creation changes no rule
+    c = npol.host_document(cfg("[network]\n" + svc.format(3306)), SITE, [tenant(1), tenant(2)])
+    assert rules(c) == rules(a)
+    ta = npol.tenant_document(cfg("[network]\n" + svc.format(3306)), SITE, tenant(1))
+    tb = npol.tenant_document(cfg("[network]\n" + svc.format(3307)), SITE, tenant(1))
+    assert ta is not None and tb is not None and npol.summary(ta) != npol.summary(tb)
