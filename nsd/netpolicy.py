@@ -792,6 +792,21 @@ def element_changes(old: Elements, new: Elements) -> dict[str, Any] | None:
     return {"nftables": cmds} if cmds else None
 
 
+def _tenant_chain(doc: _Doc, name: str) -> None:
+    """A chain for traffic from tenant veths: replies pass, invalid packets and
+    interfaces nsd did not make (``nsd*`` names it does not know: fail closed) drop."""
+    doc.chain(name)
+    doc.rule(name, _match(_ct("state"), {"set": ["established", "related"]}), _ACCEPT)
+    doc.rule(name, _match(_ct("state"), "invalid"), _DROP)
+    doc.rule(
+        name,
+        _match(_meta("iifname"), _ref("tenant_ifs"), "!="),
+        _COUNTER,
+        _DROP,
+        comment="not a known tenant interface",
+    )
+
+
 def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as one
     cfg: NetworkConfig, site: Site, tenants: Sequence[TenantNet]
 ) -> dict[str, Any]:
@@ -893,16 +908,7 @@ def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as
     # -- input: what tenants may reach on the host -----------------------------------------
     doc.chain("input", hook="input", prio=PRIO_FILTER)
     doc.rule("input", _match(_meta("iifname"), wild), _jump("tenant_to_host"))
-    doc.chain("tenant_to_host")
-    doc.rule("tenant_to_host", _match(_ct("state"), {"set": ["established", "related"]}), _ACCEPT)
-    doc.rule("tenant_to_host", _match(_ct("state"), "invalid"), _DROP)
-    doc.rule(
-        "tenant_to_host",
-        _match(_meta("iifname"), _ref("tenant_ifs"), "!="),
-        _COUNTER,
-        _DROP,
-        comment="not a known tenant interface",
-    )
+    _tenant_chain(doc, "tenant_to_host")
     doc.rule(
         "tenant_to_host", _match(_ct("status"), "dnat", "in"), _ACCEPT, comment="host services"
     )
@@ -966,16 +972,7 @@ def host_document(  # noqa: PLR0912, PLR0915 -- the table top to bottom, read as
     doc.chain("forward", hook="forward", prio=PRIO_FILTER)
     doc.rule("forward", _match(_meta("iifname"), wild), _jump("from_tenant"))
     doc.rule("forward", _match(_meta("oifname"), wild), _jump("to_tenant"))
-    doc.chain("from_tenant")
-    doc.rule("from_tenant", _match(_ct("state"), {"set": ["established", "related"]}), _ACCEPT)
-    doc.rule("from_tenant", _match(_ct("state"), "invalid"), _DROP)
-    doc.rule(
-        "from_tenant",
-        _match(_meta("iifname"), _ref("tenant_ifs"), "!="),
-        _COUNTER,
-        _DROP,
-        comment="not a known tenant interface",
-    )
+    _tenant_chain(doc, "from_tenant")
     if cfg.egress != "none":
         doc.rule(
             "from_tenant", _match(_meta("oifname"), _ref("uplinks")), _ACCEPT, comment="egress"

@@ -177,7 +177,10 @@ def parse_args(args: list[str]) -> Options:
 
 
 def own_cgroup(pid: int | str = "self", proc: str = "/proc") -> str | None:
-    """The process's cgroup v2 path (or the v1 name=systemd one on hybrid hosts)."""
+    """The process's cgroup v2 path (or the v1 name=systemd one on hybrid hosts).
+
+    The rule of nsd.procscan.parse_cgroup, written again: this module runs in the
+    system python3 and cannot import nsd."""
     try:
         with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
             lines = f.read().splitlines()

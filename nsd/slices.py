@@ -27,6 +27,7 @@ from . import names, unitfiles
 from .config import Config
 from .errors import NsdError
 from .model import TenantRecord
+from .procscan import parse_cgroup
 from .systemd import (
     INFINITY,
     JobFailed,
@@ -73,18 +74,10 @@ class RunResult:
 def caller_cgroup(pid: int, proc: str = "/proc") -> str | None:
     """The caller's cgroup path in systemd's hierarchy (v2 line, or v1 name=systemd)."""
     try:
-        with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(f"{proc}/{pid}/cgroup", "rb") as f:
+            return parse_cgroup(f.read())
     except OSError:
         return None
-    v1 = None
-    for line in lines:
-        hid, controllers, path = line.split(":", 2)
-        if hid == "0" and controllers == "":
-            return path
-        if controllers == "name=systemd":
-            v1 = path
-    return v1
 
 
 def wants_scope(policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str) -> bool:

@@ -37,6 +37,12 @@ def run(
     return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
 
 
+def systemctl_show(unit: str, *props: str) -> dict[str, str]:
+    """``systemctl show UNIT --property=...`` as a dict (the systemd tier, inside its container)."""
+    out = run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 def unique(prefix: str = "nt") -> str:
     return f"{prefix}{secrets.token_hex(3)}"
 

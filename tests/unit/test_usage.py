@@ -164,7 +164,7 @@ def test_parse_status() -> None:
 def test_parse_cgroup() -> None:
     assert ps.parse_cgroup(b"0::/system.slice/a.service\n") == "/system.slice/a.service"
     hybrid = b"12:memory:/system.slice/a.service\n1:name=systemd:/system.slice/a.service\n0::/\n"
-    assert ps.parse_cgroup(hybrid) == "/"  # the v2 line wins, as in nsd.slices.caller_cgroup
+    assert ps.parse_cgroup(hybrid) == "/"  # the v2 line wins (nsd.slices.caller_cgroup uses it)
     assert ps.parse_cgroup(b"1:name=systemd:/user.slice\n") == "/user.slice"
     assert ps.parse_cgroup(b"4:memory:/x\n") is None
 

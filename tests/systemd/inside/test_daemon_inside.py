@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 from tests.harness import PY, Daemon, TestUsers, daemon_env, netns_inode, run, uid_of  # noqa: E402
+from tests.harness import systemctl_show as show  # noqa: E402
 
 T = "io.nsd.Tenant."
 CONTROL = Path("/etc/systemd/system.control")
@@ -43,11 +44,6 @@ def env() -> Iterator[tuple[Daemon, TestUsers]]:
         d.start()
         yield d, users
         assert d.stop() == 0, d.log_text()
-
-
-def show(unit: str, *props: str) -> dict[str, str]:
-    out = run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def tenant(d: Daemon, users: TestUsers) -> tuple[str, dict[str, object]]:

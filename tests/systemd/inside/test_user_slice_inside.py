@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 from tests.harness import Daemon, TestUsers, daemon_env, run, uid_of  # noqa: E402
+from tests.harness import systemctl_show as show  # noqa: E402
 
 T = "io.nsd.Tenant."
 CONTROL = Path("/etc/systemd/system.control")
@@ -36,11 +37,6 @@ def env() -> Iterator[tuple[Daemon, TestUsers]]:
         d.start()
         yield d, users
         assert d.stop() == 0, d.log_text()
-
-
-def show(unit: str, *props: str) -> dict[str, str]:
-    out = run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def test_tenant_slice_is_the_user_slice_and_nsd_limits_win(
