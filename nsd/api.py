@@ -24,7 +24,7 @@ from . import limits as limits_mod
 from .errors import NoSuchTenant, NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
-from .sampler import Snapshot, UsageUnavailable, audit_reply, usage_reply
+from .sampler import Snapshot, UsageUnavailable, audit_reply, escaped_by_tenant, usage_reply
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
 
 if TYPE_CHECKING:
@@ -379,6 +379,8 @@ class Api:
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
+        snap = self._metrics.sampler.snapshot if self._metrics is not None else None
+        checks.append(doctor.escape_check(escaped_by_tenant(snap) if snap is not None else None))
         return {
             "checks": [
                 {"name": c.name, "severity": c.severity, "message": c.message} for c in checks

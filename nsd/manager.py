@@ -53,7 +53,14 @@ from .model import (
     TenantView,
 )
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
-from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
+from .slices import (
+    MOVE_UNLESS_MAIN,
+    STAY,
+    RunResult,
+    TenantSlices,
+    caller_cgroup,
+    placement,
+)
 
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
@@ -250,7 +257,11 @@ class TenantManager:
             return None  # auto or always, on a host without systemd: nothing to place into
         # The caller's cgroup matters only to the "auto" policy's own choice.
         cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
-        if not wants_scope(policy, scope, cgroup, tenant_slice):
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.slices.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
             return None
         unit = await self.slices.place(rec, pid, open_pidfd)
         log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)

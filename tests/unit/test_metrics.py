@@ -22,12 +22,12 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from nsd import doctor, topview
 from nsd import metrics as M
-from nsd import topview
 from nsd.api import idl as installed_idl
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, audit_reply, collect, usage_reply
+from nsd.sampler import Snapshot, Target, audit_reply, collect, escaped_by_tenant, usage_reply
 from nsd.varlink import idl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_tenant_values(snap: Snapshot) -> None:
     assert value(text, "nsd_tenant_helper_processes", **a) == 2
     assert value(text, "nsd_tenant_processes", **a, **{"class": "session"}) == 1
     assert value(text, "nsd_tenant_escaped_processes", **a, reason="session_outside_namespace") == 1
-    assert value(text, "nsd_tenant_escaped_processes", **a, reason="outside_slice") == 1
+    assert value(text, "nsd_tenant_escaped_processes", **a, reason="outside_slice") == 2
     assert value(text, "nsd_helper_processes", helper="sudo") == 3
     assert value(text, "nsd_tenants") == 3
     assert value(text, "nsd_metrics_source_available", source="smaps_rollup") == 0
@@ -422,9 +422,20 @@ def test_top_and_audit_tables(snap: Snapshot) -> None:
     assert topview.top_rows(reply["tenants"], "helpers")[0][0] == "alice"
     audit = topview.format_audit(audit_reply(snap, helpers=True))
     assert "outside slice+namespace" in audit and "sudo -iu bob true" in audit
+    assert "/root/bin/backup.sh" in audit  # root's crontab, left in cron.service
+    assert "give the unit Slice= (a template with X-NSD-Tenant=yes" in audit  # the fix
     assert topview.format_audit({"processes": [], "omitted": 3}).startswith("no flagged")
     assert topview.human_bytes(None) == "-" and topview.human_bytes(1536) == "1.5K"
     assert topview.human_bytes(5 << 40) == "5.0T" and topview.human_bytes(12) == "12B"
+
+
+def test_doctor_summarises_the_audit(snap: Snapshot) -> None:
+    check = doctor.escape_check(escaped_by_tenant(snap))
+    assert check.severity == "warning"
+    assert check.message.startswith("7 process(es) outside their tenant's slice or namespace")
+    assert "alice (5), bob (2);" in check.message and "`nsctl audit`" in check.message
+    assert doctor.escape_check({"carol": 0}).severity == "ok"
+    assert doctor.escape_check(None).severity == "ok"
 
 
 def test_nsctl_does_not_import_the_exporter() -> None:
