@@ -43,6 +43,7 @@ from .errors import (
     UidOutOfRange,
     WatcherTooSlow,
 )
+from .faults import Fault
 from .ipam import Ipam
 from .model import (
     ReconcileAction,
@@ -698,15 +699,18 @@ class TenantManager:
 
     # -- watch -----------------------------------------------------------------
 
-    async def watch(self, uid: int | None) -> AsyncIterator[tuple[str, TenantView | None]]:
-        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name)."""
+    async def watch(
+        self, uid: int | None
+    ) -> AsyncIterator[tuple[str, TenantView | None, Fault | None]]:
+        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name):
+        (kind, tenant, the fault for kind "fault")."""
         queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
         self._watchers.add(queue)
         try:
             for rec in self.store.all():
                 if uid is None or rec.uid == uid:
-                    yield "existing", self.view(rec)
-            yield "synced", None
+                    yield "existing", self.view(rec), None
+            yield "synced", None, None
             while True:
                 event = await queue.get()
                 if event is None:
@@ -714,12 +718,20 @@ class TenantManager:
                         raise ShuttingDown()
                     raise WatcherTooSlow()
                 if uid is None or event.view.record.uid == uid:
-                    yield event.kind, event.view
+                    yield event.kind, event.view, event.fault
         finally:
             self._watchers.discard(queue)
 
-    def _emit(self, kind: str, view: TenantView) -> None:
-        event = TenantEvent(kind, view)
+    def emit_fault(self, fault: Fault) -> None:
+        """A Watch event for a recorded fault (nsd.faultrecord), if the tenant is
+        still the one the fault was recorded for."""
+        rec = self.store.get(fault.uid)
+        if rec is None or rec.name != fault.tenant:
+            return
+        self._emit("fault", self.view(rec, check_identity=False), fault)
+
+    def _emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
+        event = TenantEvent(kind, view, fault)
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(event)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -29,6 +27,7 @@ from nsd.limits import Limits
 from nsd.model import ReconcileAction
 from nsd.sampler import Snapshot, Target, audit_reply, collect, escaped_by_tenant, usage_reply
 from nsd.varlink import idl
+from tests.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -160,19 +159,6 @@ def test_openmetrics_parses_and_ends_once(snap: Snapshot) -> None:
     assert families["nsd_api_call_duration_seconds"].type == "histogram"
     text = exp.render(openmetrics=False, use_gzip=False).decode()
     assert {f.name for f in parse_text(text)} >= {"nsd_tenant_memory_current_bytes"}
-
-
-def promtool() -> str | None:
-    found = os.environ.get("NSD_PROMTOOL") or shutil.which("promtool")
-    if found:
-        return found
-    script = ROOT / "scripts" / "promtool"
-    try:
-        done = subprocess.run([str(script), "--print-path"], capture_output=True, text=True,
-                              timeout=300, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
 
 
 def test_promtool_check_metrics(snap: Snapshot) -> None:
