@@ -9,8 +9,8 @@ record per ``faults.coalesce`` seconds: the first event is recorded at once, the
 ones after it within the window become one record at the window's end, carrying
 their ``count``.
 
-Recording runs in one worker task: process snapshots are read on a worker
-thread (the loop only hands over the list), and all records due together are
+Recording runs in one task on the event loop, in steps of a few milliseconds with
+a yield in between (see record_due), and the records of a step are
 stored in one transaction, so a burst of faults does not hold up the API.
 """
 
@@ -27,8 +27,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import FaultsConfig
-from .faults import Fault, limit_and_value, snapshot_processes
-from .faultwatch import FaultWatcher
+from .faults import Fault, ProcessSample, limit_and_value, snapshot_processes
+from .faultwatch import STEP, FaultWatcher
 from .journal import WARNING, Journal
 from .store import Store
 
@@ -123,22 +123,32 @@ class FaultRecorder:
         if not due:
             return []
         at_us = int(now * 1e6)
-        faults = await asyncio.to_thread(self._build, due, at_us)
         keep_after = at_us - int(self.cfg.keep_days * 86400e6)
-        ids = self.store.add_faults(faults, self.cfg.keep, keep_after)
-        stored = [_with_id(f, i) for f, i in zip(faults, ids, strict=True)]
-        for f in stored:
-            self._announce(f)
+        # On the loop, in steps of STEP seconds with a yield in between: a worker
+        # thread would fight the loop for the GIL for the whole burst, steps bound
+        # how long an API call waits. One snapshot per tenant per batch (an OOM
+        # kill comes with "max" events of the same moment).
+        snapshots: dict[str, tuple[ProcessSample, ...]] = {}
+        stored: list[Fault] = []
+        batch: list[Fault] = []
+        step_end = time.perf_counter() + STEP
+        for i, p in enumerate(due):
+            procs = snapshots.get(p.slice_dir)
+            if procs is None:
+                procs = snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
+                snapshots[p.slice_dir] = procs
+            limit, value = limit_and_value(p.slice_dir, p.kind)
+            batch.append(Fault(p.uid, p.name, p.kind, at_us, p.count, limit, value, procs))
+            if time.perf_counter() > step_end or i == len(due) - 1:
+                ids = self.store.add_faults(batch, self.cfg.keep, keep_after)
+                for f, fault_id in zip(batch, ids, strict=True):
+                    stored.append(_with_id(f, fault_id))
+                    self._announce(stored[-1])
+                batch = []
+                await asyncio.sleep(0)
+                step_end = time.perf_counter() + STEP
         self.recorded += len(stored)
         return stored
-
-    def _build(self, due: list[_Pending], at_us: int) -> list[Fault]:
-        out = []
-        for p in due:
-            limit, value = limit_and_value(p.slice_dir, p.kind)
-            procs = snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
-            out.append(Fault(p.uid, p.name, p.kind, at_us, p.count, limit, value, procs))
-        return out
 
     def _announce(self, f: Fault) -> None:
         top = ", ".join(f"{p.comm} (pid {p.pid}, {p.rss_bytes >> 20} MiB)" for p in f.processes[:3])

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ IN_IGNORED = 0x00008000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
+#: seconds of work on the event loop before yielding to other callbacks (API calls)
+STEP = 0.002
 
 #: (uid, name, slice directory, [(kind, new events)]) - called on the event loop
 OnFaults = Callable[[int, str, str, list[tuple[str, int]]], None]
@@ -97,6 +100,9 @@ class FaultWatcher:
         self._tenants: dict[int, _Tenant] = {}
         self._by_wd: dict[int, tuple[_Tenant, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: changed files not read yet: wd -> (tenant, file)
+        self._dirty: dict[int, tuple[_Tenant, str]] = {}
+        self._draining = False
 
     @property
     def watches(self) -> int:
@@ -115,6 +121,7 @@ class FaultWatcher:
             self._inotify = None
         self._tenants.clear()
         self._by_wd.clear()
+        self._dirty.clear()
 
     def sync(self, tenants: Iterable[tuple[int, str, str | None]]) -> None:
         """Watch exactly these tenants: (uid, name, slice cgroup path or None)."""
@@ -154,13 +161,13 @@ class FaultWatcher:
     def _drop(self, t: _Tenant) -> None:
         for wd in t.wds.values():
             self._by_wd.pop(wd, None)
+            self._dirty.pop(wd, None)
             if self._inotify is not None:
                 self._inotify.remove(wd)
         t.wds.clear()
 
     def _readable(self) -> None:
         assert self._inotify is not None
-        changed: dict[int, tuple[_Tenant, str]] = {}
         for wd, mask in self._inotify.read():
             found = self._by_wd.get(wd)
             if found is None:
@@ -168,9 +175,26 @@ class FaultWatcher:
             if mask & IN_IGNORED:
                 t, file = self._by_wd.pop(wd)
                 t.wds.pop(file, None)  # the cgroup is gone; sync() watches it again
+                self._dirty.pop(wd, None)
                 continue
-            changed[wd] = found  # several events for one file: one read
-        for t, file in changed.values():
+            self._dirty[wd] = found  # several events for one file: one read
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read the changed files, for at most STEP seconds at a time: a burst of
+        1,000 tenants' events must not hold the API's event loop for the whole
+        burst; the rest follows in the next loop iteration."""
+        self._draining = False
+        deadline = time.perf_counter() + STEP
+        while self._dirty:
+            if time.perf_counter() > deadline:
+                assert self._loop is not None
+                self._draining = True
+                self._loop.call_soon(self._drain)
+                return
+            wd = next(iter(self._dirty))
+            t, file = self._dirty.pop(wd)
             counters = read_counters(f"{t.slice_dir}/{file}")
             if counters is None:
                 continue

@@ -362,10 +362,11 @@ class Store:
                 )
                 ids.append(int(cur.lastrowid or 0))
             self._db.execute("DELETE FROM faults WHERE at_us < ?", (keep_after_us,))
+            # Ids only grow and only the oldest rows are deleted, so the newest
+            # ``keep`` are those above max(id) - keep: two index look-ups, where
+            # "ORDER BY id DESC OFFSET keep" would walk ``keep`` rows on every write.
             self._db.execute(
-                "DELETE FROM faults WHERE id <= "
-                "(SELECT id FROM faults ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (keep,),
+                "DELETE FROM faults WHERE id <= (SELECT max(id) FROM faults) - ?", (keep,)
             )
         return ids
 
