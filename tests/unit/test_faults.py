@@ -11,16 +11,21 @@ import socket
 import sqlite3
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from nsd import journal, store
+from nsd import config, faultapi, faultview, journal, store
 from nsd.faultrecord import FaultCounter, FaultRecorder, FaultsConfig
 from nsd.faults import Fault, ProcessSample, increases, snapshot_processes
 from nsd.faultwatch import FaultWatcher
+from nsd.ipam import Ipam
+from nsd.manager import TenantManager
+from nsd.model import TenantRecord, TenantState
 
 SLICE = "/tenant.slice/tenant-1001.slice"
 EVENTS = "low 0\nhigh {high}\nmax {max}\noom 0\noom_kill {kill}\noom_group_kill 0\n"
@@ -200,3 +205,49 @@ def test_v3_database_gains_the_faults_table(tmp_path: Path) -> None:
     db.add_faults([fault("alice", 1)], keep=10, keep_after_us=0)
     assert len(db.faults()) == 1
     db.close()
+
+
+class _Net:
+    """The one thing TenantManager.view asks of the netns adapter."""
+
+    def namespace_inode(self, path: str) -> int:
+        return 4026532301
+
+
+async def test_a_recorded_fault_is_a_watch_event(tmp_path: Path) -> None:
+    cfg = config.from_mapping({})
+    db = store.Store(tmp_path / "nsd.db")
+    ipam = Ipam(cfg.ipam, cfg.tenants, db)
+    v4, v6 = ipam.allocate(1001)
+    db.insert(TenantRecord(1001, "alice", TenantState.READY, "alice", "nsd1001", v4, v6,
+                           False, store.now_us()))  # fmt: skip
+    net: Any = _Net()
+    manager = TenantManager(cfg, db, ipam, net)
+    events = manager.watch(1001)
+    assert (await anext(events))[0] == "existing"
+    assert (await anext(events))[0] == "synced"
+    manager.emit_fault(fault("bob", 5))  # uid 1001 is alice now: not hers, not sent
+    manager.emit_fault(fault("alice", 6))
+    kind, view, sent = await asyncio.wait_for(anext(events), 5)
+    assert kind == "fault" and view is not None and view.record.name == "alice"
+    assert sent == fault("alice", 6)
+    assert faultapi.fault_json(sent)["processes"] == [
+        {"pid": 7, "comm": "x", "rssBytes": 1, "cgroup": "/"}
+    ]
+    await events.aclose()
+    db.close()
+
+
+def test_nsctl_faults_since_and_table() -> None:
+    now = 1_800_000_000.0
+    assert faultview.parse_since("15min", now) == int((now - 900) * 1e6)
+    assert faultview.parse_since("-2h", now) == int((now - 7200) * 1e6)
+    assert faultview.parse_since("1d ago", now) == int((now - 86400) * 1e6)
+    local = faultview.parse_since("2026-12-05 04:00", now)
+    assert local == int(datetime(2026, 12, 5, 4, 0).timestamp() * 1e6)
+    with pytest.raises(ValueError, match="not an age"):
+        faultview.parse_since("yesterday-ish", now)
+    reply = {"faults": [faultapi.fault_json(fault("alice", 1_800_000_000_000_000))]}
+    rows = faultview.fault_rows(reply["faults"])
+    assert rows[0][1:] == ("alice", "1001", "oom_kill", "1", "max", "5B", "x[7] 1B")
+    assert faultview.format_faults({"faults": []}) == "no faults recorded"
