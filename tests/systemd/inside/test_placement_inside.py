@@ -198,3 +198,22 @@ def wait_log(d: Daemon, text: str, timeout: float = 15) -> str:
             return next(line for line in log.splitlines() if text in line)
         time.sleep(0.1)
     raise AssertionError(f"{text!r} not logged")
+
+
+def test_a_oneshot_whose_main_process_is_nsd_exec_stays_in_its_unit(
+    env: tuple[Daemon, TestUsers], shared: Path
+) -> None:
+    """systemd counts a oneshot's ExecStart process as its main process too."""
+    d, users = env
+    name, _ = tenant(d, users)
+    out = shared / "where"
+    unit = f"oneshot-main-{secrets.token_hex(3)}.service"
+    run("systemd-run", "--quiet", f"--unit={unit}", "--property=Type=oneshot", "--no-block",
+        *report(d, name, out).split())  # fmt: skip
+    pid, cgroup = where(wait_file(out))
+    try:
+        assert cgroup.endswith(f"/{unit}"), cgroup
+        assert int(show(unit, "MainPID")["MainPID"]) == pid
+    finally:
+        kill(pid)
+        run("systemctl", "stop", unit, check=False)
