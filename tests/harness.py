@@ -126,6 +126,25 @@ def unmount_files(paths: list[str]) -> None:
 
 # -- the daemon --------------------------------------------------------------
 
+# One varlink call from a separate process (run it as another user with setpriv):
+# prints {"ok": reply} or {"error": name}.
+CALL_SCRIPT = """
+import json, sys
+from nsd.varlink.client import VarlinkClient, VarlinkError
+sock, method, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    with VarlinkClient(sock) as c:
+        if method.endswith(".Enter"):
+            reply, fds = c.call_with_fds(method, params)
+        elif method.endswith(".Watch"):
+            reply = next(iter(c.call_more(method, params)))
+        else:
+            reply = c.call(method, params)
+    print(json.dumps({"ok": reply}))
+except VarlinkError as e:
+    print(json.dumps({"error": e.name}))
+"""
+
 
 class Daemon:
     """nsd running for real inside a test host namespace."""
