@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from . import netpolicy
+from . import names, netpolicy
 from .metrics import DEFAULT_LISTEN, parse_listen
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
@@ -127,6 +127,10 @@ class MetricsConfig:
     listen: str = DEFAULT_LISTEN
     interval: float = 15.0
     helpers: tuple[str, ...] = DEFAULT_HELPERS
+    # Besides root, the accounts whose connections may read /metrics (metrics_access).
+    scrapers: tuple[str, ...] = ("prometheus",)
+    # Serve peers whose socket is not on this host (remote scrapers, namespaces).
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,8 +329,18 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _scrapers(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, 'must be a list of user names, e.g. ["prometheus"]')
+    for name in value:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise ConfigError(source, key, f"{name!r}: {reason}")
+    return tuple(dict.fromkeys(value))
+
+
 _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
-                 "metrics.helpers": _helpers})  # fmt: skip
+                 "metrics.helpers": _helpers, "metrics.scrapers": _scrapers})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
+from .metrics_access import MetricsAccess
 from .netns import NetnsAdapter, NetnsError
 from .sampler import manager_targets
 from .slices import TenantSlices
@@ -85,6 +86,7 @@ class Daemon:
                 interval=cfg.metrics.interval,
                 listen=cfg.metrics.listen,
                 helpers=cfg.metrics.helpers,
+                refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
                 cgroup_root=detect_root(),
                 probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
             )
