@@ -88,6 +88,8 @@ class IpamConfig:
     ipv6_gateway: str = "fe80::1"
     uid_offset: int = 0
     quarantine_seconds: int = 86400
+    # How often lease rows whose quarantine has ended are deleted.
+    purge_interval: float = 3600.0
     check_host_routes: bool = True
 
     @property
@@ -484,10 +486,16 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    _check_lease_times(src, i)
     if i.strategy == "uid":
         _check_uid_strategy(src, cfg, net4)
+
+
+def _check_lease_times(src: str, i: IpamConfig) -> None:
+    if i.quarantine_seconds < 0:
+        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    if not 1.0 <= i.purge_interval <= 86400.0:
+        raise ConfigError(src, "ipam.purge_interval", "must be between 1 and 86400 seconds")
 
 
 def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:
