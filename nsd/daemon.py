@@ -30,6 +30,7 @@ from pathlib import Path
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .cgroupstats import detect_root, slice_cgroup_path
+from .errors import StateWriteFailed
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
@@ -369,7 +370,7 @@ async def _purge_leases(ipam: Ipam, interval: float) -> None:
     while True:
         try:
             purged = ipam.purge_expired()
-        except (sqlite3.Error, OSError) as e:
+        except (StateWriteFailed, sqlite3.Error, OSError) as e:
             # A full or read-only state directory: nothing lost, the next round retries.
             log.warning("cannot purge expired address leases: %s", e)
         else:

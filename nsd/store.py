@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv6Network
 from pathlib import Path
 
+from .errors import StateWriteFailed
 from .model import TenantRecord, TenantState
 
 SCHEMA_VERSION = 3
@@ -185,6 +186,10 @@ class Store:
         try:
             with _transaction(self._db):
                 yield
+        except sqlite3.OperationalError as e:
+            # SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR: the transaction was rolled
+            # back and nothing is recorded; the callers record intent before acting.
+            raise StateWriteFailed(str(self.path), str(e)) from e
         finally:
             self._drop_cache()
 
@@ -378,10 +383,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back already (a full disk during COMMIT does), and a
+        # COMMIT that failed otherwise leaves the transaction open: end it either way.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _record(row: tuple[object, ...]) -> TenantRecord:

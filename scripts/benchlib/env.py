@@ -254,11 +254,6 @@ class BenchDaemon(Daemon):
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
     @property
     def pid(self) -> int:
         assert self.proc is not None
