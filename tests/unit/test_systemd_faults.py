@@ -763,8 +763,10 @@ async def test_run_names_the_user_by_uid_never_by_name(
 ) -> None:
     """A name could resolve to another account by the time systemd looks it up (a
     rename, a reused name): nsd hands systemd the UID whose identity it checked."""
-    result = await _slices(adapter).run(_record(), "/run/netns/alice", "/", ["/bin/true"], False)
-    assert result.unit.startswith("nsd-run-1001-")
+    unit = await _slices(adapter).start_run(
+        _record(), "/run/netns/alice", "/", ["/bin/true"], False
+    )
+    assert unit.startswith("nsd-run-1001-")
     ((_, props),) = fake.record.transient
     assert props["User"] == "1001"
 
