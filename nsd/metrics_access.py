@@ -24,7 +24,6 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from . import users
 
@@ -86,15 +85,35 @@ def socket_owner(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     return int(uid)
 
 
-@dataclass(frozen=True)
+def kernel_names_owners(owner: Callable[[tuple[str, int], tuple[str, int]], int | None]) -> bool:
+    """Whether ``owner`` finds a loopback connection this process makes itself. The
+    kernel answers "no such socket" also when it has no inet_diag support, which
+    must not pass for "a remote peer"."""
+    try:
+        srv = socket.create_server(("127.0.0.1", 0))
+        with srv, socket.create_connection(srv.getsockname(), timeout=1.0) as client:
+            conn, _ = srv.accept()
+            with conn:
+                return owner(conn.getsockname()[:2], client.getsockname()[:2]) == os.geteuid()
+    except OSError:
+        return False
+
+
 class MetricsAccess:
     """The policy: ``scrapers`` are account names (resolved per connection, so an
     account created after nsd started works at once); ``allow_remote`` lets in
     peers whose socket is not on this host."""
 
-    scrapers: Sequence[str] = ("prometheus",)
-    allow_remote: bool = False
-    owner: Callable[[tuple[str, int], tuple[str, int]], int | None] = socket_owner
+    def __init__(
+        self,
+        scrapers: Sequence[str] = ("prometheus",),
+        allow_remote: bool = False,
+        owner: Callable[[tuple[str, int], tuple[str, int]], int | None] = socket_owner,
+    ) -> None:
+        self.scrapers = tuple(scrapers)
+        self.allow_remote = allow_remote
+        self.owner = owner
+        self._kernel_answers: bool | None = None  # checked once, when first needed
 
     def allowed_uids(self) -> set[int]:
         uids = {0}
@@ -114,7 +133,14 @@ class MetricsAccess:
             log.warning("metrics: cannot tell who connected (%s); refused", e)
             return "the connecting user could not be determined"
         if uid is None:
-            return None if self.allow_remote else "not a local connection (metrics.allow_remote)"
+            if not self.allow_remote:
+                return "not a local connection (metrics.allow_remote)"
+            if self._kernel_answers is None:
+                self._kernel_answers = kernel_names_owners(self.owner)
+                if not self._kernel_answers:
+                    log.error("metrics: the kernel does not name the owners of TCP sockets "
+                              "(no inet_diag?): every peer is refused")  # fmt: skip
+            return None if self._kernel_answers else "the connecting user could not be determined"
         if uid in self.allowed_uids():
             return None
         return f"uid {uid} may not read metrics (root and metrics.scrapers only)"

@@ -56,8 +56,21 @@ def test_root_and_scrapers_only(accepted: socket.socket) -> None:
 
 def test_remote_peers_only_when_allowed(accepted: socket.socket) -> None:
     assert _owner_is(None).refusal(accepted) == "not a local connection (metrics.allow_remote)"
-    allowed = MetricsAccess((), True, owner=lambda _l, _r: None)
-    assert allowed.refusal(accepted) is None
+    # A peer the kernel does not know is remote (the kernel's answer for it is faked;
+    # its self-check of a real loopback connection is not).
+    peer = accepted.getpeername()[:2]
+    remote = MetricsAccess(
+        (), True, owner=lambda here, there: None if there == peer else socket_owner(here, there)
+    )
+    assert remote.refusal(accepted) is None
+
+
+def test_a_kernel_that_never_names_owners_lets_no_remote_peer_in(
+    accepted: socket.socket,
+) -> None:
+    # Without inet_diag the kernel says "no such socket" for local peers too.
+    blind = MetricsAccess((), True, owner=lambda _l, _r: None)
+    assert blind.refusal(accepted) == "the connecting user could not be determined"
 
 
 def test_an_unanswered_lookup_fails_closed(accepted: socket.socket) -> None:
