@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -76,12 +77,23 @@ class Changed:
     name_holder: int | None  # the UID NSS gives the recorded name now (None: nobody)
 
 
+UID_MIN = 700  # the tenants' UIDs of this module (see ``changed``)
+
+
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
+    with daemon_env(extra=f"[tenants]\nuid_min = {UID_MIN}\n") as (d, users):
         d.start()
         yield d, users
         assert d.stop() == 0, d.log_text()
+
+
+def _taken(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def _forget(users: TestUsers, name: str) -> None:
@@ -92,8 +104,14 @@ def _forget(users: TestUsers, name: str) -> None:
 @pytest.fixture(scope="module", params=["rename", "deletion", "uid-reused", "name-reused"])
 def changed(request: pytest.FixtureRequest, daemon: tuple[Daemon, TestUsers]) -> Iterator[Changed]:
     d, users = daemon
-    name = users.add()
-    uid = uid_of(name)
+    # A UID where useradd hands none out (below its UID_MIN, above where --system ones
+    # are taken from the top down): once this test frees it, an account made on the
+    # machine meanwhile must not take it (and be signalled by its own cleanup while
+    # this test calls as that UID).
+    uid = next(u for u in range(UID_MIN + os.getpid() % 150, 900) if not _taken(u))
+    name = f"{users.prefix}u{len(users.names)}"
+    run("useradd", "--uid", str(uid), "--user-group", "--shell", "/bin/sh", name)
+    users.names.append(name)
     d.call(T + "Create", name=name)
     kind = request.param
     current: str | None = None
@@ -110,10 +128,13 @@ def changed(request: pytest.FixtureRequest, daemon: tuple[Daemon, TestUsers]) ->
     elif kind == "deletion":
         _forget(users, name)
     else:  # uid-reused: the account is deleted and its UID given to a new one
-        _forget(users, name)
         current = name + "n"
-        run("useradd", "--user-group", "--uid", str(uid), "--shell", "/bin/sh", current)
+        # The new account first (--non-unique), then the old one goes: a free UID
+        # would be taken by whatever else on the machine adds a user in between.
+        run("useradd", "--non-unique", "--uid", str(uid), "--no-user-group", "--gid", "users",
+            "--shell", "/bin/sh", current)  # fmt: skip
         users.names.append(current)
+        _forget(users, name)
     yield Changed(kind, name, uid, current, holder)
     # The operator's way out: Remove works on the recorded name.
     d.call(T + "Remove", name=name, force=True)
