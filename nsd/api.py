@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, faultapi, netpolicy
 from . import limits as limits_mod
-from .errors import NoSuchTenant, NsdError, PermissionDenied
+from .errors import NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
 from .sampler import Snapshot, UsageUnavailable, audit_reply, escaped_by_tenant, usage_reply
@@ -196,7 +196,10 @@ class Api:
     async def get(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        return {"tenant": tenant_json(self.manager.get(name))}
+        # An operator sees a tenant whose user changed identity, with the change in
+        # its problems (to resolve it); the tenant's own UID is refused.
+        view = self.manager.get(name, strict=not self.is_admin(call.peer))
+        return {"tenant": tenant_json(view)}
 
     async def list(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -298,10 +301,7 @@ class Api:
                 uid = None
             else:
                 self._require_self_or_admin(call, name)
-                rec = self.manager.store.get_by_name(name)
-                if rec is None:
-                    raise NoSuchTenant(name)
-                uid = rec.uid
+                uid = self.manager.checked(name).uid
             # continues=True on every item: a live stream must send each event
             # at once instead of holding it back to learn whether it is the last.
             async for kind, view, fault in self.manager.watch(uid):
@@ -323,10 +323,7 @@ class Api:
             self._require_admin(call)
             return None
         self._require_self_or_admin(call, name)
-        rec = self.manager.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec.uid
+        return self.manager.checked(name).uid
 
     async def _snapshot(self, after: int = 0) -> Snapshot:
         if self._metrics is None:
@@ -347,7 +344,8 @@ class Api:
 
     async def _usage_once(self, call: Call) -> dict[str, Any]:
         try:
-            return usage_reply(await self._snapshot(), self._usage_uid(call))
+            uid = self._usage_uid(call)  # authorization and identity before anything else
+            return usage_reply(await self._snapshot(), uid)
         except NsdError as e:
             if isinstance(e, PermissionDenied):
                 self._audit(call, e.name)
@@ -370,10 +368,7 @@ class Api:
         uid = None
         name = call.parameters.get("name")
         if name is not None:
-            rec = self.manager.store.get_by_name(name)
-            if rec is None:
-                raise NoSuchTenant(name)
-            uid = rec.uid
+            uid = self.manager.checked(name).uid
         snap = await self._snapshot()
         return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 

@@ -46,6 +46,8 @@ _MESSAGES: dict[str, str] = {
     "InvalidFaultQuery": "invalid {parameter}: {reason}",
     "WatcherTooSlow": "the watch fell behind and was dropped; run it again",
     "UsageUnavailable": "no usage data: {reason}",
+    "StateWriteFailed": "cannot write nsd's state database {path}: {reason} "
+    "(free space in or make writable its directory, then run nsctl reconcile)",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
     "InvalidParameter": "invalid parameter {parameter}",
     "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from . import netpolicy
+from . import names, netpolicy
 from .metrics import DEFAULT_LISTEN, parse_listen
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
@@ -88,6 +88,8 @@ class IpamConfig:
     ipv6_gateway: str = "fe80::1"
     uid_offset: int = 0
     quarantine_seconds: int = 86400
+    # How often lease rows whose quarantine has ended are deleted.
+    purge_interval: float = 3600.0
     check_host_routes: bool = True
 
     @property
@@ -127,6 +129,10 @@ class MetricsConfig:
     listen: str = DEFAULT_LISTEN
     interval: float = 15.0
     helpers: tuple[str, ...] = DEFAULT_HELPERS
+    # Besides root, the accounts whose connections may read /metrics (metrics_access).
+    scrapers: tuple[str, ...] = ("prometheus",)
+    # Serve peers whose socket is not on this host (remote scrapers, namespaces).
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,8 +348,18 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _scrapers(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, 'must be a list of user names, e.g. ["prometheus"]')
+    for name in value:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise ConfigError(source, key, f"{name!r}: {reason}")
+    return tuple(dict.fromkeys(value))
+
+
 _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
-                 "metrics.helpers": _helpers})  # fmt: skip
+                 "metrics.helpers": _helpers, "metrics.scrapers": _scrapers})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -499,10 +515,16 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    _check_lease_times(src, i)
     if i.strategy == "uid":
         _check_uid_strategy(src, cfg, net4)
+
+
+def _check_lease_times(src: str, i: IpamConfig) -> None:
+    if i.quarantine_seconds < 0:
+        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    if not 1.0 <= i.purge_interval <= 86400.0:
+        raise ConfigError(src, "ipam.purge_interval", "must be between 1 and 86400 seconds")
 
 
 def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:

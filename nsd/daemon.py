@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -29,11 +30,13 @@ from pathlib import Path
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .cgroupstats import detect_root, slice_cgroup_path
+from .errors import StateWriteFailed
 from .faultrecord import FaultCounter, FaultRecorder, FaultService
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
+from .metrics_access import MetricsAccess
 from .netns import NetnsAdapter, NetnsError
 from .sampler import Target, manager_targets
 from .slices import TenantSlices
@@ -102,6 +105,7 @@ class Daemon:
                 interval=cfg.metrics.interval,
                 listen=cfg.metrics.listen,
                 helpers=cfg.metrics.helpers,
+                refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
                 cgroup_root=cgroup_root,
                 probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
             )
@@ -186,6 +190,9 @@ class Daemon:
             # before the reconcile line that brings tenants' veths up.
             uplinks = ", ".join(hostnet.site.uplinks) or "none"
             log.info("network policy: table inet nsd loaded (uplinks: %s)", uplinks)
+        # Kept like the watchdog's: a reference, cancelled on the way out.
+        purge = asyncio.create_task(_purge_leases(ipam, cfg.ipam.purge_interval))
+        stack.callback(purge.cancel)
         interval = sd.watchdog_interval()
         if interval:
             # Keep a reference: the loop holds tasks only weakly.
@@ -388,6 +395,21 @@ def _reconcile_progress(done: int, total: int) -> None:
     # timeout; ask systemd for more time as long as progress is made.
     if done % 100 == 0:
         sd.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=Reconciling tenants ({done}/{total})")
+
+
+async def _purge_leases(ipam: Ipam, interval: float) -> None:
+    """Released address leases leave the database once their quarantine has ended:
+    at start and every ``ipam.purge_interval`` seconds."""
+    while True:
+        try:
+            purged = ipam.purge_expired()
+        except (StateWriteFailed, sqlite3.Error, OSError) as e:
+            # A full or read-only state directory: nothing lost, the next round retries.
+            log.warning("cannot purge expired address leases: %s", e)
+        else:
+            if purged:
+                log.info("purged %d address lease(s) whose quarantine ended", purged)
+        await asyncio.sleep(interval)
 
 
 async def _watchdog(interval: float) -> None:

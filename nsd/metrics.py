@@ -22,6 +22,7 @@ import contextlib
 import gzip
 import logging
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from . import limits as limits_mod
 from .cgroupstats import MEMORY_EVENTS, MEMORY_STAT_KINDS, PRESSURE_RESOURCES, CgroupStats
+from .metrics_access import forbidden
 from .model import ReconcileAction
 from .procscan import CLASSES, DEFAULT_HELPERS, ESCAPES
 from .sampler import SOURCES, Sampler, Snapshot, Target, TenantUsage
@@ -660,8 +662,11 @@ class MetricsServer:
         timeout: float = 10.0,
         max_connections: int = 32,
         max_request_bytes: int = 8192,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.exposition = exposition
+        #: why a connection may not be served (metrics_access), checked at accept
+        self.refusal = refusal
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -699,6 +704,12 @@ class MetricsServer:
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Before counting it or reading a byte: a refused peer holds no slot.
+        refused = self.refusal(writer.get_extra_info("socket")) if self.refusal else None
+        if refused is not None:
+            writer.write(forbidden(refused))
+            writer.close()
+            return
         if len(self._writers) >= self.max_connections:
             writer.close()
             return
@@ -777,6 +788,7 @@ class MetricsService:
         proc_root: str = "/proc",
         probe_cgroup: str | None = None,
         registry: CollectorRegistry | None = None,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.daemon = DaemonMetrics(self.registry)
@@ -793,7 +805,11 @@ class MetricsService:
             on_error=self.daemon.on_sample_error,
         )
         address = parse_listen(listen)
-        self.server = MetricsServer(self.exposition, *address) if address is not None else None
+        self.server = (
+            MetricsServer(self.exposition, *address, refusal=refusal)
+            if address is not None
+            else None
+        )
         #: why the HTTP endpoint is not serving (e.g. the port is taken); "" if it is
         self.listen_error = ""
 

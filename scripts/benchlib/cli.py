@@ -40,6 +40,7 @@ from .env import (
 from .launcher import ROOT, run_launcher
 from .policy import run_policy
 from .report import VM_RESULTS
+from .soak import run_soak
 from .tenants import ShellAnchor, run_create
 
 
@@ -100,6 +101,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the daemons with this PYTHONPATH, e.g. a copy of the tree with a "
         "proposed patch applied (the bench itself stays on this checkout)",
     )
+    p.add_argument(
+        "--soak",
+        action="store_true",
+        help="only the soak: --soak-calls mixed API calls and --soak-cycles create/remove "
+        "cycles; descriptors, threads, RSS and database size before and after",
+    )
+    p.add_argument("--soak-calls", type=int, default=100_000, help="default 100,000")
+    p.add_argument("--soak-cycles", type=int, default=1_000, help="default 1,000")
     args = p.parse_args(argv)
     q = args.quick
     args.tenants = args.tenants or (5 if q else 1000)
@@ -308,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("scripts/bench: needs root (namespaces, veth pairs, users)", file=sys.stderr)
         return 1
+    if args.soak:
+        return run_soak(args)
     t_start = time.monotonic()
     run = Run(args)
     log(f"run prefix {run.prefix}; {run.n} tenants per side{' (quick)' if args.quick else ''}")
