@@ -149,8 +149,34 @@ class VarlinkClient:
         try:
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as e:
+            refusal = self._refusal()
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise VarlinkConnectionError(f"{self.path}: connection lost: {e.strerror}") from e
+
+    def _refusal(self) -> VarlinkError | None:
+        """The error a service that refused us sent before closing (nsd does), if any."""
+        sock = self._sock
+        assert sock is not None
+        buf = bytearray(self._buf)
+        with contextlib.suppress(OSError):
+            while b"\0" not in buf and len(buf) < _RECV_SIZE:
+                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                if not data:
+                    break
+                buf += data
+        frame, nul, _rest = bytes(buf).partition(b"\0")
+        if not nul:
+            return None
+        try:
+            message = json.loads(frame.decode("utf-8"))
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or not isinstance(message.get("error"), str):
+            return None
+        parameters = message.get("parameters")
+        return VarlinkError(message["error"], parameters if isinstance(parameters, dict) else {})
 
     def _reply(self) -> tuple[dict[str, Any], bool]:
         message = self._receive()
