@@ -202,6 +202,27 @@ def flood(path: str, seconds: float, conns: int, request: bytes) -> dict[str, An
     return {"connections": conns, "requests_sent": sent, "alive_at_end": alive}
 
 
+def refused_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
+    """Pipelines a call the daemon refuses (Remove, tenants may not), 8 at a time."""
+    request = json.dumps({"method": "io.nsd.Tenant.Remove", "parameters": {"name": name}})
+    batch = (request.encode() + b"\0") * 8
+    answered = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.settimeout(10)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            s.sendall(batch)
+            buf = b""
+            while buf.count(b"\0") < 8:
+                data = s.recv(65536)
+                if not data:
+                    return {"answered": answered, "closed": True}
+                buf += data
+            answered += 8
+    return {"answered": answered, "closed": False}
+
+
 def get_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
     from nsd.varlink.client import VarlinkClient
     from nsd.varlink.protocol import VarlinkError
@@ -227,7 +248,7 @@ def get_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
 # -- the driver (root, in the test or the bench) -----------------------------------
 
 
-def _spawn(role: str, user: str | None, sock: str, seconds: float, *opts: str) -> Any:
+def spawn(role: str, user: str | None, sock: str, seconds: float, *opts: str) -> Any:
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,7 +260,7 @@ def _spawn(role: str, user: str | None, sock: str, seconds: float, *opts: str) -
                             text=True)  # fmt: skip
 
 
-def _result(proc: Any) -> dict[str, Any]:
+def result_of(proc: Any) -> dict[str, Any]:
     out, err = proc.communicate(timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args}: exit {proc.returncode}: {err}")
@@ -272,12 +293,12 @@ def siege(
     """
     hold_opts = ("--slow", str(slow), "--trickle", f"{trickle:g}", "--probe", str(probe),
                  "--retry", f"{retry:g}")  # fmt: skip
-    holders = [_spawn("hold", u, sock, seconds, *hold_opts) for u in hostile]
+    holders = [spawn("hold", u, sock, seconds, *hold_opts) for u in hostile]
     time.sleep(1.0)  # let them fill their allowances first: that is the attack
-    procs = {role: _spawn("get", user, sock, seconds - 2, "--name", name)
+    procs = {role: spawn("get", user, sock, seconds - 2, "--name", name)
              for role, (user, name) in callers.items()}  # fmt: skip
-    calls = {role: _result(p) for role, p in procs.items()}
-    holds = [_result(p) for p in holders]
+    calls = {role: result_of(p) for role, p in procs.items()}
+    holds = [result_of(p) for p in holders]
     summary: dict[str, Any] = {"seconds": seconds, "hostile_uids": len(hostile), "callers": {}}
     for role, r in calls.items():
         lat = r.pop("latencies_s")
@@ -307,7 +328,7 @@ def siege(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.hostile")
-    p.add_argument("role", choices=["hold", "flood", "get"])
+    p.add_argument("role", choices=["hold", "flood", "get", "refused"])
     p.add_argument("--socket", required=True)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--slow", type=int, default=4)
@@ -325,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.role == "flood":
         req = json.dumps({"method": "io.nsd.Tenant.Get", "parameters": {"name": a.name}})
         out = flood(a.socket, a.seconds, a.connections, req.encode() + b"\0")
+    elif a.role == "refused":
+        out = refused_loop(a.socket, a.seconds, a.name)
     else:
         out = get_loop(a.socket, a.seconds, a.name)
     out["uid"] = os.getuid()

@@ -286,6 +286,12 @@ class VarlinkServer:
         self._listener = sock
         self._resume_accepting()
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Serves a connected socket as if accepted (one end of a socketpair: fuzzing)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._admit(sock)
+
     @property
     def connection_count(self) -> int:
         return len(self._connections)
