@@ -60,7 +60,7 @@ class DaemonConfig:
     call_timeout: float = 45.0
     message_timeout: float = 10.0
     max_message_bytes: int = 65536
-    max_queued_output_bytes: int = 4 << 20
+    max_queued_output_bytes: int = 16 << 20
     max_queued_output_bytes_per_uid: int = 1 << 20
     # Audit lines of refused calls, per UID: a burst, then this many per second.
     audit_refusal_burst: int = 10

@@ -33,12 +33,16 @@ _TICK = 0.25
 _REFUSED = b"ConnectionLimitReached"
 
 
+_HELLO = b'{"method":"org.varlink.service.GetInfo"}\0'
+
+
 @dataclass
 class _Conn:
     sock: socket.socket
-    opened: float
+    since: float  # connected; once admitted, when the daemon answered the first call
     slow: bool
-    buf: bytes = b""
+    admitted: bool = False
+    trickled: bool = False
 
 
 @dataclass
@@ -49,7 +53,7 @@ class HoldReport:
     refusal_reasons: set[str] = field(default_factory=set)
     closed_idle: list[float] = field(default_factory=list)
     closed_slow: list[float] = field(default_factory=list)
-    resets: int = 0  # closes without a refusal message to a brand-new connection
+    resets: int = 0  # closes before an answer and without a refusal message
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +90,11 @@ class _Holder:
             s.close()
             self.report.refused += 1
             return
+        # One call first: its answer tells an admitted connection from a refused
+        # one (also on a loaded host, where a refusal can take a while), and the
+        # connection is idle (or trickling) from that answer on.
+        with contextlib.suppress(OSError):
+            s.sendall(_HELLO)
         s.setblocking(False)
         self.conns[s.fileno()] = _Conn(s, time.monotonic(), is_slow)
         self.sel.register(s, selectors.EVENT_READ)
@@ -102,11 +111,9 @@ class _Holder:
 
     def trickle(self) -> None:
         for c in self.conns.values():
-            if c.slow:
-                piece = (
-                    b'{"method":"io.nsd.Tenant.Get","parameters":{"name":"' if not c.buf else b"a"
-                )
-                c.buf = b"x"
+            if c.slow and c.admitted:
+                piece = b"a" if c.trickled else b'{"method":"io.nsd.Tenant.Get","parameters":{"n'
+                c.trickled = True
                 with contextlib.suppress(OSError):  # the close shows up as readable
                     c.sock.send(piece, socket.MSG_NOSIGNAL)
 
@@ -115,9 +122,7 @@ class _Holder:
             c = self.conns.get(key.fd)
             if c is not None:
                 self.readable(c)
-        # Held: open for two ticks without a refusal (those arrive within a millisecond).
-        settled = time.monotonic() - 2 * _TICK
-        held = sum(1 for c in self.conns.values() if c.opened <= settled)
+        held = sum(1 for c in self.conns.values() if c.admitted)
         self.report.max_held = max(self.report.max_held, held)
 
     def readable(self, c: _Conn) -> None:
@@ -128,9 +133,12 @@ class _Holder:
         except OSError:
             data = b""
         if data and _REFUSED not in data:
-            return  # nothing else is expected on these connections
+            if not c.admitted:  # the answer to the first call
+                c.admitted = True
+                c.since = time.monotonic()
+            return
         report = self.report
-        lifetime = time.monotonic() - c.opened
+        lifetime = time.monotonic() - c.since
         if data:
             report.refused += 1
             self.next_probe = time.monotonic() + self.retry
@@ -138,7 +146,7 @@ class _Holder:
             report.refusal_reasons.add(message["parameters"]["reason"])
         elif c.slow:
             report.closed_slow.append(lifetime)
-        elif lifetime < _TICK:
+        elif not c.admitted:
             report.resets += 1
         else:
             report.closed_idle.append(lifetime)
@@ -190,14 +198,8 @@ def flood(path: str, seconds: float, conns: int, request: bytes) -> dict[str, An
                 pass
         if not progress:
             time.sleep(_TICK)
-    alive = 0
+    alive = sum(_still_open(s) for s in socks)
     for s in socks:
-        try:
-            alive += s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            alive += 1
-        except OSError:
-            pass
         s.close()
     return {"connections": conns, "requests_sent": sent, "alive_at_end": alive}
 
@@ -221,6 +223,18 @@ def refused_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
                 buf += data
             answered += 8
     return {"answered": answered, "closed": False}
+
+
+def _still_open(s: socket.socket) -> bool:
+    """Reads what is buffered: EOF means the daemon closed the connection."""
+    try:
+        while s.recv(1 << 20):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def get_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
@@ -282,7 +296,7 @@ def siege(
     *,
     slow: int = 4,
     trickle: float = 1.0,
-    probe: int = 24,
+    probe: int = 64,
     retry: float = 1.0,
 ) -> dict[str, Any]:
     """Hostile UIDs hold their caps (+ ``slow`` slowloris each) while callers loop on Get.

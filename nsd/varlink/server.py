@@ -116,7 +116,7 @@ class Limits:
     max_pending_reply_bytes: int = 256 * 1024
     # Unsent reply bytes above which the connection is closed: per connection,
     # and per UID for unprivileged peers (a client that never reads).
-    max_queued_output_bytes: int = 4 << 20
+    max_queued_output_bytes: int = 16 << 20
     max_queued_output_bytes_per_uid: int = 1 << 20
 
     def __post_init__(self) -> None:

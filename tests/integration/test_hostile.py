@@ -79,7 +79,7 @@ def test_sixteen_hostile_uids_cannot_starve_tenant_admin_or_root(
         "admin": (who["admin"], who["tenant"]),
         "root": (None, who["tenant"]),
     }
-    s = siege(d.socket, hostile, callers, seconds=10.0, trickle=0.5)
+    s = siege(d.socket, hostile, callers, seconds=10.0, trickle=0.5, probe=24)
     print(s["callers"], {k: v for k, v in s["hostile"].items()})
     for role, r in s["callers"].items():
         assert r["errors"] == {} and r["ok"] > 0, (role, r)
