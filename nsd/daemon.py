@@ -296,7 +296,10 @@ def bind_unix(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
-    sock.listen(512)
+    # As nsd.socket's Backlog=: every local user can connect, and a connect
+    # storm of hostile ones must not fill the queue for root and the admins
+    # (the kernel caps it at net.core.somaxconn).
+    sock.listen(4096)
     return sock
 
 

@@ -198,10 +198,15 @@ def flood(path: str, seconds: float, conns: int, request: bytes) -> dict[str, An
                 pass
         if not progress:
             time.sleep(_TICK)
-    alive = sum(_still_open(s) for s in socks)
+    states = [_state(s) for s in socks]
     for s in socks:
         s.close()
-    return {"connections": conns, "requests_sent": sent, "alive_at_end": alive}
+    return {
+        "connections_tried": conns,
+        "admitted": sum(admitted for admitted, _ in states),
+        "requests_sent": sent,
+        "alive_at_end": sum(alive for _, alive in states),
+    }
 
 
 def refused_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
@@ -225,16 +230,21 @@ def refused_loop(path: str, seconds: float, name: str) -> dict[str, Any]:
     return {"answered": answered, "closed": False}
 
 
-def _still_open(s: socket.socket) -> bool:
-    """Reads what is buffered: EOF means the daemon closed the connection."""
+def _state(s: socket.socket) -> tuple[bool, bool]:
+    """(admitted, still open): reads what is buffered; EOF means the daemon closed it.
+
+    Admitted: the daemon answered a call (a refusal is an answer of its own, or
+    with older versions a close without one).
+    """
+    head = b""
     try:
-        while s.recv(1 << 20):
-            pass
+        while data := s.recv(1 << 20):
+            head = head or data[:200]
     except BlockingIOError:
-        return True
+        return bool(head) and _REFUSED not in head, True
     except OSError:
-        return False
-    return False
+        pass
+    return bool(head) and _REFUSED not in head, False
 
 
 def get_loop(path: str, seconds: float, name: str) -> dict[str, Any]:

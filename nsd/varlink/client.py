@@ -45,6 +45,31 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
+def _connect(sock: socket.socket, address: str, timeout: float | None) -> None:
+    """connect(), waiting while the service's listen queue is full.
+
+    A blocking socket waits in the kernel; one with a timeout is non-blocking
+    underneath and gets EAGAIN at once when other clients (say, a connect
+    storm of another local user) fill the queue: retry until the timeout.
+    """
+    if timeout is None:
+        sock.connect(address)
+        return
+    import time  # noqa: PLC0415  (only on this path: nsd-exec imports this module)
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{address}: the service's listen queue stayed full") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 class VarlinkClient:
     """A connection to a varlink service on a Unix socket path (``@name``: abstract)."""
 
@@ -53,7 +78,7 @@ class VarlinkClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(address)
+            _connect(sock, address, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise ServiceUnavailable(f"cannot connect to {path}: {e.strerror}") from e

@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from importlib.resources import files
@@ -391,3 +392,38 @@ def test_queued_output_is_bounded_per_uid(sockdir: Path, cls: PeerClass, survivo
         classes.next = PeerClass.TENANT
         with connect(st.path, classes, PeerClass.TENANT) as fine:
             assert fine.call("org.example.policy.Ping", {"text": "ok"}) == {"pong": "ok"}
+
+
+def test_client_waits_while_the_listen_queue_is_full(sockdir: Path) -> None:
+    # A connect storm of other users can fill the queue; a client with a timeout
+    # (non-blocking underneath) must wait for room, not fail at once with EAGAIN.
+    path = str(sockdir / "full")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the queue
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            VarlinkClient(path, timeout=0.3)
+        assert time.monotonic() - started >= 0.25
+
+        # Room appears: the waiting client gets in.
+        def make_room() -> None:
+            listener.accept()[0].close()
+
+        threading.Timer(0.2, make_room).start()
+        VarlinkClient(path, timeout=5).close()
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
