@@ -9,8 +9,9 @@ role runs in its own process under its own UID (``setpriv``), started as
   ``--trickle`` seconds; reopens whatever the daemon closes. Reports the most
   connections held at once, how many the daemon closed and after how long, and
   why it refused the rest.
-* ``flood``: sends requests and never reads a reply, on every connection it
-  may hold (what pins the daemon's memory if output is unbounded).
+* ``flood``: sends 60 KB requests whose 60 KB error replies it never reads, on
+  every connection it may hold (what pins the daemon's memory if input and
+  output are unbounded).
 * ``get``: calls ``io.nsd.Tenant.Get`` in a loop, a new connection per call
   (what nsctl does), and reports latencies and errors.
 """
@@ -144,10 +145,10 @@ class _Holder:
             self.next_probe = time.monotonic() + self.retry
             message = json.loads(data.split(b"\0", 1)[0])
             report.refusal_reasons.add(message["parameters"]["reason"])
-        elif c.slow:
-            report.closed_slow.append(lifetime)
         elif not c.admitted:
             report.resets += 1
+        elif c.slow:
+            report.closed_slow.append(lifetime)
         else:
             report.closed_idle.append(lifetime)
         self.drop(c)
@@ -187,15 +188,20 @@ def flood(path: str, seconds: float, conns: int, request: bytes) -> dict[str, An
         s.connect(path)
         s.setblocking(False)
         socks.append(s)
+    # Whole messages only: a partial send is finished before the next one starts
+    # (a torn message would be a protocol violation, closed at once).
+    left = {s.fileno(): b"" for s in socks}
     while time.monotonic() < end:
         progress = False
         for s in socks:
+            data = left[s.fileno()] or request
             try:
-                s.send(request, socket.MSG_NOSIGNAL)
-                sent += 1
-                progress = True
-            except (BlockingIOError, OSError):
-                pass
+                n = s.send(data, socket.MSG_NOSIGNAL)
+            except OSError:  # full (BlockingIOError) or closed by the daemon
+                continue
+            left[s.fileno()] = data[n:]
+            sent += not left[s.fileno()]
+            progress = True
         if not progress:
             time.sleep(_TICK)
     states = [_state(s) for s in socks]
@@ -368,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         out: dict[str, Any] = report.as_json()
     elif a.role == "flood":
-        req = json.dumps({"method": "io.nsd.Tenant.Get", "parameters": {"name": a.name}})
+        # A 60,000-byte method name: MethodNotFound echoes it, so every request
+        # of 60 KB in pins 60 KB out (and 60 KB queued in) for a peer that never reads.
+        req = json.dumps({"method": "io.nsd.Tenant.X" + "x" * 60_000})
         out = flood(a.socket, a.seconds, a.connections, req.encode() + b"\0")
     elif a.role == "refused":
         out = refused_loop(a.socket, a.seconds, a.name)
