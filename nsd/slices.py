@@ -15,11 +15,12 @@ in, so nsd then never treats a slice it has no tenant for as its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import limits as limits_mod
@@ -292,15 +293,18 @@ class TenantSlices:
             os.close(pidfd)
         return scope
 
-    async def run(
+    async def start_run(
         self,
         rec: TenantRecord,
         netns_path: str,
         home: str,
         argv: Sequence[str],
         wait: bool,
-    ) -> RunResult:
-        """A transient service as the tenant, in its namespace and slice."""
+    ) -> str:
+        """Start a transient service as the tenant, in its namespace and slice; its
+        name. With ``wait`` the unit stays loaded until ``wait_run`` read how it
+        ended. Split from the wait so the manager starts it under the tenant's lock
+        (a Remove then sees its processes) and waits without holding it."""
         bus = self._bus()
         unit = f"nsd-run-{rec.uid}-{secrets.token_hex(4)}.service"
         try:
@@ -320,7 +324,7 @@ class TenantSlices:
         if wait:
             # Keep the unit loaded after it ends until we have read its exit status.
             props.append(("AddRef", "b", True))
-        try:
+        with _request_errors(unit):
             try:
                 await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
             except JobFailed:
@@ -329,17 +333,28 @@ class TenantSlices:
                 # still there and says how it ended, which is the answer wanted.
                 if not wait:
                     raise
-            if not wait:
-                return RunResult(unit, None, None)
+        return unit
+
+    async def wait_run(self, unit: str) -> RunResult:
+        """How a unit ``start_run`` started with ``wait`` ended."""
+        bus = self._bus()
+        with _request_errors(unit):
             try:
                 end = await bus.wait_unit_exit(unit)
             finally:
                 await bus.unref_unit(unit)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
-        except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
         return RunResult(unit, end.exit_status, end.result)
+
+
+@contextlib.contextmanager
+def _request_errors(unit: str) -> Iterator[None]:
+    """systemd's failures as nsd's errors."""
+    try:
+        yield
+    except SystemdUnavailable as e:
+        raise SystemdNotAvailable(str(e)) from e
+    except SystemdError as e:
+        raise SystemdRequestFailed(unit, e) from e
 
 
 class InvalidCommand(NsdError):

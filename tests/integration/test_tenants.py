@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nsd.doctor import systemd_is_pid1
-from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
+from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [
     pytest.mark.root,
@@ -23,11 +23,8 @@ T = "io.nsd.Tenant."
 
 @pytest.fixture
 def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        yield d, users
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.log_text()
+    with running_daemon() as env:
+        yield env
 
 
 def addrs(netns: str, ifname: str) -> set[str]:
