@@ -69,6 +69,7 @@ class Connection:
         "_reading",
         "_waiter",
         "_writing",
+        "close_kind",
         "closed",
         "eof",
         "fd",
@@ -116,6 +117,8 @@ class Connection:
         self._hangup_callback: Callable[[], None] | None = None
         self.eof = False
         self.closed = False
+        # Why abort() closed it: "idle", "slow", "output", "protocol" (None: a plain close).
+        self.close_kind: str | None = None
 
     # ----------------------------------------------------------------- input
 
@@ -185,7 +188,7 @@ class Connection:
         self._idle_timer = None
         if self._rbuf:
             return  # a message is arriving: partial_message_timeout decides
-        self.abort(f"idle for {self._idle_timeout:g} s")
+        self.abort(f"idle for {self._idle_timeout:g} s", "idle")
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -272,7 +275,8 @@ class Connection:
         self._partial_timer = None
         self.abort(
             f"message incomplete after {self._limits.partial_message_timeout:g} s "
-            f"({len(self._rbuf)} bytes received)"
+            f"({len(self._rbuf)} bytes received)",
+            "slow",
         )
 
     # ----------------------------------------------------------------- output
@@ -308,12 +312,13 @@ class Connection:
         self._out_bytes += len(view)
         self._budget.used += len(view)
         if self._out_bytes > self._limits.max_queued_output_bytes:
-            self.abort(f"{self._out_bytes} reply bytes unread (max_queued_output_bytes)")
+            self.abort(f"{self._out_bytes} reply bytes unread (max_queued_output_bytes)", "output")
             return
         if self._budget.exceeded():
             self.abort(
                 f"uid {self.peer.uid} leaves {self._budget.used} reply bytes unread "
-                "(max_queued_output_bytes_per_uid)"
+                "(max_queued_output_bytes_per_uid)",
+                "output",
             )
             return
         if not self._writing:
@@ -364,7 +369,10 @@ class Connection:
             timer = None
             if self._idle_timeout is not None:
                 timer = self._loop.call_later(
-                    self._idle_timeout, self.abort, f"replies unread for {self._idle_timeout:g} s"
+                    self._idle_timeout,
+                    self.abort,
+                    f"replies unread for {self._idle_timeout:g} s",
+                    "idle",
                 )
             try:
                 await waiter
@@ -375,9 +383,10 @@ class Connection:
 
     # ----------------------------------------------------------------- closing
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, kind: str = "protocol") -> None:
         """Closes the connection because of ``reason`` (logged at debug level)."""
         if not self.closed:
+            self.close_kind = kind
             self._log.debug(
                 "varlink: closing connection of uid %d pid %d: %s",
                 self.peer.uid,

@@ -242,6 +242,8 @@ class VarlinkServer:
         self._closing = False
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._admission = Admission(self._limits)
+        # Connections the server closed, by Connection.close_kind, and refused.
+        self.closes: dict[str, int] = {}
         self._streaming: set[Connection] = set()
         self._last_refusal_log = 0.0
         self.add_interface(
@@ -352,6 +354,7 @@ class VarlinkServer:
         cls = self._peer_class(peer)
         refusal = self._admission.admit(peer, cls)
         if refusal is not None:
+            self.closes["refused"] = self.closes.get("refused", 0) + 1
             self._log_refusal(peer, refusal)
             _refuse(
                 sock, VarlinkError(f"{self._errors}.ConnectionLimitReached", {"reason": refusal})
@@ -390,6 +393,8 @@ class VarlinkServer:
 
     def _on_connection_closed(self, conn: Connection) -> None:
         self._admission.release(conn.peer, conn.peer_class)
+        if conn.close_kind is not None:
+            self.closes[conn.close_kind] = self.closes.get(conn.close_kind, 0) + 1
 
     # ---------------------------------------------------------------- serving
 

@@ -189,6 +189,7 @@ def test_idle_unprivileged_connections_are_closed_privileged_ones_kept(sockdir: 
             assert 0.2 < time.monotonic() - idle_since < 3
         time.sleep(0.4)  # past the idle bound: the admin's connection stays
         assert admin.call("org.example.policy.Ping", {"text": "a"}) == {"pong": "a"}
+        assert st.server is not None and st.server.closes == {"idle": 2}
         # A call in progress is not idleness.
         classes.next = PeerClass.TENANT
         with VarlinkClient(st.path, timeout=5) as busy:
@@ -209,6 +210,7 @@ def test_slow_message_closes_the_connection(sockdir: Path) -> None:
                 break
             time.sleep(0.05)
         assert wait_closed(s) + (time.monotonic() - started) < 3
+        assert st.server is not None and st.server.closes == {"slow": 1}
         s.close()
 
 
@@ -354,6 +356,7 @@ def test_queued_output_is_bounded_per_connection(sockdir: Path) -> None:
         small.sendall(big_request(300_000) + b"\0")  # fits: kernel buffer + queue
         large.sendall(big_request(2_000_000) + b"\0")  # does not: closed
         assert count_becomes(st, lambda n: n == 1) == 1
+        assert st.server is not None and st.server.closes == {"output": 1}
         reply = b""
         while not reply.endswith(b"\0"):
             reply += small.recv(1 << 20)
@@ -381,12 +384,15 @@ def test_queued_output_is_bounded_per_uid(sockdir: Path, cls: PeerClass, survivo
             s = raw(st.path)
             s.sendall((big_request(150_000) + b"\0") * 4)  # 600 KB of replies, never read
             socks.append(s)
+        assert count_becomes(st, lambda n: n == 6 or st.server.closes.get("output"))
         if survivors == "fewer":
-            # Some connections of the UID are closed once its queued bytes pass 300 KiB.
+            # Connections of the UID are closed once its queued bytes pass 300 KiB.
             assert count_becomes(st, lambda n: n < 6) < 6
+            assert st.server is not None and st.server.closes.get("output", 0) >= 1
         else:
             time.sleep(0.5)  # privileged peers have no per-UID bound: nothing to await
             assert st.server is not None and st.server.connection_count == 6
+            assert "output" not in st.server.closes
         for s in socks:
             s.close()
         classes.next = PeerClass.TENANT
