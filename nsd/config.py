@@ -48,9 +48,23 @@ class DaemonConfig:
     admin_group: str = ""
     shutdown_timeout: float = 10.0
     log_level: str = "info"
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
+    # The connection policy (docs/configuration.md gives the reasoning; the
+    # varlink server's Limits carry the same defaults).
+    max_connections: int = 4096
+    reserved_connections: int = 256
+    max_connections_per_uid: int = 16
+    max_connections_per_non_tenant: int = 2
+    max_non_tenant_connections: int = 64
+    max_streams_per_uid: int = 4
+    idle_timeout: float = 15.0
+    call_timeout: float = 45.0
+    message_timeout: float = 10.0
     max_message_bytes: int = 65536
+    max_queued_output_bytes: int = 16 << 20
+    max_queued_output_bytes_per_uid: int = 1 << 20
+    # Audit lines of refused calls, per UID: a burst, then this many per second.
+    audit_refusal_burst: int = 10
+    audit_refusal_rate: float = 1.0
 
     @property
     def database(self) -> Path:
@@ -393,9 +407,33 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             ) from None
     if d.shutdown_timeout <= 0:
         raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
-    for key in ("max_connections", "max_connections_per_uid"):
+    _check_daemon_limits(src, d)
+
+
+def _check_daemon_limits(src: str, d: DaemonConfig) -> None:
+    for key in (
+        "max_connections",
+        "max_connections_per_uid",
+        "max_connections_per_non_tenant",
+        "max_non_tenant_connections",
+        "max_streams_per_uid",
+        "audit_refusal_burst",
+    ):
         if getattr(d, key) < 1:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
+    if not 0 <= d.reserved_connections < d.max_connections:
+        raise ConfigError(
+            src, "daemon.reserved_connections", "must be at least 0 and below max_connections"
+        )
+    for key in ("idle_timeout", "call_timeout", "message_timeout", "audit_refusal_rate"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(src, f"daemon.{key}", "must be positive")
+    if not d.max_message_bytes <= d.max_queued_output_bytes_per_uid <= d.max_queued_output_bytes:
+        raise ConfigError(
+            src,
+            "daemon.max_queued_output_bytes_per_uid",
+            "must be between max_message_bytes and max_queued_output_bytes",
+        )
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
 

@@ -189,6 +189,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _h("nsd_sampler_duration_seconds", "histogram", "sampler", "Duration of samples."),
     _h("nsd_sampler_errors_total", "counter", "sampler",
        "Samples that failed (the previous snapshot stays served)."),
+    _h("nsd_audit_lines_suppressed_total", "counter", "audit log",
+       "Audit lines of refused calls dropped by the per-UID rate limit."),
 )  # fmt: skip
 _BY_NAME = {d.name: d for d in CATALOGUE}
 
@@ -439,6 +441,7 @@ class DaemonMetrics(Collector):
         self._problems: int | None = None
         self._sampler = _Histogram(SAMPLER_BUCKETS)
         self._sampler_errors = 0
+        self._audit_suppressed = 0
         if registry is not None:
             registry.register(self)
 
@@ -476,6 +479,10 @@ class DaemonMetrics(Collector):
         with self._lock:
             self._sampler_errors += 1
 
+    def on_audit_suppressed(self) -> None:
+        with self._lock:
+            self._audit_suppressed += 1
+
     # Collector -----------------------------------------------------------------------
 
     def describe(self) -> Iterable[Metric]:
@@ -493,6 +500,7 @@ class DaemonMetrics(Collector):
             problems = self._problems
             sampler = (self._sampler.buckets(), self._sampler.total)
             sampler_errors = self._sampler_errors
+            audit_suppressed = self._audit_suppressed
         fam = _family("nsd_api_calls_total")
         for (iface, method, error), n in calls:
             fam.add_metric([iface, method, error], n)
@@ -527,6 +535,9 @@ class DaemonMetrics(Collector):
         )
         fam = _family("nsd_sampler_errors_total")
         fam.add_metric([], sampler_errors)
+        yield fam
+        fam = _family("nsd_audit_lines_suppressed_total")
+        fam.add_metric([], audit_suppressed)
         yield fam
 
 
