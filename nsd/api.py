@@ -10,21 +10,18 @@ the method, the tenant and the result: the audit trail in the journal.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, netpolicy
-from . import limits as limits_mod
-from .errors import NoSuchTenant, NsdError, PermissionDenied
+from . import api_views as views
+from .errors import InvalidLimit, NsdError, PermissionDenied, UsageUnavailable
 from .manager import TenantManager
-from .model import TenantView
-from .sampler import Snapshot, UsageUnavailable, audit_reply, usage_reply
+from .sampler import Snapshot
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
 
 if TYPE_CHECKING:
@@ -38,35 +35,6 @@ DAEMON_INTERFACE = "io.nsd.Daemon"
 
 def idl(interface: str) -> str:
     return resources.files("nsd.varlink").joinpath(f"{interface}.varlink").read_text("utf-8")
-
-
-@functools.lru_cache(maxsize=64)
-def _text(address: IPv4Address | IPv6Address) -> str:
-    # The gateways are the same for every tenant; formatting an IPv6 address costs.
-    return str(address)
-
-
-def tenant_json(view: TenantView) -> dict[str, Any]:
-    rec = view.record
-    ipv4, ipv6, prefix = rec.address_texts
-    return {
-        "name": rec.name,
-        "uid": rec.uid,
-        "state": rec.state.value,
-        "namespacePath": view.namespace_path,
-        "namespaceInode": view.namespace_inode,
-        "hostInterface": rec.host_ifname,
-        "tenantInterface": view.tenant_interface,
-        "ipv4Address": ipv4,
-        "ipv4Gateway": _text(view.ipv4_gateway),
-        "ipv6Address": ipv6,
-        "ipv6Prefix": prefix,
-        "ipv6Gateway": _text(view.ipv6_gateway),
-        "adopted": rec.adopted,
-        "createdUSec": rec.created_us,
-        "slice": view.slice,
-        "problems": list(view.problems),
-    }
 
 
 def _varlink_error(interface: str, e: NsdError) -> VarlinkError:
@@ -109,7 +77,7 @@ class Api:
         # Compare UIDs, not names: the caller's name could be spoofed by NSS
         # tricks, its UID cannot. Unknown names get the same answer as other
         # tenants' names, so a caller cannot probe which tenants exist.
-        rec = self.manager.store.get(call.peer.uid)
+        rec = self.manager.record_of_uid(call.peer.uid)
         if rec is None or rec.name != name:
             raise PermissionDenied(f"uid {call.peer.uid} may only ask about itself")
 
@@ -180,12 +148,12 @@ class Api:
     async def create(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         view = await self.manager.create(call.parameters["name"])
-        return {"tenant": tenant_json(view)}
+        return {"tenant": views.tenant(view)}
 
     async def ensure(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         view, created = await self.manager.ensure(call.parameters["name"])
-        return {"tenant": tenant_json(view), "created": created}
+        return {"tenant": views.tenant(view), "created": created}
 
     async def remove(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -195,11 +163,11 @@ class Api:
     async def get(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        return {"tenant": tenant_json(self.manager.get(name))}
+        return {"tenant": views.tenant(self.manager.get(name))}
 
     async def list(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        return {"tenants": [tenant_json(v) for v in await self.manager.list()]}
+        return {"tenants": [views.tenant(v) for v in await self.manager.list()]}
 
     async def enter(self, call: Call) -> Reply:
         self._require_admin(call)
@@ -219,45 +187,31 @@ class Api:
             peer_pid,
             open_pidfd,
         )
-        limits = [
-            {"name": name, "soft": lim.soft, "hard": lim.hard}
-            for name, lim in sorted(self.manager.cfg.exec.rlimits.items())
-        ]
-        return Reply(
-            {
-                "tenant": tenant_json(view),
-                "namespaceFileDescriptor": 0,
-                "umask": self.manager.cfg.exec.umask,
-                "resourceLimits": limits,
-                "scope": scope,
-            },
-            fds=(fd,),
-        )
+        exec_cfg = self.manager.cfg.exec
+        return Reply(views.enter_reply(view, exec_cfg.umask, exec_cfg.rlimits, scope), fds=(fd,))
 
     async def get_limits(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        effective, overrides = self.manager.get_limits(name)
-        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+        return views.limits_reply(*self.manager.get_limits(name))
 
     async def set_limits(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         changes: dict[str, str | None] = {}
         for api_name, value in call.parameters["limits"].items():
             if value is not None:
-                changes[limits_mod.API_NAMES[api_name]] = value
+                changes[views.LIMIT_FIELDS[api_name]] = value
         for api_name in call.parameters.get("reset") or []:
-            field = limits_mod.API_NAMES.get(api_name)
+            field = views.LIMIT_FIELDS.get(api_name)
             if field is None:
-                raise limits_mod.InvalidLimit(api_name, "", "unknown limit")
+                raise InvalidLimit(api_name, "", "unknown limit")
             changes[field] = None
-        effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
-        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+        return views.limits_reply(*await self.manager.set_limits(call.parameters["name"], changes))
 
     async def get_network(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        return {"network": await self.manager.get_network(name)}
+        return {"network": views.network(await self.manager.get_network(name))}
 
     async def set_bandwidth(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -270,16 +224,16 @@ class Api:
             try:
                 return netpolicy.parse_rate(value, field) or 0  # 0: explicitly unlimited
             except netpolicy.NetworkConfigError as e:
-                raise limits_mod.InvalidLimit(field, str(value), e.reason) from e
+                raise InvalidLimit(field, str(value), e.reason) from e
 
         reset = p.get("reset") or []
         for r in reset:
             if r not in ("egress", "ingress"):
-                raise limits_mod.InvalidLimit("reset", r, 'must be "egress" or "ingress"')
+                raise InvalidLimit("reset", r, 'must be "egress" or "ingress"')
         network = await self.manager.set_bandwidth(
             p["name"], rate("egressRate"), rate("ingressRate"), reset
         )
-        return {"network": network}
+        return {"network": views.network(network)}
 
     async def run(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
@@ -287,7 +241,7 @@ class Api:
         result = await self.manager.run(
             name, call.parameters["command"], bool(call.parameters.get("wait"))
         )
-        return {"unit": result.unit, "exitStatus": result.exit_status, "result": result.result}
+        return views.run_reply(result)
 
     async def watch(self, call: Call) -> AsyncIterator[Reply]:
         name = call.parameters.get("name")
@@ -297,14 +251,11 @@ class Api:
                 uid = None
             else:
                 self._require_self_or_admin(call, name)
-                rec = self.manager.store.get_by_name(name)
-                if rec is None:
-                    raise NoSuchTenant(name)
-                uid = rec.uid
+                uid = self.manager.record(name).uid
             # continues=True on every item: a live stream must send each event
             # at once instead of holding it back to learn whether it is the last.
             async for kind, view in self.manager.watch(uid):
-                params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
+                params = {"event": kind, "tenant": None if view is None else views.tenant(view)}
                 yield Reply(params, continues=True)
         except NsdError as e:
             if isinstance(e, PermissionDenied):
@@ -320,10 +271,7 @@ class Api:
             self._require_admin(call)
             return None
         self._require_self_or_admin(call, name)
-        rec = self.manager.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec.uid
+        return self.manager.record(name).uid
 
     async def _snapshot(self, after: int = 0) -> Snapshot:
         if self._metrics is None:
@@ -344,7 +292,7 @@ class Api:
 
     async def _usage_once(self, call: Call) -> dict[str, Any]:
         try:
-            return usage_reply(await self._snapshot(), self._usage_uid(call))
+            return views.usage_reply(await self._snapshot(), self._usage_uid(call))
         except NsdError as e:
             if isinstance(e, PermissionDenied):
                 self._audit(call, e.name)
@@ -355,7 +303,7 @@ class Api:
             uid = self._usage_uid(call)
             snap = await self._snapshot()
             while True:
-                yield Reply(usage_reply(snap, uid), continues=True)
+                yield Reply(views.usage_reply(snap, uid), continues=True)
                 snap = await self._snapshot(snap.generation)
         except NsdError as e:
             if isinstance(e, PermissionDenied):
@@ -367,23 +315,16 @@ class Api:
         uid = None
         name = call.parameters.get("name")
         if name is not None:
-            rec = self.manager.store.get_by_name(name)
-            if rec is None:
-                raise NoSuchTenant(name)
-            uid = rec.uid
+            uid = self.manager.record(name).uid
         snap = await self._snapshot()
-        return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
+        return views.audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 
     # -- io.nsd.Daemon -----------------------------------------------------------
 
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
-        return {
-            "checks": [
-                {"name": c.name, "severity": c.severity, "message": c.message} for c in checks
-            ]
-        }
+        return views.checks_reply(checks)
 
     async def reconcile(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -393,12 +334,7 @@ class Api:
             self._metrics.daemon.on_reconcile(
                 time.perf_counter() - started, report.actions, len(report.problems)
             )
-        return {
-            "actions": [
-                {"kind": a.kind, "tenant": a.tenant, "detail": a.detail} for a in report.actions
-            ],
-            "problems": report.problems,
-        }
+        return views.reconcile_reply(report)
 
     async def status(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)

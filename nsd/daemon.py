@@ -34,7 +34,6 @@ from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
 from .netns import NetnsAdapter, NetnsError
-from .sampler import manager_targets
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -81,7 +80,7 @@ class Daemon:
             stack.push_async_callback(net.close)
             manager, degraded = await self._prepare(store, net, stack)
             metrics = MetricsService(
-                lambda: manager_targets(manager),
+                manager.sampler_targets,
                 interval=cfg.metrics.interval,
                 listen=cfg.metrics.listen,
                 helpers=cfg.metrics.helpers,

@@ -147,3 +147,20 @@ class PermissionDenied(NsdError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"permission denied: {reason}")
+
+
+class UsageUnavailable(NsdError):
+    """GetUsage/Audit before the first sample, or with sampling disabled."""
+
+    name = "UsageUnavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"usage is unavailable: {reason}", reason=reason)
+
+
+class InvalidLimit(NsdError):
+    name = "InvalidLimit"
+
+    def __init__(self, field: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid {field} {value!r}: {reason}", field=field, value=value,
+                         reason=reason)  # fmt: skip

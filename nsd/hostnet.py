@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from . import netpolicy as npol
 from . import nft, shaping
+from .model import HostService, NetworkStatus
 from .netns import NetnsAdapter, NetnsError
 
 log = logging.getLogger("nsd.network")
@@ -161,6 +162,10 @@ class HostNetwork:
         # (rules of the document, rules of the live table right after loading it):
         # lets a later comparison check every rule exactly (npol.rules_of)
         self._rules: tuple[str, str] | None = None
+
+    def reconfigure(self, cfg: npol.NetworkConfig) -> None:
+        """Take a reloaded ``[network]`` section; the next apply (reconcile) enacts it."""
+        self.cfg = cfg
 
     # -- host facts ----------------------------------------------------------------------
 
@@ -379,8 +384,8 @@ class HostNetwork:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def tenant_status(self, tenant: npol.TenantNet, netns_path: str) -> dict[str, Any]:
-        """What ``nsctl net USER`` shows; API field names (lowerCamelCase)."""
+    async def tenant_status(self, tenant: npol.TenantNet, netns_path: str) -> NetworkStatus:
+        """What ``nsctl net USER`` shows (without the tenant's overrides: the store's)."""
         cfg, site = self.cfg, self.site
         services = npol.resolve_services(cfg, site)
         snat4, snat6 = cfg.snat.get(tenant.name, (None, None))
@@ -427,29 +432,29 @@ class HostNetwork:
             problems.append("upload limit not in effect (reconcile repairs it)")
         if tenant.bandwidth.ingress_bps != live_down:
             problems.append("download limit not in effect (reconcile repairs it)")
-        return {
-            "enabled": cfg.enabled,
-            "uplinks": list(site.uplinks),
-            "egress": egress,
-            "isolation": cfg.isolation,
-            "allowedTo": allowed_to,
-            "allowedFrom": allowed_from,
-            "conntrackLimit": cfg.conntrack_limit or None,
-            "connections": inner["connections"],
-            "routes": inner["routes"],
-            "services": [
-                {
-                    "name": s.name,
-                    "address": f"{s.tenant}:{s.tenant_port}",
-                    "host": f"{s.host}:{s.host_port}",
-                    "protocols": list(s.protocols),
-                }
+        return NetworkStatus(
+            enabled=cfg.enabled,
+            uplinks=tuple(site.uplinks),
+            egress=egress,
+            isolation=cfg.isolation,
+            allowed_to=tuple(allowed_to),
+            allowed_from=tuple(allowed_from),
+            conntrack_limit=cfg.conntrack_limit or None,
+            connections=inner["connections"],
+            routes=tuple(inner["routes"]),
+            services=tuple(
+                HostService(
+                    name=s.name,
+                    address=f"{s.tenant}:{s.tenant_port}",
+                    host=f"{s.host}:{s.host_port}",
+                    protocols=tuple(s.protocols),
+                )
                 for s in services
-            ],
-            "egressRate": tenant.bandwidth.egress_bps,
-            "ingressRate": tenant.bandwidth.ingress_bps,
-            "problems": problems,
-        }
+            ),
+            egress_rate=tenant.bandwidth.egress_bps,
+            ingress_rate=tenant.bandwidth.ingress_bps,
+            problems=tuple(problems),
+        )
 
     async def checks(self) -> list[Check]:
         """For ``nsctl doctor``: libnftables, nsd's table, forwarding, drop policies of

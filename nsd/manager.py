@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import cgroup, names, netpolicy, procs, users
 from . import limits as limits_mod
@@ -45,6 +45,7 @@ from .errors import (
 )
 from .ipam import Ipam
 from .model import (
+    NetworkStatus,
     ReconcileAction,
     ReconcileReport,
     TenantEvent,
@@ -53,6 +54,7 @@ from .model import (
     TenantView,
 )
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
+from .sampler import Target
 from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 
 if TYPE_CHECKING:
@@ -163,6 +165,42 @@ class TenantManager:
 
     def tenant_count(self) -> int:
         return self.store.count()
+
+    def record(self, name: str) -> TenantRecord:
+        """The recorded tenant of that name; NoSuchTenant if there is none."""
+        rec = self.store.get_by_name(name)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return rec
+
+    def record_of_uid(self, uid: int) -> TenantRecord | None:
+        """The recorded tenant with that UID, if any (identity checks of callers)."""
+        return self.store.get(uid)
+
+    def sampler_targets(self) -> tuple[Target, ...]:
+        """Every tenant as the metrics sampler reads it; call on the event loop (store).
+
+        It runs on the event loop, so it must stay short (a stall here is a stall of
+        every API call; it took ~40 ms with 1,000 tenants, one SQLite query per
+        tenant): the records come from the store's cache, the limit overrides from one
+        query, and the effective limits of the tenants without overrides are computed
+        once. What remains per tenant is one namespace lstat (~3 ms for 1,000 tenants).
+        """
+        slices = self.slices.available
+        overrides = self.store.all_limit_overrides()
+        defaults = self.slices.effective({})
+        return tuple(
+            Target(
+                uid=rec.uid,
+                name=rec.name,
+                cgroup=slice_cgroup_path(self.slices.slice_of(rec.uid)) if slices else None,
+                netns_inode=self.net.namespace_inode(self.netns_path(rec.netns_name)),
+                host_ifname=rec.host_ifname,
+                limits=defaults if (own := overrides.get(rec.uid)) is None
+                else self.slices.effective(own),
+            )
+            for rec in self.store.all()
+        )  # fmt: skip
 
     def netns_path(self, netns_name: str) -> str:
         return os.path.join(self.cfg.netns.run_dir, netns_name)
@@ -404,19 +442,19 @@ class TenantManager:
         except (NsdError, NetnsError, OSError, ValueError) as e:
             report.problems.append(f"network policy: {e}")
 
-    async def get_network(self, name: str) -> dict[str, Any]:
+    async def get_network(self, name: str) -> NetworkStatus:
         rec = self._existing(name)
         if self.network is None:
-            return _NETWORK_OFF
+            return NetworkStatus(enabled=False)
         status = await self.network.tenant_status(
             self.tenant_net(rec), self.netns_path(rec.netns_name)
         )
         egress, ingress = self.store.bandwidth_override(rec.uid)
-        return {**status, "egressOverride": egress, "ingressOverride": ingress}
+        return replace(status, egress_override=egress, ingress_override=ingress)
 
     async def set_bandwidth(
         self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
-    ) -> dict[str, Any]:
+    ) -> NetworkStatus:
         rec = self._existing(name)
         async with self._operation(rec.uid, name):
             old_e, old_i = self.store.bandwidth_override(rec.uid)
@@ -476,10 +514,7 @@ class TenantManager:
         reason = names.check_user_name(name)
         if reason is not None:
             raise InvalidTenantName(name, reason)
-        rec = self.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec
+        return self.record(name)
 
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
         try:
@@ -751,10 +786,10 @@ class TenantManager:
     async def apply_config(self, cfg: Config) -> ReconcileReport:
         """Take a reloaded configuration; re-apply every tenant's limits."""
         self.cfg = cfg
-        self.slices.cfg = cfg
+        self.slices.reconfigure(cfg)
         report = ReconcileReport()
         if self.network is not None:
-            self.network.cfg = cfg.network
+            self.network.reconfigure(cfg.network)
             await self._reconcile_network(report)
         if not self.slices.available:
             return report
@@ -804,12 +839,3 @@ def _user_for_match(m: re.Match[str]) -> users.User | None:
     if groups.get("uid"):
         return users.by_uid(int(groups["uid"]))
     return None
-
-
-# GetNetwork's answer when the daemon applies no network policy.
-_NETWORK_OFF: dict[str, Any] = {
-    "enabled": False, "uplinks": [], "egress": "none", "isolation": False, "allowedTo": [],
-    "allowedFrom": [], "conntrackLimit": None, "connections": None, "routes": [],
-    "services": [], "egressRate": None, "ingressRate": None, "egressOverride": None,
-    "ingressOverride": None, "problems": [],
-}  # fmt: skip

@@ -112,6 +112,10 @@ class TenantSlices:
         stem = cfg.systemd.parent_slice.removesuffix(".slice")
         self._own_slice = re.compile(rf"{re.escape(stem)}-(0|[1-9][0-9]*)\.slice")
 
+    def reconfigure(self, cfg: Config) -> None:
+        """Take a reloaded configuration (limits, enter_scope); the next ensure applies it."""
+        self.cfg = cfg
+
     @property
     def shares_parent(self) -> bool:
         """Whether the tenant slices are logind's ``user-<uid>.slice`` (parent_slice =

@@ -25,9 +25,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from nsd import metrics as M
 from nsd import topview
 from nsd.api import idl as installed_idl
+from nsd.api_views import audit_reply, usage_reply
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, audit_reply, collect, usage_reply
+from nsd.sampler import Snapshot, Target, collect
 from nsd.varlink import idl
 
 ROOT = Path(__file__).resolve().parents[2]
