@@ -37,7 +37,8 @@ def idl(interface: str) -> str:
     return resources.files("nsd.varlink").joinpath(f"{interface}.varlink").read_text("utf-8")
 
 
-def _varlink_error(interface: str, e: NsdError) -> VarlinkError:
+def varlink_error(interface: str, e: NsdError) -> VarlinkError:
+    """The one mapping from the core's errors (nsd.errors) to what goes on the wire."""
     if isinstance(e, PermissionDenied):
         return VarlinkError("org.varlink.service.PermissionDenied", {})
     params = {k: v for k, v in e.parameters.items() if v is not None}
@@ -97,9 +98,12 @@ class Api:
                 "Run": self._wrap(TENANT_INTERFACE, self.run, mutating=True),
                 "GetNetwork": self._wrap(TENANT_INTERFACE, self.get_network),
                 "SetBandwidth": self._wrap(TENANT_INTERFACE, self.set_bandwidth, mutating=True),
-                "Watch": self.watch,
-                # Plain call or, with "more", a stream: the handler returns either.
-                "GetUsage": cast(Handler, self.get_usage),
+                "Watch": self._wrap_stream(TENANT_INTERFACE, self.watch),
+                # Plain call or, with "more", a stream.
+                "GetUsage": self._by_more(
+                    self._wrap(TENANT_INTERFACE, self._usage_once),
+                    self._wrap_stream(TENANT_INTERFACE, self._usage_stream),
+                ),
                 "Audit": self._wrap(TENANT_INTERFACE, self.audit_processes),
             },
             DAEMON_INTERFACE: {
@@ -120,14 +124,39 @@ class Api:
             try:
                 result = await fn(call)
             except NsdError as e:
-                if mutating or isinstance(e, PermissionDenied):
-                    self._audit(call, e.name)
-                raise _varlink_error(interface, e) from None
+                raise self._refused(call, interface, e, mutating=mutating) from None
             if mutating:
                 self._audit(call, "ok")
             return result
 
         return handler
+
+    def _wrap_stream(
+        self, interface: str, fn: Callable[[Call], AsyncIterator[Reply]]
+    ) -> Callable[[Call], AsyncIterator[Reply]]:
+        """_wrap for a streaming ("more") method: the same error mapping and audit."""
+
+        async def handler(call: Call) -> AsyncIterator[Reply]:
+            try:
+                async for reply in fn(call):
+                    yield reply
+            except NsdError as e:
+                raise self._refused(call, interface, e, mutating=False) from None
+
+        return handler
+
+    @staticmethod
+    def _by_more(once: Handler, stream: Handler) -> Handler:
+        def handler(call: Call) -> Any:
+            return stream(call) if call.more else once(call)
+
+        return cast(Handler, handler)
+
+    def _refused(self, call: Call, interface: str, e: NsdError, *, mutating: bool) -> VarlinkError:
+        """An error for the wire; refused mutations and permission denials are audited."""
+        if mutating or isinstance(e, PermissionDenied):
+            self._audit(call, e.name)
+        return varlink_error(interface, e)
 
     def _audit(self, call: Call, result: str) -> None:
         # The tenant name comes from the caller: repr() quotes and escapes it, so
@@ -244,27 +273,16 @@ class Api:
         return views.run_reply(result)
 
     async def watch(self, call: Call) -> AsyncIterator[Reply]:
-        name = call.parameters.get("name")
-        try:
-            if name is None:
-                self._require_admin(call)
-                uid = None
-            else:
-                self._require_self_or_admin(call, name)
-                uid = self.manager.record(name).uid
-            # continues=True on every item: a live stream must send each event
-            # at once instead of holding it back to learn whether it is the last.
-            async for kind, view in self.manager.watch(uid):
-                params = {"event": kind, "tenant": None if view is None else views.tenant(view)}
-                yield Reply(params, continues=True)
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        # continues=True on every item: a live stream must send each event
+        # at once instead of holding it back to learn whether it is the last.
+        async for kind, view in self.manager.watch(uid):
+            params = {"event": kind, "tenant": None if view is None else views.tenant(view)}
+            yield Reply(params, continues=True)
 
     # -- usage and audit: the metrics sampler's last snapshot ----------------------
 
-    def _usage_uid(self, call: Call) -> int | None:
+    def _asked_uid(self, call: Call) -> int | None:
         """None (every tenant: admins only) or the UID of the one tenant asked about."""
         name = call.parameters.get("name")
         if name is None:
@@ -287,28 +305,16 @@ class Api:
                 raise UsageUnavailable("no sample yet") from None
         return await sampler.next_snapshot(after)
 
-    def get_usage(self, call: Call) -> Any:
-        return self._usage_stream(call) if call.more else self._usage_once(call)
-
     async def _usage_once(self, call: Call) -> dict[str, Any]:
-        try:
-            return views.usage_reply(await self._snapshot(), self._usage_uid(call))
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        return views.usage_reply(await self._snapshot(), uid)
 
     async def _usage_stream(self, call: Call) -> AsyncIterator[Reply]:
-        try:
-            uid = self._usage_uid(call)
-            snap = await self._snapshot()
-            while True:
-                yield Reply(views.usage_reply(snap, uid), continues=True)
-                snap = await self._snapshot(snap.generation)
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        snap = await self._snapshot()
+        while True:
+            yield Reply(views.usage_reply(snap, uid), continues=True)
+            snap = await self._snapshot(snap.generation)
 
     async def audit_processes(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)

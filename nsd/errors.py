@@ -85,6 +85,21 @@ class AddressPoolExhausted(NsdError):
         super().__init__(f"no free {family} address left in pool {pool}", family=family, pool=pool)
 
 
+class AddressConflict(NsdError):
+    """The address a UID derives under the ``uid`` strategy is leased to another tenant
+    (one that got it from an earlier ``sequential`` allocation)."""
+
+    name = "AddressConflict"
+
+    def __init__(self, family: str, pool: str, address: str) -> None:
+        super().__init__(
+            f"{family} address {address} derived for this uid is already leased",
+            family=family,
+            pool=pool,
+            address=address,
+        )
+
+
 class NamespaceExists(NsdError):
     name = "NamespaceExists"
 
@@ -123,6 +138,38 @@ class NetworkSetupFailed(NsdError):
             step=step,
             message=message,
             errno=errno,
+        )
+
+
+class InvalidCommand(NsdError):
+    name = "InvalidCommand"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid command: {reason}", reason=reason)
+
+
+class SystemdUnavailable(NsdError):
+    """The operation needs systemd, which this host or configuration does not offer.
+
+    Not nsd.systemd.SystemdUnavailable, the bus adapter's own error: the core turns that
+    (and a host without systemd) into this one.
+    """
+
+    name = "SystemdUnavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
+
+
+class SystemdRequestFailed(NsdError):
+    name = "SystemdRequestFailed"
+
+    def __init__(self, unit: str, detail: str, dbus_error: str | None) -> None:
+        super().__init__(
+            f"systemd could not handle {unit}: {detail}",
+            unit=unit,
+            dbusError=dbus_error,
+            message=detail,
         )
 
 

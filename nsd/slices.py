@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from . import limits as limits_mod
 from . import names, unitfiles
 from .config import Config
-from .errors import NsdError
+from .errors import InvalidCommand, SystemdRequestFailed, SystemdUnavailable
 from .model import TenantRecord
 from .procscan import parse_cgroup
 from .systemd import (
@@ -34,34 +34,19 @@ from .systemd import (
     Property,
     Systemd,
     SystemdError,
-    SystemdUnavailable,
     exec_start,
     limit_properties,
 )
+from .systemd import SystemdUnavailable as BusUnavailable
 
 log = logging.getLogger("nsd.slices")
 
 
-class SystemdNotAvailable(NsdError):
-    name = "SystemdUnavailable"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
-
-
-class SystemdRequestFailed(NsdError):
-    name = "SystemdRequestFailed"
-
-    def __init__(self, unit: str, error: SystemdError) -> None:
-        detail = error.message or str(error)
-        if isinstance(error, JobFailed):
-            detail = f"job for {error.unit} ended with result {error.result!r}"
-        super().__init__(
-            f"systemd could not handle {unit}: {detail}",
-            unit=unit,
-            dbusError=error.dbus_name or None,
-            message=detail,
-        )
+def _request_failed(unit: str, error: SystemdError) -> SystemdRequestFailed:
+    detail = error.message or str(error)
+    if isinstance(error, JobFailed):
+        detail = f"job for {error.unit} ended with result {error.result!r}"
+    return SystemdRequestFailed(unit, detail, error.dbus_name or None)
 
 
 @dataclass(frozen=True)
@@ -133,7 +118,7 @@ class TenantSlices:
     def _bus(self) -> Systemd:
         if self.systemd is None or not self.cfg.systemd.slices:
             reason = self.unavailable_reason or "disabled by systemd.slices = false"
-            raise SystemdNotAvailable(reason)
+            raise SystemdUnavailable(reason)
         return self.systemd
 
     def effective(self, overrides: dict[str, str]) -> limits_mod.Limits:
@@ -148,10 +133,10 @@ class TenantSlices:
         ]
         try:
             await bus.ensure_slice(unit, props, timeout=self.cfg.systemd.call_timeout)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def protect_parent(self, all_limits: Iterable[limits_mod.Limits]) -> None:
         """MemoryMin/MemoryLow protect a slice only if its parent is protected too:
@@ -168,7 +153,7 @@ class TenantSlices:
         try:
             await bus.set_unit_properties(parent, props, runtime=False)
         except SystemdError as e:
-            raise SystemdRequestFailed(parent, e) from e
+            raise _request_failed(parent, e) from e
 
     async def remove(self, uid: int) -> None:
         """Stop the slice (whatever still runs in it) and drop its persistent settings."""
@@ -178,7 +163,7 @@ class TenantSlices:
             await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def stray_slices(self, known_uids: set[int]) -> list[str]:
         """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash).
@@ -196,7 +181,7 @@ class TenantSlices:
         try:
             units = await bus.list_units_by_patterns([], [f"{stem}-*.slice"])
         except SystemdError as e:
-            raise SystemdRequestFailed(f"{stem}-*.slice", e) from e
+            raise _request_failed(f"{stem}-*.slice", e) from e
         t = self.cfg.tenants
         out = []
         for u in units:
@@ -219,7 +204,7 @@ class TenantSlices:
         try:
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def has_settings(self, unit: str) -> bool:
         """Whether the slice has persistent settings (nsd's control drop-ins) to drop;
@@ -228,7 +213,7 @@ class TenantSlices:
         try:
             props = await bus.get_unit_properties(unit)
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
         return any("/system.control/" in str(p) for p in props.get("DropInPaths", []))
 
     async def sync_dropins(
@@ -257,7 +242,7 @@ class TenantSlices:
                     await bus.reload()
                     break
         except SystemdError as e:
-            raise SystemdRequestFailed("daemon-reload", e) from e
+            raise _request_failed("daemon-reload", e) from e
         return changes
 
     async def stop_ensure_unit(self, user: str) -> None:
@@ -285,13 +270,13 @@ class TenantSlices:
             await bus.start_scope_for_process(
                 scope, pid, pidfd, props, timeout=self.cfg.systemd.call_timeout
             )
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
             # Nothing to roll back that could hurt the caller: a scope the process
             # never reached, or one it leaves when it exits with our error, is
             # collected (CollectMode); it is never stopped, which would kill it.
-            raise SystemdRequestFailed(scope, e) from e
+            raise _request_failed(scope, e) from e
         finally:
             os.close(pidfd)
         return scope
@@ -339,26 +324,16 @@ class TenantSlices:
                 end = await bus.wait_unit_exit(unit)
             finally:
                 await bus.unref_unit(unit)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
         return RunResult(unit, end.exit_status, end.result)
-
-
-class InvalidCommand(NsdError):
-    name = "InvalidCommand"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid command: {reason}", reason=reason)
 
 
 __all__ = [
     "INFINITY",
-    "InvalidCommand",
     "RunResult",
-    "SystemdNotAvailable",
-    "SystemdRequestFailed",
     "TenantSlices",
     "caller_cgroup",
     "wants_scope",
