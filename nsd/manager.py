@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -46,7 +45,6 @@ from .errors import (
 from .ipam import Ipam
 from .model import (
     NetworkStatus,
-    ReconcileAction,
     ReconcileReport,
     TenantEvent,
     TenantRecord,
@@ -54,6 +52,7 @@ from .model import (
     TenantView,
 )
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
+from .reconcile import Reconciler
 from .sampler import Target
 from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 
@@ -98,6 +97,7 @@ class TenantManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
+        self._reconciler = Reconciler(self)
 
     # -- resolution and identity ----------------------------------------------
 
@@ -296,7 +296,7 @@ class TenantManager:
 
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)
-        async with self._operation(user.uid, name):
+        async with self.operation(user.uid, name):
             rec = self.store.get(user.uid)
             if rec is not None:
                 if rec.name != name:
@@ -308,7 +308,7 @@ class TenantManager:
                     raise TenantExists(name)
                 if rec.state is TenantState.REMOVING:
                     # A removal was interrupted; finish it before creating anew.
-                    await self._teardown(rec)
+                    await self.teardown(rec)
                     rec = None
             if rec is None:
                 stale = self.store.get_by_name(name)
@@ -320,16 +320,16 @@ class TenantManager:
                 rec = self._record_intent(user)
                 # A namespace that appeared since the intent was recorded is not
                 # adopted behind the operator's back.
-                await self._build(rec, rollback=True, adopt=rec.adopted)
+                await self.build(rec, rollback=True, adopt=rec.adopted)
                 created, actions = True, tuple[str, ...]()
             else:
-                actions = await self._build(rec, rollback=False)
+                actions = await self.build(rec, rollback=False)
                 created = False
             rec = self.store.get(user.uid)
             assert rec is not None
             view = self.view(rec, check_identity=False)
             if created or actions:
-                self._emit("created" if created else "changed", view)
+                self.emit("created" if created else "changed", view)
             return view, created
 
     def _record_intent(self, user: users.User) -> TenantRecord:
@@ -357,7 +357,7 @@ class TenantManager:
                  ", adopting existing namespace" if adopted else "")  # fmt: skip
         return rec
 
-    async def _build(
+    async def build(
         self,
         rec: TenantRecord,
         *,
@@ -401,14 +401,14 @@ class TenantManager:
             rec.name, rec.uid, rec.host_ifname, rec.ipv4_address, rec.ipv6_prefix, bw
         )
 
-    def _policy_tenants(self) -> Sequence[netpolicy.TenantNet]:
+    def policy_tenants(self) -> Sequence[netpolicy.TenantNet]:
         return [self.tenant_net(r) for r in self.store.all() if r.state is not TenantState.REMOVING]
 
     async def apply_network_host(self) -> None:
         """Load the host table before any tenant veth is touched (fail closed)."""
         if self.network is None:
             return
-        rep = await self.network.apply_host(self._policy_tenants())
+        rep = await self.network.apply_host(self.policy_tenants())
         for a in rep.actions:
             log.info("network: %s", a)
         for p in rep.problems:
@@ -419,28 +419,13 @@ class TenantManager:
             return ()
         # The host table must name this veth before traffic through it is allowed: one
         # element transaction (the full table only when the incremental path fails).
-        rep = await self.network.set_tenant(self.tenant_net(rec), self._policy_tenants)
+        rep = await self.network.set_tenant(self.tenant_net(rec), self.policy_tenants)
         rep.extend(
             await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
         )
         for p in rep.problems:
             log.warning("tenant %s: %s", rec.name, p)
         return tuple(rep.actions)
-
-    async def _reconcile_network(self, report: ReconcileReport) -> None:
-        if self.network is None:
-            return
-        try:
-            await self.network.refresh_site()
-            rep = await self.network.apply(
-                self._policy_tenants(),
-                {r.uid: self.netns_path(r.netns_name) for r in self.store.all()},
-            )
-            report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
-            report.problems += rep.problems
-            report.problems += await self.network.foreign_drop_policies()
-        except (NsdError, NetnsError, OSError, ValueError) as e:
-            report.problems.append(f"network policy: {e}")
 
     async def get_network(self, name: str) -> NetworkStatus:
         rec = self._existing(name)
@@ -456,7 +441,7 @@ class TenantManager:
         self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
     ) -> NetworkStatus:
         rec = self._existing(name)
-        async with self._operation(rec.uid, name):
+        async with self.operation(rec.uid, name):
             old_e, old_i = self.store.bandwidth_override(rec.uid)
             new_e = None if "egress" in reset else (egress if egress is not None else old_e)
             new_i = None if "ingress" in reset else (ingress if ingress is not None else old_i)
@@ -481,7 +466,7 @@ class TenantManager:
     ) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """Change overrides (None resets a field to the default), apply them live, persist."""
         rec = self._existing(name)
-        async with self._operation(rec.uid, name):
+        async with self.operation(rec.uid, name):
             overrides = self.store.limit_overrides(rec.uid)
             for field, value in changes.items():
                 if value is None:
@@ -495,11 +480,11 @@ class TenantManager:
             # (reconcile re-applies the store's values).
             await self.slices.ensure(rec.uid, effective)
             self.store.set_limit_overrides(rec.uid, overrides)
-            await self._protect_parent()
+            await self.protect_parent()
             log.info("tenant %s: limits now %s", name, effective.items())
             return effective, limits_mod.Limits(**overrides)
 
-    async def _protect_parent(self) -> None:
+    async def protect_parent(self) -> None:
         if self.slices.available:
             await self.slices.protect_parent(self.limits_of(r.uid) for r in self.store.all())
 
@@ -523,7 +508,7 @@ class TenantManager:
             self.store.delete(rec.uid, quarantine=False)
             if self.network is not None:
                 # its elements, if the host table got them before the failure
-                rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
+                rep = await self.network.remove_tenant(rec.uid, self.policy_tenants)
                 for p in rep.problems:
                     log.warning("tenant %s: %s", rec.name, p)
         except (NetnsError, OSError) as e:
@@ -532,7 +517,7 @@ class TenantManager:
 
     async def remove(self, name: str, force: bool) -> None:
         uid = self._existing(name).uid
-        async with self._operation(uid, name):
+        async with self.operation(uid, name):
             # Again under the lock: a queued operation may have changed it.
             current = self.store.get(uid)
             if current is None or current.name != name:
@@ -543,14 +528,14 @@ class TenantManager:
                 await self._stop_processes(rec, force)
                 self.store.set_state(rec.uid, TenantState.REMOVING)
                 view = self.view(rec, check_identity=False)
-                await self._teardown(rec)
+                await self.teardown(rec)
             finally:
                 self._removing.discard(rec.uid)
-            self._emit("removed", view)
+            self.emit("removed", view)
             if self.slices.available:
                 await self.slices.sync_dropins([], prune_users={rec.name})
                 await self.slices.stop_ensure_unit(rec.name)
-                await self._protect_parent()
+                await self.protect_parent()
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
         """Refuse (or with force, stop) while processes run in the tenant's namespace."""
@@ -577,7 +562,7 @@ class TenantManager:
     def _slice_path(self, uid: int) -> str:
         return slice_cgroup_path(self.slices.slice_of(uid))
 
-    async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+    async def teardown(self, rec: TenantRecord) -> tuple[str, ...]:
         if self.slices.available:
             await self.slices.remove(rec.uid)
         try:
@@ -587,138 +572,8 @@ class TenantManager:
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
         if self.network is not None:
-            await self.network.remove_tenant(rec.uid, self._policy_tenants)
+            await self.network.remove_tenant(rec.uid, self.policy_tenants)
         return actions
-
-    # -- reconcile -------------------------------------------------------------
-
-    async def reconcile(
-        self, progress: Callable[[int, int], None] | None = None
-    ) -> ReconcileReport:
-        """Bring the host in line with the store; report what changed.
-
-        Tenants whose user changed identity are reported, and their recorded
-        network is still restored: a reboot must not take a namespace from
-        services that use it because NSS was briefly unreachable. Their records
-        are never changed and nothing new is created for the new identity.
-        """
-        report = ReconcileReport()
-        records = self.store.all()
-        problems = await asyncio.to_thread(
-            lambda: [users.identity_problem(r.uid, r.name) for r in records]
-        )
-        for i, (rec, problem) in enumerate(zip(records, problems, strict=True)):
-            if progress is not None:
-                progress(i, len(records))
-            if problem is not None:
-                report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")
-            try:
-                async with self._operation(rec.uid, rec.name):
-                    await self._reconcile_one(rec, report)
-            except NsdError as e:
-                report.problems.append(f"tenant {rec.name}: {e.message}")
-        if self.cfg.tenants.adopt_existing:
-            await self._adopt_unrecorded(report)
-        # After the namespaces exist again (the host table itself was loaded before
-        # any veth came up: the daemon applies it first), once for everyone.
-        await self._reconcile_network(report)
-        await self._remove_stray_links(report)
-        if self.slices.available:
-            await self._reconcile_slices(report)
-        for a in report.actions:
-            if a.kind != "repair":  # repairs were logged as they happened
-                log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "",
-                         a.detail)  # fmt: skip
-        for p in report.problems:
-            log.warning("reconcile: %s", p)
-        return report
-
-    async def _reconcile_slices(self, report: ReconcileReport) -> None:
-        try:
-            records = self.store.all()
-            changes = await self.slices.sync_dropins(records, prune_users=None)
-            for unit in changes.written:
-                report.add("write-template-dropin", None, f"{unit}: Slice= of its tenant")
-            for unit in changes.removed:
-                report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
-            report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
-            known = {r.uid for r in records}
-            for unit in await self.slices.stray_slices(known):
-                if await self.slices.has_settings(unit):
-                    await self.slices.forget(unit)
-                    report.add("forget-stray-slice", None,
-                               f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
-            await self._protect_parent()
-        except NsdError as e:
-            report.problems.append(e.message)
-
-    async def _remove_stray_links(self, report: ReconcileReport) -> None:
-        known = {r.host_ifname for r in self.store.all()}
-        try:
-            links = await self.net.list_prefixed_links()
-        except NetnsError as e:
-            report.problems.append(f"cannot list links: {e}")
-            return
-        for link in links:
-            if link in known:
-                continue
-            try:
-                await self.net.delete_link(link)
-            except NetnsError as e:
-                report.problems.append(f"cannot remove stray link {link}: {e}")
-            else:
-                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
-
-    async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
-        current = self.store.get(rec.uid)
-        if current is None:
-            return
-        if current.state is TenantState.REMOVING:
-            await self._teardown(current)
-            report.add("finish-removal", rec.name, "finished an interrupted removal")
-            self._emit("removed", self.view(current, check_identity=False))
-            return
-        actions = await self._build(current, rollback=False, dropins=False, network=False)
-        if current.state is TenantState.CREATING:
-            report.add("finish-creation", rec.name, "finished an interrupted creation")
-        for action in actions:
-            report.add("repair", rec.name, action)
-        if actions or current.state is TenantState.CREATING:
-            rec2 = self.store.get(rec.uid)
-            assert rec2 is not None
-            self._emit("changed", self.view(rec2, check_identity=False))
-
-    async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
-        """Adopt namespaces whose file name matches the template for a known user."""
-        pattern = _template_regex(self.cfg.netns.name_template)
-        try:
-            entries = sorted(os.listdir(self.cfg.netns.run_dir))
-        except FileNotFoundError:
-            return
-        recorded = {r.netns_name for r in self.store.all()}
-        for entry in entries:
-            m = pattern.fullmatch(entry)
-            if m is None or entry in recorded:
-                continue
-            if self.net.namespace_inode(self.netns_path(entry)) is None:
-                continue
-            user = _user_for_match(m)
-            if (
-                user is None
-                or names.netns_name(self.cfg.netns.name_template, user.name, user.uid) != entry
-            ):
-                continue
-            t = self.cfg.tenants
-            if not t.uid_min <= user.uid <= t.uid_max:
-                log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
-                continue
-            try:
-                _, created = await self.ensure(user.name)
-            except NsdError as e:
-                report.problems.append(f"cannot adopt {entry}: {e.message}")
-                continue
-            if created:
-                report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
 
     # -- watch -----------------------------------------------------------------
 
@@ -742,7 +597,7 @@ class TenantManager:
         finally:
             self._watchers.discard(queue)
 
-    def _emit(self, kind: str, view: TenantView) -> None:
+    def emit(self, kind: str, view: TenantView) -> None:
         event = TenantEvent(kind, view)
         for queue in list(self._watchers):
             try:
@@ -757,7 +612,7 @@ class TenantManager:
     # -- lifecycle -------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _operation(self, uid: int, name: str) -> AsyncIterator[None]:
+    async def operation(self, uid: int, name: str) -> AsyncIterator[None]:
         if self._closing:
             raise ShuttingDown()
         lock, users_of_lock = self._locks.get(uid, (asyncio.Lock(), 0))
@@ -783,25 +638,19 @@ class TenantManager:
             if self._inflight == 0:
                 self._idle.set()
 
+    async def reconcile(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> ReconcileReport:
+        """Bring the host in line with the store (nsd.reconcile); report what changed."""
+        return await self._reconciler.run(progress)
+
     async def apply_config(self, cfg: Config) -> ReconcileReport:
-        """Take a reloaded configuration; re-apply every tenant's limits."""
+        """Take a reloaded configuration; re-apply every tenant's limits and the policy."""
         self.cfg = cfg
         self.slices.reconfigure(cfg)
-        report = ReconcileReport()
         if self.network is not None:
             self.network.reconfigure(cfg.network)
-            await self._reconcile_network(report)
-        if not self.slices.available:
-            return report
-        for rec in self.store.all():
-            try:
-                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
-            except NsdError as e:
-                report.problems.append(f"tenant {rec.name}: {e.message}")
-            else:
-                report.add("apply-limits", rec.name, str(self.limits_of(rec.uid).items()))
-        await self._reconcile_slices(report)
-        return report
+        return await self._reconciler.apply_config()
 
     async def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait for running operations; True if all finished."""
@@ -814,28 +663,3 @@ class TenantManager:
         except TimeoutError:
             return False
         return True
-
-
-def _template_regex(template: str) -> re.Pattern[str]:
-    parts = re.split(r"(\{user\}|\{uid\})", template)
-    out = []
-    for part in parts:
-        if part == "{user}":
-            out.append(r"(?P<user>[a-z_][a-z0-9_.-]{0,31}\$?)")
-        elif part == "{uid}":
-            out.append(r"(?P<uid>[0-9]{1,10})")
-        else:
-            out.append(re.escape(part))
-    return re.compile("".join(out))
-
-
-def _user_for_match(m: re.Match[str]) -> users.User | None:
-    groups = m.groupdict()
-    if groups.get("user"):
-        user = users.by_name(groups["user"])
-        if user is not None and groups.get("uid") and str(user.uid) != groups["uid"]:
-            return None
-        return user
-    if groups.get("uid"):
-        return users.by_uid(int(groups["uid"]))
-    return None
