@@ -38,15 +38,13 @@ from .errors import (
     TenantBusy,
     TenantExists,
     TenantIdentityChanged,
-    TenantLocked,
     UidOutOfRange,
-    WatcherTooSlow,
 )
+from .events import TenantEvents
 from .ipam import Ipam
 from .model import (
     NetworkStatus,
     ReconcileReport,
-    TenantEvent,
     TenantRecord,
     TenantState,
     TenantView,
@@ -59,10 +57,9 @@ from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
 from .store import Store, now_us
+from .tenant_locks import TenantLocks
 
 log = logging.getLogger("nsd.manager")
-
-_WATCH_QUEUE = 1024  # events buffered per watcher before it is dropped as too slow
 
 
 class TenantManager:
@@ -84,18 +81,11 @@ class TenantManager:
         # The nftables policy, NAT, host services and shaping; None when
         # network.enabled is false.
         self.network = network
-        # Per-UID locks with a user count: a lock leaves the dict only when no
-        # operation holds or awaits it (asyncio.Lock's waiter list is not a
-        # reliable signal: wait_for() enqueues the acquire one loop turn later).
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self._locks = TenantLocks()
         # UIDs being removed: Enter's lock-free fast path must not hand out
         # their namespace while their processes are being stopped.
         self._removing: set[int] = set()
-        self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
-        self._closing = False
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._events = TenantEvents()
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
         self._reconciler = Reconciler(self)
 
@@ -579,64 +569,27 @@ class TenantManager:
 
     async def watch(self, uid: int | None) -> AsyncIterator[tuple[str, TenantView | None]]:
         """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name)."""
-        queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
-        self._watchers.add(queue)
-        try:
+        async with self._events.subscribe() as events:
             for rec in self.store.all():
                 if uid is None or rec.uid == uid:
                     yield "existing", self.view(rec)
             yield "synced", None
-            while True:
-                event = await queue.get()
-                if event is None:
-                    if self._closing:
-                        raise ShuttingDown()
-                    raise WatcherTooSlow()
+            async for event in events:
                 if uid is None or event.view.record.uid == uid:
                     yield event.kind, event.view
-        finally:
-            self._watchers.discard(queue)
 
     def emit(self, kind: str, view: TenantView) -> None:
-        event = TenantEvent(kind, view)
-        for queue in list(self._watchers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # A watcher that does not read must not make nsd buffer forever.
-                self._watchers.discard(queue)
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.get_nowait()
-                    queue.put_nowait(None)
+        self._events.emit(kind, view)
 
     # -- lifecycle -------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def operation(self, uid: int, name: str) -> AsyncIterator[None]:
-        if self._closing:
-            raise ShuttingDown()
-        lock, users_of_lock = self._locks.get(uid, (asyncio.Lock(), 0))
-        self._locks[uid] = (lock, users_of_lock + 1)
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            try:
-                await asyncio.wait_for(lock.acquire(), self.cfg.tenants.lock_timeout)
-            except TimeoutError:
-                raise TenantLocked(name) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users_of_lock = self._locks[uid]
-            if users_of_lock == 1:
-                del self._locks[uid]
-            else:
-                self._locks[uid] = (lock, users_of_lock - 1)
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+    @property
+    def _closing(self) -> bool:
+        return self._locks.closed
+
+    def operation(self, uid: int, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The tenant's lock, for one operation (nsd.tenant_locks)."""
+        return self._locks.hold(uid, name, self.cfg.tenants.lock_timeout)
 
     async def reconcile(
         self, progress: Callable[[int, int], None] | None = None
@@ -654,12 +607,5 @@ class TenantManager:
 
     async def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait for running operations; True if all finished."""
-        self._closing = True
-        for queue in list(self._watchers):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        self._events.close()
+        return await self._locks.close(timeout)
