@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__, doctor, netpolicy
+from . import __version__, netpolicy
 from . import api_views as views
 from .errors import InvalidLimit, NsdError, PermissionDenied, UsageUnavailable
 from .manager import TenantManager
@@ -329,8 +329,7 @@ class Api:
 
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
-        return views.checks_reply(checks)
+        return views.checks_reply(await self.manager.checks(await self._routes()))
 
     async def reconcile(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)

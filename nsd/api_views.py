@@ -13,9 +13,8 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from .config import ResourceLimit
-from .doctor import Check
 from .limits import Limits
-from .model import NetworkStatus, ReconcileReport, TenantView
+from .model import Check, NetworkStatus, ReconcileReport, TenantView
 from .procscan import ESCAPES, ProcessRecord
 from .sampler import Snapshot, TenantUsage
 from .slices import RunResult

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from . import netpolicy as npol
 from . import nft, shaping
-from .model import HostService, NetworkStatus
+from .model import Check, HostService, NetworkStatus
 from .netns import NetnsAdapter, NetnsError
 
 log = logging.getLogger("nsd.network")
@@ -43,15 +43,6 @@ class NetworkReport:
     def extend(self, other: NetworkReport) -> None:
         self.actions += other.actions
         self.problems += other.problems
-
-
-@dataclass(frozen=True)
-class Check:
-    """Same shape as nsd.doctor.Check (name, severity ok/warning/error, message)."""
-
-    name: str
-    severity: str
-    message: str
 
 
 def _write_sysctls(pairs: Sequence[tuple[str, str]], where: str) -> tuple[list[str], list[str]]:

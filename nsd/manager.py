@@ -21,9 +21,10 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING
 
-from . import cgroup, names, netpolicy, procs, users
+from . import cgroup, doctor, names, netpolicy, procs, users
 from . import limits as limits_mod
 from .cgroupstats import slice_cgroup_path
 from .config import Config
@@ -43,6 +44,7 @@ from .errors import (
 from .events import TenantEvents
 from .ipam import Ipam
 from .model import (
+    Check,
     NetworkStatus,
     ReconcileReport,
     TenantRecord,
@@ -564,6 +566,28 @@ class TenantManager:
         if self.network is not None:
             await self.network.remove_tenant(rec.uid, self.policy_tenants)
         return actions
+
+    async def checks(self, routes: Sequence[IPv4Network | IPv6Network]) -> tuple[Check, ...]:
+        """``nsctl doctor``: host prerequisites, what of the configured limits is in
+        effect here, and the network policy's own checks (nftables, forwarding)."""
+        slices = self.slices
+        bus = slices.systemd if slices.available else None
+        overrides = self.store.all_limit_overrides()
+        configured = [set(slices.effective(overrides.get(r.uid, {})).items())
+                      for r in self.store.all()]  # fmt: skip
+        out = doctor.run(self.cfg.netns.run_dir, self.ipam, list(routes))
+        out += doctor.limit_checks(
+            None if bus is not None else slices.unavailable_reason or "disabled by systemd.slices",
+            bus.features.version if bus is not None else None,
+            bus.features.pidfds if bus is not None else None,
+            self.cfg.systemd.parent_slice,
+            configured,
+        )
+        if self.network is None:
+            out.append(Check("nftables", "ok", "network policy disabled (network.enabled)"))
+        else:
+            out += await self.network.checks()
+        return tuple(out)
 
     # -- watch -----------------------------------------------------------------
 

@@ -106,3 +106,12 @@ class NetworkStatus:
     egress_override: int | None = None  # the tenant's own; 0 lifts a default
     ingress_override: int | None = None
     problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding of ``nsctl doctor``."""
+
+    name: str
+    severity: str  # ok, warning, error
+    message: str
