@@ -165,6 +165,14 @@ class TenantManager:
             raise NoSuchTenant(name)
         return rec
 
+    def recorded(self, uid: int, name: str) -> TenantRecord:
+        """The record of ``uid`` after an operation on it: NoSuchTenant if a removal
+        finished in between (an explicit error, not an assert that ``-O`` removes)."""
+        rec = self.store.get(uid)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return rec
+
     def record_of_uid(self, uid: int) -> TenantRecord | None:
         """The recorded tenant with that UID, if any (identity checks of callers)."""
         return self.store.get(uid)
@@ -252,15 +260,15 @@ class TenantManager:
             # Creates, finishes or repairs under the tenant's lock; 64 callers
             # racing for a new tenant queue here and all get the one namespace.
             await self._ensure(name, allow_existing=True)
-            rec = self.store.get(user.uid)
-            assert rec is not None
+            rec = self.recorded(user.uid, name)
             try:
                 fd = self.net.open_namespace(self.netns_path(rec.netns_name))
             except NetnsError as e:
                 raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
             except OSError as e:
                 raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
-        assert rec is not None
+        if rec is None:  # the fast path had one, the slow path took one: never true
+            raise NoSuchTenant(name)
         placed = None
         try:
             view = self.view(rec, check_identity=False, inode=os.fstat(fd).st_ino)
@@ -317,8 +325,7 @@ class TenantManager:
             else:
                 actions = await self.build(rec, rollback=False)
                 created = False
-            rec = self.store.get(user.uid)
-            assert rec is not None
+            rec = self.recorded(user.uid, name)
             view = self.view(rec, check_identity=False)
             if created or actions:
                 self.emit("created" if created else "changed", view)

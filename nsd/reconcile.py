@@ -128,9 +128,7 @@ class Reconciler:
         for action in actions:
             report.add("repair", rec.name, action)
         if actions or current.state is TenantState.CREATING:
-            rec2 = mgr.store.get(rec.uid)
-            assert rec2 is not None
-            mgr.emit("changed", mgr.view(rec2, check_identity=False))
+            mgr.emit("changed", mgr.view(mgr.recorded(rec.uid, rec.name), check_identity=False))
 
     async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
         """Adopt namespaces whose file name matches the template for a known user."""
