@@ -24,7 +24,7 @@ from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING
 
-from . import cgroup, doctor, names, netpolicy, procs, users
+from . import cgroup, doctor, names, procs, users
 from . import limits as limits_mod
 from .cgroupstats import slice_cgroup_path
 from .config import Config
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .hostnet import HostNetwork
 from .store import Store, now_us
 from .tenant_locks import TenantLocks
+from .tenant_network import TenantNetworks
 
 log = logging.getLogger("nsd.manager")
 
@@ -80,9 +81,9 @@ class TenantManager:
         self.ipam = ipam
         self.net = net
         self.slices = slices or TenantSlices(cfg, None, "not connected")
-        # The nftables policy, NAT, host services and shaping; None when
-        # network.enabled is false.
-        self.network = network
+        # The nftables policy, NAT, host services and shaping (no-ops when
+        # network.enabled is false).
+        self.networks = TenantNetworks(network, cfg.network, store, self.netns_path)
         self._locks = TenantLocks()
         # UIDs being removed: Enter's lock-free fast path must not hand out
         # their namespace while their processes are being stopped.
@@ -369,7 +370,7 @@ class TenantManager:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
             # Reconcile applies the policy once for all tenants instead: the host
             # table lists every tenant, so per-tenant re-applies would be O(n^2).
-            actions = result.actions + (await self._apply_tenant_network(rec) if network else ())
+            actions = result.actions + (await self.networks.apply_tenant(rec) if network else ())
         except NetnsError as e:
             if rollback:
                 # "exists": a namespace appeared at the path after the intent was
@@ -393,48 +394,12 @@ class TenantManager:
 
     # -- network policy --------------------------------------------------------
 
-    def tenant_net(self, rec: TenantRecord) -> netpolicy.TenantNet:
-        egress, ingress = self.store.bandwidth_override(rec.uid)
-        bw = self.cfg.network.bandwidth.overlay(netpolicy.Bandwidth(egress, ingress)).effective()
-        return netpolicy.TenantNet(
-            rec.name, rec.uid, rec.host_ifname, rec.ipv4_address, rec.ipv6_prefix, bw
-        )
-
-    def policy_tenants(self) -> Sequence[netpolicy.TenantNet]:
-        return [self.tenant_net(r) for r in self.store.all() if r.state is not TenantState.REMOVING]
-
     async def apply_network_host(self) -> None:
         """Load the host table before any tenant veth is touched (fail closed)."""
-        if self.network is None:
-            return
-        rep = await self.network.apply_host(self.policy_tenants())
-        for a in rep.actions:
-            log.info("network: %s", a)
-        for p in rep.problems:
-            log.warning("network: %s", p)
-
-    async def _apply_tenant_network(self, rec: TenantRecord) -> tuple[str, ...]:
-        if self.network is None:
-            return ()
-        # The host table must name this veth before traffic through it is allowed: one
-        # element transaction (the full table only when the incremental path fails).
-        rep = await self.network.set_tenant(self.tenant_net(rec), self.policy_tenants)
-        rep.extend(
-            await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
-        )
-        for p in rep.problems:
-            log.warning("tenant %s: %s", rec.name, p)
-        return tuple(rep.actions)
+        await self.networks.apply_host()
 
     async def get_network(self, name: str) -> NetworkStatus:
-        rec = self._existing(name)
-        if self.network is None:
-            return NetworkStatus(enabled=False)
-        status = await self.network.tenant_status(
-            self.tenant_net(rec), self.netns_path(rec.netns_name)
-        )
-        egress, ingress = self.store.bandwidth_override(rec.uid)
-        return replace(status, egress_override=egress, ingress_override=ingress)
+        return await self.networks.status(self._existing(name))
 
     async def set_bandwidth(
         self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
@@ -445,7 +410,7 @@ class TenantManager:
             new_e = None if "egress" in reset else (egress if egress is not None else old_e)
             new_i = None if "ingress" in reset else (ingress if ingress is not None else old_i)
             self.store.set_bandwidth_override(rec.uid, new_e, new_i)
-            await self._apply_tenant_network(rec)
+            await self.networks.apply_tenant(rec)
         return await self.get_network(name)
 
     # -- limits, slices, runs --------------------------------------------------
@@ -505,11 +470,8 @@ class TenantManager:
             if remove_network and not rec.adopted:
                 await self.net.remove(self.spec(rec))
             self.store.delete(rec.uid, quarantine=False)
-            if self.network is not None:
-                # its elements, if the host table got them before the failure
-                rep = await self.network.remove_tenant(rec.uid, self.policy_tenants)
-                for p in rep.problems:
-                    log.warning("tenant %s: %s", rec.name, p)
+            # its elements, if the host table got them before the failure
+            await self.networks.remove_tenant(rec)
         except (NetnsError, OSError) as e:
             # Leave the 'creating' row: reconcile will finish or retry it.
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
@@ -570,8 +532,7 @@ class TenantManager:
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
-        if self.network is not None:
-            await self.network.remove_tenant(rec.uid, self.policy_tenants)
+        await self.networks.remove_tenant(rec)
         return actions
 
     async def checks(self, routes: Sequence[IPv4Network | IPv6Network]) -> tuple[Check, ...]:
@@ -590,10 +551,7 @@ class TenantManager:
             self.cfg.systemd.parent_slice,
             configured,
         )
-        if self.network is None:
-            out.append(Check("nftables", "ok", "network policy disabled (network.enabled)"))
-        else:
-            out += await self.network.checks()
+        out += await self.networks.checks()
         return tuple(out)
 
     # -- watch -----------------------------------------------------------------
@@ -632,8 +590,7 @@ class TenantManager:
         """Take a reloaded configuration; re-apply every tenant's limits and the policy."""
         self.cfg = cfg
         self.slices.reconfigure(cfg)
-        if self.network is not None:
-            self.network.reconfigure(cfg.network)
+        self.networks.reconfigure(cfg.network)
         return await self._reconciler.apply_config()
 
     async def shutdown(self, timeout: float) -> bool:

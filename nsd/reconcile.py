@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import names, users
 from .errors import NsdError
-from .model import ReconcileAction, ReconcileReport, TenantRecord, TenantState
+from .model import ReconcileReport, TenantRecord, TenantState
 from .netns import NetnsError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Reconciler:
             await self._adopt_unrecorded(report)
         # After the namespaces exist again (the host table itself was loaded before
         # any veth came up: the daemon applies it first), once for everyone.
-        await self._reconcile_network(report)
+        await self.manager.networks.reconcile(report)
         await self._remove_stray_links(report)
         if mgr.slices.available:
             await self._reconcile_slices(report)
@@ -163,28 +163,12 @@ class Reconciler:
             if created:
                 report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
 
-    async def _reconcile_network(self, report: ReconcileReport) -> None:
-        mgr = self.manager
-        if mgr.network is None:
-            return
-        try:
-            await mgr.network.refresh_site()
-            rep = await mgr.network.apply(
-                mgr.policy_tenants(),
-                {r.uid: mgr.netns_path(r.netns_name) for r in mgr.store.all()},
-            )
-            report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
-            report.problems += rep.problems
-            report.problems += await mgr.network.foreign_drop_policies()
-        except (NsdError, NetnsError, OSError, ValueError) as e:
-            report.problems.append(f"network policy: {e}")
-
     async def apply_config(self) -> ReconcileReport:
         """After a reload (the manager took the new configuration): re-apply every
         tenant's limits, the template drop-ins and the network policy."""
         mgr = self.manager
         report = ReconcileReport()
-        await self._reconcile_network(report)
+        await self.manager.networks.reconcile(report)
         if not mgr.slices.available:
             return report
         for rec in mgr.store.all():
