@@ -117,18 +117,7 @@ def collect(
     started = time.time()
     t0 = time.perf_counter()
     ordered = sorted(targets, key=lambda t: t.uid)
-    seen: set[str] = set()
-    stats: list[CgroupStats] = []
-    for t in ordered:
-        if cgroup_root is None or t.cgroup is None:
-            stats.append(_NO_CGROUP)
-            continue
-        s = read_cgroup(cgroup_root, t.cgroup)
-        seen |= s.available()
-        stats.append(s)
-    if cgroup_root is not None and probe_cgroup is not None and len(seen) < len(FILES):
-        seen |= read_cgroup(cgroup_root, probe_cgroup).available()
-
+    stats, seen = _read_cgroups(ordered, cgroup_root, probe_cgroup)
     procs = scan(
         [ScanTenant(t.uid, t.cgroup, t.netns_inode) for t in ordered],
         helpers,
@@ -165,6 +154,24 @@ def collect(
         findings_dropped=procs.findings_dropped if procs is not None else 0,
         processes=procs.processes if procs is not None else None,
     )
+
+
+def _read_cgroups(
+    ordered: Sequence[Target], cgroup_root: str | None, probe_cgroup: str | None
+) -> tuple[list[CgroupStats], set[str]]:
+    """Every target's cgroup files, and which files this host has."""
+    seen: set[str] = set()
+    stats: list[CgroupStats] = []
+    for t in ordered:
+        if cgroup_root is None or t.cgroup is None:
+            stats.append(_NO_CGROUP)
+            continue
+        s = read_cgroup(cgroup_root, t.cgroup)
+        seen |= s.available()
+        stats.append(s)
+    if cgroup_root is not None and probe_cgroup is not None and len(seen) < len(FILES):
+        seen |= read_cgroup(cgroup_root, probe_cgroup).available()
+    return stats, seen
 
 
 class Sampler:
