@@ -59,6 +59,7 @@ from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
 from .store import Store, now_us
+from .tenant_limits import TenantLimits
 from .tenant_locks import TenantLocks
 from .tenant_network import TenantNetworks
 
@@ -84,6 +85,7 @@ class TenantManager:
         # The nftables policy, NAT, host services and shaping (no-ops when
         # network.enabled is false).
         self.networks = TenantNetworks(network, cfg.network, store, self.netns_path)
+        self.limits = TenantLimits(self.slices, store)
         self._locks = TenantLocks()
         # UIDs being removed: Enter's lock-free fast path must not hand out
         # their namespace while their processes are being stopped.
@@ -188,8 +190,7 @@ class TenantManager:
         once. What remains per tenant is one namespace lstat (~3 ms for 1,000 tenants).
         """
         slices = self.slices.available
-        overrides = self.store.all_limit_overrides()
-        defaults = self.slices.effective({})
+        limits = self.limits.all()
         return tuple(
             Target(
                 uid=rec.uid,
@@ -197,11 +198,10 @@ class TenantManager:
                 cgroup=slice_cgroup_path(self.slices.slice_of(rec.uid)) if slices else None,
                 netns_inode=self.net.namespace_inode(self.netns_path(rec.netns_name)),
                 host_ifname=rec.host_ifname,
-                limits=defaults if (own := overrides.get(rec.uid)) is None
-                else self.slices.effective(own),
+                limits=limits[rec.uid],
             )
             for rec in self.store.all()
-        )  # fmt: skip
+        )
 
     def netns_path(self, netns_name: str) -> str:
         return os.path.join(self.cfg.netns.run_dir, netns_name)
@@ -379,7 +379,7 @@ class TenantManager:
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         if self.slices.available:
             try:
-                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+                await self.slices.ensure(rec.uid, self.limits.of(rec.uid))
                 if dropins:  # reconcile writes all tenants' drop-ins at once
                     await self.slices.sync_dropins([rec], prune_users={rec.name})
             except NsdError:
@@ -415,15 +415,9 @@ class TenantManager:
 
     # -- limits, slices, runs --------------------------------------------------
 
-    def limits_of(self, uid: int) -> limits_mod.Limits:
-        """Effective limits: configured defaults overlaid with the tenant's overrides."""
-        return self.slices.effective(self.store.limit_overrides(uid))
-
     def get_limits(self, name: str) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """(effective, overrides) of a tenant."""
-        rec = self._existing(name)
-        overrides = self.store.limit_overrides(rec.uid)
-        return self.slices.effective(overrides), limits_mod.Limits(**overrides)
+        return self.limits.get(self._existing(name).uid)
 
     async def set_limits(
         self, name: str, changes: dict[str, str | None]
@@ -431,26 +425,7 @@ class TenantManager:
         """Change overrides (None resets a field to the default), apply them live, persist."""
         rec = self._existing(name)
         async with self.operation(rec.uid, name):
-            overrides = self.store.limit_overrides(rec.uid)
-            for field, value in changes.items():
-                if value is None:
-                    overrides.pop(field, None)
-                else:
-                    overrides[field] = limits_mod.canonical(field, value)
-            effective = self.slices.effective(overrides)
-            limits_mod.check_consistent(effective)
-            # Applied first: if systemd refuses, nothing is recorded. The slice's
-            # settings are persistent drop-ins, so both survive a crash in between
-            # (reconcile re-applies the store's values).
-            await self.slices.ensure(rec.uid, effective)
-            self.store.set_limit_overrides(rec.uid, overrides)
-            await self.protect_parent()
-            log.info("tenant %s: limits now %s", name, effective.items())
-            return effective, limits_mod.Limits(**overrides)
-
-    async def protect_parent(self) -> None:
-        if self.slices.available:
-            await self.slices.protect_parent(self.limits_of(r.uid) for r in self.store.all())
+            return await self.limits.change(rec, changes)
 
     async def run(self, name: str, argv: Sequence[str], wait: bool) -> RunResult:
         rec = self._existing(name)
@@ -496,7 +471,7 @@ class TenantManager:
             if self.slices.available:
                 await self.slices.sync_dropins([], prune_users={rec.name})
                 await self.slices.stop_ensure_unit(rec.name)
-                await self.protect_parent()
+                await self.limits.protect_parent()
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
         """Refuse (or with force, stop) while processes run in the tenant's namespace."""
@@ -540,9 +515,7 @@ class TenantManager:
         effect here, and the network policy's own checks (nftables, forwarding)."""
         slices = self.slices
         bus = slices.systemd if slices.available else None
-        overrides = self.store.all_limit_overrides()
-        configured = [set(slices.effective(overrides.get(r.uid, {})).items())
-                      for r in self.store.all()]  # fmt: skip
+        configured = [set(limits.items()) for limits in self.limits.all().values()]
         out = doctor.run(self.cfg.netns.run_dir, self.ipam, list(routes))
         out += doctor.limit_checks(
             None if bus is not None else slices.unavailable_reason or "disabled by systemd.slices",

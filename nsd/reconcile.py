@@ -90,7 +90,7 @@ class Reconciler:
                     await mgr.slices.forget(unit)
                     report.add("forget-stray-slice", None,
                                f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
-            await mgr.protect_parent()
+            await mgr.limits.protect_parent()
         except NsdError as e:
             report.problems.append(e.message)
 
@@ -173,11 +173,11 @@ class Reconciler:
             return report
         for rec in mgr.store.all():
             try:
-                await mgr.slices.ensure(rec.uid, mgr.limits_of(rec.uid))
+                await mgr.slices.ensure(rec.uid, mgr.limits.of(rec.uid))
             except NsdError as e:
                 report.problems.append(f"tenant {rec.name}: {e.message}")
             else:
-                report.add("apply-limits", rec.name, str(mgr.limits_of(rec.uid).items()))
+                report.add("apply-limits", rec.name, str(mgr.limits.of(rec.uid).items()))
         await self._reconcile_slices(report)
         return report
 
