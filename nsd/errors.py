@@ -87,7 +87,7 @@ class AddressPoolExhausted(NsdError):
 
 class AddressConflict(NsdError):
     """The address a UID derives under the ``uid`` strategy is leased to another tenant
-    (one that got it from an earlier ``sequential`` allocation)."""
+    (one that got it while the strategy was ``pool``)."""
 
     name = "AddressConflict"
 
