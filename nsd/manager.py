@@ -1,4 +1,9 @@
-"""TenantManager: the core. Create, ensure, remove, get, list, enter, reconcile.
+"""TenantManager: the core. Create, ensure, remove, get, list, enter.
+
+Its parts live beside it: nsd.reconcile (bring the host in line with the store),
+nsd.tenant_locks (one operation per tenant), nsd.events (Watch), nsd.tenant_network
+(the core's side of the network policy) and nsd.tenant_limits (limits and slices).
+It returns dataclasses (nsd.model); nsd.api_views turns them into replies.
 
 Rules this module keeps:
 
