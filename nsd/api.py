@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__, netpolicy
+from . import __version__, doctor, faultapi, netpolicy
 from . import api_views as views
 from .errors import InvalidLimit, NsdError, PermissionDenied, UsageUnavailable
 from .manager import TenantManager
-from .sampler import Snapshot
+from .sampler import Snapshot, escaped_by_tenant
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ class Api:
                     self._wrap_stream(TENANT_INTERFACE, self._usage_stream),
                 ),
                 "Audit": self._wrap(TENANT_INTERFACE, self.audit_processes),
+                "GetFaults": self._wrap(TENANT_INTERFACE, self.get_faults),
             },
             DAEMON_INTERFACE: {
                 "Doctor": self._wrap(DAEMON_INTERFACE, self.doctor),
@@ -276,8 +277,10 @@ class Api:
         uid = self._asked_uid(call)
         # continues=True on every item: a live stream must send each event
         # at once instead of holding it back to learn whether it is the last.
-        async for kind, view in self.manager.watch(uid):
+        async for kind, view, fault in self.manager.watch(uid):
             params = {"event": kind, "tenant": None if view is None else views.tenant(view)}
+            if fault is not None:
+                params["fault"] = faultapi.fault_json(fault)
             yield Reply(params, continues=True)
 
     # -- usage and audit: the metrics sampler's last snapshot ----------------------
@@ -325,11 +328,24 @@ class Api:
         snap = await self._snapshot()
         return views.audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 
+    async def get_faults(self, call: Call) -> dict[str, Any]:
+        name = call.parameters.get("name")
+        if name is None:
+            self._require_admin(call)
+        else:
+            self._require_self_or_admin(call, name)
+        since, limit = faultapi.query(call.parameters)
+        faults = self.manager.faults(name, since, limit)
+        return {"faults": [faultapi.fault_json(f) for f in faults]}
+
     # -- io.nsd.Daemon -----------------------------------------------------------
 
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        return views.checks_reply(await self.manager.checks(await self._routes()))
+        checks = await self.manager.checks(await self._routes())
+        snap = self._metrics.sampler.snapshot if self._metrics is not None else None
+        escaped = doctor.escape_check(escaped_by_tenant(snap) if snap is not None else None)
+        return views.checks_reply((*checks, escaped))
 
     async def reconcile(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)

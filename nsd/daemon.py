@@ -29,11 +29,13 @@ from pathlib import Path
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .cgroupstats import detect_root, slice_cgroup_path
+from .faultrecord import FaultCounter, FaultRecorder, FaultService
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
 from .netns import NetnsAdapter, NetnsError
+from .sampler import Target
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -80,14 +82,7 @@ class Daemon:
         cfg = self.cfg
         listener, store, net = await self._open(stack)
         manager, degraded = await self._prepare(store, net, stack)
-        metrics = MetricsService(
-            manager.sampler_targets,
-            interval=cfg.metrics.interval,
-            listen=cfg.metrics.listen,
-            helpers=cfg.metrics.helpers,
-            cgroup_root=detect_root(),
-            probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
-        )
+        metrics = self._observe(store, manager, stack)
         sd.notify("STATUS=Reconciling tenants")
         started = time.perf_counter()
         report = await manager.reconcile(progress=_reconcile_progress)
@@ -115,6 +110,36 @@ class Daemon:
         log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
                  store.count())  # fmt: skip
         return manager
+
+    def _observe(
+        self, store: Store, manager: TenantManager, stack: contextlib.AsyncExitStack
+    ) -> MetricsService:
+        """The metrics sampler and exporter, and the fault watcher (started here: it
+        records limit hits from now on); the sampler starts after the reconcile."""
+        cfg = self.cfg
+        cgroup_root = detect_root()
+        faults = self._faults(store, manager, cgroup_root)
+
+        def targets() -> tuple[Target, ...]:
+            found = manager.sampler_targets()
+            if faults is not None:
+                # At every sample: watch new tenants' slices, drop removed ones.
+                faults.sync((t.uid, t.name, t.cgroup) for t in found)
+            return found
+
+        metrics = MetricsService(
+            targets,
+            interval=cfg.metrics.interval,
+            listen=cfg.metrics.listen,
+            helpers=cfg.metrics.helpers,
+            cgroup_root=cgroup_root,
+            probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
+        )
+        if faults is not None:
+            metrics.registry.register(FaultCounter(faults.recorder))
+            faults.start()
+            stack.push_async_callback(faults.close)
+        return metrics
 
     async def _open(
         self, stack: contextlib.AsyncExitStack
@@ -150,6 +175,18 @@ class Daemon:
         if not await manager.shutdown(timeout):
             log.warning("operations still running after %.0fs; reconcile finishes them",
                         timeout)  # fmt: skip
+
+    def _faults(
+        self, store: Store, manager: TenantManager, cgroup_root: str | None
+    ) -> FaultService | None:
+        """The fault watcher, if enabled and the host has cgroup v2 to watch."""
+        if not self.cfg.faults.enabled:
+            return None
+        if cgroup_root is None:
+            log.info("no cgroup v2 hierarchy: faults are not watched")
+            return None
+        recorder = FaultRecorder(store, self.cfg.faults, manager.emit_fault)
+        return FaultService(cgroup_root, recorder)
 
     async def _prepare(
         self, store: Store, net: NetnsAdapter, stack: contextlib.AsyncExitStack

@@ -211,3 +211,10 @@ class InvalidLimit(NsdError):
     def __init__(self, field: str, value: str, reason: str) -> None:
         super().__init__(f"invalid {field} {value!r}: {reason}", field=field, value=value,
                          reason=reason)  # fmt: skip
+
+
+class InvalidFaultQuery(NsdError):
+    name = "InvalidFaultQuery"
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        super().__init__(f"invalid {parameter}: {reason}", parameter=parameter, reason=reason)

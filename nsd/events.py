@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from .errors import ShuttingDown, WatcherTooSlow
+from .faults import Fault
 from .model import TenantEvent, TenantView
 
 WATCH_QUEUE = 1024  # events buffered per watcher before it is dropped as too slow
@@ -42,8 +43,8 @@ class TenantEvents:
                 raise WatcherTooSlow()
             yield event
 
-    def emit(self, kind: str, view: TenantView) -> None:
-        event = TenantEvent(kind, view)
+    def emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
+        event = TenantEvent(kind, view, fault)
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(event)

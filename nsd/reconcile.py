@@ -128,7 +128,7 @@ class Reconciler:
         for action in actions:
             report.add("repair", rec.name, action)
         if actions or current.state is TenantState.CREATING:
-            mgr.emit("changed", mgr.view(mgr.recorded(rec.uid, rec.name), check_identity=False))
+            mgr.emit("changed", mgr.view(mgr.held_record(rec.uid, rec.name), check_identity=False))
 
     async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
         """Adopt namespaces whose file name matches the template for a known user."""

@@ -279,3 +279,9 @@ class Sampler:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def escaped_by_tenant(snap: Snapshot) -> dict[str, int]:
+    """Escaped processes per tenant name in ``snap`` (tenants whose /proc scan failed
+    are left out rather than reported as clean)."""
+    return {t.name: t.processes.escaped for t in snap.tenants if t.processes is not None}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nsd.doctor import systemd_is_pid1
-from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
+from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [
     pytest.mark.root,
@@ -23,11 +23,8 @@ T = "io.nsd.Tenant."
 
 @pytest.fixture
 def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        yield d, users
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.log_text()
+    with running_daemon() as env:
+        yield env
 
 
 def addrs(netns: str, ifname: str) -> set[str]:
@@ -311,8 +308,7 @@ def test_without_systemd_namespaces_work_and_systemd_methods_say_why(
 )
 def test_doctor_says_configured_limits_are_not_in_effect_without_systemd() -> None:
     extra = '[limits]\nmemory_max = "1G"\n\n[network]\nenabled = false\n'
-    with daemon_env(extra=extra) as (d, users):
-        d.start()
+    with running_daemon(extra=extra) as (d, users):
         name = users.add()
         d.call(T + "Create", name=name)  # limits count only when a tenant has them
         try:
@@ -326,4 +322,3 @@ def test_doctor_says_configured_limits_are_not_in_effect_without_systemd() -> No
             assert checks["nftables"] == ("ok", "network policy disabled (network.enabled)")
         finally:
             d.call(T + "Remove", name=name)
-            assert d.stop() == 0
