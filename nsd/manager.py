@@ -60,14 +60,7 @@ from .model import (
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
 from .reconcile import Reconciler
 from .sampler import Target
-from .slices import (
-    MOVE_UNLESS_MAIN,
-    STAY,
-    RunResult,
-    TenantSlices,
-    caller_cgroup,
-    placement,
-)
+from .slices import RunResult, TenantSlices
 
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
@@ -283,30 +276,11 @@ class TenantManager:
         try:
             view = self.view(rec, check_identity=False, inode=os.fstat(fd).st_ino)
             if caller_pid is not None and open_pidfd is not None:
-                placed = await self._place(rec, scope, caller_pid, open_pidfd)
+                placed = await self.slices.place_caller(rec, scope, caller_pid, open_pidfd)
         except BaseException:
             os.close(fd)
             raise
         return view, fd, placed
-
-    async def _place(
-        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
-    ) -> str | None:
-        tenant_slice = self.slices.slice_of(rec.uid)
-        policy = self.cfg.systemd.enter_scope
-        if not self.slices.available and scope is None:
-            return None  # auto or always, on a host without systemd: nothing to place into
-        # The caller's cgroup matters only to the "auto" policy's own choice.
-        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
-        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
-        if decision == MOVE_UNLESS_MAIN and await self.slices.is_main_process(pid):
-            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
-            return None
-        if decision == STAY:
-            return None
-        unit = await self.slices.place(rec, pid, open_pidfd)
-        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
-        return unit
 
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)

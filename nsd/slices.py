@@ -279,6 +279,27 @@ class TenantSlices:
         except SystemdError as e:
             log.debug("stopping %s: %s", unit, e)
 
+    async def place_caller(
+        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
+    ) -> str | None:
+        """Enter's placement: move the caller into a scope in the tenant's slice if the
+        policy (systemd.enter_scope, or the call's ``scope``) says so; the scope's name."""
+        tenant_slice = self.slice_of(rec.uid)
+        policy = self.cfg.systemd.enter_scope
+        if not self.available and scope is None:
+            return None  # auto or always, on a host without systemd: nothing to place into
+        # The caller's cgroup matters only to the "auto" policy's own choice.
+        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
+            return None
+        unit = await self.place(rec, pid, open_pidfd)
+        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
+        return unit
+
     async def is_main_process(self, pid: int) -> bool:
         """Whether ``pid`` is the main process of the service systemd says it is in.
 
