@@ -18,9 +18,12 @@ from typing import Any
 
 from . import limits as limits_mod
 from . import names, netpolicy
-from .metrics import DEFAULT_LISTEN, parse_listen
+from .errors import InvalidLimit
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
+
+#: Where the metrics exporter listens unless metrics.listen says otherwise.
+DEFAULT_LISTEN = "127.0.0.1:9917"
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
@@ -309,7 +312,7 @@ def _limits(source: str, raw: Mapping[str, Any]) -> limits_mod.Limits:
     try:
         parsed = limits_mod.from_mapping(raw)
         limits_mod.check_consistent(parsed)
-    except limits_mod.InvalidLimit as e:
+    except InvalidLimit as e:
         raise ConfigError(source, f"limits.{e.parameters['field']}", e.parameters["reason"]) from e
     return parsed
 
@@ -436,6 +439,31 @@ def _check_daemon_limits(src: str, d: DaemonConfig) -> None:
         )
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
+
+    Raises ValueError with a reason for anything else.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
+        if ":" in host:
+            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
+        raise ValueError(f"invalid port {port!r}")
+    if any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"invalid host {host!r}")
+    return host, int(port)
 
 
 def _check_faults(src: str, f: FaultsConfig) -> None:

@@ -126,3 +126,16 @@ def test_watch_of_another_tenant_is_denied_and_audited(
     d, _, who = env
     assert call_as(d, who["alice"], T + "Watch", name=who["bob"]) == {"error": DENIED}
     assert "method=io.nsd.Tenant.Watch" in d.log_text()
+
+
+def test_streams_map_errors_like_calls(env: tuple[Daemon, TestUsers, dict[str, str]]) -> None:
+    # Watch and GetUsage with "more" go through the same error mapping as plain calls.
+    d, _, who = env
+    unknown = f"nsdtx{os.getpid()}"
+    assert call_as(d, "root", T + "Watch", name=unknown) == {"error": T + "NoSuchTenant"}
+    assert call_as(d, "root", T + "GetUsage", name=unknown, _stream=True) == {
+        "error": T + "NoSuchTenant"
+    }
+    assert call_as(d, who["alice"], T + "GetUsage", name=who["bob"], _stream=True) == {
+        "error": DENIED
+    }

@@ -23,9 +23,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from nsd import doctor, topview
 from nsd import metrics as M
 from nsd.api import idl as installed_idl
+from nsd.api_views import audit_reply, usage_reply
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, audit_reply, collect, escaped_by_tenant, usage_reply
+from nsd.sampler import Snapshot, Target, collect, escaped_by_tenant
 from nsd.varlink import idl
 from tests.promtool import promtool
 
@@ -254,21 +255,6 @@ def test_wants_openmetrics(accept: str | None, om: bool) -> None:
 )  # fmt: skip
 def test_wants_gzip(header: str | None, want: bool) -> None:
     assert M.wants_gzip(header) is want
-
-
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [("127.0.0.1:9917", ("127.0.0.1", 9917)), ("[::1]:9917", ("::1", 9917)),
-     (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
-)  # fmt: skip
-def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
-    assert M.parse_listen(text) == parsed
-
-
-@pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
-def test_parse_listen_refuses(bad: str) -> None:
-    with pytest.raises(ValueError):
-        M.parse_listen(bad)
 
 
 # -- HTTP ----------------------------------------------------------------------------
