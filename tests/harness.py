@@ -136,7 +136,7 @@ try:
     with VarlinkClient(sock) as c:
         if method.endswith(".Enter"):
             reply, fds = c.call_with_fds(method, params)
-        elif method.endswith(".Watch"):
+        elif method.endswith(".Watch") or params.pop("_stream", False):
             reply = next(iter(c.call_more(method, params)))
         else:
             reply = c.call(method, params)

@@ -38,9 +38,13 @@ def env() -> Iterator[tuple[Daemon, TestUsers, dict[str, str]]]:
     try:
         with daemon_env(extra="") as (d, users):
             # The admin group is configured by name; the daemon resolves it at start.
+            # These tests read the audit lines of many refusals by the same UIDs: a
+            # burst that the rate limit (tests/unit/test_auditlog.py) never reaches.
             d.config.write_text(
                 d.config.read_text().replace(
-                    "[daemon]\n", f'[daemon]\nadmin_group = "{admins}"\n', 1
+                    "[daemon]\n",
+                    f'[daemon]\nadmin_group = "{admins}"\naudit_refusal_burst = 1000\n',
+                    1,
                 )
             )
             d.start()
