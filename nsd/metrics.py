@@ -629,9 +629,10 @@ def parse_listen(value: str) -> tuple[str, int] | None:
             raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
         if ":" in host:
             raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
+    # ASCII digits only (str.isdigit() accepts every script's); 0: any free port (tests)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) < 65536):
         raise ValueError(f"invalid port {port!r}")
-    if any(c.isspace() or c in "/[]" for c in host):
+    if any(c.isspace() or not c.isprintable() or c in "/[]" for c in host):
         raise ValueError(f"invalid host {host!r}")
     return host, int(port)
 

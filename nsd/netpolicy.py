@@ -158,7 +158,11 @@ def parse_rate(value: Any, key: str, *, unit: int = 1) -> int | None:
     if isinstance(value, bool):
         raise NetworkConfigError(key, "must be a number")
     if isinstance(value, int | float):
-        bps = float(value) * unit
+        # A huge TOML integer cannot become a float: any such number is above the cap.
+        if isinstance(value, int) and abs(value) > MAX_RATE_BPS:
+            bps = math.copysign(math.inf, value > 0 or -1)
+        else:
+            bps = float(value) * unit
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:bit|bps|b)?\s*", value, re.I)
         if m is None:
@@ -167,7 +171,9 @@ def parse_rate(value: Any, key: str, *, unit: int = 1) -> int | None:
         bps = float(m.group(1)) * scale
     else:
         raise NetworkConfigError(key, "must be a number or a string such as 10M")
-    if not math.isfinite(bps) or bps < 0:
+    if math.isnan(bps):
+        raise NetworkConfigError(key, "must be a number, not nan")
+    if bps < 0:
         raise NetworkConfigError(key, "must not be negative")
     if bps == 0:
         return None
