@@ -64,10 +64,19 @@ class ConfigError(Exception):
     """A configuration problem, naming the file and the dotted key."""
 
     def __init__(self, source: str, key: str, reason: str) -> None:
-        super().__init__(f"{source}: {key}: {reason}")
+        # One line whatever the file held: a quoted TOML key may contain a newline.
+        shown = [_one_line(part, 200) for part in (source, key)]
+        super().__init__(f"{shown[0]}: {shown[1]}: {_one_line(reason, 1000)}")
         self.source = source
         self.key = key
         self.reason = reason
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` with control characters escaped, shortened to about ``limit``."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
