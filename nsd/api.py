@@ -251,7 +251,13 @@ class Api:
             if field is None:
                 raise limits_mod.InvalidLimit(api_name, "", "unknown limit")
             changes[field] = None
-        effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
+        try:
+            effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
+        except limits_mod.InvalidLimit as e:
+            # The core names Python fields; the IDL promises the names of Limits.
+            p = e.parameters
+            field = limits_mod.FIELD_API_NAMES.get(p["field"], p["field"])
+            raise limits_mod.InvalidLimit(field, p["value"], p["reason"]) from None
         return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
 
     async def get_network(self, call: Call) -> dict[str, Any]:

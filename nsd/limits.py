@@ -78,6 +78,7 @@ API_NAMES: dict[str, str] = {
     "memoryMax": "memory_max", "memorySwapMax": "memory_swap_max", "cpuWeight": "cpu_weight",
     "cpuQuota": "cpu_quota", "tasksMax": "tasks_max", "ioWeight": "io_weight",
 }  # fmt: skip
+FIELD_API_NAMES: dict[str, str] = {v: k for k, v in API_NAMES.items()}
 _SIZES = {"memory_min", "memory_low", "memory_high", "memory_max", "memory_swap_max"}
 _WEIGHTS = {"cpu_weight", "io_weight"}
 
@@ -177,5 +178,4 @@ def to_systemd(limits: Limits) -> dict[str, int | float | None]:
 
 
 def to_api(limits: Limits) -> dict[str, str]:
-    inverse = {v: k for k, v in API_NAMES.items()}
-    return {inverse[f]: v for f, v in limits.items().items()}
+    return {FIELD_API_NAMES[f]: v for f, v in limits.items().items()}
