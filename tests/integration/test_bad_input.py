@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Daemon, TestUsers, daemon_env
+from tests.harness import Daemon, TestUsers
 
 pytestmark = [
     pytest.mark.root,
@@ -20,15 +19,6 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 KELVIN = "1\u212a"
-
-
-@pytest.fixture
-def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        yield d, users
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.log_text()
 
 
 def wait_for_lines(d: Daemon, text: str, count: int, timeout: float = 30.0) -> list[str]:
@@ -51,10 +41,12 @@ def with_key(base: bytes, section: str, line: bytes) -> bytes:
     return base + header + line + b"\n"
 
 
-def test_set_limits_and_nsctl_name_the_field_and_rule(env: tuple[Daemon, TestUsers]) -> None:
+def test_set_limits_and_nsctl_name_the_field_and_rule(
+    running_daemon: tuple[Daemon, TestUsers],
+) -> None:
     from nsd.varlink.client import VarlinkError
 
-    d, users = env
+    d, users = running_daemon
     name = users.add()
     d.call(T + "Create", name=name)
     cases = [
@@ -81,9 +73,9 @@ def test_set_limits_and_nsctl_name_the_field_and_rule(env: tuple[Daemon, TestUse
 
 
 def test_bad_configuration_at_sighup_is_refused_and_the_old_one_kept(
-    env: tuple[Daemon, TestUsers],
+    running_daemon: tuple[Daemon, TestUsers],
 ) -> None:
-    d, users = env
+    d, users = running_daemon
     assert d.proc is not None
     name = users.add()
     d.call(T + "Create", name=name)
