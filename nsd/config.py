@@ -548,11 +548,21 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv4_gateway", f"not an IPv4 address: {e}") from e
     if gw not in net4 or gw in (net4.network_address, net4.broadcast_address):
         raise ConfigError(src, "ipam.ipv4_gateway", f"must be a host address inside {net4}")
+    _check_ipv6(src, i)
+    if i.quarantine_seconds < 0:
+        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    if i.strategy == "uid":
+        _check_uid_strategy(src, cfg, net4)
+
+
+def _check_ipv6(src: str, i: IpamConfig) -> None:
     if i.ipv6_prefix:
         try:
             net6 = ipaddress.IPv6Network(i.ipv6_prefix)
         except ValueError as e:
             raise ConfigError(src, "ipam.ipv6_prefix", f"not an IPv6 network: {e}") from e
+        if net6.network_address.scope_id is not None:
+            raise ConfigError(src, "ipam.ipv6_prefix", "must not name a zone (%...)")
         if net6.prefixlen > 56:
             raise ConfigError(
                 src, "ipam.ipv6_prefix", "must be /56 or shorter (one /64 per tenant)"
@@ -561,12 +571,11 @@ def _check_ipam(src: str, cfg: Config) -> None:
         gw6 = ipaddress.IPv6Address(i.ipv6_gateway)
     except ValueError as e:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
+    # ipaddress accepts a zone ("fe80::1%eth0"); netlink and nft take none.
+    if gw6.scope_id is not None:
+        raise ConfigError(src, "ipam.ipv6_gateway", "must not name a zone (%...)")
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
-    if i.strategy == "uid":
-        _check_uid_strategy(src, cfg, net4)
 
 
 def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:

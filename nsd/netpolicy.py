@@ -51,6 +51,8 @@ from ipaddress import (
 )
 from typing import Any
 
+from .names import valid_ifname
+
 TABLE = "nsd"
 FAMILY = "inet"
 
@@ -193,7 +195,6 @@ def format_rate(bps: int | None) -> str:
     return f"{bps} bit/s"
 
 
-_IFNAME = re.compile(r"[^/:%\s]{1,15}")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KNOWN = (
     "enabled",
@@ -221,7 +222,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> NetworkConfig:
     if not isinstance(uplinks, list) or not all(isinstance(u, str) for u in uplinks):
         raise NetworkConfigError("uplinks", 'must be a list of interface names, e.g. ["eth0"]')
     for u in uplinks:
-        if not _IFNAME.fullmatch(u) or u in (".", "..", "lo", "all", "default"):
+        # valid_ifname counts bytes (IFNAMSIZ) and refuses NUL; the old pattern did neither.
+        if not valid_ifname(u) or u in ("lo", "all", "default"):
             raise NetworkConfigError("uplinks", f"{u!r} is not a usable interface name")
     egress = raw.get("egress", d.egress)
     if egress not in ("masquerade", "none"):
@@ -272,7 +274,8 @@ def _snat(raw: Any) -> dict[str, tuple[IPv4Address | None, IPv6Address | None]]:
                 addr = ip_address(v) if isinstance(v, str) else None
             except ValueError:
                 addr = None
-            if addr is None:
+            # ipaddress accepts an IPv6 zone ("fe80::1%eth0"); an nft rule takes none.
+            if addr is None or getattr(addr, "scope_id", None) is not None:
                 raise NetworkConfigError(key, f"{v!r} is not an IP address")
             if isinstance(addr, IPv4Address):
                 if v4 is not None:

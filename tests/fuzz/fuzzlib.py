@@ -92,6 +92,12 @@ def assert_config_usable(cfg: Any) -> None:
         for v in (rlimit.soft, rlimit.hard):
             assert v is None or 0 <= v < 2**63
     metrics.parse_listen(cfg.metrics.listen)
+    # Names and addresses handed to netlink and nft: no NUL, IFNAMSIZ in bytes, no zones.
+    for ifname in (*cfg.network.uplinks, cfg.netns.tenant_interface):
+        assert names.valid_ifname(ifname), ifname
+    zoned = [cfg.ipam.ipv6_gateway, cfg.ipam.ipv6_prefix]
+    zoned += [str(a) for pair in cfg.network.snat.values() for a in pair if a is not None]
+    assert not any("%" in z for z in zoned), zoned
 
 
 def assert_one_line(message: str) -> None:

@@ -179,6 +179,14 @@ NINES = "9" * 400
         (b"[limits]\ntasks_max = 99999999999999999999\n", "limits.tasks_max", "1 to 4194304"),
         (b'[limits]\ncpu_quota = "99999999999%"\n', "limits.cpu_quota", "1% to 1000000%"),
         (b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n", "-", "nested too deeply"),
+        # Beyond the issue's list: found while stating what "cannot fail later" means.
+        (b'["a\\nb"]\n', "a\nb", "unknown section"),  # shown as a\\nb: one line
+        (b'[ipam]\nipv6_gateway = "fe80::1%eth0"\n', "ipam.ipv6_gateway", "zone"),
+        (b'[ipam]\nipv6_prefix = "fd00::%1/48"\n', "ipam.ipv6_prefix", "zone"),
+        (b'[network]\nuplinks = ["a\\u0000b"]\n', "network.uplinks", "not a usable"),
+        (b'[network]\nuplinks = ["' + "\u00e9".encode() * 8 + b'"]\n', "network.uplinks",
+         "not a usable"),  # 8 characters, 16 bytes
+        (b'[network.snat]\nalice = "fe80::1%eth0"\n', "network.snat.alice", "not an IP"),
     ],
 )  # fmt: skip
 def test_issue20_examples_are_refused_with_one_line(
@@ -195,8 +203,9 @@ def test_issue20_examples_are_refused_with_one_line(
     assert daemon.main(["--config", str(path), "--check-config"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == f"nsd: configuration error: {path}: {key}: {info.value.reason}\n"
-    assert "\n" not in info.value.reason and len(captured.err) < 400
+    assert captured.err == f"nsd: configuration error: {info.value}\n"
+    assert str(info.value).startswith(f"{path}: {key.encode('unicode_escape').decode()}: ")
+    assert "\n" not in str(info.value) and len(captured.err) < 400
 
 
 def test_templates_that_work_for_every_user_are_kept() -> None:
