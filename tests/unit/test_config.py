@@ -206,6 +206,9 @@ def test_issue20_examples_are_refused_with_one_line(
     assert captured.err == f"nsd: configuration error: {info.value}\n"
     assert str(info.value).startswith(f"{path}: {key.encode('unicode_escape').decode()}: ")
     assert "\n" not in str(info.value) and len(captured.err) < 400
+    # Start refuses it the same way, before anything else (the root check comes later).
+    assert daemon.main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == captured.err
 
 
 def test_templates_that_work_for_every_user_are_kept() -> None:
