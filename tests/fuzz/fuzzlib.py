@@ -81,9 +81,10 @@ def assert_config_usable(cfg: Any) -> None:
             netns = names.netns_name(cfg.netns.name_template, user, uid)
             assert 0 < len(netns.encode()) <= 255 and "/" not in netns and "\0" not in netns
     assert len(names.slice_name(cfg.systemd.parent_slice, names.MAX_UID)) <= 255
-    for value in limits.to_systemd(cfg.limits).values():
+    systemd = limits.to_systemd(cfg.limits)
+    quota = systemd.pop("cpu_quota_percent", None)  # a float; inf for no quota
+    for value in systemd.values():
         assert value is not None and 0 <= value <= limits.UINT64_MAX, cfg.limits
-    quota = limits.to_systemd(cfg.limits).get("cpu_quota_percent")
     assert quota is None or math.isinf(quota) or quota * 10_000 < limits.UINT64_MAX
     assert len(cfg.daemon.socket.encode()) <= 107
     for path in (cfg.daemon.socket, cfg.daemon.state_dir, cfg.netns.run_dir):
