@@ -50,6 +50,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "ipam.quarantine_seconds": (0, 10 * 366 * 86400),
     "systemd.call_timeout": _TIMEOUT,
     "metrics.interval": (1.0, 3600.0),
+    "faults.keep": (1, 10_000_000),
+    "faults.keep_days": (0, 3650),  # and more than 0: _check_faults
+    "faults.processes": (0, 1000),
+    "faults.coalesce": (0, 3600),
 }
 # A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
 _SUN_PATH_MAX = 107
@@ -168,6 +172,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """``[faults]``: limit hits recorded with a process snapshot (nsd.faultrecord)."""
+
+    enabled: bool = True
+    #: faults kept in the store at most (the oldest go first)
+    keep: int = 10000
+    #: days a fault is kept at most
+    keep_days: float = 30.0
+    #: processes in a fault's snapshot (largest RSS first)
+    processes: int = 10
+    #: seconds: at most one record per tenant and kind in this time
+    coalesce: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
@@ -176,6 +195,7 @@ class Config:
     exec: ExecConfig = field(default_factory=ExecConfig)
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
     network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
     source: str = "<defaults>"
@@ -247,6 +267,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "exec": ExecConfig,
     "systemd": SystemdConfig,
     "metrics": MetricsConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -418,6 +439,7 @@ def validate(cfg: Config) -> Config:
     _check_netns(cfg.source, cfg.netns)
     _check_ipam(cfg.source, cfg)
     _check_metrics(cfg.source, cfg.metrics)
+    _check_faults(cfg.source, cfg.faults)
     return cfg
 
 
@@ -443,6 +465,17 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             raise ConfigError(
                 src, "daemon.admin_group", f"no group named {d.admin_group!r}"
             ) from None
+
+
+def _check_faults(src: str, f: FaultsConfig) -> None:
+    if not 1 <= f.keep <= 10_000_000:
+        raise ConfigError(src, "faults.keep", "must be between 1 and 10000000 faults")
+    if not 0 < f.keep_days <= 3650:
+        raise ConfigError(src, "faults.keep_days", "must be more than 0 and at most 3650 days")
+    if not 0 <= f.processes <= 1000:
+        raise ConfigError(src, "faults.processes", "must be between 0 and 1000")
+    if not 0 <= f.coalesce <= 3600:
+        raise ConfigError(src, "faults.coalesce", "must be between 0 and 3600 seconds")
 
 
 def _check_metrics(src: str, m: MetricsConfig) -> None:

@@ -223,8 +223,28 @@ def test_templates_that_work_for_every_user_are_kept() -> None:
 def test_numbers_at_their_bounds_are_accepted() -> None:
     for key, (low, high) in config.BOUNDS.items():
         section, name = key.split(".")
-        if key in ("tenants.uid_min", "tenants.uid_max", "netns.mtu", "ipam.uid_offset"):
+        if key in (
+            "tenants.uid_min",
+            "tenants.uid_max",
+            "netns.mtu",
+            "ipam.uid_offset",
+            "faults.keep_days",
+        ):
             continue  # cross-field rules narrow these; covered by their own tests
         for value in (low, high):
             cfg = config.from_mapping({section: {name: value}})
             assert getattr(getattr(cfg, section), name) == value
+
+
+def test_every_number_has_bounds() -> None:
+    """A numeric key without an entry in BOUNDS would raise KeyError, not ConfigError."""
+    from dataclasses import fields
+
+    numeric = {
+        f"{section.name}.{f.name}"
+        for section in fields(config.Config)
+        if section.name in config._SECTIONS
+        for f in fields(config._SECTIONS[section.name])
+        if f.type in ("int", "float") and f"{section.name}.{f.name}" not in config._SPECIAL
+    }
+    assert numeric and numeric == set(config.BOUNDS)
