@@ -8,6 +8,7 @@ systemd mirrors units in its hierarchy: cgroup v2 at /sys/fs/cgroup (or
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from . import kerneltext
 
@@ -22,14 +23,17 @@ def pids_in(path: str, roots: tuple[str, ...] = CGROUP_ROOTS) -> list[int]:
             continue
         if root == "/sys/fs/cgroup" and not os.path.exists(os.path.join(root, "cgroup.procs")):
             continue  # a v1 tmpfs, not a hierarchy
-        return sorted(_walk_pids(base))
+        return sorted(pid for _, pids in walk_procs(base) for pid in pids)
     return []
 
 
-def _walk_pids(base: str) -> set[int]:
-    # An explicit stack, not os.walk: in Python 3.11 os.walk recurses, and a delegated
-    # subtree may nest deeper than the recursion limit.
-    pids: set[int] = set()
+def walk_procs(base: str) -> Iterator[tuple[str, list[int]]]:
+    """(directory, PIDs of its ``cgroup.procs``) for the cgroup at ``base`` and below.
+
+    An explicit stack, not os.walk: in Python 3.11 os.walk recurses, and a delegated
+    subtree may nest deeper than the recursion limit. A cgroup that goes away while
+    it is walked is skipped.
+    """
     stack = [base]
     while stack:
         directory = stack.pop()
@@ -39,6 +43,5 @@ def _walk_pids(base: str) -> set[int]:
             with open(os.path.join(directory, "cgroup.procs"), "rb") as f:
                 data = f.read()
         except OSError:
-            continue  # the cgroup went away while we walked
-        pids.update(int(line) for line in kerneltext.lines(data) if line.isdigit())
-    return pids
+            continue
+        yield directory, [int(line) for line in kerneltext.lines(data) if line.isdigit()]

@@ -125,3 +125,31 @@ def test_pam_module_copy_of_the_rule(tmp_path: Path) -> None:
     ):
         (tmp_path / "7" / "cgroup").write_bytes(data)
         assert pam_nsd.own_cgroup(7, str(tmp_path)) == procscan.parse_cgroup(data)
+
+
+def test_cgroup_walk_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    """A delegated subtree may nest cgroups deeper than Python's recursion limit
+    (os.walk recursed in 3.11); names are the tenant's, shown by the decode policy."""
+    import os
+    import sys
+
+    from nsd import cgroup, faults
+
+    depth = sys.getrecursionlimit() + 100
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):  # relative steps: the path outgrows PATH_MAX otherwise
+            os.mkdir("d", dir_fd=fd)
+            fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+        procfd = os.open("cgroup.procs", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(procfd, f"{os.getpid()}\n".encode())
+        os.close(procfd)
+    finally:
+        os.close(fd)
+    assert cgroup.pids_in("", roots=(str(tmp_path),)) == [os.getpid()]
+    odd = tmp_path / os.fsdecode(b"x\r\xff")
+    odd.mkdir()
+    (odd / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    samples = faults.snapshot_processes(str(tmp_path), 10)
+    assert [s.cgroup for s in samples if s.cgroup.startswith("/x")] == ["/x\r\\xff"]
