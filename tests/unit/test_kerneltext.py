@@ -136,20 +136,21 @@ def test_cgroup_walk_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     from nsd import cgroup, faults
 
     depth = sys.getrecursionlimit() + 100
-    fd = os.open(tmp_path, os.O_RDONLY)
+    levels = [tmp_path.joinpath(*["d"] * i) for i in range(1, depth + 1)]
     try:
-        for _ in range(depth):  # relative steps: the path outgrows PATH_MAX otherwise
-            os.mkdir("d", dir_fd=fd)
-            fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
-            os.close(old)
-        procfd = os.open("cgroup.procs", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(procfd, f"{os.getpid()}\n".encode())
-        os.close(procfd)
+        for level in levels:
+            level.mkdir()
+        (levels[-1] / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        assert cgroup.pids_in("", roots=(str(tmp_path),)) == [os.getpid()]
+        odd = tmp_path / os.fsdecode(b"x\r\xff")
+        odd.mkdir()
+        (odd / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        samples = faults.snapshot_processes(str(tmp_path), 10)
+        assert [s.cgroup for s in samples if s.cgroup.startswith("/x")] == ["/x\r\\xff"]
     finally:
-        os.close(fd)
-    assert cgroup.pids_in("", roots=(str(tmp_path),)) == [os.getpid()]
-    odd = tmp_path / os.fsdecode(b"x\r\xff")
-    odd.mkdir()
-    (odd / "cgroup.procs").write_text(f"{os.getpid()}\n")
-    samples = faults.snapshot_processes(str(tmp_path), 10)
-    assert [s.cgroup for s in samples if s.cgroup.startswith("/x")] == ["/x\r\\xff"]
+        # Bottom up, here: pytest's clean-up of old temp dirs uses shutil.rmtree, which
+        # recurses in 3.11 too and would fail a later session on this tree.
+        (levels[-1] / "cgroup.procs").unlink(missing_ok=True)
+        for level in reversed(levels):
+            if level.exists():
+                level.rmdir()
