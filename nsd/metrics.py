@@ -22,6 +22,7 @@ import contextlib
 import gzip
 import logging
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from . import limits as limits_mod
 from .cgroupstats import MEMORY_EVENTS, MEMORY_STAT_KINDS, PRESSURE_RESOURCES, CgroupStats
+from .metrics_access import forbidden
 from .model import ReconcileAction
 from .procscan import CLASSES, DEFAULT_HELPERS, ESCAPES
 from .sampler import SOURCES, Sampler, Snapshot, Target, TenantUsage
@@ -187,6 +189,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _h("nsd_sampler_duration_seconds", "histogram", "sampler", "Duration of samples."),
     _h("nsd_sampler_errors_total", "counter", "sampler",
        "Samples that failed (the previous snapshot stays served)."),
+    _h("nsd_audit_lines_suppressed_total", "counter", "audit log",
+       "Audit lines of refused calls dropped by the per-UID rate limit."),
 )  # fmt: skip
 _BY_NAME = {d.name: d for d in CATALOGUE}
 
@@ -437,6 +441,7 @@ class DaemonMetrics(Collector):
         self._problems: int | None = None
         self._sampler = _Histogram(SAMPLER_BUCKETS)
         self._sampler_errors = 0
+        self._audit_suppressed = 0
         if registry is not None:
             registry.register(self)
 
@@ -474,6 +479,10 @@ class DaemonMetrics(Collector):
         with self._lock:
             self._sampler_errors += 1
 
+    def on_audit_suppressed(self) -> None:
+        with self._lock:
+            self._audit_suppressed += 1
+
     # Collector -----------------------------------------------------------------------
 
     def describe(self) -> Iterable[Metric]:
@@ -491,6 +500,7 @@ class DaemonMetrics(Collector):
             problems = self._problems
             sampler = (self._sampler.buckets(), self._sampler.total)
             sampler_errors = self._sampler_errors
+            audit_suppressed = self._audit_suppressed
         fam = _family("nsd_api_calls_total")
         for (iface, method, error), n in calls:
             fam.add_metric([iface, method, error], n)
@@ -525,6 +535,9 @@ class DaemonMetrics(Collector):
         )
         fam = _family("nsd_sampler_errors_total")
         fam.add_metric([], sampler_errors)
+        yield fam
+        fam = _family("nsd_audit_lines_suppressed_total")
+        fam.add_metric([], audit_suppressed)
         yield fam
 
 
@@ -661,8 +674,11 @@ class MetricsServer:
         timeout: float = 10.0,
         max_connections: int = 32,
         max_request_bytes: int = 8192,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.exposition = exposition
+        #: why a connection may not be served (metrics_access), checked at accept
+        self.refusal = refusal
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -700,6 +716,12 @@ class MetricsServer:
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Before counting it or reading a byte: a refused peer holds no slot.
+        refused = self.refusal(writer.get_extra_info("socket")) if self.refusal else None
+        if refused is not None:
+            writer.write(forbidden(refused))
+            writer.close()
+            return
         if len(self._writers) >= self.max_connections:
             writer.close()
             return
@@ -778,6 +800,7 @@ class MetricsService:
         proc_root: str = "/proc",
         probe_cgroup: str | None = None,
         registry: CollectorRegistry | None = None,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.daemon = DaemonMetrics(self.registry)
@@ -794,7 +817,11 @@ class MetricsService:
             on_error=self.daemon.on_sample_error,
         )
         address = parse_listen(listen)
-        self.server = MetricsServer(self.exposition, *address) if address is not None else None
+        self.server = (
+            MetricsServer(self.exposition, *address, refusal=refusal)
+            if address is not None
+            else None
+        )
         #: why the HTTP endpoint is not serving (e.g. the port is taken); "" if it is
         self.listen_error = ""
 

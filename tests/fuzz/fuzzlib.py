@@ -7,12 +7,13 @@ for a bounded time on its seed corpus (``tests/fuzz/corpus/NAME/``);
 ``tests/unit/test_fuzz_seeds.py`` replays the seeds without atheris' engine.
 
 Imports of ``nsd`` inside :func:`instrumented` are instrumented for coverage when the
-script runs under atheris; anywhere else (pytest) they are plain imports.
+script runs under atheris; anywhere else (pytest, tests/fuzz/replay.py) they are plain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,8 @@ except ImportError:  # replaying seeds needs no engine
 @contextlib.contextmanager
 def instrumented(*also: str) -> Iterator[None]:
     """Instrument nsd (and the modules ``also`` names) as imported inside the block."""
-    if atheris is not None and "pytest" not in sys.modules:
+    # Only when a target runs as the fuzzing script itself: not under pytest or replay.
+    if atheris is not None and os.path.basename(sys.argv[0]).startswith("fuzz_"):
         with atheris.instrument_imports(include=["nsd", *also]):
             yield
     else:

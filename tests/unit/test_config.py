@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from nsd import config
+from nsd.daemon import server_limits
+from nsd.varlink.server import Limits
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -229,6 +231,11 @@ def test_numbers_at_their_bounds_are_accepted() -> None:
             "netns.mtu",
             "ipam.uid_offset",
             "faults.keep_days",
+            "daemon.reserved_connections",
+            "daemon.max_connections",
+            "daemon.max_message_bytes",
+            "daemon.max_queued_output_bytes",
+            "daemon.max_queued_output_bytes_per_uid",
         ):
             continue  # cross-field rules narrow these; covered by their own tests
         for value in (low, high):
@@ -248,3 +255,26 @@ def test_every_number_has_bounds() -> None:
         if f.type in ("int", "float") and f"{section.name}.{f.name}" not in config._SPECIAL
     }
     assert numeric and numeric == set(config.BOUNDS)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("reserved_connections", 4096, "below max_connections"),
+        # Numbers out of config.BOUNDS are refused as such (issue 20's one pass).
+        ("idle_timeout", 0, "between 0.1 and 3600"),
+        ("call_timeout", -1, "between 0.1 and 3600"),
+        ("max_connections_per_non_tenant", 0, "between 1 and 65536"),
+        ("max_queued_output_bytes_per_uid", 1 << 30, "between max_message_bytes"),
+        ("audit_refusal_rate", 0, "between 0.001 and 1000000"),
+    ],
+)
+def test_connection_policy_keys_are_validated(key: str, value: object, reason: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(config.from_mapping({"daemon": {key: value}}))
+    assert e.value.key == f"daemon.{key}" and reason in e.value.reason
+
+
+def test_connection_policy_defaults_match_the_server() -> None:
+    # One set of documented defaults: the daemon's config and the server's Limits agree.
+    assert server_limits(config.DaemonConfig()) == Limits()
