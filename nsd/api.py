@@ -250,7 +250,13 @@ class Api:
             if field is None:
                 raise InvalidLimit(api_name, "", "unknown limit")
             changes[field] = None
-        return views.limits_reply(*await self.manager.set_limits(call.parameters["name"], changes))
+        try:
+            effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
+        except InvalidLimit as e:
+            # The core names Python fields; the IDL promises the names of Limits.
+            p = e.parameters
+            raise InvalidLimit(views.limit_name(p["field"]), p["value"], p["reason"]) from None
+        return views.limits_reply(effective, overrides)
 
     async def get_network(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]

@@ -27,6 +27,12 @@ LIMIT_FIELDS: Mapping[str, str] = {
 }  # fmt: skip
 _LIMIT_NAMES = {field: api for api, field in LIMIT_FIELDS.items()}
 
+
+def limit_name(field: str) -> str:
+    """The IDL's name of a limit field (``memory_max`` -> ``memoryMax``)."""
+    return _LIMIT_NAMES.get(field, field)
+
+
 # procscan's reasons for flagging a process -> the IDL's AuditedProcess.reason.
 _REASONS = {
     "helper": "helper",

@@ -8,6 +8,9 @@ systemd mirrors units in its hierarchy: cgroup v2 at /sys/fs/cgroup (or
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+
+from . import kerneltext
 
 CGROUP_ROOTS = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
@@ -20,14 +23,25 @@ def pids_in(path: str, roots: tuple[str, ...] = CGROUP_ROOTS) -> list[int]:
             continue
         if root == "/sys/fs/cgroup" and not os.path.exists(os.path.join(root, "cgroup.procs")):
             continue  # a v1 tmpfs, not a hierarchy
-        pids: set[int] = set()
-        for directory, _dirs, files in os.walk(base):
-            if "cgroup.procs" not in files:
-                continue
-            try:
-                with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
-                    pids.update(int(line) for line in f if line.strip())
-            except OSError:
-                continue  # the cgroup went away while we walked
-        return sorted(pids)
+        return sorted(pid for _, pids in walk_procs(base) for pid in pids)
     return []
+
+
+def walk_procs(base: str) -> Iterator[tuple[str, list[int]]]:
+    """(directory, PIDs of its ``cgroup.procs``) for the cgroup at ``base`` and below.
+
+    An explicit stack, not os.walk: in Python 3.11 os.walk recurses, and a delegated
+    subtree may nest deeper than the recursion limit. A cgroup that goes away while
+    it is walked is skipped.
+    """
+    stack = [base]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+            with open(os.path.join(directory, "cgroup.procs"), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        yield directory, [int(line) for line in kerneltext.lines(data) if line.isdigit()]

@@ -12,7 +12,8 @@ unreadable gives ``None`` - never zero - so the exporter can leave the series
 out: a host without the memory controller in the unified hierarchy (hybrid
 cgroups, no systemd) simply has no memory series, rather than "0 bytes".
 
-Pure functions of a root directory, so tests point them at fixture trees.
+Pure functions of a root directory, so tests point them at fixture trees. Lines
+end at "\n" only (nsd.kerneltext); a line that does not fit the format is skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from . import kerneltext
 
 CGROUP_BASE = "/sys/fs/cgroup"
 
@@ -122,7 +125,7 @@ def parse_int(data: bytes | None) -> int | None:
 def parse_flat_keyed(data: bytes) -> dict[str, int]:
     """``key value`` lines (memory.stat, memory.events, cpu.stat); odd lines skipped."""
     out: dict[str, int] = {}
-    for line in data.splitlines():
+    for line in kerneltext.lines(data):
         parts = line.split()
         if len(parts) != 2:
             continue
@@ -144,7 +147,7 @@ class Pressure:
 def parse_pressure(data: bytes) -> Pressure | None:
     """``some avg10=0.00 avg60=0.00 avg300=0.00 total=123`` (+ ``full`` line); total in µs."""
     totals: dict[bytes, float] = {}
-    for line in data.splitlines():
+    for line in kerneltext.lines(data):
         parts = line.split()
         if not parts or parts[0] not in (b"some", b"full"):
             continue
@@ -173,7 +176,7 @@ class IoTotals:
 def parse_io_stat(data: bytes) -> IoTotals:
     """``MAJ:MIN rbytes=N wbytes=N rios=N wios=N dbytes=N dios=N [other keys]`` per line."""
     sums = dict.fromkeys(_IO_KEYS, 0)
-    for line in data.splitlines():
+    for line in kerneltext.lines(data):
         for field in line.split()[1:]:
             key, sep, value = field.partition(b"=")
             if sep and key in sums:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import math
 import re
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -19,7 +21,7 @@ from typing import Any
 from . import limits as limits_mod
 from . import names, netpolicy
 from .errors import InvalidLimit
-from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
+from .names import MAX_UID, SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
 
 #: Where the metrics exporter listens unless metrics.listen says otherwise.
@@ -32,16 +34,68 @@ _RLIMITS = frozenset(
     {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
      "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"}
 )  # fmt: skip
+_RLIMIT_MAX = 2**63 - 1  # setrlimit() takes an rlim_t; Python passes it as a signed 64-bit
+_TIMEOUT = (0.1, 3600.0)
+#: Every number in the file, with its bounds (inclusive; docs/configuration.md lists
+#: them). Checked when the value is read, so nothing can overflow or be NaN later:
+#: asyncio times out at once on a NaN, SQLite stores signed 64-bit integers.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "daemon.shutdown_timeout": _TIMEOUT,
+    "daemon.max_connections": (1, 65536),
+    "daemon.max_connections_per_uid": (1, 65536),
+    "daemon.max_message_bytes": (1024, 16 * 1024 * 1024),
+    "daemon.reserved_connections": (0, 65536),  # and below max_connections
+    "daemon.max_connections_per_non_tenant": (1, 65536),
+    "daemon.max_non_tenant_connections": (1, 65536),
+    "daemon.max_streams_per_uid": (1, 65536),
+    "daemon.idle_timeout": _TIMEOUT,
+    "daemon.call_timeout": _TIMEOUT,
+    "daemon.message_timeout": _TIMEOUT,
+    "daemon.max_queued_output_bytes": (1024, 1 << 30),
+    "daemon.max_queued_output_bytes_per_uid": (1024, 1 << 30),
+    "daemon.audit_refusal_burst": (1, 1_000_000),
+    "daemon.audit_refusal_rate": (0.001, 1_000_000.0),
+    "ipam.purge_interval": (1.0, 86400.0),
+    "tenants.uid_min": (0, MAX_UID),  # 0: refused below, with the reason
+    "tenants.uid_max": (1, MAX_UID),
+    "tenants.lock_timeout": _TIMEOUT,
+    "tenants.stop_timeout": _TIMEOUT,
+    "netns.mtu": (0, 65535),
+    "ipam.uid_offset": (0, MAX_UID),
+    "ipam.quarantine_seconds": (0, 10 * 366 * 86400),
+    "systemd.call_timeout": _TIMEOUT,
+    "metrics.interval": (1.0, 3600.0),
+    "faults.keep": (1, 10_000_000),
+    "faults.keep_days": (0, 3650),  # and more than 0: _check_faults
+    "faults.processes": (0, 1000),
+    "faults.coalesce": (0, 3600),
+}
+# A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
+_SUN_PATH_MAX = 107
+_PATH_MAX = 4095
+_NAME_MAX = 255  # bytes of one file name (the namespace file)
+# The longest values the template's fields can take: user names are checked to be
+# at most 32 characters (names.check_user_name); a UID has at most 10 digits.
+_TEMPLATE_FIELDS = {"user": 32, "uid": 10}
 
 
 class ConfigError(Exception):
     """A configuration problem, naming the file and the dotted key."""
 
     def __init__(self, source: str, key: str, reason: str) -> None:
-        super().__init__(f"{source}: {key}: {reason}")
+        # One line whatever the file held: a quoted TOML key may contain a newline.
+        shown = [_one_line(part, 200) for part in (source, key)]
+        super().__init__(f"{shown[0]}: {shown[1]}: {_one_line(reason, 1000)}")
         self.source = source
         self.key = key
         self.reason = reason
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` with control characters escaped, shortened to about ``limit``."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -194,11 +248,28 @@ def load(path: Path | None = None) -> Config:
         path = DEFAULT_PATH
     source = str(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(source, "-", f"cannot read: {e.strerror}") from e
+    return from_bytes(data, source)
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Config:
+    """Parse and validate a whole file's bytes; every problem is a ConfigError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            source, "-", f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})"
+        ) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, "-", f"not valid TOML: {e}") from e
+        raise ConfigError(source, "-", f"not valid TOML: {e}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(source, "-", "not valid TOML: nested too deeply") from None
     return from_mapping(raw, source)
 
 
@@ -256,21 +327,44 @@ def _typed(source: str, key: str, value: Any, default: Any) -> Any:
     # bool is a subclass of int in Python; TOML keeps them apart, so do we.
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(source, key, f"must be true or false, not {value!r}")
+            raise ConfigError(source, key, f"must be true or false, not {_show(value)}")
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, key, f"must be an integer, not {value!r}")
-        return value
+            raise ConfigError(source, key, f"must be an integer, not {_show(value)}")
+        return _in_bounds(source, key, value)
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(source, key, f"must be a number, not {value!r}")
-        return float(value)
+            raise ConfigError(source, key, f"must be a number, not {_show(value)}")
+        return float(_in_bounds(source, key, value))
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise ConfigError(source, key, f"must be a string, not {value!r}")
+            raise ConfigError(source, key, f"must be a string, not {_show(value)}")
+        if "\0" in value:
+            raise ConfigError(source, key, "must not contain a NUL character")
         return value
     raise ConfigError(source, key, "unsupported value")  # pragma: no cover
+
+
+def _in_bounds(source: str, key: str, value: float) -> float:
+    low, high = BOUNDS[key]
+    # Compared before any conversion: a 400-digit integer cannot become a float,
+    # and NaN compares false with everything, so it fails this test too.
+    if (isinstance(value, float) and math.isnan(value)) or not low <= value <= high:
+        raise ConfigError(
+            source, key, f"must be between {_number(low)} and {_number(high)}, not {_show(value)}"
+        )
+    return value
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
+def _show(value: Any) -> str:
+    """A refused value as the error repeats it: short, whatever the file held."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _sysctls(source: str, key: str, value: Any) -> Mapping[str, str]:
@@ -326,8 +420,8 @@ def _umask(source: str, key: str, value: Any) -> int:
 def _rlimit_value(source: str, key: str, value: Any) -> int | None:
     if value == "infinity":
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(source, key, 'must be a non-negative integer or "infinity"')
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _RLIMIT_MAX:
+        raise ConfigError(source, key, f'must be an integer from 0 to {_RLIMIT_MAX}, or "infinity"')
     return value
 
 
@@ -357,7 +451,7 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(source, key, 'must be a list of process names, e.g. ["(sd-pam)", "su"]')
     for name in value:
-        if not name or len(name.encode()) > COMM_LEN or "/" in name or "\n" in name:
+        if not name or len(name.encode()) > COMM_LEN or "/" in name or "\n" in name or "\0" in name:
             raise ConfigError(
                 source, key,
                 f"{name!r} is not a process name as /proc/PID/comm shows it (1-15 bytes, no '/')",
@@ -394,22 +488,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _check_path(src: str, key: str, path: str, limit: int = _PATH_MAX) -> None:
+    if not path.startswith("/"):
+        raise ConfigError(src, key, "must be an absolute path")
+    if "\0" in path or len(path.encode("utf-8", "surrogateescape")) > limit:
+        raise ConfigError(src, key, f"must be at most {limit} bytes, without NUL")
+
+
 def _check_daemon(src: str, d: DaemonConfig) -> None:
-    if not d.socket.startswith("/"):
-        raise ConfigError(src, "daemon.socket", "must be an absolute path")
-    if not d.state_dir.startswith("/"):
-        raise ConfigError(src, "daemon.state_dir", "must be an absolute path")
+    _check_path(src, "daemon.socket", d.socket, _SUN_PATH_MAX)
+    _check_path(src, "daemon.state_dir", d.state_dir)
     if d.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(src, "daemon.log_level", "must be one of debug, info, warning, error")
     if d.admin_group:
+        # getgrnam() raises ValueError on a NUL; no group database holds such names.
+        if not d.admin_group.isprintable() or len(d.admin_group) > 256 or ":" in d.admin_group:
+            raise ConfigError(src, "daemon.admin_group", "not a group name")
         try:
             grp.getgrnam(d.admin_group)
         except KeyError:
             raise ConfigError(
                 src, "daemon.admin_group", f"no group named {d.admin_group!r}"
             ) from None
-    if d.shutdown_timeout <= 0:
-        raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
     _check_daemon_limits(src, d)
 
 
@@ -459,9 +559,10 @@ def parse_listen(value: str) -> tuple[str, int] | None:
             raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
         if ":" in host:
             raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
+    # ASCII digits only (str.isdigit() accepts every script's); 0: any free port (tests)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) < 65536):
         raise ValueError(f"invalid port {port!r}")
-    if any(c.isspace() or c in "/[]" for c in host):
+    if any(c.isspace() or not c.isprintable() or c in "/[]" for c in host):
         raise ValueError(f"invalid host {host!r}")
     return host, int(port)
 
@@ -482,8 +583,6 @@ def _check_metrics(src: str, m: MetricsConfig) -> None:
         parse_listen(m.listen)
     except ValueError as e:
         raise ConfigError(src, "metrics.listen", str(e)) from None
-    if not 1.0 <= m.interval <= 3600.0:
-        raise ConfigError(src, "metrics.interval", "must be between 1 and 3600 seconds")
 
 
 def _check_systemd(src: str, s: SystemdConfig) -> None:
@@ -495,12 +594,13 @@ def _check_systemd(src: str, s: SystemdConfig) -> None:
         raise ConfigError(
             src, "systemd.parent_slice", "must be a slice unit name such as tenant.slice"
         )
+    # The tenant slices are "<stem>-<uid>.slice"; a unit name has at most 255 bytes.
+    if len(parent) + len(f"-{MAX_UID}") > 255:
+        raise ConfigError(src, "systemd.parent_slice", "too long for tenant slice names")
     if s.enter_scope not in ("auto", "always", "never"):
         raise ConfigError(src, "systemd.enter_scope", 'must be "auto", "always" or "never"')
     if s.use_pidfds not in ("auto", "never"):
         raise ConfigError(src, "systemd.use_pidfds", 'must be "auto" or "never"')
-    if s.call_timeout <= 0:
-        raise ConfigError(src, "systemd.call_timeout", "must be positive")
 
 
 def _check_tenants(src: str, t: TenantsConfig) -> None:
@@ -509,13 +609,11 @@ def _check_tenants(src: str, t: TenantsConfig) -> None:
             src, "tenants.uid_max",
             "need 0 < uid_min <= uid_max < 4294967295 (root is never a tenant)",
         )  # fmt: skip
-    for key in ("lock_timeout", "stop_timeout"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(src, f"tenants.{key}", "must be positive")
 
 
 def _check_netns(src: str, n: NetnsConfig) -> None:
-    if not n.run_dir.startswith("/") or n.run_dir.rstrip("/") in ("", "/proc", "/sys"):
+    _check_path(src, "netns.run_dir", n.run_dir)
+    if n.run_dir.rstrip("/") in ("", "/proc", "/sys"):
         raise ConfigError(
             src, "netns.run_dir", "must be an absolute path of a directory nsd may mount on"
         )
@@ -535,19 +633,36 @@ def _check_netns(src: str, n: NetnsConfig) -> None:
 
 
 def _check_template(src: str, template: str) -> None:
+    """The template must give a valid file name for every valid user name and UID."""
     key = "netns.name_template"
-    fields_used = set(re.findall(r"\{([^{}]*)\}", template))
-    if not fields_used & {"user", "uid"}:
-        raise ConfigError(src, key, "must contain {user} or {uid}, or names would collide")
-    if fields_used - {"user", "uid"}:
-        raise ConfigError(src, key, f"unknown fields {sorted(fields_used - {'user', 'uid'})}")
-    sample = template.format(user="a", uid=1)
-    if "/" in sample or sample in (".", ".."):
-        raise ConfigError(src, key, "must give a plain file name (no '/')")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:  # "{user}}", "{user": str.format's own syntax errors
+        reason = f"not a valid template: {e} (write {{{{ or }}}} for a literal brace)"
+        raise ConfigError(src, key, reason) from None
+    literal = "".join(text for text, _, _, _ in parts)
+    used = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
+    for name, spec, conv in used:
+        if name not in _TEMPLATE_FIELDS:
+            raise ConfigError(src, key, f"unknown field {{{name}}} (known: {{user}}, {{uid}})")
+        if spec or conv:
+            # "{uid:>300}" or "{user!r}" would change lengths and characters.
+            raise ConfigError(src, key, f"{{{name}}} takes no format spec or conversion")
     # Injective: user names and UIDs are each unique, so the name must change
     # when either does ("{{user}}" is a literal and would not).
-    if sample == template.format(user="b", uid=1) and sample == template.format(user="a", uid=2):
-        raise ConfigError(src, key, "gives the same name for every user")
+    if not used:
+        raise ConfigError(src, key, "must contain {user} or {uid}, or names would collide")
+    if "/" in literal:
+        raise ConfigError(src, key, "must give a plain file name (no '/')")
+    if not literal.isprintable():
+        raise ConfigError(src, key, "must not contain control characters")
+    longest = len(literal.encode()) + sum(_TEMPLATE_FIELDS[name] for name, _, _ in used)
+    if longest > _NAME_MAX:
+        raise ConfigError(
+            src, key,
+            f"gives names of up to {longest} bytes for a 32-character user name; "
+            f"a file name holds at most {_NAME_MAX}",
+        )  # fmt: skip
 
 
 def _check_ipam(src: str, cfg: Config) -> None:
@@ -566,11 +681,20 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv4_gateway", f"not an IPv4 address: {e}") from e
     if gw not in net4 or gw in (net4.network_address, net4.broadcast_address):
         raise ConfigError(src, "ipam.ipv4_gateway", f"must be a host address inside {net4}")
+    _check_ipv6(src, i)
+    _check_lease_times(src, i)
+    if i.strategy == "uid":
+        _check_uid_strategy(src, cfg, net4)
+
+
+def _check_ipv6(src: str, i: IpamConfig) -> None:
     if i.ipv6_prefix:
         try:
             net6 = ipaddress.IPv6Network(i.ipv6_prefix)
         except ValueError as e:
             raise ConfigError(src, "ipam.ipv6_prefix", f"not an IPv6 network: {e}") from e
+        if net6.network_address.scope_id is not None:
+            raise ConfigError(src, "ipam.ipv6_prefix", "must not name a zone (%...)")
         if net6.prefixlen > 56:
             raise ConfigError(
                 src, "ipam.ipv6_prefix", "must be /56 or shorter (one /64 per tenant)"
@@ -579,11 +703,11 @@ def _check_ipam(src: str, cfg: Config) -> None:
         gw6 = ipaddress.IPv6Address(i.ipv6_gateway)
     except ValueError as e:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
+    # ipaddress accepts a zone ("fe80::1%eth0"); netlink and nft take none.
+    if gw6.scope_id is not None:
+        raise ConfigError(src, "ipam.ipv6_gateway", "must not name a zone (%...)")
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    _check_lease_times(src, i)
-    if i.strategy == "uid":
-        _check_uid_strategy(src, cfg, net4)
 
 
 def _check_lease_times(src: str, i: IpamConfig) -> None:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 
+from . import kerneltext
 from .ipam import Ipam
 from .model import Check
 
@@ -21,11 +22,11 @@ WANTED_CONTROLLERS = ("memory", "cpu", "io", "pids")
 def systemd_is_pid1(proc: str = "/proc") -> bool:
     # sd_booted()'s test: /run/systemd/system exists only when systemd is PID 1.
     try:
-        with open(f"{proc}/1/comm", encoding="ascii") as f:
-            comm = f.read().strip()
+        with open(f"{proc}/1/comm", "rb") as f:
+            comm = f.read()  # any byte but NUL: PID 1 of a container names itself
     except OSError:
-        comm = ""
-    return os.path.isdir("/run/systemd/system") and comm == "systemd"
+        comm = b""
+    return os.path.isdir("/run/systemd/system") and comm.rstrip(b"\n") == b"systemd"
 
 
 def cgroup2_controllers(root: str = CGROUP_ROOT) -> set[str] | None:
@@ -39,25 +40,32 @@ def cgroup2_controllers(root: str = CGROUP_ROOT) -> set[str] | None:
 
 def mount_propagation(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """'shared', 'private', 'slave' for the mount at exactly ``path``; None if not a mount point."""
+    with open(mountinfo, "rb") as f:
+        return parse_propagation(f.read(), path.encode())
+
+
+def parse_propagation(data: bytes, path: bytes) -> str | None:
+    """The propagation of the last mount at ``path`` in ``mountinfo`` text.
+
+    A line is ``ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE ...``;
+    the mount point is compared as bytes after the kernel's octal escapes are undone
+    (a user's FUSE mount may be at any path). Lines without that shape are skipped.
+    """
     found = None
-    with open(mountinfo, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) != path:
-                continue
-            optional = fields[6 : fields.index("-")]
-            if any(o.startswith("shared:") for o in optional):
-                found = "shared"
-            elif any(o.startswith("master:") for o in optional):
-                found = "slave"
-            else:
-                found = "private"  # the last mount at a path is the visible one
+    for line in kerneltext.lines(data):
+        fields = line.split(b" ")
+        if len(fields) < 7 or b"-" not in fields[6:]:
+            continue
+        if kerneltext.unescape_octal(fields[4]) != path:
+            continue
+        optional = fields[6 : fields.index(b"-", 6)]
+        if any(o.startswith(b"shared:") for o in optional):
+            found = "shared"
+        elif any(o.startswith(b"master:") for o in optional):
+            found = "slave"
+        else:
+            found = "private"  # the last mount at a path is the visible one
     return found
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
 def degradations() -> list[str]:

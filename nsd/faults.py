@@ -29,6 +29,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import kerneltext
+from .cgroup import walk_procs
 from .cgroupstats import parse_flat_keyed, parse_int, read_bytes
 from .procscan import parse_status
 
@@ -120,18 +122,11 @@ def snapshot_processes(
     in the host's.
     """
     found: list[ProcessSample] = []
-    for dirpath, _dirs, files in os.walk(slice_dir):
-        if "cgroup.procs" not in files:
-            continue
-        data = read_bytes(f"{dirpath}/cgroup.procs")
-        if not data:
-            continue
-        where = dirpath[len(slice_dir) :] or "/"
-        for line in data.split():
-            try:
-                pid = int(line)
-            except ValueError:
-                continue
+    for dirpath, pids in walk_procs(slice_dir):
+        # Below the slice the names are the tenant's (delegation): shown by the one
+        # decode policy, never with lone surrogates.
+        where = kerneltext.decode(os.fsencode(dirpath[len(slice_dir) :])) or "/"
+        for pid in pids:
             status = read_bytes(f"{proc_root}/{pid}/status")
             parsed = parse_status(status) if status is not None else None
             if parsed is None:

@@ -51,6 +51,8 @@ from ipaddress import (
 )
 from typing import Any
 
+from .names import valid_ifname
+
 TABLE = "nsd"
 FAMILY = "inet"
 
@@ -158,7 +160,11 @@ def parse_rate(value: Any, key: str, *, unit: int = 1) -> int | None:
     if isinstance(value, bool):
         raise NetworkConfigError(key, "must be a number")
     if isinstance(value, int | float):
-        bps = float(value) * unit
+        # A huge TOML integer cannot become a float: any such number is above the cap.
+        if isinstance(value, int) and abs(value) > MAX_RATE_BPS:
+            bps = math.copysign(math.inf, value > 0 or -1)
+        else:
+            bps = float(value) * unit
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:bit|bps|b)?\s*", value, re.I)
         if m is None:
@@ -167,7 +173,9 @@ def parse_rate(value: Any, key: str, *, unit: int = 1) -> int | None:
         bps = float(m.group(1)) * scale
     else:
         raise NetworkConfigError(key, "must be a number or a string such as 10M")
-    if not math.isfinite(bps) or bps < 0:
+    if math.isnan(bps):
+        raise NetworkConfigError(key, "must be a number, not nan")
+    if bps < 0:
         raise NetworkConfigError(key, "must not be negative")
     if bps == 0:
         return None
@@ -187,7 +195,6 @@ def format_rate(bps: int | None) -> str:
     return f"{bps} bit/s"
 
 
-_IFNAME = re.compile(r"[^/:%\s]{1,15}")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KNOWN = (
     "enabled",
@@ -215,7 +222,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> NetworkConfig:
     if not isinstance(uplinks, list) or not all(isinstance(u, str) for u in uplinks):
         raise NetworkConfigError("uplinks", 'must be a list of interface names, e.g. ["eth0"]')
     for u in uplinks:
-        if not _IFNAME.fullmatch(u) or u in (".", "..", "lo", "all", "default"):
+        # valid_ifname counts bytes (IFNAMSIZ) and refuses NUL; the old pattern did neither.
+        if not valid_ifname(u) or u in ("lo", "all", "default"):
             raise NetworkConfigError("uplinks", f"{u!r} is not a usable interface name")
     egress = raw.get("egress", d.egress)
     if egress not in ("masquerade", "none"):
@@ -266,7 +274,8 @@ def _snat(raw: Any) -> dict[str, tuple[IPv4Address | None, IPv6Address | None]]:
                 addr = ip_address(v) if isinstance(v, str) else None
             except ValueError:
                 addr = None
-            if addr is None:
+            # ipaddress accepts an IPv6 zone ("fe80::1%eth0"); an nft rule takes none.
+            if addr is None or getattr(addr, "scope_id", None) is not None:
                 raise NetworkConfigError(key, f"{v!r} is not an IP address")
             if isinstance(addr, IPv4Address):
                 if v4 is not None:

@@ -179,21 +179,24 @@ def parse_args(args: list[str]) -> Options:
 def own_cgroup(pid: int | str = "self", proc: str = "/proc") -> str | None:
     """The process's cgroup v2 path (or the v1 name=systemd one on hybrid hosts).
 
-    The rule of nsd.procscan.parse_cgroup, written again: this module runs in the
-    system python3 and cannot import nsd."""
+    The rule of nsd.kerneltext.cgroup_path and its decode policy, written again: this
+    module runs in the system python3 and cannot import nsd. Lines end at "\n" only
+    (a cgroup name may hold "\r"); the path is what follows the second ":"."""
     try:
-        with open(f"{proc}/{pid}/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(f"{proc}/{pid}/cgroup", "rb") as f:
+            data = f.read()
     except OSError:
         return None
     v1 = None
-    for line in lines:
-        hid, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hid == "0" and controllers == "":
-            return path
-        if controllers == "name=systemd":
-            v1 = path
+    for line in data.split(b"\n"):
+        hid, _, rest = line.partition(b":")
+        controllers, sep, path = rest.partition(b":")
+        if not sep or not hid.isdigit() or not path.startswith(b"/"):
+            continue
+        if hid == b"0" and controllers == b"":
+            return path.decode("utf-8", "backslashreplace")
+        if controllers == b"name=systemd" and v1 is None:
+            v1 = path.decode("utf-8", "backslashreplace")
     return v1
 
 

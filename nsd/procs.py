@@ -21,6 +21,8 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import kerneltext
+
 __all__ = ["StopResult", "processes_in_namespace", "stop_processes"]
 
 # include/linux/sched.h: the task is a kernel thread.
@@ -42,9 +44,8 @@ def _is_kernel_thread(proc_root: str, pid: int) -> bool:
             data = f.read()
     except OSError:
         return False
-    # The command name (field 2) may contain spaces and parentheses: split after the
-    # last ')'. Then field 3 is the state and field 9 the flags.
-    fields = data[data.rfind(b")") + 2 :].split()
+    # Field 3 is the state and field 9 the flags.
+    fields = kerneltext.stat_fields(data)
     try:
         return bool(int(fields[6]) & _PF_KTHREAD)
     except (IndexError, ValueError):

@@ -38,6 +38,9 @@ A tenant's own (non-helper) processes are classified by where they run:
 
 When the host has no tenant slices (no systemd) only the namespace is judged;
 when a tenant's namespace is not mounted, only the slice.
+
+Names and cgroup paths are read as nsd.kerneltext says: lines end at "\n" only,
+paths stay bytes while they are compared and are decoded once, for the records.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from . import kerneltext
 from .cgroupstats import read_bytes
 
 CONTAINED = "contained"
@@ -71,7 +75,7 @@ COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to thi
 _MAX_COMMAND = 512
 _HELPER_DEPTH = 4  # sudo -> sudo (pty monitor) -> command: a short chain at most
 
-_SESSION = re.compile(r"/session-[^/]+\.scope(?:/|$)")
+_SESSION = re.compile(rb"/session-[^/]+\.scope(?:/|\Z)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +173,10 @@ def parse_status(data: bytes) -> tuple[str, int, int, int, int] | None:
     if not data.startswith(b"Name:\t"):
         return None
     end = data.find(b"\n")
+    if end < 0:
+        return None
     # The kernel escapes "\n" and "\\" in Name:; helpers are matched on this form.
-    comm = data[6:end].decode("utf-8", "replace")
+    comm = kerneltext.decode(data[6:end])
     ppid = _field(data, b"\nPPid:\t", end)
     uid = _field(data, b"\nUid:\t", end)
     if ppid is None or uid is None:
@@ -184,17 +190,9 @@ def parse_status(data: bytes) -> tuple[str, int, int, int, int] | None:
 
 
 def parse_cgroup(data: bytes) -> str | None:
-    """The process's path in systemd's hierarchy: the v2 line ``0::/path``, or on
-    hybrid hosts the v1 ``name=systemd`` line (both mirror systemd's units)."""
-    v1 = None
-    for line in data.splitlines():
-        hid, _, rest = line.partition(b":")
-        controllers, _, path = rest.partition(b":")
-        if hid == b"0" and controllers == b"":
-            return path.decode("utf-8", "surrogateescape")
-        if controllers == b"name=systemd":
-            v1 = path.decode("utf-8", "surrogateescape")
-    return v1
+    """The process's path in systemd's hierarchy (kerneltext.cgroup_path), for display."""
+    path = kerneltext.cgroup_path(data)
+    return None if path is None else kerneltext.decode(path)
 
 
 def _netns_inode(proc_dir: str) -> int | None:
@@ -233,12 +231,8 @@ def _command(proc_dir: str, comm: str) -> str:
     data = read_bytes(proc_dir + "/cmdline")
     if not data:
         return comm
-    text = data.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    text = kerneltext.decode(data.rstrip(b"\0").replace(b"\0", b" "))
     return text[:_MAX_COMMAND]
-
-
-def _in(cgroup: str, base: str) -> bool:
-    return cgroup == base or cgroup.startswith(base + "/")
 
 
 # -- the scan ---------------------------------------------------------------------
@@ -254,7 +248,7 @@ class _Proc:
     rss: int
     tenant: ScanTenant | None  # by UID
     helper: str | None  # configured helper name
-    cgroup: str | None = None
+    cgroup: bytes | None = None  # as the kernel printed it
     netns: int | None = None
 
 
@@ -283,7 +277,7 @@ def _read_process(
     cg_data = read_bytes(proc_dir + "/cgroup")
     if cg_data is None:
         return None
-    p = _Proc(pid, ppid, comm, ruid, euid, rss, tenant, helper, parse_cgroup(cg_data))
+    p = _Proc(pid, ppid, comm, ruid, euid, rss, tenant, helper, kerneltext.cgroup_path(cg_data))
     if tenant is not None and helper is None:
         p.netns = _netns_inode(proc_dir)
         if p.netns is None:
@@ -304,7 +298,7 @@ def scan(
     except OSError:
         return None
     by_uid = {t.uid: t for t in tenants}
-    by_slice = {t.cgroup: t for t in tenants if t.cgroup is not None}
+    by_slice = {t.cgroup.encode(): t for t in tenants if t.cgroup is not None}
     helper_of = {h[:COMM_LEN]: h for h in helpers}
     relevant: dict[int, _Proc] = {}
     seen = 0
@@ -357,11 +351,13 @@ def _classify(p: _Proc, proc_root: str) -> str:
     assert t is not None
     in_ns = t.netns_inode is None or p.netns == t.netns_inode
     # No slices on this host: judge the namespace only.
-    in_slice = t.cgroup is None or (p.cgroup is not None and _in(p.cgroup, t.cgroup))
+    in_slice = t.cgroup is None or (
+        p.cgroup is not None and kerneltext.within(p.cgroup, t.cgroup.encode())
+    )
     if in_slice and in_ns:
         return CONTAINED
-    cgroup = p.cgroup or ""
-    if f"/user@{t.uid}.service/" in cgroup + "/":
+    cgroup = p.cgroup or b""
+    if f"/user@{t.uid}.service/".encode() in cgroup + b"/":
         return USER_MANAGER
     # The tenant's own login: its audit login UID is the tenant's (ssh, su -l by
     # the tenant, the tenant's crontab). In a logind session scope in the
@@ -379,22 +375,20 @@ def _classify(p: _Proc, proc_root: str) -> str:
     return OUTSIDE_SLICE if in_ns else OUTSIDE_BOTH
 
 
-def _slice_owner(cgroup: str | None, by_slice: Mapping[str, ScanTenant]) -> ScanTenant | None:
+def _slice_owner(cgroup: bytes | None, by_slice: Mapping[bytes, ScanTenant]) -> ScanTenant | None:
     if not cgroup or not by_slice:
         return None
-    path = cgroup
-    while path and path != "/":
+    for path in kerneltext.ancestors(cgroup):
         owner = by_slice.get(path)
         if owner is not None:
             return owner
-        path = path.rsplit("/", 1)[0]
     return None
 
 
 def _helpers(
     relevant: Mapping[int, _Proc],
     by_uid: Mapping[int, ScanTenant],
-    by_slice: Mapping[str, ScanTenant],
+    by_slice: Mapping[bytes, ScanTenant],
     proc_root: str,
 ) -> tuple[
     dict[int, tuple[int, int, int | None]],
@@ -454,7 +448,7 @@ def _record(
         uid=p.euid,
         comm=p.comm,
         command=_command(f"{proc_root}/{p.pid}", p.comm),
-        cgroup=p.cgroup,
+        cgroup=None if p.cgroup is None else kerneltext.decode(p.cgroup),
         netns_inode=p.netns,
         reason=reason,
         rss_bytes=p.rss,
@@ -474,10 +468,13 @@ def read_net_dev(proc_root: str = "/proc") -> dict[str, NetDev] | None:
     (``/proc/thread-self/net`` would be the thread's own).
     """
     data = read_bytes(f"{proc_root}/net/dev")
-    if data is None:
-        return None
+    return None if data is None else parse_net_dev(data)
+
+
+def parse_net_dev(data: bytes) -> dict[str, NetDev]:
+    """``/proc/net/dev``: two header lines, then ``NAME: 16 counters`` per interface."""
     out: dict[str, NetDev] = {}
-    for line in data.splitlines()[2:]:
+    for line in list(kerneltext.lines(data))[2:]:
         name, sep, rest = line.partition(b":")
         fields = rest.split()
         if not sep or len(fields) < 16:
@@ -486,7 +483,7 @@ def read_net_dev(proc_root: str = "/proc") -> dict[str, NetDev] | None:
             v = [int(x) for x in fields[:16]]
         except ValueError:
             continue
-        out[name.strip().decode("utf-8", "surrogateescape")] = NetDev(
+        out[kerneltext.decode(name.strip())] = NetDev(
             rx_bytes=v[0], rx_packets=v[1], rx_errors=v[2], rx_dropped=v[3],
             tx_bytes=v[8], tx_packets=v[9], tx_errors=v[10], tx_dropped=v[11],
         )  # fmt: skip
