@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = Path(os.environ.get("NSD_NATIVE_BUILD") or ROOT / "native" / "build")
+BUILD = Path(os.environ.get("NSD_NATIVE_BUILD") or ROOT / "native" / "build").resolve()
 SANITIZED = BUILD.name == "build-asan"
 
 
