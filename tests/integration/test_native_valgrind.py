@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.harness import Daemon, daemon_env
-from tests.integration.test_pam_nsd import PamRunner
+from tests.integration.test_pam_nsd import PamRunner, pam_runner
 from tests.native import SANITIZED, native_program
 
 pytestmark = [
@@ -112,13 +109,8 @@ def test_exec_daemon_unreachable(env: tuple[Daemon, str, str]) -> None:
 
 @pytest.fixture
 def pam() -> Iterator[PamRunner]:
-    tmp = Path(tempfile.mkdtemp(prefix="nsdt-pamvg-"))
-    runner = PamRunner(tmp)
-    try:
+    with pam_runner() as runner:
         yield runner
-    finally:
-        runner.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

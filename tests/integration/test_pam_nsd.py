@@ -12,6 +12,7 @@ process (pamtester) holds. The PAM stacks of sshd and cron run in the VM tier
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -83,6 +84,17 @@ class PamRunner:
         self.service_file.unlink(missing_ok=True)
         self.syslog.close()
 
+
+@contextlib.contextmanager
+def pam_runner() -> Iterator[PamRunner]:
+    tmp = Path(tempfile.mkdtemp(prefix="nsdt-pam-"))
+    runner = PamRunner(tmp)
+    try:
+        yield runner
+    finally:
+        runner.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
     def stack(self, module_line: str | None) -> str:
         lines = [module_line] if module_line else []
         lines.append(f"session optional pam_exec.so quiet log={self.report} {self.probe}")
@@ -146,13 +158,8 @@ def env() -> Iterator[tuple[Daemon, TestUsers]]:
 
 @pytest.fixture
 def pam() -> Iterator[PamRunner]:
-    tmp = Path(tempfile.mkdtemp(prefix="nsdt-pam-"))
-    runner = PamRunner(tmp)
-    try:
+    with pam_runner() as runner:
         yield runner
-    finally:
-        runner.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_tenant_session_joins_the_namespace(env: tuple[Daemon, TestUsers], pam: PamRunner) -> None:
