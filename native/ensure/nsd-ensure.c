@@ -22,7 +22,7 @@ static const char usage_text[] =
 
 static int failure(const char *message)
 {
-    fprintf(stderr, "nsd-ensure: %s\n", message);
+    (void)fprintf(stderr, "nsd-ensure: %s\n", message); /* exits 1 whether or not it shows */
     return 1;
 }
 
@@ -42,8 +42,7 @@ int main(int argc, char **argv)
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-            fputs(usage_text, stdout);
-            return fflush(stdout) == 0 ? 0 : 1;
+            return fputs(usage_text, stdout) != EOF && fflush(stdout) == 0 ? 0 : 1;
         }
         if (i + 1 >= argc)
             return failure("an option needs a value (try 'nsd-ensure --help')");

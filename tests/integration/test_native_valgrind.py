@@ -107,6 +107,18 @@ def test_exec_daemon_unreachable(env: tuple[Daemon, str, str]) -> None:
     check(res.stderr)
 
 
+@pytest.mark.parametrize("user", ["TENANT", "nsdt-no-such-user"])
+def test_ensure_paths(env: tuple[Daemon, str, str], user: str) -> None:
+    d, name, _ = env
+    res = subprocess.run(
+        [*VALGRIND, str(native_program("nsd-ensure")), "--socket", d.socket,
+         name if user == "TENANT" else user],
+        capture_output=True, text=True, timeout=120, check=False, close_fds=True,
+    )  # fmt: skip
+    assert res.returncode == (0 if user == "TENANT" else 1), res.stderr
+    check(res.stderr)
+
+
 @pytest.fixture
 def pam() -> Iterator[PamRunner]:
     with pam_runner() as runner:
