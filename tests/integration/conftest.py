@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from nsd import linux
+from tests.harness import Daemon, TestUsers, daemon_env
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -75,3 +76,15 @@ def run_dir() -> Iterator[str]:
 def link_prefix() -> str:
     """A unique link prefix (5 letters, so prefix + a 10-digit UID fits in 15 bytes)."""
     return "t" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
+
+
+@pytest.fixture(scope="module")
+def running_daemon() -> Iterator[tuple[Daemon, TestUsers]]:
+    """The real daemon, started, with a users factory; one per test module."""
+    with daemon_env() as (d, users):
+        d.start()
+        try:
+            yield d, users
+        finally:
+            d.stop()
+            users.cleanup()

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import PY, Daemon, TestUsers, daemon_env
+from tests.harness import PY, Daemon, TestUsers
 from tests.native import native_program
 
 pytestmark = [
@@ -21,14 +20,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        try:
-            yield d, users
-        finally:
-            d.stop()
-            users.cleanup()
+def env(running_daemon: tuple[Daemon, TestUsers]) -> tuple[Daemon, TestUsers]:
+    return running_daemon
 
 
 def ensure(*args: str) -> subprocess.CompletedProcess[str]:

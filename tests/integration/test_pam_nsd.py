@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, TestUsers, daemon_env
+from tests.harness import Daemon, TestUsers
 from tests.native import asan_preload, native_program
 
 pytestmark = [
@@ -84,17 +84,6 @@ class PamRunner:
         self.service_file.unlink(missing_ok=True)
         self.syslog.close()
 
-
-@contextlib.contextmanager
-def pam_runner() -> Iterator[PamRunner]:
-    tmp = Path(tempfile.mkdtemp(prefix="nsdt-pam-"))
-    runner = PamRunner(tmp)
-    try:
-        yield runner
-    finally:
-        runner.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
     def stack(self, module_line: str | None) -> str:
         lines = [module_line] if module_line else []
         lines.append(f"session optional pam_exec.so quiet log={self.report} {self.probe}")
@@ -142,18 +131,23 @@ def pam_runner() -> Iterator[PamRunner]:
             out.append((int(pri), message))
 
 
+@contextlib.contextmanager
+def pam_runner() -> Iterator[PamRunner]:
+    tmp = Path(tempfile.mkdtemp(prefix="nsdt-pam-"))
+    runner = PamRunner(tmp)
+    try:
+        yield runner
+    finally:
+        runner.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 HOST_NETNS = os.stat("/proc/self/ns/net").st_ino
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        try:
-            yield d, users
-        finally:
-            d.stop()
-            users.cleanup()
+def env(running_daemon: tuple[Daemon, TestUsers]) -> tuple[Daemon, TestUsers]:
+    return running_daemon
 
 
 @pytest.fixture
