@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from . import netpolicy
-from .metrics import DEFAULT_LISTEN, parse_listen
+from . import names, netpolicy
+from .errors import InvalidLimit
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
+
+#: Where the metrics exporter listens unless metrics.listen says otherwise.
+DEFAULT_LISTEN = "127.0.0.1:9917"
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
@@ -48,9 +51,23 @@ class DaemonConfig:
     admin_group: str = ""
     shutdown_timeout: float = 10.0
     log_level: str = "info"
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
+    # The connection policy (docs/configuration.md gives the reasoning; the
+    # varlink server's Limits carry the same defaults).
+    max_connections: int = 4096
+    reserved_connections: int = 256
+    max_connections_per_uid: int = 16
+    max_connections_per_non_tenant: int = 2
+    max_non_tenant_connections: int = 64
+    max_streams_per_uid: int = 4
+    idle_timeout: float = 15.0
+    call_timeout: float = 45.0
+    message_timeout: float = 10.0
     max_message_bytes: int = 65536
+    max_queued_output_bytes: int = 16 << 20
+    max_queued_output_bytes_per_uid: int = 1 << 20
+    # Audit lines of refused calls, per UID: a burst, then this many per second.
+    audit_refusal_burst: int = 10
+    audit_refusal_rate: float = 1.0
 
     @property
     def database(self) -> Path:
@@ -88,6 +105,8 @@ class IpamConfig:
     ipv6_gateway: str = "fe80::1"
     uid_offset: int = 0
     quarantine_seconds: int = 86400
+    # How often lease rows whose quarantine has ended are deleted.
+    purge_interval: float = 3600.0
     check_host_routes: bool = True
 
     @property
@@ -127,6 +146,25 @@ class MetricsConfig:
     listen: str = DEFAULT_LISTEN
     interval: float = 15.0
     helpers: tuple[str, ...] = DEFAULT_HELPERS
+    # Besides root, the accounts whose connections may read /metrics (metrics_access).
+    scrapers: tuple[str, ...] = ("prometheus",)
+    # Serve peers whose socket is not on this host (remote scrapers, namespaces).
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """``[faults]``: limit hits recorded with a process snapshot (nsd.faultrecord)."""
+
+    enabled: bool = True
+    #: faults kept in the store at most (the oldest go first)
+    keep: int = 10000
+    #: days a fault is kept at most
+    keep_days: float = 30.0
+    #: processes in a fault's snapshot (largest RSS first)
+    processes: int = 10
+    #: seconds: at most one record per tenant and kind in this time
+    coalesce: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +176,7 @@ class Config:
     exec: ExecConfig = field(default_factory=ExecConfig)
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
     network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
     source: str = "<defaults>"
@@ -192,6 +231,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "exec": ExecConfig,
     "systemd": SystemdConfig,
     "metrics": MetricsConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -272,7 +312,7 @@ def _limits(source: str, raw: Mapping[str, Any]) -> limits_mod.Limits:
     try:
         parsed = limits_mod.from_mapping(raw)
         limits_mod.check_consistent(parsed)
-    except limits_mod.InvalidLimit as e:
+    except InvalidLimit as e:
         raise ConfigError(source, f"limits.{e.parameters['field']}", e.parameters["reason"]) from e
     return parsed
 
@@ -325,8 +365,18 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _scrapers(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, 'must be a list of user names, e.g. ["prometheus"]')
+    for name in value:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise ConfigError(source, key, f"{name!r}: {reason}")
+    return tuple(dict.fromkeys(value))
+
+
 _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
-                 "metrics.helpers": _helpers})  # fmt: skip
+                 "metrics.helpers": _helpers, "metrics.scrapers": _scrapers})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +390,7 @@ def validate(cfg: Config) -> Config:
     _check_netns(cfg.source, cfg.netns)
     _check_ipam(cfg.source, cfg)
     _check_metrics(cfg.source, cfg.metrics)
+    _check_faults(cfg.source, cfg.faults)
     return cfg
 
 
@@ -359,11 +410,71 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             ) from None
     if d.shutdown_timeout <= 0:
         raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
-    for key in ("max_connections", "max_connections_per_uid"):
+    _check_daemon_limits(src, d)
+
+
+def _check_daemon_limits(src: str, d: DaemonConfig) -> None:
+    for key in (
+        "max_connections",
+        "max_connections_per_uid",
+        "max_connections_per_non_tenant",
+        "max_non_tenant_connections",
+        "max_streams_per_uid",
+        "audit_refusal_burst",
+    ):
         if getattr(d, key) < 1:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
+    if not 0 <= d.reserved_connections < d.max_connections:
+        raise ConfigError(
+            src, "daemon.reserved_connections", "must be at least 0 and below max_connections"
+        )
+    for key in ("idle_timeout", "call_timeout", "message_timeout", "audit_refusal_rate"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(src, f"daemon.{key}", "must be positive")
+    if not d.max_message_bytes <= d.max_queued_output_bytes_per_uid <= d.max_queued_output_bytes:
+        raise ConfigError(
+            src,
+            "daemon.max_queued_output_bytes_per_uid",
+            "must be between max_message_bytes and max_queued_output_bytes",
+        )
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
+
+    Raises ValueError with a reason for anything else.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
+        if ":" in host:
+            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
+        raise ValueError(f"invalid port {port!r}")
+    if any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"invalid host {host!r}")
+    return host, int(port)
+
+
+def _check_faults(src: str, f: FaultsConfig) -> None:
+    if not 1 <= f.keep <= 10_000_000:
+        raise ConfigError(src, "faults.keep", "must be between 1 and 10000000 faults")
+    if not 0 < f.keep_days <= 3650:
+        raise ConfigError(src, "faults.keep_days", "must be more than 0 and at most 3650 days")
+    if not 0 <= f.processes <= 1000:
+        raise ConfigError(src, "faults.processes", "must be between 0 and 1000")
+    if not 0 <= f.coalesce <= 3600:
+        raise ConfigError(src, "faults.coalesce", "must be between 0 and 3600 seconds")
 
 
 def _check_metrics(src: str, m: MetricsConfig) -> None:
@@ -470,10 +581,16 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    _check_lease_times(src, i)
     if i.strategy == "uid":
         _check_uid_strategy(src, cfg, net4)
+
+
+def _check_lease_times(src: str, i: IpamConfig) -> None:
+    if i.quarantine_seconds < 0:
+        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    if not 1.0 <= i.purge_interval <= 86400.0:
+        raise ConfigError(src, "ipam.purge_interval", "must be between 1 and 86400 seconds")
 
 
 def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:

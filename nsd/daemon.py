@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -28,13 +29,17 @@ from pathlib import Path
 
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
+from .auditlog import AuditLog
 from .cgroupstats import detect_root, slice_cgroup_path
+from .errors import StateWriteFailed
+from .faultrecord import FaultCounter, FaultRecorder, FaultService
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
+from .metrics_access import MetricsAccess
 from .netns import NetnsAdapter, NetnsError
-from .sampler import manager_targets
+from .sampler import Target
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -42,12 +47,18 @@ from .varlink.server import Limits, VarlinkServer
 
 log = logging.getLogger("nsd")
 
+# Exit statuses (nsd(8), EXIT STATUS). 2 and 3 name problems an operator must fix
+# (the configuration, a missing package, overlapping pools, another daemon on the
+# socket): nsd.service lists them in RestartPreventExitStatus=, so systemd does
+# not restart into the same error every few seconds. 1 is anything unexpected,
+# where a restart may help.
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-EXIT_STARTUP = 1
+EXIT_STARTUP = 3
 
 
 class StartupError(Exception):
-    """A reason the daemon cannot start, for humans; logged, exit status 1."""
+    """A reason the daemon cannot start, for humans; logged, exit status 3."""
 
 
 class Daemon:
@@ -59,71 +70,128 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        cfg = self.cfg
+        """Start up, serve until SIGTERM or SIGINT, shut down (uvicorn's Server.serve)."""
         # Signal handlers first: a SIGTERM during a long reconcile must stop nsd
         # cleanly after it, not kill it mid-step with the default action.
         self._install_signal_handlers()
         raise_nofile_limit()
         # Resources are released in reverse order, on success and on failure.
         async with contextlib.AsyncExitStack() as stack:
-            # One daemon per state directory, established before anything on the
-            # host is touched: a second instance must not reconcile concurrently.
-            stack.callback(os.close, take_instance_lock(Path(cfg.daemon.state_dir)))
-            listener = self._listening_socket()
-            stack.callback(listener.close)
-            try:
-                store = Store(cfg.daemon.database)
-            except StoreError as e:
-                raise StartupError(str(e)) from e
-            stack.callback(store.close)
-            net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
-            await net.start()
-            stack.push_async_callback(net.close)
-            manager, degraded = await self._prepare(store, net, stack)
-            metrics = MetricsService(
-                lambda: manager_targets(manager),
-                interval=cfg.metrics.interval,
-                listen=cfg.metrics.listen,
-                helpers=cfg.metrics.helpers,
-                cgroup_root=detect_root(),
-                probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
-            )
+            manager = await self.startup(stack)
+            await self.serve()
+            await self.shutdown(manager)
 
-            sd.notify("STATUS=Reconciling tenants")
-            started = time.perf_counter()
-            report = await manager.reconcile(progress=_reconcile_progress)
-            metrics.daemon.on_reconcile(
-                time.perf_counter() - started, report.actions, len(report.problems)
-            )
-            log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
-                     store.count(), len(report.actions), len(report.problems))  # fmt: skip
-            server = self._server(manager, net, degraded, metrics)
-            await server.start(listener)
-            stack.push_async_callback(server.close, 1.0)
-            # After the reconcile, so the first sample sees every namespace mounted.
-            await metrics.start()
-            stack.push_async_callback(metrics.close)
-            if metrics.listen_error:
-                degraded.append(metrics.listen_error)
-            # What start-up allocated (modules, pyroute2, dbus, the reconcile's state)
-            # lives as long as nsd does: keep it out of the cyclic GC's full
-            # collections, which otherwise walk all of it and stalled the event loop
-            # for 20-40 ms every few metrics samples (1,000 tenants). Garbage first, so
-            # that no dead cycle is frozen with the rest.
-            gc.collect()
-            gc.freeze()
-            sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
-            log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
-                     store.count())  # fmt: skip
-            await self._stop.wait()
+    async def startup(self, stack: contextlib.AsyncExitStack) -> TenantManager:
+        """Everything before READY=1: state, the host table, reconcile, then the listeners."""
+        cfg = self.cfg
+        listener, store, net = await self._open(stack)
+        manager, degraded = await self._prepare(store, net, stack)
+        metrics = self._observe(store, manager, stack)
+        sd.notify("STATUS=Reconciling tenants")
+        started = time.perf_counter()
+        report = await manager.reconcile(progress=_reconcile_progress)
+        metrics.daemon.on_reconcile(
+            time.perf_counter() - started, report.actions, len(report.problems)
+        )
+        log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
+                 store.count(), len(report.actions), len(report.problems))  # fmt: skip
+        server = self._server(manager, net, degraded, metrics)
+        await server.start(listener)
+        stack.push_async_callback(server.close, 1.0)
+        # After the reconcile, so the first sample sees every namespace mounted.
+        await metrics.start()
+        stack.push_async_callback(metrics.close)
+        if metrics.listen_error:
+            degraded.append(metrics.listen_error)
+        # What start-up allocated (modules, pyroute2, dbus, the reconcile's state)
+        # lives as long as nsd does: keep it out of the cyclic GC's full
+        # collections, which otherwise walk all of it and stalled the event loop
+        # for 20-40 ms every few metrics samples (1,000 tenants). Garbage first, so
+        # that no dead cycle is frozen with the rest.
+        gc.collect()
+        gc.freeze()
+        sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
+        log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
+                 store.count())  # fmt: skip
+        return manager
 
-            sd.notify("STOPPING=1\nSTATUS=Shutting down")
-            log.info("shutting down")
-            # Refuse new work first, let running operations finish, then close
-            # connections; a tenant cut off mid-build keeps its recorded intent.
-            if not await manager.shutdown(cfg.daemon.shutdown_timeout):
-                log.warning("operations still running after %.0fs; reconcile finishes them",
-                            cfg.daemon.shutdown_timeout)  # fmt: skip
+    def _observe(
+        self, store: Store, manager: TenantManager, stack: contextlib.AsyncExitStack
+    ) -> MetricsService:
+        """The metrics sampler and exporter, and the fault watcher (started here: it
+        records limit hits from now on); the sampler starts after the reconcile."""
+        cfg = self.cfg
+        cgroup_root = detect_root()
+        faults = self._faults(store, manager, cgroup_root)
+
+        def targets() -> tuple[Target, ...]:
+            found = manager.sampler_targets()
+            if faults is not None:
+                # At every sample: watch new tenants' slices, drop removed ones.
+                faults.sync((t.uid, t.name, t.cgroup) for t in found)
+            return found
+
+        metrics = MetricsService(
+            targets,
+            interval=cfg.metrics.interval,
+            listen=cfg.metrics.listen,
+            helpers=cfg.metrics.helpers,
+            refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
+            cgroup_root=cgroup_root,
+            probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
+        )
+        if faults is not None:
+            metrics.registry.register(FaultCounter(faults.recorder))
+            faults.start()
+            stack.push_async_callback(faults.close)
+        return metrics
+
+    async def _open(
+        self, stack: contextlib.AsyncExitStack
+    ) -> tuple[socket.socket, Store, NetnsAdapter]:
+        """The instance lock, the listening socket, the store and the netns worker."""
+        cfg = self.cfg
+        # One daemon per state directory, established before anything on the
+        # host is touched: a second instance must not reconcile concurrently.
+        stack.callback(os.close, take_instance_lock(Path(cfg.daemon.state_dir)))
+        listener = self._listening_socket()
+        stack.callback(listener.close)
+        try:
+            store = Store(cfg.daemon.database)
+        except StoreError as e:
+            raise StartupError(str(e)) from e
+        stack.callback(store.close)
+        net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
+        await net.start()
+        stack.push_async_callback(net.close)
+        return listener, store, net
+
+    async def serve(self) -> None:
+        """The varlink server and the sampler run as tasks; serve until asked to stop."""
+        await self._stop.wait()
+
+    async def shutdown(self, manager: TenantManager) -> None:
+        """Refuse new work first, let running operations finish; the exit stack then
+        closes connections, the sampler, the netns worker and the store. A tenant cut
+        off mid-build keeps its recorded intent (reconcile finishes it)."""
+        sd.notify("STOPPING=1\nSTATUS=Shutting down")
+        log.info("shutting down")
+        timeout = self.cfg.daemon.shutdown_timeout
+        if not await manager.shutdown(timeout):
+            log.warning("operations still running after %.0fs; reconcile finishes them",
+                        timeout)  # fmt: skip
+
+    def _faults(
+        self, store: Store, manager: TenantManager, cgroup_root: str | None
+    ) -> FaultService | None:
+        """The fault watcher, if enabled and the host has cgroup v2 to watch."""
+        if not self.cfg.faults.enabled:
+            return None
+        if cgroup_root is None:
+            log.info("no cgroup v2 hierarchy: faults are not watched")
+            return None
+        recorder = FaultRecorder(store, self.cfg.faults, manager.emit_fault)
+        return FaultService(cgroup_root, recorder)
 
     async def _prepare(
         self, store: Store, net: NetnsAdapter, stack: contextlib.AsyncExitStack
@@ -153,6 +221,9 @@ class Daemon:
             # before the reconcile line that brings tenants' veths up.
             uplinks = ", ".join(hostnet.site.uplinks) or "none"
             log.info("network policy: table inet nsd loaded (uplinks: %s)", uplinks)
+        # Kept like the watchdog's: a reference, cancelled on the way out.
+        purge = asyncio.create_task(_purge_leases(ipam, cfg.ipam.purge_interval))
+        stack.callback(purge.cancel)
         interval = sd.watchdog_interval()
         if interval:
             # Keep a reference: the loop holds tasks only weakly.
@@ -213,7 +284,13 @@ class Daemon:
     ) -> VarlinkServer:
         cfg = self.cfg
         admin_gid = grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
-        api = Api(manager, admin_gid, net.host_routes, degraded, metrics)
+        audit_log = AuditLog(
+            logging.getLogger("nsd.audit"),
+            burst=cfg.daemon.audit_refusal_burst,
+            rate=cfg.daemon.audit_refusal_rate,
+            on_suppressed=metrics.daemon.on_audit_suppressed,
+        )
+        api = Api(manager, admin_gid, net.host_routes, degraded, metrics, audit_log=audit_log)
         server = VarlinkServer(
             vendor="nsd",
             product="nsd",
@@ -221,11 +298,8 @@ class Daemon:
             url="https://github.com/nsd/nsd",
             internal_error_name="io.nsd.Daemon.InternalError",
             on_call_done=metrics.daemon.on_call_done,
-            limits=Limits(
-                max_message_bytes=cfg.daemon.max_message_bytes,
-                max_connections=cfg.daemon.max_connections,
-                max_connections_per_uid=cfg.daemon.max_connections_per_uid,
-            ),
+            limits=server_limits(cfg.daemon),
+            classify=api.peer_class,
         )
         handlers = api.handlers()
         for interface in (TENANT_INTERFACE, DAEMON_INTERFACE):
@@ -243,6 +317,24 @@ class Daemon:
                     log.info("using socket-activated listener (%s)", name)
                     return sock
         return bind_unix(self.cfg.daemon.socket)
+
+
+def server_limits(d: config.DaemonConfig) -> Limits:
+    """The varlink server's limits from the [daemon] section."""
+    return Limits(
+        max_message_bytes=d.max_message_bytes,
+        max_connections=d.max_connections,
+        reserved_connections=d.reserved_connections,
+        max_connections_per_uid=d.max_connections_per_uid,
+        max_connections_per_non_tenant=d.max_connections_per_non_tenant,
+        max_non_tenant_connections=d.max_non_tenant_connections,
+        max_streams_per_uid=d.max_streams_per_uid,
+        idle_timeout=d.idle_timeout,
+        call_timeout=d.call_timeout,
+        partial_message_timeout=d.message_timeout,
+        max_queued_output_bytes=d.max_queued_output_bytes,
+        max_queued_output_bytes_per_uid=d.max_queued_output_bytes_per_uid,
+    )
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -274,7 +366,10 @@ def bind_unix(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
-    sock.listen(512)
+    # As nsd.socket's Backlog=: every local user can connect, and a connect
+    # storm of hostile ones must not fill the queue for root and the admins
+    # (the kernel caps it at net.core.somaxconn).
+    sock.listen(4096)
     return sock
 
 
@@ -357,6 +452,21 @@ def _reconcile_progress(done: int, total: int) -> None:
         sd.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=Reconciling tenants ({done}/{total})")
 
 
+async def _purge_leases(ipam: Ipam, interval: float) -> None:
+    """Released address leases leave the database once their quarantine has ended:
+    at start and every ``ipam.purge_interval`` seconds."""
+    while True:
+        try:
+            purged = ipam.purge_expired()
+        except (StateWriteFailed, sqlite3.Error, OSError) as e:
+            # A full or read-only state directory: nothing lost, the next round retries.
+            log.warning("cannot purge expired address leases: %s", e)
+        else:
+            if purged:
+                log.info("purged %d address lease(s) whose quarantine ended", purged)
+        await asyncio.sleep(interval)
+
+
 async def _watchdog(interval: float) -> None:
     # Pinging from the event loop proves the loop is alive, which is what matters.
     while True:
@@ -416,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         # A bug, or a host failure nothing anticipated: say so once, with the
         # traceback, and exit non-zero so systemd's Restart= policy applies.
         log.exception("nsd stopped on an unexpected error")
-        return EXIT_STARTUP
+        return EXIT_FAILURE
     return 0
 
 

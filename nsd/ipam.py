@@ -21,20 +21,10 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .config import IpamConfig, TenantsConfig
-from .errors import AddressPoolExhausted, NsdError
+from .errors import AddressConflict, AddressPoolExhausted
 from .store import Store, now_us
 
 ULA_META_KEY = "ipv6_ula_prefix"
-
-
-class AddressConflict(NsdError):
-    name = "AddressPoolExhausted"
-
-    def __init__(self, family: str, pool: str, address: str) -> None:
-        super().__init__(
-            f"{family} address {address} derived for this uid is already leased", family=family,
-            pool=pool,
-        )  # fmt: skip
 
 
 def ula_prefix(cfg: IpamConfig, store: Store) -> IPv6Network:
@@ -63,6 +53,14 @@ class Ipam:
         self.ipv4_gateway: IPv4Address = cfg.ipv4_gateway_address
         self.ipv6_base: IPv6Network = ula_prefix(cfg, store)
         self.ipv6_gateway = IPv6Address(cfg.ipv6_gateway)
+
+    def purge_expired(self) -> int:
+        """Delete released leases whose quarantine has ended; how many went.
+
+        Nothing reads them any more (allocation only looks at leases released within
+        the quarantine), so without this every removal would leave two rows forever.
+        """
+        return self.store.purge_quarantine(now_us() - self.cfg.quarantine_seconds * 1_000_000)
 
     def allocate(self, uid: int) -> tuple[IPv4Address, IPv6Network]:
         """Choose addresses for ``uid``. The caller records them in the same loop turn."""

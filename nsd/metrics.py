@@ -22,6 +22,7 @@ import contextlib
 import gzip
 import logging
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,13 +41,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from . import limits as limits_mod
 from .cgroupstats import MEMORY_EVENTS, MEMORY_STAT_KINDS, PRESSURE_RESOURCES, CgroupStats
+from .config import DEFAULT_LISTEN, parse_listen
+from .metrics_access import forbidden
 from .model import ReconcileAction
 from .procscan import CLASSES, DEFAULT_HELPERS, ESCAPES
 from .sampler import SOURCES, Sampler, Snapshot, Target, TenantUsage
 
 log = logging.getLogger("nsd.metrics")
 
-DEFAULT_LISTEN = "127.0.0.1:9917"
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TENANT_LABELS = ("tenant", "uid")
@@ -154,6 +156,10 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _m("nsd_tenant_escaped_processes", "gauge", "/proc/PID/{status,cgroup,ns/net,loginuid}",
        "The tenant's processes outside its slice, its namespace, or both (nsctl audit "
        "lists them).", "reason"),
+    # Live, not from the snapshot: counted as the kernel reports each event (nsd.faultrecord).
+    _h("nsd_tenant_faults_total", "counter", "memory.events, pids.events (inotify)",
+       "Limit events of the tenant's slice by fault kind: oom_kill, memory_max, "
+       "memory_high, pids_max (docs/metrics.md, Faults).", "tenant", "uid", "kind"),
     _h("nsd_tenants", "gauge", "store", "Tenants nsd manages (at the last sample)."),
     _h("nsd_helper_processes", "gauge", "/proc/PID/status",
        "Processes named like a configured helper on the whole host, tenants' or not.", "helper"),
@@ -183,6 +189,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _h("nsd_sampler_duration_seconds", "histogram", "sampler", "Duration of samples."),
     _h("nsd_sampler_errors_total", "counter", "sampler",
        "Samples that failed (the previous snapshot stays served)."),
+    _h("nsd_audit_lines_suppressed_total", "counter", "audit log",
+       "Audit lines of refused calls dropped by the per-UID rate limit."),
 )  # fmt: skip
 _BY_NAME = {d.name: d for d in CATALOGUE}
 
@@ -433,6 +441,7 @@ class DaemonMetrics(Collector):
         self._problems: int | None = None
         self._sampler = _Histogram(SAMPLER_BUCKETS)
         self._sampler_errors = 0
+        self._audit_suppressed = 0
         if registry is not None:
             registry.register(self)
 
@@ -470,6 +479,10 @@ class DaemonMetrics(Collector):
         with self._lock:
             self._sampler_errors += 1
 
+    def on_audit_suppressed(self) -> None:
+        with self._lock:
+            self._audit_suppressed += 1
+
     # Collector -----------------------------------------------------------------------
 
     def describe(self) -> Iterable[Metric]:
@@ -487,6 +500,7 @@ class DaemonMetrics(Collector):
             problems = self._problems
             sampler = (self._sampler.buckets(), self._sampler.total)
             sampler_errors = self._sampler_errors
+            audit_suppressed = self._audit_suppressed
         fam = _family("nsd_api_calls_total")
         for (iface, method, error), n in calls:
             fam.add_metric([iface, method, error], n)
@@ -521,6 +535,9 @@ class DaemonMetrics(Collector):
         )
         fam = _family("nsd_sampler_errors_total")
         fam.add_metric([], sampler_errors)
+        yield fam
+        fam = _family("nsd_audit_lines_suppressed_total")
+        fam.add_metric([], audit_suppressed)
         yield fam
 
 
@@ -611,31 +628,6 @@ class Exposition:
 # -- HTTP endpoint ------------------------------------------------------------------------
 
 
-def parse_listen(value: str) -> tuple[str, int] | None:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
-
-    Raises ValueError with a reason for anything else.
-    """
-    value = value.strip()
-    if not value:
-        return None
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep:
-            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
-        if ":" in host:
-            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
-        raise ValueError(f"invalid port {port!r}")
-    if any(c.isspace() or c in "/[]" for c in host):
-        raise ValueError(f"invalid host {host!r}")
-    return host, int(port)
-
-
 _INDEX = (b"<html><head><title>nsd</title></head><body><h1>nsd</h1>"
           b'<p><a href="/metrics">Metrics</a></p></body></html>\n')  # fmt: skip
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -656,8 +648,11 @@ class MetricsServer:
         timeout: float = 10.0,
         max_connections: int = 32,
         max_request_bytes: int = 8192,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.exposition = exposition
+        #: why a connection may not be served (metrics_access), checked at accept
+        self.refusal = refusal
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -695,6 +690,12 @@ class MetricsServer:
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Before counting it or reading a byte: a refused peer holds no slot.
+        refused = self.refusal(writer.get_extra_info("socket")) if self.refusal else None
+        if refused is not None:
+            writer.write(forbidden(refused))
+            writer.close()
+            return
         if len(self._writers) >= self.max_connections:
             writer.close()
             return
@@ -773,6 +774,7 @@ class MetricsService:
         proc_root: str = "/proc",
         probe_cgroup: str | None = None,
         registry: CollectorRegistry | None = None,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.daemon = DaemonMetrics(self.registry)
@@ -789,7 +791,11 @@ class MetricsService:
             on_error=self.daemon.on_sample_error,
         )
         address = parse_listen(listen)
-        self.server = MetricsServer(self.exposition, *address) if address is not None else None
+        self.server = (
+            MetricsServer(self.exposition, *address, refusal=refusal)
+            if address is not None
+            else None
+        )
         #: why the HTTP endpoint is not serving (e.g. the port is taken); "" if it is
         self.listen_error = ""
 

@@ -15,53 +15,40 @@ in, so nsd then never treats a slice it has no tenant for as its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import limits as limits_mod
 from . import names, unitfiles
 from .config import Config
-from .errors import NsdError
+from .errors import InvalidCommand, SystemdRequestFailed, SystemdUnavailable
 from .model import TenantRecord
 from .procscan import parse_cgroup
 from .systemd import (
     INFINITY,
+    SERVICE,
     JobFailed,
     Property,
     Systemd,
     SystemdError,
-    SystemdUnavailable,
     exec_start,
     limit_properties,
 )
+from .systemd import SystemdUnavailable as BusUnavailable
 
 log = logging.getLogger("nsd.slices")
 
 
-class SystemdNotAvailable(NsdError):
-    name = "SystemdUnavailable"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
-
-
-class SystemdRequestFailed(NsdError):
-    name = "SystemdRequestFailed"
-
-    def __init__(self, unit: str, error: SystemdError) -> None:
-        detail = error.message or str(error)
-        if isinstance(error, JobFailed):
-            detail = f"job for {error.unit} ended with result {error.result!r}"
-        super().__init__(
-            f"systemd could not handle {unit}: {detail}",
-            unit=unit,
-            dbusError=error.dbus_name or None,
-            message=detail,
-        )
+def _request_failed(unit: str, error: SystemdError) -> SystemdRequestFailed:
+    detail = error.message or str(error)
+    if isinstance(error, JobFailed):
+        detail = f"job for {error.unit} ended with result {error.result!r}"
+    return SystemdRequestFailed(unit, detail, error.dbus_name or None)
 
 
 @dataclass(frozen=True)
@@ -80,26 +67,48 @@ def caller_cgroup(pid: int, proc: str = "/proc") -> str | None:
         return None
 
 
-def wants_scope(policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str) -> bool:
+#: What the placement policy makes of an Enter caller (``placement``).
+STAY = "stay"
+MOVE = "move"
+#: Inside a service: stays only if it is the service's main process (ask systemd).
+MOVE_UNLESS_MAIN = "move_unless_main"
+
+
+def placement(
+    policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str, tenant_uid: int
+) -> str:
     """Whether Enter should move the caller into a scope in the tenant's slice.
 
-    ``auto`` keeps processes that already belong somewhere deliberate: anything
-    inside the tenant's slice (a service with ``Slice=``), and any service's
-    processes - its main process must stay in its unit, and a process
-    manager's children (supervisord) must stay where stopping the manager
-    reaches them. Sessions (cron jobs, shells) and unit-less processes move.
+    ``auto`` keeps the budget: every process that enters a tenant goes into the
+    tenant's slice, except those already there and two that must stay home:
+
+    * a unit's own main process (``ExecStart=nsd-exec ...``): moving it out of
+      its unit would leave the unit empty, and systemd would consider it gone.
+      Its unit belongs in the tenant's slice through the ``Slice=`` drop-in of a
+      template marked ``X-NSD-Tenant=yes``; the audit reports it if it is not.
+      Only systemd knows the main PID, so this returns MOVE_UNLESS_MAIN;
+    * the tenant's own user manager (``user@UID.service``), which the audit
+      counts as legitimate too.
+
+    Everything else moves, in particular a service's *other* processes: a job
+    of root's crontab (cron.service: Debian's cron jobs have no logind
+    session), a program of a root supervisord, a oneshot script's child.
+    Before, ``auto`` left those in the calling service, where the tenant's work
+    escaped its memory, CPU and task limits and counted against the service.
     """
     if requested is not None:
-        return requested
+        return MOVE if requested else STAY
     if policy != "auto":
-        return policy == "always"
+        return MOVE if policy == "always" else STAY
     if cgroup is None:
-        return True
+        return MOVE
     parts = [p for p in cgroup.split("/") if p]
-    if tenant_slice in parts:
-        return False
+    if tenant_slice in parts or f"user@{tenant_uid}.service" in parts:
+        return STAY
     units = [p for p in parts if p.endswith((".service", ".scope"))]
-    return not (units and units[-1].endswith(".service"))
+    if units and units[-1].endswith(".service"):
+        return MOVE_UNLESS_MAIN
+    return MOVE
 
 
 class TenantSlices:
@@ -111,6 +120,10 @@ class TenantSlices:
         self.unavailable_reason = unavailable_reason
         stem = cfg.systemd.parent_slice.removesuffix(".slice")
         self._own_slice = re.compile(rf"{re.escape(stem)}-(0|[1-9][0-9]*)\.slice")
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Take a reloaded configuration (limits, enter_scope); the next ensure applies it."""
+        self.cfg = cfg
 
     @property
     def shares_parent(self) -> bool:
@@ -129,7 +142,7 @@ class TenantSlices:
     def _bus(self) -> Systemd:
         if self.systemd is None or not self.cfg.systemd.slices:
             reason = self.unavailable_reason or "disabled by systemd.slices = false"
-            raise SystemdNotAvailable(reason)
+            raise SystemdUnavailable(reason)
         return self.systemd
 
     def effective(self, overrides: dict[str, str]) -> limits_mod.Limits:
@@ -144,10 +157,10 @@ class TenantSlices:
         ]
         try:
             await bus.ensure_slice(unit, props, timeout=self.cfg.systemd.call_timeout)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def protect_parent(self, all_limits: Iterable[limits_mod.Limits]) -> None:
         """MemoryMin/MemoryLow protect a slice only if its parent is protected too:
@@ -164,7 +177,7 @@ class TenantSlices:
         try:
             await bus.set_unit_properties(parent, props, runtime=False)
         except SystemdError as e:
-            raise SystemdRequestFailed(parent, e) from e
+            raise _request_failed(parent, e) from e
 
     async def remove(self, uid: int) -> None:
         """Stop the slice (whatever still runs in it) and drop its persistent settings."""
@@ -174,7 +187,7 @@ class TenantSlices:
             await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def stray_slices(self, known_uids: set[int]) -> list[str]:
         """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash).
@@ -192,7 +205,7 @@ class TenantSlices:
         try:
             units = await bus.list_units_by_patterns([], [f"{stem}-*.slice"])
         except SystemdError as e:
-            raise SystemdRequestFailed(f"{stem}-*.slice", e) from e
+            raise _request_failed(f"{stem}-*.slice", e) from e
         t = self.cfg.tenants
         out = []
         for u in units:
@@ -215,7 +228,7 @@ class TenantSlices:
         try:
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def has_settings(self, unit: str) -> bool:
         """Whether the slice has persistent settings (nsd's control drop-ins) to drop;
@@ -224,7 +237,7 @@ class TenantSlices:
         try:
             props = await bus.get_unit_properties(unit)
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
         return any("/system.control/" in str(p) for p in props.get("DropInPaths", []))
 
     async def sync_dropins(
@@ -253,7 +266,7 @@ class TenantSlices:
                     await bus.reload()
                     break
         except SystemdError as e:
-            raise SystemdRequestFailed("daemon-reload", e) from e
+            raise _request_failed("daemon-reload", e) from e
         return changes
 
     async def stop_ensure_unit(self, user: str) -> None:
@@ -265,6 +278,45 @@ class TenantSlices:
             await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
         except SystemdError as e:
             log.debug("stopping %s: %s", unit, e)
+
+    async def place_caller(
+        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
+    ) -> str | None:
+        """Enter's placement: move the caller into a scope in the tenant's slice if the
+        policy (systemd.enter_scope, or the call's ``scope``) says so; the scope's name."""
+        tenant_slice = self.slice_of(rec.uid)
+        policy = self.cfg.systemd.enter_scope
+        if not self.available and scope is None:
+            return None  # auto or always, on a host without systemd: nothing to place into
+        # The caller's cgroup matters only to the "auto" policy's own choice.
+        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
+            return None
+        unit = await self.place(rec, pid, open_pidfd)
+        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
+        return unit
+
+    async def is_main_process(self, pid: int) -> bool:
+        """Whether ``pid`` is the main process of the service systemd says it is in.
+
+        A failed question counts as "no": the caller is then moved into the
+        tenant's slice, which keeps the budget (and if systemd is unreachable the
+        placement itself reports that).
+        """
+        bus = self._bus()
+        try:
+            unit = await bus.unit_for_pid(pid)
+            if unit is None or not unit.endswith(".service"):
+                return False
+            main = await bus.get_unit_property(unit, SERVICE, "MainPID")
+        except SystemdError as e:
+            log.debug("main process of pid %d: %s", pid, e)
+            return False
+        return int(main) == pid
 
     async def place(self, rec: TenantRecord, pid: int, open_pidfd: Callable[[], int]) -> str:
         """Move process ``pid`` into a new scope in the tenant's slice; return its name."""
@@ -281,26 +333,29 @@ class TenantSlices:
             await bus.start_scope_for_process(
                 scope, pid, pidfd, props, timeout=self.cfg.systemd.call_timeout
             )
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
             # Nothing to roll back that could hurt the caller: a scope the process
             # never reached, or one it leaves when it exits with our error, is
             # collected (CollectMode); it is never stopped, which would kill it.
-            raise SystemdRequestFailed(scope, e) from e
+            raise _request_failed(scope, e) from e
         finally:
             os.close(pidfd)
         return scope
 
-    async def run(
+    async def start_run(
         self,
         rec: TenantRecord,
         netns_path: str,
         home: str,
         argv: Sequence[str],
         wait: bool,
-    ) -> RunResult:
-        """A transient service as the tenant, in its namespace and slice."""
+    ) -> str:
+        """Start a transient service as the tenant, in its namespace and slice; its
+        name. With ``wait`` the unit stays loaded until ``wait_run`` read how it
+        ended. Split from the wait so the manager starts it under the tenant's lock
+        (a Remove then sees its processes) and waits without holding it."""
         bus = self._bus()
         unit = f"nsd-run-{rec.uid}-{secrets.token_hex(4)}.service"
         try:
@@ -311,7 +366,9 @@ class TenantSlices:
             ("Description", "s", f"{argv[0]} for {rec.name} (nsctl run)"),
             command,
             ("Type", "s", "exec"),
-            ("User", "s", rec.name),
+            # The UID, never the name: NSS could map the recorded name to another
+            # account by now (rename, reuse); the caller checked this UID's identity.
+            ("User", "s", str(rec.uid)),
             ("NetworkNamespacePath", "s", netns_path),
             ("Slice", "s", self.slice_of(rec.uid)),
             ("WorkingDirectory", "s", home),
@@ -320,7 +377,7 @@ class TenantSlices:
         if wait:
             # Keep the unit loaded after it ends until we have read its exit status.
             props.append(("AddRef", "b", True))
-        try:
+        with _request_errors(unit):
             try:
                 await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
             except JobFailed:
@@ -329,33 +386,34 @@ class TenantSlices:
                 # still there and says how it ended, which is the answer wanted.
                 if not wait:
                     raise
-            if not wait:
-                return RunResult(unit, None, None)
+        return unit
+
+    async def wait_run(self, unit: str) -> RunResult:
+        """How a unit ``start_run`` started with ``wait`` ended."""
+        bus = self._bus()
+        with _request_errors(unit):
             try:
                 end = await bus.wait_unit_exit(unit)
             finally:
                 await bus.unref_unit(unit)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
-        except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
         return RunResult(unit, end.exit_status, end.result)
 
 
-class InvalidCommand(NsdError):
-    name = "InvalidCommand"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid command: {reason}", reason=reason)
+@contextlib.contextmanager
+def _request_errors(unit: str) -> Iterator[None]:
+    """systemd's failures as nsd's errors."""
+    try:
+        yield
+    except BusUnavailable as e:
+        raise SystemdUnavailable(str(e)) from e
+    except SystemdError as e:
+        raise _request_failed(unit, e) from e
 
 
 __all__ = [
     "INFINITY",
-    "InvalidCommand",
     "RunResult",
-    "SystemdNotAvailable",
-    "SystemdRequestFailed",
     "TenantSlices",
     "caller_cgroup",
-    "wants_scope",
+    "placement",
 ]

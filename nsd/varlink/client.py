@@ -46,6 +46,31 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
+def _connect(sock: socket.socket, address: str, timeout: float | None) -> None:
+    """connect(), waiting while the service's listen queue is full.
+
+    A blocking socket waits in the kernel; one with a timeout is non-blocking
+    underneath and gets EAGAIN at once when other clients (say, a connect
+    storm of another local user) fill the queue: retry until the timeout.
+    """
+    if timeout is None:
+        sock.connect(address)
+        return
+    import time  # noqa: PLC0415  (only on this path: nsd-exec imports this module)
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{address}: the service's listen queue stayed full") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 class VarlinkClient:
     """A connection to a varlink service on a Unix socket path (``@name``: abstract)."""
 
@@ -54,7 +79,7 @@ class VarlinkClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(address)
+            _connect(sock, address, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise ServiceUnavailable(f"cannot connect to {path}: {e.strerror}") from e
@@ -150,8 +175,34 @@ class VarlinkClient:
         try:
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as e:
+            refusal = self._refusal()
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise VarlinkConnectionError(f"{self.path}: connection lost: {e.strerror}") from e
+
+    def _refusal(self) -> VarlinkError | None:
+        """The error a service that refused us sent before closing (nsd does), if any."""
+        sock = self._sock
+        assert sock is not None
+        buf = bytearray(self._buf)
+        with contextlib.suppress(OSError):
+            while b"\0" not in buf and len(buf) < _RECV_SIZE:
+                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                if not data:
+                    break
+                buf += data
+        frame, nul, _rest = bytes(buf).partition(b"\0")
+        if not nul:
+            return None
+        try:
+            message = json.loads(frame.decode("utf-8"))
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or not isinstance(message.get("error"), str):
+            return None
+        parameters = message.get("parameters")
+        return VarlinkError(message["error"], parameters if isinstance(parameters, dict) else {})
 
     def _reply(self) -> tuple[dict[str, Any], bool]:
         message = self._receive()

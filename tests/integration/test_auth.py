@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import CALL_SCRIPT as _CALL
 from tests.harness import PY, ROOT, Daemon, TestUsers, daemon_env, run
 
 pytestmark = [
@@ -17,23 +18,6 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 DENIED = "org.varlink.service.PermissionDenied"
-
-_CALL = """
-import json, sys
-from nsd.varlink.client import VarlinkClient, VarlinkError
-sock, method, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-try:
-    with VarlinkClient(sock) as c:
-        if method.endswith(".Enter"):
-            reply, fds = c.call_with_fds(method, params)
-        elif method.endswith(".Watch"):
-            reply = next(iter(c.call_more(method, params)))
-        else:
-            reply = c.call(method, params)
-    print(json.dumps({"ok": reply}))
-except VarlinkError as e:
-    print(json.dumps({"error": e.name}))
-"""
 
 
 def call_as(d: Daemon, user: str, method: str, **params: object) -> dict[str, object]:
@@ -142,3 +126,16 @@ def test_watch_of_another_tenant_is_denied_and_audited(
     d, _, who = env
     assert call_as(d, who["alice"], T + "Watch", name=who["bob"]) == {"error": DENIED}
     assert "method=io.nsd.Tenant.Watch" in d.log_text()
+
+
+def test_streams_map_errors_like_calls(env: tuple[Daemon, TestUsers, dict[str, str]]) -> None:
+    # Watch and GetUsage with "more" go through the same error mapping as plain calls.
+    d, _, who = env
+    unknown = f"nsdtx{os.getpid()}"
+    assert call_as(d, "root", T + "Watch", name=unknown) == {"error": T + "NoSuchTenant"}
+    assert call_as(d, "root", T + "GetUsage", name=unknown, _stream=True) == {
+        "error": T + "NoSuchTenant"
+    }
+    assert call_as(d, who["alice"], T + "GetUsage", name=who["bob"], _stream=True) == {
+        "error": DENIED
+    }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nsd.doctor import systemd_is_pid1
-from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
+from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [
     pytest.mark.root,
@@ -23,11 +23,8 @@ T = "io.nsd.Tenant."
 
 @pytest.fixture
 def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        yield d, users
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.log_text()
+    with running_daemon() as env:
+        yield env
 
 
 def addrs(netns: str, ifname: str) -> set[str]:
@@ -262,7 +259,7 @@ def test_watch_streams_events(env: tuple[Daemon, TestUsers]) -> None:
 def test_second_instance_refused_before_touching_host(env: tuple[Daemon, TestUsers]) -> None:
     d, _ = env
     res = run(*d.command(), check=False)
-    assert res.returncode == 1
+    assert res.returncode == 3  # EXIT_STARTUP: a refused start (nsd(8))
     assert "another nsd is running" in res.stderr
     assert d.call(T + "List")["tenants"] == []  # the first one still serves
 
@@ -303,3 +300,25 @@ def test_without_systemd_namespaces_work_and_systemd_methods_say_why(
     assert res.returncode == 1
     assert "systemd is unavailable" in res.stderr and "SystemdUnavailable" in res.stderr
     d.call(T + "Remove", name=name)
+
+
+@pytest.mark.skipif(
+    systemd_is_pid1(),
+    reason="checks the behaviour without systemd; on a systemd host tests/systemd covers it",
+)
+def test_doctor_says_configured_limits_are_not_in_effect_without_systemd() -> None:
+    extra = '[limits]\nmemory_max = "1G"\n\n[network]\nenabled = false\n'
+    with running_daemon(extra=extra) as (d, users):
+        name = users.add()
+        d.call(T + "Create", name=name)  # limits count only when a tenant has them
+        try:
+            res = d.nsctl("--json", "doctor", check=False)
+            checks = {c["name"]: (c["severity"], c["message"]) for c in json.loads(res.stdout)}
+            assert checks["slices"] == (
+                "warning",
+                "tenant slices are unavailable: systemd is not PID 1 on this host; "
+                "configured limits are not in effect",
+            )
+            assert checks["nftables"] == ("ok", "network policy disabled (network.enabled)")
+        finally:
+            d.call(T + "Remove", name=name)

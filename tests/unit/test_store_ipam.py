@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Network
 from pathlib import Path
 
 import pytest
 
 from nsd import config, store
-from nsd.errors import AddressPoolExhausted
+from nsd.errors import AddressConflict, AddressPoolExhausted
 from nsd.ipam import Ipam
 from nsd.model import TenantRecord, TenantState
 
@@ -77,6 +78,19 @@ def test_quarantine_expires(tmp_path: Path) -> None:
     assert add(s, ipam, 1002).ipv4_address == a.ipv4_address
 
 
+def test_purge_deletes_only_leases_whose_quarantine_ended(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path, quarantine_seconds=3600)
+    add(s, ipam, 1001)
+    add(s, ipam, 1002)
+    s.delete(1001, quarantine=True)
+    assert ipam.purge_expired() == 0  # still quarantined: kept
+    assert sorted({r[2] for r in s.lease_rows()}) == [1001, 1002]
+    ipam.cfg = replace(ipam.cfg, quarantine_seconds=0)
+    assert ipam.purge_expired() == 2  # its IPv4 and IPv6 leases; 1002's active ones stay
+    assert [r[2] for r in s.lease_rows()] == [1002, 1002]
+    assert ipam.purge_expired() == 0
+
+
 def test_rollback_delete_frees_at_once(tmp_path: Path) -> None:
     s, ipam = make(tmp_path)
     a = add(s, ipam, 1001)
@@ -98,6 +112,18 @@ def test_uid_strategy_is_deterministic(tmp_path: Path) -> None:
     r = add(s, ipam, 1001)
     assert r.ipv4_address == IPv4Address("10.100.3.233")  # 10.100.0.0 + 1001
     assert r.ipv6_prefix == IPv6Network("fd00:aa:0:3e9::/64")  # subnet id 1001 = 0x3e9
+
+
+def test_uid_strategy_conflict_names_the_address(tmp_path: Path) -> None:
+    # A lease from an earlier "sequential" allocation holds the address uid 1001 derives.
+    s, ipam = make(tmp_path, strategy="uid", ipv4_pool="10.100.0.0/16", ipv6_prefix="fd00:aa::/48")
+    s.insert(rec(2000, IPv4Address("10.100.3.233"), IPv6Network("fd00:aa:0:7::/64")))
+    with pytest.raises(AddressConflict) as info:
+        ipam.allocate(1001)
+    assert info.value.name == "AddressConflict"
+    assert info.value.parameters == {
+        "family": "ipv4", "pool": "10.100.0.0/16", "address": "10.100.3.233"}  # fmt: skip
+    assert s.get(1001) is None  # nothing recorded
 
 
 def test_overlap_with_host_routes(tmp_path: Path) -> None:
@@ -143,6 +169,7 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
     con = sqlite3.connect(tmp_path / "nsd.db")
     con.execute("DROP TABLE tenant_limits")  # what version 1 did not have
     con.execute("DROP TABLE tenant_bandwidth")
+    con.execute("DROP TABLE faults")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     con.commit()
     con.close()
