@@ -1,7 +1,8 @@
-"""A small blocking varlink client, for nsctl and nsd-exec.
+"""A small blocking varlink client, for nsctl and the tests (nsd-exec and pam_nsd
+have their own in C: native/lib).
 
-Kept cheap to import on purpose (nsd-exec runs it on every service start):
-only socket, json and array at run time; typing imports are for mypy only.
+Kept cheap to import on purpose (nsctl runs it on every call): only socket, json
+and array at run time; typing imports are for mypy only.
 
 One call at a time per client; replies are read with ``recvmsg`` always, so
 descriptors the service passes with SCM_RIGHTS are never silently dropped, and

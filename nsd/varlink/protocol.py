@@ -1,7 +1,7 @@
 """Varlink wire-level names and exceptions shared by the server and the clients.
 
-This module is imported by ``nsd-exec`` on every service start, so it must stay
-tiny: no asyncio, no dataclasses, no typing machinery at run time.
+Kept tiny (no asyncio, no dataclasses, no typing machinery at run time): nsctl
+imports it on every call.
 """
 
 from __future__ import annotations

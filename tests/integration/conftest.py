@@ -86,3 +86,15 @@ def running_daemon() -> Iterator[tuple[Daemon, TestUsers]]:
         yield d, users
         if d.proc is not None and d.proc.poll() is None:
             assert d.stop() == 0, d.log_text()
+
+
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[tuple[Daemon, TestUsers]]:
+    """The real daemon, started, with a users factory; one per test module."""
+    with daemon_env() as (d, users):
+        d.start()
+        try:
+            yield d, users
+        finally:
+            d.stop()
+            users.cleanup()

@@ -110,23 +110,6 @@ def test_net_dev_names_decoded_by_the_policy() -> None:
     assert list(devs) == ["nsd\\xff1"] and devs["nsd\\xff1"].tx_bytes == 5
 
 
-def test_pam_module_copy_of_the_rule(tmp_path: Path) -> None:
-    """pam_nsd cannot import nsd; its copy must give the same answers (it raised
-    UnicodeDecodeError on a non-UTF-8 name and split at "\\r")."""
-    from nsd import pam_nsd
-
-    (tmp_path / "7").mkdir()
-    for data in (
-        V1 + b"0::/user.slice/x\r0::" + SLICE + b"\n",
-        V1,
-        b"0::/a/\xff\xfe/b.scope\n",
-        b"0::abc\n1:name=systemd:/x\n",
-        b"",
-    ):
-        (tmp_path / "7" / "cgroup").write_bytes(data)
-        assert pam_nsd.own_cgroup(7, str(tmp_path)) == procscan.parse_cgroup(data)
-
-
 def test_cgroup_walk_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     """A delegated subtree may nest cgroups deeper than Python's recursion limit
     (os.walk recursed in 3.11); names are the tenant's, shown by the decode policy."""
