@@ -37,14 +37,19 @@ class Root:
             lower=lower_q(self.lower), upper=t / "upper", work=t / "work", merged=t / "merged",
             debs=shlex.quote(str(self.debs)),
         )  # fmt: skip
-        inner = "export LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
+        inner = (
+            "export LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive"
+            " PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
+        )
         full = setup + f"exec chroot {t / 'merged'} /bin/sh -ec {shlex.quote(inner + script)}\n"
         res = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", full],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if check:
-            assert res.returncode == 0, f"{script}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
+            assert res.returncode == 0, (
+                f"{script}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
+            )
         return res
 
     def exists(self, path: str) -> bool:

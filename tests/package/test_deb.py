@@ -36,7 +36,8 @@ def test_lintian_reports_no_error_or_warning(debs: dict[str, Path]) -> None:
     assert [line for line in report if line[:2] in ("E:", "W:")] == []
 
 
-def test_installs_with_its_dependencies(root: Root, debs: dict[str, Path]) -> None:
+def test_install_upgrade_remove_purge(root: Root, debs: dict[str, Path]) -> None:
+    """The whole life of the package on one root (one apt session per step)."""
     assert not root.exists("/usr/sbin/nft")  # a minimal root: apt must bring nftables
     install(root, debs["base"])
     out = root.sh(
@@ -63,9 +64,7 @@ def test_installs_with_its_dependencies(root: Root, debs: dict[str, Path]) -> No
     assert out[-3:-1] == ["enabled", "disabled"]
     assert out[-1] == "0"  # pam_nsd.so resolves every library it links
 
-
-def test_upgrade_keeps_configuration_and_state(root: Root, debs: dict[str, Path]) -> None:
-    install(root, debs["base"])
+    # Upgrade: the operator's configuration change and the state survive.
     root.sh(
         "sed -i 's/^#admin_group = .*/admin_group = \"root\"/' /etc/nsd/nsd.toml\n"
         "mkdir -p /var/lib/nsd && echo state > /var/lib/nsd/marker\n"
@@ -76,13 +75,13 @@ def test_upgrade_keeps_configuration_and_state(root: Root, debs: dict[str, Path]
         "cat /var/lib/nsd/marker; nsd --check-config"
     ).stdout.splitlines()
     assert out == [
-        "99.0.0", 'admin_group = "root"', "state", "nsd: configuration OK (/etc/nsd/nsd.toml)"
+        "99.0.0",
+        'admin_group = "root"',
+        "state",
+        "nsd: configuration OK (/etc/nsd/nsd.toml)",
     ]
 
-
-def test_remove_keeps_state_and_purge_removes_it(root: Root, debs: dict[str, Path]) -> None:
-    install(root, debs["base"])
-    root.sh("mkdir -p /var/lib/nsd && echo state > /var/lib/nsd/marker")
+    # Remove keeps configuration and state; purge deletes both.
     root.sh("apt-get -y -qq remove nsd >/dev/null")
     assert not root.exists("/usr/sbin/nsd")
     assert root.exists("/var/lib/nsd/marker") and root.exists("/etc/nsd/nsd.toml")
