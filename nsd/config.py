@@ -18,9 +18,11 @@ from typing import Any
 
 from . import limits as limits_mod
 from . import netpolicy
-from .metrics import DEFAULT_LISTEN, parse_listen
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
+
+#: Where the metrics exporter listens unless metrics.listen says otherwise.
+DEFAULT_LISTEN = "127.0.0.1:9917"
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
@@ -364,6 +366,31 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
+
+    Raises ValueError with a reason for anything else.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
+        if ":" in host:
+            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
+        raise ValueError(f"invalid port {port!r}")
+    if any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"invalid host {host!r}")
+    return host, int(port)
 
 
 def _check_metrics(src: str, m: MetricsConfig) -> None:

@@ -40,13 +40,13 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from . import limits as limits_mod
 from .cgroupstats import MEMORY_EVENTS, MEMORY_STAT_KINDS, PRESSURE_RESOURCES, CgroupStats
+from .config import DEFAULT_LISTEN, parse_listen
 from .model import ReconcileAction
 from .procscan import CLASSES, DEFAULT_HELPERS, ESCAPES
 from .sampler import SOURCES, Sampler, Snapshot, Target, TenantUsage
 
 log = logging.getLogger("nsd.metrics")
 
-DEFAULT_LISTEN = "127.0.0.1:9917"
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TENANT_LABELS = ("tenant", "uid")
@@ -609,31 +609,6 @@ class Exposition:
 
 
 # -- HTTP endpoint ------------------------------------------------------------------------
-
-
-def parse_listen(value: str) -> tuple[str, int] | None:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
-
-    Raises ValueError with a reason for anything else.
-    """
-    value = value.strip()
-    if not value:
-        return None
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep:
-            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
-        if ":" in host:
-            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
-        raise ValueError(f"invalid port {port!r}")
-    if any(c.isspace() or c in "/[]" for c in host):
-        raise ValueError(f"invalid host {host!r}")
-    return host, int(port)
 
 
 _INDEX = (b"<html><head><title>nsd</title></head><body><h1>nsd</h1>"

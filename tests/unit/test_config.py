@@ -128,3 +128,18 @@ def test_limit_checks_report_what_is_not_in_effect(tmp_path: Path) -> None:
     assert "memory-limits" in names
     off = doctor.limit_checks("systemd is not PID 1", None, None, "tenant.slice", used)
     assert off[0].severity == "warning" and "not in effect" in off[0].message
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("127.0.0.1:9917", ("127.0.0.1", 9917)), ("[::1]:9917", ("::1", 9917)),
+     (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
+)  # fmt: skip
+def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
+    assert config.parse_listen(text) == parsed
+
+
+@pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
+def test_parse_listen_refuses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        config.parse_listen(bad)

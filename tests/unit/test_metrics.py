@@ -267,21 +267,6 @@ def test_wants_gzip(header: str | None, want: bool) -> None:
     assert M.wants_gzip(header) is want
 
 
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [("127.0.0.1:9917", ("127.0.0.1", 9917)), ("[::1]:9917", ("::1", 9917)),
-     (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
-)  # fmt: skip
-def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
-    assert M.parse_listen(text) == parsed
-
-
-@pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
-def test_parse_listen_refuses(bad: str) -> None:
-    with pytest.raises(ValueError):
-        M.parse_listen(bad)
-
-
 # -- HTTP ----------------------------------------------------------------------------
 
 
