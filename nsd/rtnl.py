@@ -1,16 +1,16 @@
 """Raw rtnetlink: a blocking ``NETLINK_ROUTE`` socket and the few messages nsd sends and reads.
 
-nsd's own netlink reads and changes (the netns worker thread in nsd/netns.py, the qdisc
+nsd's own netlink reads and changes (the netns worker thread in nsd/netns_worker.py, the qdisc
 reads in nsd/shaping.py) go through plain blocking sockets (:class:`Rtnl`); requests are
 packed and replies unpacked here with ``struct``, only the fields nsd reads, under
 pyroute2's names for fields and attributes, with pyroute2's ``NetlinkError`` for failures.
 :class:`Rtnl` says why this is not pyroute2's synchronous ``IPRoute``, which runs an event
 loop per request; ``IPRoute`` is kept for the requests it builds for us: the creation of a
-veth pair (netns.py) and the tc changes (shaping.py).
+veth pair (netns_links.py) and the tc changes (shaping.py).
 
 Like every netlink socket, an :class:`Rtnl` belongs to the network namespace it was
 created in, for its whole life: a socket for another namespace is made by entering that
-namespace first (netns.py's worker does that).
+namespace first (netns_worker.py does that).
 """
 
 from __future__ import annotations
