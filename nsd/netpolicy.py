@@ -552,10 +552,6 @@ def _prefix(net: IPv4Network | IPv6Network) -> Any:
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
-def _set(values: Sequence[Any]) -> Any:
-    return values[0] if len(values) == 1 else {"set": list(values)}
-
-
 def _ref(name: str) -> str:
     return "@" + name
 
