@@ -830,11 +830,6 @@ class Systemd:
         (props,) = await self._call("GetAll", "s", [interface], path=path, interface=PROPERTIES)
         return {key: _unwrap(value) for key, value in props.items()}
 
-    async def get_unit_property(self, name: str, interface: str, prop: str) -> Any:
-        path = await self.load_unit(name)
-        (value,) = await self._call("Get", "ss", [interface, prop], path=path, interface=PROPERTIES)
-        return _unwrap(value)
-
     async def revert_unit_files(self, names: Iterable[str]) -> list[tuple[str, str, str]]:
         """Remove the units' drop-ins and overrides in /etc and /run (``systemctl revert``).
 
@@ -857,10 +852,6 @@ class Systemd:
 
     async def kill_unit(self, name: str, whom: str = "all", signal: int = 15) -> None:
         await self._call("KillUnit", "ssi", [name, whom, signal])
-
-    async def abandon_scope(self, name: str) -> None:
-        """Stop tracking a scope's processes (they stay, the unit goes away)."""
-        await self._call("Abandon", "", [], path=unit_object_path(name), interface=SCOPE)
 
     async def unref_unit(self, name: str) -> None:
         """Drop the reference taken with the ``AddRef`` property."""

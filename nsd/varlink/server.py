@@ -247,10 +247,6 @@ class VarlinkServer:
         self._listener = sock
         self._resume_accepting()
 
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
     # ---------------------------------------------------------------- accepting
 
     def _resume_accepting(self) -> None:
