@@ -38,6 +38,7 @@ from dbus_fast.service import (
 )
 
 from nsd import systemd as sd
+from nsd import systemd_props
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dbus-daemon") is None, reason="needs dbus-daemon (Debian package dbus-daemon)"
@@ -368,8 +369,8 @@ async def test_job_removed_before_the_reply_is_not_missed(
     for i in range(20):
         with quick():
             await start_ok(adapter, f"fast-{i}.scope")
-    assert not adapter._early_jobs  # nothing kept once no job call is in flight
-    assert not adapter._job_waiters
+    assert not adapter.jobs.early  # nothing kept once no job call is in flight
+    assert not adapter.jobs.waiters
 
 
 async def test_a_30s_delay_times_out_and_the_adapter_keeps_serving(
@@ -389,7 +390,7 @@ async def test_a_job_that_never_ends_times_out(adapter: sd.Systemd, fake: FakeSy
     with quick(), pytest.raises(sd.SystemdTimeout) as err:
         await adapter.start_transient_unit("stuck.scope", SCOPE_PROPS, timeout=FAST)
     assert "did not finish" in err.value.message
-    assert not adapter._job_waiters
+    assert not adapter.jobs.waiters
     fake.behaviour.job_signal = "after"
     await start_ok(adapter)
 
@@ -626,7 +627,7 @@ def test_exec_start_passes_argv_verbatim() -> None:
 
 def test_marshal_fds() -> None:
     fds: list[int] = []
-    out = sd._marshal_properties(
+    out = systemd_props.marshal_properties(
         [
             ("PIDFDs", "ah", [sd.Fd(7), sd.Fd(9)]),
             ("StandardInputFileDescriptor", "h", sd.Fd(3)),
@@ -638,7 +639,7 @@ def test_marshal_fds() -> None:
     assert out[0][1] == Variant("ah", [0, 1])
     assert out[1][1] == Variant("h", 2)
     with pytest.raises(ValueError, match="PIDFDs"):
-        sd._marshal_properties([("PIDFDs", "ah", [7])], [])
+        systemd_props.marshal_properties([("PIDFDs", "ah", [7])], [])
 
 
 async def test_a_malformed_call_is_an_error_not_a_lost_bus(
@@ -663,7 +664,7 @@ async def test_job_removed_from_anyone_but_systemd_is_ignored(
             adapter.start_transient_unit("x.scope", SCOPE_PROPS, timeout=FAST)
         )
         await asyncio.sleep(FAST / 4)  # the job is queued and waited for
-        assert list(adapter._job_waiters) == ["/org/freedesktop/systemd1/job/1"]
+        assert list(adapter.jobs.waiters) == ["/org/freedesktop/systemd1/job/1"]
         for i in range(1, 4):
             await rogue.send(
                 Message(
