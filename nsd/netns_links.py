@@ -27,9 +27,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from nsd.netns_spec import NetnsError, NetworkSpec, kernel_step
 from nsd.rtnl import (
-    IFA_F_DADFAILED,
-    RT_SCOPE_LINK,
-    RT_TABLE_MAIN,
     RouteSpec,
     Rtnl,
     dump_addrs,
@@ -41,6 +38,7 @@ from nsd.rtnl import (
     route_dst,
     route_table,
 )
+from nsd.rtnl_wire import IFA_F_DADFAILED, RT_SCOPE_LINK, RT_TABLE_MAIN
 
 
 def find_pair(host_nl: Rtnl, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tuple[Any, Any]:

@@ -30,7 +30,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETQDISC
 
 from .policy_plan import HTB_HANDLE, HTB_LIMITED
-from .rtnl import NlMsg, Rtnl, cstr, get_link, nlattrs
+from .rtnl import Rtnl, get_link
+from .rtnl_wire import NlMsg, cstr, nlattrs
 
 TC_H_ROOT = 0xFFFFFFFF
 DEFAULT_LIMITED = HTB_LIMITED & 0xFFFF
