@@ -101,6 +101,7 @@ class Exposition:
         plain, packed = self._snapshot_part(self._snapshot(), openmetrics, use_gzip)
         live = (generate_openmetrics if openmetrics else generate_text)(self._live)
         if use_gzip:
-            assert packed is not None
+            if packed is None:  # _snapshot_part compresses whenever asked to
+                raise RuntimeError("no compressed snapshot part")
             return packed + gzip.compress(live, compresslevel=6, mtime=0)
         return plain + live

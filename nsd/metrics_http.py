@@ -50,7 +50,8 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int]:
         """The bound address (useful with port 0)."""
-        assert self._server is not None and self._server.sockets
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the metrics endpoint is not listening")
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
