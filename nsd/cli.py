@@ -1,7 +1,8 @@
 """nsctl: the admin CLI, in the style of machinectl, ip netns and systemctl.
 
 Tables for people by default, ``--json`` for scripts (``nsctl list --json`` is
-the address map a proxy generator consumes). Exit status 0 on success and 1 on
+the address map a proxy generator consumes). Options may stand anywhere on the
+line, before or after the command, as with systemctl. Exit status 0 on success and 1 on
 failure, with one line on stderr that names the varlink error.
 """
 
@@ -330,11 +331,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--socket`` and ``--json``, accepted before and after the command.
+
+    systemctl and machinectl users write ``nsctl show alice --json``. Every
+    subparser takes the options too, with ``SUPPRESS`` as its default so that an
+    option given before the command is not reset by the subparser's default.
+    """
+    sock_default = os.environ.get("NSD_SOCKET", DEFAULT_SOCKET) if defaults else argparse.SUPPRESS
+    p.add_argument("--socket", default=sock_default,
+                   help=f"varlink socket (default {DEFAULT_SOCKET}, or $NSD_SOCKET)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output",
+                   default=False if defaults else argparse.SUPPRESS)  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nsctl", description="Manage nsd tenants.")
-    p.add_argument("--socket", default=os.environ.get("NSD_SOCKET", DEFAULT_SOCKET),
-                   help=f"varlink socket (default {DEFAULT_SOCKET}, or $NSD_SOCKET)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("create", "create a tenant for an existing Unix user"),
@@ -381,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
                        help="also list helper processes (sd-pam, su, sudo, ...)")  # fmt: skip
     w = sub.add_parser("watch", help="stream tenant events")
     w.add_argument("user", nargs="?")
+    for command in sub.choices.values():
+        _global_options(command, defaults=False)
     return p
 
 

@@ -42,12 +42,18 @@ from .varlink.server import Limits, VarlinkServer
 
 log = logging.getLogger("nsd")
 
+# Exit statuses (nsd(8), EXIT STATUS). 2 and 3 name problems an operator must fix
+# (the configuration, a missing package, overlapping pools, another daemon on the
+# socket): nsd.service lists them in RestartPreventExitStatus=, so systemd does
+# not restart into the same error every few seconds. 1 is anything unexpected,
+# where a restart may help.
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-EXIT_STARTUP = 1
+EXIT_STARTUP = 3
 
 
 class StartupError(Exception):
-    """A reason the daemon cannot start, for humans; logged, exit status 1."""
+    """A reason the daemon cannot start, for humans; logged, exit status 3."""
 
 
 class Daemon:
@@ -416,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         # A bug, or a host failure nothing anticipated: say so once, with the
         # traceback, and exit non-zero so systemd's Restart= policy applies.
         log.exception("nsd stopped on an unexpected error")
-        return EXIT_STARTUP
+        return EXIT_FAILURE
     return 0
 
 
