@@ -29,8 +29,8 @@ import pytest
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
+from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import (
-    PropertyAccess,
     ServiceInterface,
     dbus_method,
     dbus_property,
@@ -218,13 +218,14 @@ class FakeManager(ServiceInterface):
     async def StopUnit(self, name: DBusStr, mode: DBusStr) -> Annotated[str, DBusSignature("o")]:
         return await self._job(name)
 
+    # No return annotation: dbus-fast reads "-> None" as a return signature of None
     @dbus_method()
-    def SetUnitProperties(
+    def SetUnitProperties(  # type: ignore[no-untyped-def]
         self,
         name: DBusStr,
         runtime: Annotated[bool, DBusSignature("b")],
         properties: Annotated[list[Any], DBusSignature("a(sv)")],
-    ):  # type: ignore[no-untyped-def]
+    ):
         self.fake.unit_props.setdefault(name, {}).update(
             {key: value.value for key, value in properties}
         )
@@ -276,7 +277,8 @@ class FakeBus(MessageBus):
 
     gone = False
 
-    def send(self, msg: Message) -> asyncio.Future[None]:
+    # dbus-fast's aio bus returns a future from send(); its base class is typed None
+    def send(self, msg: Message) -> asyncio.Future[None]:  # type: ignore[override]
         if self.gone:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)

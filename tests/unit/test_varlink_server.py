@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import varlink  # type: ignore[import-untyped]
+import varlink
 
 from nsd.varlink import idl
 from nsd.varlink.client import VarlinkClient
