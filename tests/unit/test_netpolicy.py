@@ -56,6 +56,32 @@ def sets(doc: dict[str, Any]) -> dict[str, list[Any]]:
     }
 
 
+#: a [network] table with most keys set (egress and dns spelt out at their defaults)
+FULL = """
+[network]
+uplinks = ["eth0", "eth1"]
+egress = "masquerade"
+snat = { u1 = "203.0.113.7", u2 = ["203.0.113.8", "2001:db8::8"] }
+allow = [["u1", "u2"]]
+conntrack_limit = 5000
+dns = true
+[[network.host_services]]
+name = "mysql"
+host = "127.0.0.1:3306"
+tenant_address = "127.0.0.1:3306"
+protocols = ["tcp"]
+[[network.host_services]]
+name = "syslog"
+host = "127.0.0.1:514"
+tenant_address = "gateway:514"
+protocols = ["udp", "tcp"]
+source = "tenant"
+[network.bandwidth]
+egress_mbit = 10
+ingress_mbit = 2.5
+"""
+
+
 # -- configuration ---------------------------------------------------------------------
 
 
@@ -67,34 +93,10 @@ def test_defaults() -> None:
 
 
 def test_full_config() -> None:
-    c = cfg(
-        """
-        [network]
-        uplinks = ["eth0", "eth1"]
-        egress = "masquerade"
-        snat = { alice = "203.0.113.7", bob = ["203.0.113.8", "2001:db8::8"] }
-        allow = [["alice", "bob"]]
-        conntrack_limit = 5000
-        dns = true
-        [[network.host_services]]
-        name = "mysql"
-        host = "127.0.0.1:3306"
-        tenant_address = "127.0.0.1:3306"
-        protocols = ["tcp"]
-        [[network.host_services]]
-        name = "syslog"
-        host = "127.0.0.1:514"
-        tenant_address = "gateway:514"
-        protocols = ["udp", "tcp"]
-        source = "tenant"
-        [network.bandwidth]
-        egress_mbit = 10
-        ingress_mbit = 2.5
-        """
-    )
+    c = cfg(FULL)
     assert c.uplinks == ("eth0", "eth1")
-    assert c.snat["bob"] == (IPv4Address("203.0.113.8"), IPv6Address("2001:db8::8"))
-    assert c.allow == (("alice", "bob"),)
+    assert c.snat["u2"] == (IPv4Address("203.0.113.8"), IPv6Address("2001:db8::8"))
+    assert c.allow == (("u1", "u2"),)
     assert c.dns == "auto"
     mysql, syslog = c.host_services
     assert mysql.tenant == IPv4Address("127.0.0.1") and mysql.snat_loopback
@@ -201,28 +203,6 @@ def test_host_document_replaces_the_whole_table_first() -> None:
     assert kinds.index("rule") > max(i for i, k in enumerate(kinds) if k in ("chain", "set"))
     json.dumps(doc)  # serialisable as is
 
-
-FULL = """
-[network]
-uplinks = ["eth0", "eth1"]
-snat = { u1 = "203.0.113.7", u2 = ["203.0.113.8", "2001:db8::8"] }
-allow = [["u1", "u2"]]
-conntrack_limit = 5000
-[[network.host_services]]
-name = "mysql"
-host = "127.0.0.1:3306"
-tenant_address = "127.0.0.1:3306"
-protocols = ["tcp"]
-[[network.host_services]]
-name = "syslog"
-host = "127.0.0.1:514"
-tenant_address = "gateway:514"
-protocols = ["udp", "tcp"]
-source = "tenant"
-[network.bandwidth]
-egress_mbit = 10
-ingress_mbit = 2.5
-"""
 
 #: scenario -> (the [network] table, the tenants); each has a golden file
 #: tests/fixtures/golden/netpolicy/host-<scenario>.json holding the whole host table
