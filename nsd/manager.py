@@ -43,6 +43,7 @@ from .errors import (
     UidOutOfRange,
     WatcherTooSlow,
 )
+from .faults import Fault
 from .ipam import Ipam
 from .model import (
     ReconcileAction,
@@ -53,7 +54,14 @@ from .model import (
     TenantView,
 )
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
-from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
+from .slices import (
+    MOVE_UNLESS_MAIN,
+    STAY,
+    RunResult,
+    TenantSlices,
+    caller_cgroup,
+    placement,
+)
 
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
@@ -216,20 +224,23 @@ class TenantManager:
             with contextlib.suppress(NetnsError):
                 fd = self.net.open_namespace(self.netns_path(rec.netns_name))
         if fd is None:
-            absent = rec is None or rec.state is TenantState.REMOVING
-            if absent and not (self.cfg.tenants.enter_creates if create is None else create):
-                raise NoSuchTenant(name)
+            # Whether this call may create is decided under the tenant's lock, from
+            # the state any running operation (a Remove) left: deciding here, from a
+            # record the lock holder is about to change, brought removed tenants back.
+            may_create = self.cfg.tenants.enter_creates if create is None else create
             # Creates, finishes or repairs under the tenant's lock; 64 callers
             # racing for a new tenant queue here and all get the one namespace.
-            await self._ensure(name, allow_existing=True)
-            rec = self.store.get(user.uid)
-            assert rec is not None
-            try:
-                fd = self.net.open_namespace(self.netns_path(rec.netns_name))
-            except NetnsError as e:
-                raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
-            except OSError as e:
-                raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
+            async with self._operation(user.uid, name):
+                view, _ = await self._ensure_held(
+                    user, name, allow_existing=True, may_create=may_create
+                )
+                rec = view.record
+                try:
+                    fd = self.net.open_namespace(view.namespace_path)
+                except NetnsError as e:
+                    raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
+                except OSError as e:
+                    raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
         assert rec is not None
         placed = None
         try:
@@ -250,7 +261,11 @@ class TenantManager:
             return None  # auto or always, on a host without systemd: nothing to place into
         # The caller's cgroup matters only to the "auto" policy's own choice.
         cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
-        if not wants_scope(policy, scope, cgroup, tenant_slice):
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.slices.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
             return None
         unit = await self.slices.place(rec, pid, open_pidfd)
         log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
@@ -259,40 +274,55 @@ class TenantManager:
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)
         async with self._operation(user.uid, name):
-            rec = self.store.get(user.uid)
-            if rec is not None:
-                if rec.name != name:
-                    raise TenantIdentityChanged(
-                        name, rec.uid, rec.name,
-                        f"uid {rec.uid} was recorded as {rec.name} and is now {name}",
-                    )  # fmt: skip
-                if not allow_existing and rec.state is not TenantState.CREATING:
-                    raise TenantExists(name)
-                if rec.state is TenantState.REMOVING:
-                    # A removal was interrupted; finish it before creating anew.
-                    await self._teardown(rec)
-                    rec = None
-            if rec is None:
-                stale = self.store.get_by_name(name)
-                if stale is not None:
-                    raise TenantIdentityChanged(
-                        name, stale.uid, stale.name,
-                        f"user {name} now has uid {user.uid}, recorded uid {stale.uid}",
-                    )  # fmt: skip
-                rec = self._record_intent(user)
-                # A namespace that appeared since the intent was recorded is not
-                # adopted behind the operator's back.
-                await self._build(rec, rollback=True, adopt=rec.adopted)
-                created, actions = True, tuple[str, ...]()
-            else:
-                actions = await self._build(rec, rollback=False)
-                created = False
-            rec = self.store.get(user.uid)
-            assert rec is not None
-            view = self.view(rec, check_identity=False)
-            if created or actions:
-                self._emit("created" if created else "changed", view)
-            return view, created
+            return await self._ensure_held(user, name, allow_existing=allow_existing)
+
+    async def _ensure_held(
+        self, user: users.User, name: str, *, allow_existing: bool, may_create: bool = True
+    ) -> tuple[TenantView, bool]:
+        """Create, finish or repair tenant ``user``; the caller holds its lock.
+
+        ``may_create`` false: a tenant that is absent or being removed is
+        ``NoSuchTenant`` and nothing changes (an interrupted creation is finished:
+        somebody asked for it).
+        """
+        rec = self.store.get(user.uid)
+        if rec is not None:
+            if rec.name != name:
+                raise TenantIdentityChanged(
+                    name, rec.uid, rec.name,
+                    f"uid {rec.uid} was recorded as {rec.name} and is now {name}",
+                )  # fmt: skip
+            if not allow_existing and rec.state is not TenantState.CREATING:
+                raise TenantExists(name)
+            if rec.state is TenantState.REMOVING:
+                if not may_create:
+                    raise NoSuchTenant(name)
+                # A removal was interrupted; finish it before creating anew.
+                await self._teardown(rec)
+                rec = None
+        if rec is None:
+            if not may_create:
+                raise NoSuchTenant(name)
+            stale = self.store.get_by_name(name)
+            if stale is not None:
+                raise TenantIdentityChanged(
+                    name, stale.uid, stale.name,
+                    f"user {name} now has uid {user.uid}, recorded uid {stale.uid}",
+                )  # fmt: skip
+            rec = self._record_intent(user)
+            # A namespace that appeared since the intent was recorded is not
+            # adopted behind the operator's back.
+            await self._build(rec, rollback=True, adopt=rec.adopted)
+            created, actions = True, tuple[str, ...]()
+        else:
+            actions = await self._build(rec, rollback=False)
+            created = False
+        rec = self.store.get(user.uid)
+        assert rec is not None
+        view = self.view(rec, check_identity=False)
+        if created or actions:
+            self._emit("created" if created else "changed", view)
+        return view, created
 
     def _record_intent(self, user: users.User) -> TenantRecord:
         netns_name = names.netns_name(self.cfg.netns.name_template, user.name, user.uid)
@@ -419,6 +449,7 @@ class TenantManager:
     ) -> dict[str, Any]:
         rec = self._existing(name)
         async with self._operation(rec.uid, name):
+            rec = self._held_record(rec.uid, name)
             old_e, old_i = self.store.bandwidth_override(rec.uid)
             new_e = None if "egress" in reset else (egress if egress is not None else old_e)
             new_i = None if "ingress" in reset else (ingress if ingress is not None else old_i)
@@ -444,6 +475,7 @@ class TenantManager:
         """Change overrides (None resets a field to the default), apply them live, persist."""
         rec = self._existing(name)
         async with self._operation(rec.uid, name):
+            rec = self._held_record(rec.uid, name)
             overrides = self.store.limit_overrides(rec.uid)
             for field, value in changes.items():
                 if value is None:
@@ -468,9 +500,32 @@ class TenantManager:
     async def run(self, name: str, argv: Sequence[str], wait: bool) -> RunResult:
         rec = self._existing(name)
         user = self.resolve_user(name)
-        if rec.state is not TenantState.READY:
-            await self._ensure(name, allow_existing=True)
-        return await self.slices.run(rec, self.netns_path(rec.netns_name), user.home, argv, wait)
+        # Started under the lock: a Remove queued behind it then finds the unit's
+        # processes (TenantBusy), and one ahead of it leaves nothing to start in.
+        async with self._operation(rec.uid, name):
+            rec = self._held_record(rec.uid, name)
+            if rec.state is not TenantState.READY:  # finish an interrupted creation
+                view, _ = await self._ensure_held(user, name, allow_existing=True, may_create=False)
+                rec = view.record
+            unit = await self.slices.start_run(
+                rec, self.netns_path(rec.netns_name), user.home, argv, wait
+            )
+        if not wait:
+            return RunResult(unit, None, None)
+        return await self.slices.wait_run(unit)
+
+    def _held_record(self, uid: int, name: str, *, removing: bool = False) -> TenantRecord:
+        """The record of ``name`` as it is now; the caller holds the tenant's lock.
+
+        Callers look the record up before they queue for the lock; the operation
+        ahead of them may have removed it (or removed and re-created it for another
+        user name). Acting on the stale copy re-created slices and nft elements of
+        removed tenants, so every mutation checks again here.
+        """
+        rec = self.store.get(uid)
+        if rec is None or rec.name != name or (rec.state is TenantState.REMOVING and not removing):
+            raise NoSuchTenant(name)
+        return rec
 
     def _existing(self, name: str) -> TenantRecord:
         reason = names.check_user_name(name)
@@ -498,11 +553,9 @@ class TenantManager:
     async def remove(self, name: str, force: bool) -> None:
         uid = self._existing(name).uid
         async with self._operation(uid, name):
-            # Again under the lock: a queued operation may have changed it.
-            current = self.store.get(uid)
-            if current is None or current.name != name:
-                raise NoSuchTenant(name)
-            rec = current
+            # Again under the lock: a queued operation may have changed it (a
+            # record left "removing" by a crash is finished here).
+            rec = self._held_record(uid, name, removing=True)
             self._removing.add(rec.uid)
             try:
                 await self._stop_processes(rec, force)
@@ -687,15 +740,18 @@ class TenantManager:
 
     # -- watch -----------------------------------------------------------------
 
-    async def watch(self, uid: int | None) -> AsyncIterator[tuple[str, TenantView | None]]:
-        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name)."""
+    async def watch(
+        self, uid: int | None
+    ) -> AsyncIterator[tuple[str, TenantView | None, Fault | None]]:
+        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name):
+        (kind, tenant, the fault for kind "fault")."""
         queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
         self._watchers.add(queue)
         try:
             for rec in self.store.all():
                 if uid is None or rec.uid == uid:
-                    yield "existing", self.view(rec)
-            yield "synced", None
+                    yield "existing", self.view(rec), None
+            yield "synced", None, None
             while True:
                 event = await queue.get()
                 if event is None:
@@ -703,12 +759,20 @@ class TenantManager:
                         raise ShuttingDown()
                     raise WatcherTooSlow()
                 if uid is None or event.view.record.uid == uid:
-                    yield event.kind, event.view
+                    yield event.kind, event.view, event.fault
         finally:
             self._watchers.discard(queue)
 
-    def _emit(self, kind: str, view: TenantView) -> None:
-        event = TenantEvent(kind, view)
+    def emit_fault(self, fault: Fault) -> None:
+        """A Watch event for a recorded fault (nsd.faultrecord), if the tenant is
+        still the one the fault was recorded for."""
+        rec = self.store.get(fault.uid)
+        if rec is None or rec.name != fault.tenant:
+            return
+        self._emit("fault", self.view(rec, check_identity=False), fault)
+
+    def _emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
+        event = TenantEvent(kind, view, fault)
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(event)

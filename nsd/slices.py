@@ -15,11 +15,12 @@ in, so nsd then never treats a slice it has no tenant for as its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import limits as limits_mod
@@ -30,6 +31,7 @@ from .model import TenantRecord
 from .procscan import parse_cgroup
 from .systemd import (
     INFINITY,
+    SERVICE,
     JobFailed,
     Property,
     Systemd,
@@ -80,26 +82,48 @@ def caller_cgroup(pid: int, proc: str = "/proc") -> str | None:
         return None
 
 
-def wants_scope(policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str) -> bool:
+#: What the placement policy makes of an Enter caller (``placement``).
+STAY = "stay"
+MOVE = "move"
+#: Inside a service: stays only if it is the service's main process (ask systemd).
+MOVE_UNLESS_MAIN = "move_unless_main"
+
+
+def placement(
+    policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str, tenant_uid: int
+) -> str:
     """Whether Enter should move the caller into a scope in the tenant's slice.
 
-    ``auto`` keeps processes that already belong somewhere deliberate: anything
-    inside the tenant's slice (a service with ``Slice=``), and any service's
-    processes - its main process must stay in its unit, and a process
-    manager's children (supervisord) must stay where stopping the manager
-    reaches them. Sessions (cron jobs, shells) and unit-less processes move.
+    ``auto`` keeps the budget: every process that enters a tenant goes into the
+    tenant's slice, except those already there and two that must stay home:
+
+    * a unit's own main process (``ExecStart=nsd-exec ...``): moving it out of
+      its unit would leave the unit empty, and systemd would consider it gone.
+      Its unit belongs in the tenant's slice through the ``Slice=`` drop-in of a
+      template marked ``X-NSD-Tenant=yes``; the audit reports it if it is not.
+      Only systemd knows the main PID, so this returns MOVE_UNLESS_MAIN;
+    * the tenant's own user manager (``user@UID.service``), which the audit
+      counts as legitimate too.
+
+    Everything else moves, in particular a service's *other* processes: a job
+    of root's crontab (cron.service: Debian's cron jobs have no logind
+    session), a program of a root supervisord, a oneshot script's child.
+    Before, ``auto`` left those in the calling service, where the tenant's work
+    escaped its memory, CPU and task limits and counted against the service.
     """
     if requested is not None:
-        return requested
+        return MOVE if requested else STAY
     if policy != "auto":
-        return policy == "always"
+        return MOVE if policy == "always" else STAY
     if cgroup is None:
-        return True
+        return MOVE
     parts = [p for p in cgroup.split("/") if p]
-    if tenant_slice in parts:
-        return False
+    if tenant_slice in parts or f"user@{tenant_uid}.service" in parts:
+        return STAY
     units = [p for p in parts if p.endswith((".service", ".scope"))]
-    return not (units and units[-1].endswith(".service"))
+    if units and units[-1].endswith(".service"):
+        return MOVE_UNLESS_MAIN
+    return MOVE
 
 
 class TenantSlices:
@@ -266,6 +290,24 @@ class TenantSlices:
         except SystemdError as e:
             log.debug("stopping %s: %s", unit, e)
 
+    async def is_main_process(self, pid: int) -> bool:
+        """Whether ``pid`` is the main process of the service systemd says it is in.
+
+        A failed question counts as "no": the caller is then moved into the
+        tenant's slice, which keeps the budget (and if systemd is unreachable the
+        placement itself reports that).
+        """
+        bus = self._bus()
+        try:
+            unit = await bus.unit_for_pid(pid)
+            if unit is None or not unit.endswith(".service"):
+                return False
+            main = await bus.get_unit_property(unit, SERVICE, "MainPID")
+        except SystemdError as e:
+            log.debug("main process of pid %d: %s", pid, e)
+            return False
+        return int(main) == pid
+
     async def place(self, rec: TenantRecord, pid: int, open_pidfd: Callable[[], int]) -> str:
         """Move process ``pid`` into a new scope in the tenant's slice; return its name."""
         bus = self._bus()
@@ -292,15 +334,18 @@ class TenantSlices:
             os.close(pidfd)
         return scope
 
-    async def run(
+    async def start_run(
         self,
         rec: TenantRecord,
         netns_path: str,
         home: str,
         argv: Sequence[str],
         wait: bool,
-    ) -> RunResult:
-        """A transient service as the tenant, in its namespace and slice."""
+    ) -> str:
+        """Start a transient service as the tenant, in its namespace and slice; its
+        name. With ``wait`` the unit stays loaded until ``wait_run`` read how it
+        ended. Split from the wait so the manager starts it under the tenant's lock
+        (a Remove then sees its processes) and waits without holding it."""
         bus = self._bus()
         unit = f"nsd-run-{rec.uid}-{secrets.token_hex(4)}.service"
         try:
@@ -320,7 +365,7 @@ class TenantSlices:
         if wait:
             # Keep the unit loaded after it ends until we have read its exit status.
             props.append(("AddRef", "b", True))
-        try:
+        with _request_errors(unit):
             try:
                 await bus.start_transient_unit(unit, props, timeout=self.cfg.systemd.call_timeout)
             except JobFailed:
@@ -329,17 +374,28 @@ class TenantSlices:
                 # still there and says how it ended, which is the answer wanted.
                 if not wait:
                     raise
-            if not wait:
-                return RunResult(unit, None, None)
+        return unit
+
+    async def wait_run(self, unit: str) -> RunResult:
+        """How a unit ``start_run`` started with ``wait`` ended."""
+        bus = self._bus()
+        with _request_errors(unit):
             try:
                 end = await bus.wait_unit_exit(unit)
             finally:
                 await bus.unref_unit(unit)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
-        except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
         return RunResult(unit, end.exit_status, end.result)
+
+
+@contextlib.contextmanager
+def _request_errors(unit: str) -> Iterator[None]:
+    """systemd's failures as nsd's errors."""
+    try:
+        yield
+    except SystemdUnavailable as e:
+        raise SystemdNotAvailable(str(e)) from e
+    except SystemdError as e:
+        raise SystemdRequestFailed(unit, e) from e
 
 
 class InvalidCommand(NsdError):
@@ -357,5 +413,5 @@ __all__ = [
     "SystemdRequestFailed",
     "TenantSlices",
     "caller_cgroup",
-    "wants_scope",
+    "placement",
 ]

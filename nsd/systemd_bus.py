@@ -410,3 +410,9 @@ class SystemdBus:
         path = await self.load_unit(name)
         (props,) = await self.call("GetAll", "s", [interface], path=path, interface=PROPERTIES)
         return {key: unwrap(value) for key, value in props.items()}
+
+    async def get_unit_property(self, name: str, interface: str, prop: str) -> Any:
+        """One property of ``interface`` of a unit (loading it if needed)."""
+        path = await self.load_unit(name)
+        (value,) = await self.call("Get", "ss", [interface, prop], path=path, interface=PROPERTIES)
+        return unwrap(value)

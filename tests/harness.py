@@ -271,3 +271,13 @@ def daemon_env(run_dir: str = "/run/netns", extra: str = "") -> Iterator[tuple[D
             unmount_files(leftovers)
             users.cleanup()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_daemon(extra: str = "") -> Iterator[tuple[Daemon, TestUsers]]:
+    """``daemon_env`` with the daemon started, and stopped cleanly at the end."""
+    with daemon_env(extra=extra) as (d, users):
+        d.start()
+        yield d, users
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0, d.log_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nsd.doctor import systemd_is_pid1
-from tests.harness import Daemon, TestUsers, daemon_env, mounts_under, netns_inode, run, uid_of
+from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [
     pytest.mark.root,
@@ -23,11 +23,8 @@ T = "io.nsd.Tenant."
 
 @pytest.fixture
 def env() -> Iterator[tuple[Daemon, TestUsers]]:
-    with daemon_env() as (d, users):
-        d.start()
-        yield d, users
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0, d.log_text()
+    with running_daemon() as env:
+        yield env
 
 
 def addrs(netns: str, ifname: str) -> set[str]:
@@ -271,7 +268,7 @@ def test_watch_streams_events(env: tuple[Daemon, TestUsers]) -> None:
 def test_second_instance_refused_before_touching_host(env: tuple[Daemon, TestUsers]) -> None:
     d, _ = env
     res = run(*d.command(), check=False)
-    assert res.returncode == 3  # a refused start (docs/operator-guide.md, exit status)
+    assert res.returncode == 3  # EXIT_STARTUP: a refused start (nsd(8))
     assert "another nsd is running" in res.stderr
     assert d.call(T + "List")["tenants"] == []  # the first one still serves
 
