@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, faultapi, netpolicy
 from . import limits as limits_mod
-from .errors import NoSuchTenant, NsdError, PermissionDenied
+from .auditlog import AuditLog
+from .errors import NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
 from .sampler import Snapshot, UsageUnavailable, audit_reply, escaped_by_tenant, usage_reply
-from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
+from .varlink.server import Call, Handler, Peer, PeerClass, Reply, VarlinkError
 
 if TYPE_CHECKING:
     from .metrics import MetricsService
@@ -84,12 +85,15 @@ class Api:
         routes: Callable[[], Awaitable[list[Any]]],
         degraded: list[str],
         metrics: MetricsService | None = None,
+        *,
+        audit_log: AuditLog | None = None,
     ) -> None:
         self.manager = manager
         self.admin_gid = admin_gid
         self._routes = routes
         self._degraded = degraded
         self._metrics = metrics
+        self._audit_log = audit_log or AuditLog(audit, burst=10, rate=1.0)
 
     # -- authorization -----------------------------------------------------------
 
@@ -98,6 +102,14 @@ class Api:
             return True
         gid = self.admin_gid
         return gid is not None and (peer.gid == gid or gid in peer.groups)
+
+    def peer_class(self, peer: Peer) -> PeerClass:
+        """The varlink server's admission class of a peer (see nsd.varlink.policy)."""
+        if self.is_admin(peer):
+            return PeerClass.PRIVILEGED
+        if self.manager.store.get(peer.uid) is not None:
+            return PeerClass.TENANT
+        return PeerClass.OTHER
 
     def _require_admin(self, call: Call) -> None:
         if not self.is_admin(call.peer):
@@ -163,17 +175,16 @@ class Api:
         return handler
 
     def _audit(self, call: Call, result: str) -> None:
-        # The tenant name comes from the caller: repr() quotes and escapes it, so
-        # a name with a newline cannot forge a second audit line in the journal.
-        name = call.parameters.get("name")
-        audit.info(
-            "uid=%d pid=%d method=%s.%s tenant=%s result=%s",
+        # The tenant name comes from the caller: AuditLog bounds and escapes it,
+        # so a name with a newline cannot forge a second audit line in the
+        # journal, and rate-limits refusals so a loop cannot flood it.
+        self._audit_log.record(
             call.peer.uid,
             call.peer.pid,
-            call.interface,
-            call.method,
-            "-" if name is None else repr(name),
+            f"{call.interface}.{call.method}",
+            call.parameters.get("name"),
             result,
+            refused=result != "ok",
         )
 
     # -- io.nsd.Tenant -----------------------------------------------------------
@@ -196,7 +207,10 @@ class Api:
     async def get(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        return {"tenant": tenant_json(self.manager.get(name))}
+        # An operator sees a tenant whose user changed identity, with the change in
+        # its problems (to resolve it); the tenant's own UID is refused.
+        view = self.manager.get(name, strict=not self.is_admin(call.peer))
+        return {"tenant": tenant_json(view)}
 
     async def list(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -298,10 +312,7 @@ class Api:
                 uid = None
             else:
                 self._require_self_or_admin(call, name)
-                rec = self.manager.store.get_by_name(name)
-                if rec is None:
-                    raise NoSuchTenant(name)
-                uid = rec.uid
+                uid = self.manager.checked(name).uid
             # continues=True on every item: a live stream must send each event
             # at once instead of holding it back to learn whether it is the last.
             async for kind, view, fault in self.manager.watch(uid):
@@ -323,10 +334,7 @@ class Api:
             self._require_admin(call)
             return None
         self._require_self_or_admin(call, name)
-        rec = self.manager.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec.uid
+        return self.manager.checked(name).uid
 
     async def _snapshot(self, after: int = 0) -> Snapshot:
         if self._metrics is None:
@@ -347,7 +355,8 @@ class Api:
 
     async def _usage_once(self, call: Call) -> dict[str, Any]:
         try:
-            return usage_reply(await self._snapshot(), self._usage_uid(call))
+            uid = self._usage_uid(call)  # authorization and identity before anything else
+            return usage_reply(await self._snapshot(), uid)
         except NsdError as e:
             if isinstance(e, PermissionDenied):
                 self._audit(call, e.name)
@@ -370,10 +379,7 @@ class Api:
         uid = None
         name = call.parameters.get("name")
         if name is not None:
-            rec = self.manager.store.get_by_name(name)
-            if rec is None:
-                raise NoSuchTenant(name)
-            uid = rec.uid
+            uid = self.manager.checked(name).uid
         snap = await self._snapshot()
         return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 

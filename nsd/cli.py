@@ -19,6 +19,7 @@ from typing import Any
 
 from . import faultview, topview
 from .varlink.client import VarlinkClient, VarlinkError
+from .varlink.protocol import ServiceUnavailable
 
 DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
 T = "io.nsd.Tenant."
@@ -46,10 +47,15 @@ _MESSAGES: dict[str, str] = {
     "InvalidFaultQuery": "invalid {parameter}: {reason}",
     "WatcherTooSlow": "the watch fell behind and was dropped; run it again",
     "UsageUnavailable": "no usage data: {reason}",
+    "StateWriteFailed": "cannot write nsd's state database {path}: {reason} "
+    "(free space in or make writable its directory, then run nsctl reconcile)",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
     "InvalidParameter": "invalid parameter {parameter}",
     "MethodNotFound": "the daemon does not know method {method} (version mismatch?)",
     "InterfaceNotFound": "the daemon does not offer interface {interface} (version mismatch?)",
+    "ConnectionLimitReached": "nsd refused the connection: {reason}",
+    "CallTimedOut": "the call took longer than {seconds:g} s and was cancelled",
+    "StreamLimitReached": "you already run {maximum} streaming calls (watch, top); end one first",
 }
 
 
@@ -431,14 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     except VarlinkError as e:
         print(f"nsctl: {describe(e)}", file=sys.stderr)
         return 1
-    except (ConnectionError, FileNotFoundError) as e:
+    except (ServiceUnavailable, FileNotFoundError) as e:
         print(f"nsctl: cannot reach nsd at {args.socket}: {e.strerror or e} "
               "(is the daemon running?)", file=sys.stderr)  # fmt: skip
         return 1
+    except BrokenPipeError:
+        return 0  # stdout closed (nsctl ... | head)
+    except ConnectionError as e:
+        # Connected, then lost: the daemon is running, so do not suggest otherwise.
+        print(f"nsctl: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 0
     return 0
 
 

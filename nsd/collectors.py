@@ -246,6 +246,7 @@ class DaemonMetrics(Collector):
         self._problems: int | None = None
         self._sampler = _Histogram(SAMPLER_BUCKETS)
         self._sampler_errors = 0
+        self._audit_suppressed = 0
         if registry is not None:
             registry.register(self)
 
@@ -283,6 +284,10 @@ class DaemonMetrics(Collector):
         with self._lock:
             self._sampler_errors += 1
 
+    def on_audit_suppressed(self) -> None:
+        with self._lock:
+            self._audit_suppressed += 1
+
     # Collector -----------------------------------------------------------------------
 
     def describe(self) -> Iterable[Metric]:
@@ -300,6 +305,7 @@ class DaemonMetrics(Collector):
             problems = self._problems
             sampler = (self._sampler.buckets(), self._sampler.total)
             sampler_errors = self._sampler_errors
+            audit_suppressed = self._audit_suppressed
         fam = family("nsd_api_calls_total")
         for (iface, method, error), n in calls:
             fam.add_metric([iface, method, error], n)
@@ -334,4 +340,7 @@ class DaemonMetrics(Collector):
         )
         fam = family("nsd_sampler_errors_total")
         fam.add_metric([], sampler_errors)
+        yield fam
+        fam = family("nsd_audit_lines_suppressed_total")
+        fam.add_metric([], audit_suppressed)
         yield fam

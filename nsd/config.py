@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from . import netpolicy
+from . import names, netpolicy
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
 
@@ -50,9 +50,23 @@ class DaemonConfig:
     admin_group: str = ""
     shutdown_timeout: float = 10.0
     log_level: str = "info"
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
+    # The connection policy (docs/configuration.md gives the reasoning; the
+    # varlink server's Limits carry the same defaults).
+    max_connections: int = 4096
+    reserved_connections: int = 256
+    max_connections_per_uid: int = 16
+    max_connections_per_non_tenant: int = 2
+    max_non_tenant_connections: int = 64
+    max_streams_per_uid: int = 4
+    idle_timeout: float = 15.0
+    call_timeout: float = 45.0
+    message_timeout: float = 10.0
     max_message_bytes: int = 65536
+    max_queued_output_bytes: int = 16 << 20
+    max_queued_output_bytes_per_uid: int = 1 << 20
+    # Audit lines of refused calls, per UID: a burst, then this many per second.
+    audit_refusal_burst: int = 10
+    audit_refusal_rate: float = 1.0
 
     @property
     def database(self) -> Path:
@@ -90,6 +104,8 @@ class IpamConfig:
     ipv6_gateway: str = "fe80::1"
     uid_offset: int = 0
     quarantine_seconds: int = 86400
+    # How often lease rows whose quarantine has ended are deleted.
+    purge_interval: float = 3600.0
     check_host_routes: bool = True
 
     @property
@@ -129,6 +145,10 @@ class MetricsConfig:
     listen: str = DEFAULT_LISTEN
     interval: float = 15.0
     helpers: tuple[str, ...] = DEFAULT_HELPERS
+    # Besides root, the accounts whose connections may read /metrics (metrics_access).
+    scrapers: tuple[str, ...] = ("prometheus",)
+    # Serve peers whose socket is not on this host (remote scrapers, namespaces).
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,8 +364,18 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _scrapers(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, 'must be a list of user names, e.g. ["prometheus"]')
+    for name in value:
+        reason = names.check_user_name(name)
+        if reason is not None:
+            raise ConfigError(source, key, f"{name!r}: {reason}")
+    return tuple(dict.fromkeys(value))
+
+
 _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
-                 "metrics.helpers": _helpers})  # fmt: skip
+                 "metrics.helpers": _helpers, "metrics.scrapers": _scrapers})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -379,9 +409,33 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             ) from None
     if d.shutdown_timeout <= 0:
         raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
-    for key in ("max_connections", "max_connections_per_uid"):
+    _check_daemon_limits(src, d)
+
+
+def _check_daemon_limits(src: str, d: DaemonConfig) -> None:
+    for key in (
+        "max_connections",
+        "max_connections_per_uid",
+        "max_connections_per_non_tenant",
+        "max_non_tenant_connections",
+        "max_streams_per_uid",
+        "audit_refusal_burst",
+    ):
         if getattr(d, key) < 1:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
+    if not 0 <= d.reserved_connections < d.max_connections:
+        raise ConfigError(
+            src, "daemon.reserved_connections", "must be at least 0 and below max_connections"
+        )
+    for key in ("idle_timeout", "call_timeout", "message_timeout", "audit_refusal_rate"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(src, f"daemon.{key}", "must be positive")
+    if not d.max_message_bytes <= d.max_queued_output_bytes_per_uid <= d.max_queued_output_bytes:
+        raise ConfigError(
+            src,
+            "daemon.max_queued_output_bytes_per_uid",
+            "must be between max_message_bytes and max_queued_output_bytes",
+        )
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
 
@@ -526,10 +580,16 @@ def _check_ipam(src: str, cfg: Config) -> None:
         raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
     if not gw6.is_link_local:
         raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    _check_lease_times(src, i)
     if i.strategy == "uid":
         _check_uid_strategy(src, cfg, net4)
+
+
+def _check_lease_times(src: str, i: IpamConfig) -> None:
+    if i.quarantine_seconds < 0:
+        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
+    if not 1.0 <= i.purge_interval <= 86400.0:
+        raise ConfigError(src, "ipam.purge_interval", "must be between 1 and 86400 seconds")
 
 
 def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:

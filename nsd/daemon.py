@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -28,12 +29,15 @@ from pathlib import Path
 
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
+from .auditlog import AuditLog
 from .cgroupstats import detect_root, slice_cgroup_path
+from .errors import StateWriteFailed
 from .faultrecord import FaultCounter, FaultRecorder, FaultService
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
+from .metrics_access import MetricsAccess
 from .netns import NetnsAdapter, NetnsError
 from .sampler import Target, manager_targets
 from .slices import TenantSlices
@@ -102,6 +106,7 @@ class Daemon:
                 interval=cfg.metrics.interval,
                 listen=cfg.metrics.listen,
                 helpers=cfg.metrics.helpers,
+                refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
                 cgroup_root=cgroup_root,
                 probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
             )
@@ -186,6 +191,9 @@ class Daemon:
             # before the reconcile line that brings tenants' veths up.
             uplinks = ", ".join(hostnet.site.uplinks) or "none"
             log.info("network policy: table inet nsd loaded (uplinks: %s)", uplinks)
+        # Kept like the watchdog's: a reference, cancelled on the way out.
+        purge = asyncio.create_task(_purge_leases(ipam, cfg.ipam.purge_interval))
+        stack.callback(purge.cancel)
         interval = sd.watchdog_interval()
         if interval:
             # Keep a reference: the loop holds tasks only weakly.
@@ -246,7 +254,13 @@ class Daemon:
     ) -> VarlinkServer:
         cfg = self.cfg
         admin_gid = grp.getgrnam(cfg.daemon.admin_group).gr_gid if cfg.daemon.admin_group else None
-        api = Api(manager, admin_gid, net.host_routes, degraded, metrics)
+        audit_log = AuditLog(
+            logging.getLogger("nsd.audit"),
+            burst=cfg.daemon.audit_refusal_burst,
+            rate=cfg.daemon.audit_refusal_rate,
+            on_suppressed=metrics.daemon.on_audit_suppressed,
+        )
+        api = Api(manager, admin_gid, net.host_routes, degraded, metrics, audit_log=audit_log)
         server = VarlinkServer(
             vendor="nsd",
             product="nsd",
@@ -254,11 +268,8 @@ class Daemon:
             url="https://github.com/nsd/nsd",
             internal_error_name="io.nsd.Daemon.InternalError",
             on_call_done=metrics.daemon.on_call_done,
-            limits=Limits(
-                max_message_bytes=cfg.daemon.max_message_bytes,
-                max_connections=cfg.daemon.max_connections,
-                max_connections_per_uid=cfg.daemon.max_connections_per_uid,
-            ),
+            limits=server_limits(cfg.daemon),
+            classify=api.peer_class,
         )
         handlers = api.handlers()
         for interface in (TENANT_INTERFACE, DAEMON_INTERFACE):
@@ -276,6 +287,24 @@ class Daemon:
                     log.info("using socket-activated listener (%s)", name)
                     return sock
         return bind_unix(self.cfg.daemon.socket)
+
+
+def server_limits(d: config.DaemonConfig) -> Limits:
+    """The varlink server's limits from the [daemon] section."""
+    return Limits(
+        max_message_bytes=d.max_message_bytes,
+        max_connections=d.max_connections,
+        reserved_connections=d.reserved_connections,
+        max_connections_per_uid=d.max_connections_per_uid,
+        max_connections_per_non_tenant=d.max_connections_per_non_tenant,
+        max_non_tenant_connections=d.max_non_tenant_connections,
+        max_streams_per_uid=d.max_streams_per_uid,
+        idle_timeout=d.idle_timeout,
+        call_timeout=d.call_timeout,
+        partial_message_timeout=d.message_timeout,
+        max_queued_output_bytes=d.max_queued_output_bytes,
+        max_queued_output_bytes_per_uid=d.max_queued_output_bytes_per_uid,
+    )
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -307,7 +336,10 @@ def bind_unix(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
-    sock.listen(512)
+    # As nsd.socket's Backlog=: every local user can connect, and a connect
+    # storm of hostile ones must not fill the queue for root and the admins
+    # (the kernel caps it at net.core.somaxconn).
+    sock.listen(4096)
     return sock
 
 
@@ -388,6 +420,21 @@ def _reconcile_progress(done: int, total: int) -> None:
     # timeout; ask systemd for more time as long as progress is made.
     if done % 100 == 0:
         sd.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=Reconciling tenants ({done}/{total})")
+
+
+async def _purge_leases(ipam: Ipam, interval: float) -> None:
+    """Released address leases leave the database once their quarantine has ended:
+    at start and every ``ipam.purge_interval`` seconds."""
+    while True:
+        try:
+            purged = ipam.purge_expired()
+        except (StateWriteFailed, sqlite3.Error, OSError) as e:
+            # A full or read-only state directory: nothing lost, the next round retries.
+            log.warning("cannot purge expired address leases: %s", e)
+        else:
+            if purged:
+                log.info("purged %d address lease(s) whose quarantine ended", purged)
+        await asyncio.sleep(interval)
 
 
 async def _watchdog(interval: float) -> None:

@@ -147,3 +147,18 @@ class PermissionDenied(NsdError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"permission denied: {reason}")
+
+
+class StateWriteFailed(NsdError):
+    """The state database refused a write (state directory full, read-only, I/O error)."""
+
+    name = "StateWriteFailed"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot write nsd's state database {path}: {reason}; the operation did not "
+            "complete (once the database is writable, reconcile finishes or undoes what it "
+            "started)",
+            path=path,
+            reason=reason,
+        )

@@ -64,6 +64,14 @@ class Ipam:
         self.ipv6_base: IPv6Network = ula_prefix(cfg, store)
         self.ipv6_gateway = IPv6Address(cfg.ipv6_gateway)
 
+    def purge_expired(self) -> int:
+        """Delete released leases whose quarantine has ended; how many went.
+
+        Nothing reads them any more (allocation only looks at leases released within
+        the quarantine), so without this every removal would leave two rows forever.
+        """
+        return self.store.purge_quarantine(now_us() - self.cfg.quarantine_seconds * 1_000_000)
+
     def allocate(self, uid: int) -> tuple[IPv4Address, IPv6Network]:
         """Choose addresses for ``uid``. The caller records them in the same loop turn."""
         since = now_us() - self.cfg.quarantine_seconds * 1_000_000

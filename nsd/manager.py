@@ -151,7 +151,11 @@ class TenantManager:
             problems=tuple(problems),
         )
 
-    def get(self, name: str) -> TenantView:
+    def get(self, name: str, *, strict: bool = True) -> TenantView:
+        """``strict``: refuse a tenant whose user changed identity (see ``checked``);
+        otherwise (an operator inspecting it) the change is listed in its problems."""
+        if strict:
+            return self.view(self.checked(name), check_identity=False)
         return self.view(self._existing(name))
 
     async def list(self) -> list[TenantView]:
@@ -435,7 +439,7 @@ class TenantManager:
             report.problems.append(f"network policy: {e}")
 
     async def get_network(self, name: str) -> dict[str, Any]:
-        rec = self._existing(name)
+        rec = self.checked(name)
         if self.network is None:
             return _NETWORK_OFF
         status = await self.network.tenant_status(
@@ -447,7 +451,7 @@ class TenantManager:
     async def set_bandwidth(
         self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
     ) -> dict[str, Any]:
-        rec = self._existing(name)
+        rec = self.checked(name)
         async with self._operation(rec.uid, name):
             rec = self._held_record(rec.uid, name)
             old_e, old_i = self.store.bandwidth_override(rec.uid)
@@ -465,7 +469,7 @@ class TenantManager:
 
     def get_limits(self, name: str) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """(effective, overrides) of a tenant."""
-        rec = self._existing(name)
+        rec = self.checked(name)
         overrides = self.store.limit_overrides(rec.uid)
         return self.slices.effective(overrides), limits_mod.Limits(**overrides)
 
@@ -473,7 +477,7 @@ class TenantManager:
         self, name: str, changes: dict[str, str | None]
     ) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """Change overrides (None resets a field to the default), apply them live, persist."""
-        rec = self._existing(name)
+        rec = self.checked(name)
         async with self._operation(rec.uid, name):
             rec = self._held_record(rec.uid, name)
             overrides = self.store.limit_overrides(rec.uid)
@@ -498,8 +502,11 @@ class TenantManager:
             await self.slices.protect_parent(self.limits_of(r.uid) for r in self.store.all())
 
     async def run(self, name: str, argv: Sequence[str], wait: bool) -> RunResult:
-        rec = self._existing(name)
-        user = self.resolve_user(name)
+        rec = self.checked(name)
+        # The home of the UID just checked, not of whoever NSS now calls ``name``.
+        user = users.by_uid(rec.uid)
+        if user is None or user.name != rec.name:
+            raise TenantIdentityChanged(name, rec.uid, rec.name, "the user changed meanwhile")
         # Started under the lock: a Remove queued behind it then finds the unit's
         # processes (TenantBusy), and one ahead of it leaves nothing to start in.
         async with self._operation(rec.uid, name):
@@ -534,6 +541,20 @@ class TenantManager:
         rec = self.store.get_by_name(name)
         if rec is None:
             raise NoSuchTenant(name)
+        return rec
+
+    def checked(self, name: str) -> TenantRecord:
+        """The record of ``name``, whose user is still the one recorded (name <-> UID).
+
+        Every path that acts for a tenant or reports on it goes through here, as
+        Enter and Create do: after a rename, a deletion or a UID reused by a new
+        account, the record's old UID must not read or act on it (nor the new
+        holder of the name), until an operator resolves it (Remove stays allowed).
+        """
+        rec = self._existing(name)
+        problem = users.identity_problem(rec.uid, rec.name)
+        if problem is not None:
+            raise TenantIdentityChanged(name, rec.uid, rec.name, problem)
         return rec
 
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:

@@ -9,6 +9,7 @@ nsd/metrics_http.py (the endpoint); the sampler (nsd/sampler.py) reads the host.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Sequence
 
 from prometheus_client.registry import CollectorRegistry
@@ -41,6 +42,7 @@ class MetricsService:
         proc_root: str = "/proc",
         probe_cgroup: str | None = None,
         registry: CollectorRegistry | None = None,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.daemon = DaemonMetrics(self.registry)
@@ -57,7 +59,11 @@ class MetricsService:
             on_error=self.daemon.on_sample_error,
         )
         address = parse_listen(listen)
-        self.server = MetricsServer(self.exposition, *address) if address is not None else None
+        self.server = (
+            MetricsServer(self.exposition, *address, refusal=refusal)
+            if address is not None
+            else None
+        )
         #: why the HTTP endpoint is not serving (e.g. the port is taken); "" if it is
         self.listen_error = ""
 

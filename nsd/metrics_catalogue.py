@@ -153,6 +153,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _h("nsd_sampler_duration_seconds", "histogram", "sampler", "Duration of samples."),
     _h("nsd_sampler_errors_total", "counter", "sampler",
        "Samples that failed (the previous snapshot stays served)."),
+    _h("nsd_audit_lines_suppressed_total", "counter", "audit log",
+       "Audit lines of refused calls dropped by the per-UID rate limit."),
 )  # fmt: skip
 BY_NAME = {d.name: d for d in CATALOGUE}
 

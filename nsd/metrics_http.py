@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+from collections.abc import Callable
 
 from .exposition import (
     OPENMETRICS_CONTENT_TYPE,
@@ -13,6 +15,7 @@ from .exposition import (
     wants_gzip,
     wants_openmetrics,
 )
+from .metrics_access import forbidden
 
 log = logging.getLogger("nsd.metrics")
 
@@ -37,8 +40,11 @@ class MetricsServer:
         timeout: float = 10.0,
         max_connections: int = 32,
         max_request_bytes: int = 8192,
+        refusal: Callable[[socket.socket], str | None] | None = None,
     ) -> None:
         self.exposition = exposition
+        #: why a connection may not be served (metrics_access), checked at accept
+        self.refusal = refusal
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -77,6 +83,12 @@ class MetricsServer:
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Before counting it or reading a byte: a refused peer holds no slot.
+        refused = self.refusal(writer.get_extra_info("socket")) if self.refusal else None
+        if refused is not None:
+            writer.write(forbidden(refused))
+            writer.close()
+            return
         if len(self._writers) >= self.max_connections:
             writer.close()
             return

@@ -356,7 +356,9 @@ class TenantSlices:
             ("Description", "s", f"{argv[0]} for {rec.name} (nsctl run)"),
             command,
             ("Type", "s", "exec"),
-            ("User", "s", rec.name),
+            # The UID, never the name: NSS could map the recorded name to another
+            # account by now (rename, reuse); the caller checked this UID's identity.
+            ("User", "s", str(rec.uid)),
             ("NetworkNamespacePath", "s", netns_path),
             ("Slice", "s", self.slice_of(rec.uid)),
             ("WorkingDirectory", "s", home),

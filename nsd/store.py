@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
+from .errors import StateWriteFailed
 from .faults import Fault, ProcessSample
 from .model import TenantRecord, TenantState
 
@@ -206,6 +207,10 @@ class Store:
         try:
             with _transaction(self._db):
                 yield
+        except sqlite3.OperationalError as e:
+            # SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR: the transaction was rolled
+            # back and nothing is recorded; the callers record intent before acting.
+            raise StateWriteFailed(str(self.path), str(e)) from e
         finally:
             self._drop_cache()
 
@@ -436,10 +441,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back already (a full disk during COMMIT does), and a
+        # COMMIT that failed otherwise leaves the transaction open: end it either way.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _fault(row: tuple[Any, ...]) -> Fault:

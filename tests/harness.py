@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,25 @@ def unmount_files(paths: list[str]) -> None:
 
 # -- the daemon --------------------------------------------------------------
 
+# One varlink call from a separate process (run it as another user with setpriv):
+# prints {"ok": reply} or {"error": name}.
+CALL_SCRIPT = """
+import json, sys
+from nsd.varlink.client import VarlinkClient, VarlinkError
+sock, method, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    with VarlinkClient(sock) as c:
+        if method.endswith(".Enter"):
+            reply, fds = c.call_with_fds(method, params)
+        elif method.endswith(".Watch"):
+            reply = next(iter(c.call_more(method, params)))
+        else:
+            reply = c.call(method, params)
+    print(json.dumps({"ok": reply}))
+except VarlinkError as e:
+    print(json.dumps({"error": e.name}))
+"""
+
 
 class Daemon:
     """nsd running for real inside a test host namespace."""
@@ -201,6 +220,12 @@ class Daemon:
                 f"nsd did not stop within {timeout}s:\n{self.log_text()}"
             ) from None
 
+    def kill(self) -> None:
+        """SIGKILL it if it runs (cleanup after a failure)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def restart(self) -> None:
         assert self.stop() == 0, self.log_text()
         self.start()
@@ -243,6 +268,29 @@ class Daemon:
         return [link["ifname"] for link in json.loads(res.stdout)]
 
 
+def crash_at(d: Daemon, syscall: str, n: int, action: Callable[[], object]) -> bool:
+    """Run ``action`` while strace SIGKILLs the daemon at its ``n``-th ``syscall``
+    (counted per thread); True if the daemon died (the crash point was reached)."""
+    from nsd.varlink.client import VarlinkError
+
+    assert d.proc is not None
+    tracer = subprocess.Popen(
+        # (the syscall must be traced for inject to apply; output is discarded)
+        ["strace", "-qq", "-f", "-p", str(d.proc.pid), "-e", f"trace={syscall}",
+         "-e", f"inject={syscall}:signal=KILL:when={n}", "-o", "/dev/null"],
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # strace attaches to every thread before we act
+        with contextlib.suppress(VarlinkError, ConnectionError, OSError):
+            action()  # the daemon dies while answering
+        return d.proc.wait(30) != 0
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
 @contextlib.contextmanager
 def daemon_env(run_dir: str = "/run/netns", extra: str = "") -> Iterator[tuple[Daemon, TestUsers]]:
     """A host namespace, a temp dir, test users and a daemon; everything cleaned up."""
@@ -255,9 +303,7 @@ def daemon_env(run_dir: str = "/run/netns", extra: str = "") -> Iterator[tuple[D
         try:
             yield d, users
         finally:
-            if d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
+            d.kill()
             # Whatever a failed test left: namespace files of its users only.
             leftovers = (
                 [

@@ -27,7 +27,7 @@ from .protocol import (
 # typing itself costs ~2 ms to import; mypy honours any constant of this name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Generator, Mapping
     from typing import Any
 
 __all__ = ["VarlinkClient", "VarlinkConnectionError", "VarlinkError"]
@@ -45,6 +45,31 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
+def _connect(sock: socket.socket, address: str, timeout: float | None) -> None:
+    """connect(), waiting while the service's listen queue is full.
+
+    A blocking socket waits in the kernel; one with a timeout is non-blocking
+    underneath and gets EAGAIN at once when other clients (say, a connect
+    storm of another local user) fill the queue: retry until the timeout.
+    """
+    if timeout is None:
+        sock.connect(address)
+        return
+    import time  # noqa: PLC0415  (only on this path: nsd-exec imports this module)
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{address}: the service's listen queue stayed full") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 class VarlinkClient:
     """A connection to a varlink service on a Unix socket path (``@name``: abstract)."""
 
@@ -53,7 +78,7 @@ class VarlinkClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(address)
+            _connect(sock, address, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise ServiceUnavailable(f"cannot connect to {path}: {e.strerror}") from e
@@ -104,7 +129,7 @@ class VarlinkClient:
 
     def call_more(
         self, method: str, parameters: Mapping[str, Any] | None = None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """Calls with ``more`` and yields each reply until the last one.
 
         Stopping early leaves replies in flight, so the connection is closed then.
@@ -149,8 +174,35 @@ class VarlinkClient:
         try:
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as e:
+            refusal = self._refusal()
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise VarlinkConnectionError(f"{self.path}: connection lost: {e.strerror}") from e
+
+    def _refusal(self) -> VarlinkError | None:
+        """The error a service that refused us sent before closing (nsd does), if any."""
+        sock = self._sock
+        if sock is None:  # closed already: nothing left to read
+            return None
+        buf = bytearray(self._buf)
+        with contextlib.suppress(OSError):
+            while b"\0" not in buf and len(buf) < _RECV_SIZE:
+                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                if not data:
+                    break
+                buf += data
+        frame, nul, _rest = bytes(buf).partition(b"\0")
+        if not nul:
+            return None
+        try:
+            message = json.loads(frame.decode("utf-8"))
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or not isinstance(message.get("error"), str):
+            return None
+        parameters = message.get("parameters")
+        return VarlinkError(message["error"], parameters if isinstance(parameters, dict) else {})
 
     def _reply(self) -> tuple[dict[str, Any], bool]:
         message = self._receive()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .policy import OutputBudget, PeerClass
     from .server import Limits
 
 _RECV_SIZE = 65536
@@ -49,9 +50,13 @@ class Connection:
     """A non-blocking Unix stream socket with NUL framing, limits and fd passing."""
 
     __slots__ = (
+        "_budget",
         "_drain_waiter",
+        "_frame_bytes",
         "_frames",
         "_hangup_callback",
+        "_idle_timeout",
+        "_idle_timer",
         "_input_open",
         "_limits",
         "_log",
@@ -64,10 +69,12 @@ class Connection:
         "_reading",
         "_waiter",
         "_writing",
+        "close_kind",
         "closed",
         "eof",
         "fd",
         "peer",
+        "peer_class",
         "sock",
     )
 
@@ -77,14 +84,23 @@ class Connection:
         sock: socket.socket,
         *,
         peer: Peer,
+        peer_class: PeerClass,
         limits: Limits,
         log: logging.Logger,
         on_closed: Callable[[Connection], None],
+        budget: OutputBudget,
+        idle_timeout: float | None = None,
     ) -> None:
         self._loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.peer_class = peer_class
+        self._budget = budget  # unsent bytes of all this UID's connections
+        # None: the connection may stay open with nothing to do (privileged peers).
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._frame_bytes = 0  # bytes in self._frames
         self._limits = limits
         self._log = log
         self._on_closed = on_closed
@@ -101,6 +117,8 @@ class Connection:
         self._hangup_callback: Callable[[], None] | None = None
         self.eof = False
         self.closed = False
+        # Why abort() closed it: "idle", "slow", "output", "protocol" (None: a plain close).
+        self.close_kind: str | None = None
 
     # ----------------------------------------------------------------- input
 
@@ -123,6 +141,7 @@ class Connection:
         self._input_open = False
         self._stop_reading()
         self._frames.clear()
+        self._frame_bytes = 0
         self._wake()
 
     def set_hangup_callback(self, callback: Callable[[], None] | None) -> None:
@@ -139,17 +158,37 @@ class Connection:
                 return None
             if frames:
                 frame = frames.popleft()
-                if not self._reading and len(frames) < self._limits.max_pending_requests:
+                self._frame_bytes -= len(frame)
+                if not self._reading and not self._input_full():
                     self.start_reading()
                 return frame
             if self.eof or not self._input_open:
                 return None
             waiter = self._loop.create_future()
             self._waiter = waiter
+            if self._idle_timeout is not None:
+                self._idle_timer = self._loop.call_later(self._idle_timeout, self._on_idle)
             try:
                 await waiter
             finally:
                 self._waiter = None
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
+                    self._idle_timer = None
+
+    def _input_full(self) -> bool:
+        # Count and bytes: 32 queued maximum-size requests would pin 2 MiB per
+        # connection; one message's worth keeps pipelining and bounds memory.
+        return (
+            len(self._frames) >= self._limits.max_pending_requests
+            or self._frame_bytes > self._limits.max_message_bytes
+        )
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if self._rbuf:
+            return  # a message is arriving: partial_message_timeout decides
+        self.abort(f"idle for {self._idle_timeout:g} s", "idle")
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -178,7 +217,7 @@ class Connection:
             self._cancel_partial_timer()
         if completed:
             self._wake()
-            if len(self._frames) >= self._limits.max_pending_requests:
+            if self._input_full():
                 # Backpressure: a client that pipelines faster than we answer
                 # waits in its own send() instead of growing our memory.
                 self._stop_reading()
@@ -193,6 +232,7 @@ class Connection:
                 self.abort(f"message of {len(data) - 1} bytes exceeds the limit of {limit}")
                 return None
             self._frames.append(data[:-1])
+            self._frame_bytes += len(data) - 1
             return True
         # NULs can only be in the new data: the old remainder had none.
         scan = len(rbuf)
@@ -203,6 +243,7 @@ class Connection:
                 self.abort(f"message of {end - start} bytes exceeds the limit of {limit}")
                 return None
             self._frames.append(bytes(rbuf[start:end]))
+            self._frame_bytes += end - start
             start = scan = end + 1
         if start:
             del rbuf[:start]
@@ -234,7 +275,8 @@ class Connection:
         self._partial_timer = None
         self.abort(
             f"message incomplete after {self._limits.partial_message_timeout:g} s "
-            f"({len(self._rbuf)} bytes received)"
+            f"({len(self._rbuf)} bytes received)",
+            "slow",
         )
 
     # ----------------------------------------------------------------- output
@@ -268,6 +310,17 @@ class Connection:
             view = memoryview(data)
         self._out.append(_Outgoing(view, fds))
         self._out_bytes += len(view)
+        self._budget.used += len(view)
+        if self._out_bytes > self._limits.max_queued_output_bytes:
+            self.abort(f"{self._out_bytes} reply bytes unread (max_queued_output_bytes)", "output")
+            return
+        if self._budget.exceeded():
+            self.abort(
+                f"uid {self.peer.uid} leaves {self._budget.used} reply bytes unread "
+                "(max_queued_output_bytes_per_uid)",
+                "output",
+            )
+            return
         if not self._writing:
             self._loop.add_writer(self.fd, self._on_writable)
             self._writing = True
@@ -294,6 +347,7 @@ class Connection:
                 close_fds(fds)
                 entry.fds = ()
             self._out_bytes -= sent
+            self._budget.used -= sent
             if sent < len(view):
                 entry.data = view[sent:]
                 break
@@ -310,16 +364,29 @@ class Connection:
         while self._out_bytes > low_water and not self.closed:
             waiter = self._loop.create_future()
             self._drain_waiter = waiter
+            # An unprivileged client that reads nothing for the idle time is
+            # gone as far as we are concerned; every byte it reads restarts this.
+            timer = None
+            if self._idle_timeout is not None:
+                timer = self._loop.call_later(
+                    self._idle_timeout,
+                    self.abort,
+                    f"replies unread for {self._idle_timeout:g} s",
+                    "idle",
+                )
             try:
                 await waiter
             finally:
                 self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     # ----------------------------------------------------------------- closing
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, kind: str = "protocol") -> None:
         """Closes the connection because of ``reason`` (logged at debug level)."""
         if not self.closed:
+            self.close_kind = kind
             self._log.debug(
                 "varlink: closing connection of uid %d pid %d: %s",
                 self.peer.uid,
@@ -339,8 +406,10 @@ class Connection:
         for entry in self._out:
             close_fds(entry.fds)
         self._out.clear()
+        self._budget.used -= self._out_bytes
         self._out_bytes = 0
         self._frames.clear()
+        self._frame_bytes = 0
         self.sock.close()
         self._wake()
         waiter = self._drain_waiter

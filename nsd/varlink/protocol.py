@@ -14,10 +14,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 # The errors of org.varlink.service (https://varlink.org/Service) that nsd sends, among
-# them one that systemd added to the same interface and that varlinkctl understands.
+# them two that systemd added to the same interface and that varlinkctl understands.
 INTERFACE_NOT_FOUND = "org.varlink.service.InterfaceNotFound"
 METHOD_NOT_FOUND = "org.varlink.service.MethodNotFound"
 INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
+PERMISSION_DENIED = "org.varlink.service.PermissionDenied"
 EXPECTED_MORE = "org.varlink.service.ExpectedMore"
 
 # SCM_MAX_FD in the kernel: one sendmsg() carries at most this many descriptors.
@@ -45,10 +46,14 @@ class VarlinkError(Exception):
     def __repr__(self) -> str:
         return f"VarlinkError({self.name!r}, {self.parameters!r})"
 
-    # The constructor for the standard error handlers raise most often.
+    # Constructors for the standard errors handlers raise most often.
     @classmethod
     def invalid_parameter(cls, parameter: str) -> VarlinkError:
         return cls(INVALID_PARAMETER, {"parameter": parameter})
+
+    @classmethod
+    def permission_denied(cls) -> VarlinkError:
+        return cls(PERMISSION_DENIED)
 
 
 class VarlinkConnectionError(ConnectionError):

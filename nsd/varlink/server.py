@@ -16,11 +16,16 @@ Design, and why:
   untrusted caller). Varlink defines no standard error for this.
 * ``upgrade`` is refused with ``org.varlink.service.InvalidParameter
   {"parameter": "upgrade"}``: no nsd method switches protocols.
-* Connection caps: ``max_connections`` in total and
-  ``max_connections_per_uid`` per peer UID, neither applying to the UIDs in
-  ``uid_limit_exempt`` (root by default: nsd-exec runs as root on every service
-  start, and a boot starts hundreds at once). Over the cap, a new connection is
-  accepted and closed at once, so one tenant cannot exhaust the daemon.
+* Admission (:mod:`.policy`): connection caps per class of peer and per UID,
+  a share reserved for root and the admin group, streams per UID, queued
+  output per connection and per UID. Over a cap, a new connection is accepted,
+  sent ``<errors>.ConnectionLimitReached`` with the reason, and closed, so the
+  client can say why instead of guessing that the daemon is down.
+* Timeouts for unprivileged peers: an idle connection (no call in progress,
+  none queued) is closed after ``idle_timeout``; a call is cancelled after
+  ``call_timeout`` and answered ``<errors>.CallTimedOut``; a message that takes
+  longer than ``partial_message_timeout`` to arrive closes the connection.
+  ``<errors>`` is the interface of ``internal_error_name`` (io.nsd.Daemon).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any, Final, TypeAlias
 from . import idl, wire
 from .connection import Connection, close_fds
 from .peer import Peer, open_peer_pidfd, peer_of
+from .policy import Admission, PeerClass
 from .protocol import (
     EXPECTED_MORE,
     INTERFACE_NOT_FOUND,
@@ -56,6 +62,7 @@ __all__ = [
     "Handler",
     "Limits",
     "Peer",
+    "PeerClass",
     "Reply",
     "VarlinkError",
     "VarlinkServer",
@@ -70,40 +77,69 @@ _REFUSAL_LOG_INTERVAL = 1.0
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-connection and per-server limits. Exceeding one closes that connection."""
+    """Per-connection and per-server limits; see :mod:`.policy` for the reasoning.
+
+    The defaults are the daemon's defaults; docs/configuration.md explains each.
+    """
 
     # A message (without its NUL) may be at most this long; a client sending
     # more bytes without a NUL is disconnected.
     max_message_bytes: int = 65536
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
-    # UIDs subject to neither cap (root by default): unprivileged clients must
+    # All counted connections (root's are not counted), of which
+    # reserved_connections only root and the admin group may use.
+    max_connections: int = 4096
+    reserved_connections: int = 256
+    # Per UID: tenants and admins; accounts that are not tenants; and all
+    # non-tenant accounts together.
+    max_connections_per_uid: int = 16
+    max_connections_per_non_tenant: int = 2
+    max_non_tenant_connections: int = 64
+    # UIDs subject to no connection cap (root by default): unprivileged clients must
     # not be able to fill the server and lock out nsd-exec, which runs as root
     # on every service start. Their connections do not count towards the total.
     uid_limit_exempt: frozenset[int] = frozenset({0})
-    # Seconds a message may take to arrive once its first byte is in.
+    # Seconds a message may take to arrive once its first byte is in (slowloris).
     partial_message_timeout: float = 10.0
+    # Seconds an unprivileged connection may stay open with no call in progress.
+    idle_timeout: float = 15.0
+    # Seconds an unprivileged peer's call (not a stream) may run before it is
+    # cancelled and answered with <errors>.CallTimedOut.
+    call_timeout: float = 45.0
+    # Streaming calls one unprivileged UID may run at once.
+    max_streams_per_uid: int = 4
     # Nesting of arrays/objects in a message, checked on the raw bytes.
     max_json_depth: int = 32
     # Complete requests queued on one connection before we stop reading from it.
     max_pending_requests: int = 32
     # Unsent reply bytes on one connection above which no further request is
     # started and streams pause, until the client has read them.
-    max_pending_reply_bytes: int = 1 << 20
+    max_pending_reply_bytes: int = 256 * 1024
+    # Unsent reply bytes above which the connection is closed: per connection,
+    # and per UID for unprivileged peers (a client that never reads).
+    max_queued_output_bytes: int = 16 << 20
+    max_queued_output_bytes_per_uid: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in (
             "max_message_bytes",
             "max_connections",
             "max_connections_per_uid",
+            "max_connections_per_non_tenant",
+            "max_non_tenant_connections",
+            "max_streams_per_uid",
             "max_json_depth",
             "max_pending_requests",
             "max_pending_reply_bytes",
+            "max_queued_output_bytes",
+            "max_queued_output_bytes_per_uid",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be at least 1")
-        if not self.partial_message_timeout > 0:
-            raise ValueError("Limits.partial_message_timeout must be positive")
+        if not 0 <= self.reserved_connections < self.max_connections:
+            raise ValueError("Limits.reserved_connections must be below max_connections")
+        for name in ("partial_message_timeout", "idle_timeout", "call_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +220,7 @@ class VarlinkServer:
         internal_error_name: str = "io.nsd.InternalError",
         on_call_done: CallDoneHook | None = None,
         logger: logging.Logger | None = None,
+        classify: Callable[[Peer], PeerClass] | None = None,
     ) -> None:
         if not idl.is_qualified_name(internal_error_name):
             raise ValueError(f"invalid error name {internal_error_name!r}")
@@ -191,6 +228,9 @@ class VarlinkServer:
         self._limits = limits or Limits()
         self._validate_replies = validate_replies
         self._internal_error_name = internal_error_name
+        # The server's own errors (limits, timeouts) live in the same interface.
+        self._errors = internal_error_name.rpartition(".")[0]
+        self._classify = classify or self._default_class
         self._on_call_done = on_call_done
         self._log = logger or logging.getLogger("nsd.varlink")
         self._interfaces: dict[str, idl.Interface] = {}
@@ -201,8 +241,9 @@ class VarlinkServer:
         self._accepting = False
         self._closing = False
         self._connections: dict[Connection, asyncio.Task[None]] = {}
-        self._per_uid: dict[int, int] = {}
-        self._capped = 0  # connections of UIDs that count towards max_connections
+        self._admission = Admission(self._limits)
+        # Connections the server closed, by Connection.close_kind, and refused.
+        self.closes: dict[str, int] = {}
         self._streaming: set[Connection] = set()
         self._last_refusal_log = 0.0
         self.add_interface(
@@ -246,6 +287,28 @@ class VarlinkServer:
         sock.setblocking(False)
         self._listener = sock
         self._resume_accepting()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serves a connected socket as if accepted (one end of a socketpair: fuzzing)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._admit(sock)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def _default_class(self, peer: Peer) -> PeerClass:
+        exempt = peer.uid in self._limits.uid_limit_exempt
+        return PeerClass.PRIVILEGED if exempt else PeerClass.TENANT
+
+    def _peer_class(self, peer: Peer) -> PeerClass:
+        try:
+            return self._classify(peer)
+        except Exception:
+            # Fail towards the smallest allowance, never towards privilege.
+            self._log.exception("varlink: classifying uid %d failed", peer.uid)
+            return PeerClass.OTHER
 
     # ---------------------------------------------------------------- accepting
 
@@ -293,29 +356,27 @@ class VarlinkServer:
             self._log.debug("varlink: dropping connection without credentials: %s", e)
             sock.close()
             return
-        limits = self._limits
-        count = self._per_uid.get(peer.uid, 0)
-        exempt = peer.uid in limits.uid_limit_exempt
-        refusal = None
-        if not exempt and self._capped >= limits.max_connections:
-            refusal = f"{limits.max_connections} connections in total"
-        elif not exempt and count >= limits.max_connections_per_uid:
-            refusal = f"{limits.max_connections_per_uid} connections of uid {peer.uid}"
+        cls = self._peer_class(peer)
+        refusal = self._admission.admit(peer, cls)
         if refusal is not None:
+            self.closes["refused"] = self.closes.get("refused", 0) + 1
             self._log_refusal(peer, refusal)
-            sock.close()
+            _refuse(
+                sock, VarlinkError(f"{self._errors}.ConnectionLimitReached", {"reason": refusal})
+            )
             return
+        unprivileged = cls is not PeerClass.PRIVILEGED
         conn = Connection(
             loop,
             sock,
             peer=peer,
-            limits=limits,
+            peer_class=cls,
+            limits=self._limits,
             log=self._log,
             on_closed=self._on_connection_closed,
+            budget=self._admission.budget(peer),
+            idle_timeout=self._limits.idle_timeout if unprivileged else None,
         )
-        self._per_uid[peer.uid] = count + 1
-        if not exempt:
-            self._capped += 1
         self._connections[conn] = loop.create_task(self._serve(conn))
         conn.start_reading()
 
@@ -329,21 +390,16 @@ class VarlinkServer:
             level = logging.INFO
         self._log.log(
             level,
-            "varlink: refusing connection of uid %d pid %d: limit of %s reached",
+            "varlink: refusing connection of uid %d pid %d: %s",
             peer.uid,
             peer.pid,
             refusal,
         )
 
     def _on_connection_closed(self, conn: Connection) -> None:
-        uid = conn.peer.uid
-        if uid not in self._limits.uid_limit_exempt:
-            self._capped -= 1
-        left = self._per_uid.get(uid, 0) - 1
-        if left > 0:
-            self._per_uid[uid] = left
-        else:
-            self._per_uid.pop(uid, None)
+        self._admission.release(conn.peer, conn.peer_class)
+        if conn.close_kind is not None:
+            self.closes[conn.close_kind] = self.closes.get(conn.close_kind, 0) + 1
 
     # ---------------------------------------------------------------- serving
 
@@ -425,7 +481,19 @@ class VarlinkServer:
                 raise VarlinkError(EXPECTED_MORE)
             await self._stream(conn, entry, result)
             return
-        reply = _as_reply(await result)
+        if conn.peer_class is PeerClass.PRIVILEGED:
+            # Privileged calls change host state (Create, Remove, Reconcile):
+            # cancelling one half-way would leave partial state, and their own
+            # steps are bounded (lock_timeout, stop_timeout, systemd job waits).
+            value = await result
+        else:
+            seconds = self._limits.call_timeout
+            try:
+                async with asyncio.timeout(seconds):
+                    value = await result
+            except TimeoutError:
+                raise VarlinkError(f"{self._errors}.CallTimedOut", {"seconds": seconds}) from None
+        reply = _as_reply(value)
         if call.oneway:
             close_fds(reply.fds)
         else:
@@ -443,6 +511,14 @@ class VarlinkServer:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("a stream must be sent from a task")
+        token = self._admission.start_stream(conn.peer, conn.peer_class)
+        if token is None:
+            if aclose := getattr(stream, "aclose", None):
+                await aclose()
+            raise VarlinkError(
+                f"{self._errors}.StreamLimitReached",
+                {"maximum": self._limits.max_streams_per_uid},
+            )
         sender = _StreamSender(lambda r, c: self._send_reply(conn, entry, r, continues=c))
         # The client going away must end the stream (and close the generator)
         # at once, not when the next item fails to send.
@@ -463,6 +539,7 @@ class VarlinkServer:
         else:
             sender.finish(connected=not conn.closed)
         finally:
+            self._admission.end_stream(token)
             self._streaming.discard(conn)
             conn.set_hangup_callback(None)
             sender.discard()
@@ -592,6 +669,19 @@ def _cancel(task: asyncio.Task[Any]) -> None:
     # the generator's clean-up.
     if asyncio.current_task() is not task:
         task.cancel()
+
+
+def _refuse(sock: socket.socket, error: VarlinkError) -> None:
+    """Answers a connection we will not serve with ``error``, then closes it.
+
+    Varlink has no greeting, so the error goes out as the reply to whatever the
+    client sends first; the kernel keeps it readable after the close, and
+    nsd's client also looks for it when its send fails (EPIPE).
+    """
+    with contextlib.suppress(OSError):
+        sock.send(wire.encode({"error": error.name, "parameters": error.parameters}),
+                  socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)  # fmt: skip
+    sock.close()
 
 
 def _parse_request(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:

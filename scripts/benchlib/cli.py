@@ -37,9 +37,12 @@ from .env import (
     remove_namespace_files,
     start_daemon,
 )
+from .hostile import run_hostile
+from .hostile import write as write_hostile
 from .launcher import ROOT, run_launcher
 from .policy import run_policy
 from .report import VM_RESULTS
+from .soak import run_soak
 from .tenants import ShellAnchor, run_create
 
 
@@ -96,10 +99,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tenants for the network-policy-on section (default 100, --quick 3; 0 skips it)",
     )
     p.add_argument(
+        "--hostile",
+        action="store_true",
+        help="measure only hostile local users (connection policy, memory, log flood; "
+        "see scripts/benchlib/hostile.py) and write bench-results/hostile-*.json",
+    )
+    p.add_argument(
+        "--hostile-seconds",
+        type=float,
+        default=40.0,
+        help="seconds of the hostile siege (default 40: past the 15 s idle bound twice)",
+    )
+    p.add_argument(
+        "--hostile-sections",
+        default="siege,memory,log_flood",
+        help="comma-separated subset of siege, memory, log_flood",
+    )
+    p.add_argument(
         "--daemon-pythonpath",
         help="run the daemons with this PYTHONPATH, e.g. a copy of the tree with a "
         "proposed patch applied (the bench itself stays on this checkout)",
     )
+    p.add_argument(
+        "--soak",
+        action="store_true",
+        help="only the soak: --soak-calls mixed API calls and --soak-cycles create/remove "
+        "cycles; descriptors, threads, RSS and database size before and after",
+    )
+    p.add_argument("--soak-calls", type=int, default=100_000, help="default 100,000")
+    p.add_argument("--soak-cycles", type=int, default=1_000, help="default 1,000")
     args = p.parse_args(argv)
     q = args.quick
     args.tenants = args.tenants or (5 if q else 1000)
@@ -308,6 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("scripts/bench: needs root (namespaces, veth pairs, users)", file=sys.stderr)
         return 1
+    if args.soak:
+        return run_soak(args)
+    if args.hostile:
+        cleanup = Cleanup()
+        with cleanup.active():
+            sections = tuple(args.hostile_sections.split(","))
+            results = run_hostile(cleanup, args.hostile_seconds, args.daemon_pythonpath, sections)
+            log("cleaning up")
+        results["meta"] = meta(args)
+        print(json.dumps(results, indent=2))
+        log(f"results: {write_hostile(args.out, results)}")
+        return 0
     t_start = time.monotonic()
     run = Run(args)
     log(f"run prefix {run.prefix}; {run.n} tenants per side{' (quick)' if args.quick else ''}")

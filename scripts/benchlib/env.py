@@ -193,6 +193,7 @@ class BenchDaemon(Daemon):
         run_dir: str = RUN_NETNS,
         template: str = "usr_{user}",
         pythonpath: str | None = None,
+        extra: str = "",
     ) -> None:
         super().__init__(host, tmp, run_dir)
         self.pythonpath = pythonpath
@@ -200,7 +201,7 @@ class BenchDaemon(Daemon):
             f'[daemon]\nsocket = "{self.socket}"\nstate_dir = "{self.state_dir}"\n'
             'log_level = "info"\nshutdown_timeout = 30\n'
             f'[netns]\nrun_dir = "{run_dir}"\nname_template = "{template}"\n'
-            f"[network]\nenabled = {'true' if policy else 'false'}\n"
+            f"[network]\nenabled = {'true' if policy else 'false'}\n" + extra
         )
 
     def start_timed(self, timeout: float = 900.0) -> float:
@@ -253,11 +254,6 @@ class BenchDaemon(Daemon):
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -295,6 +291,7 @@ def start_daemon(
     policy: bool = False,
     private_run_dir: bool = False,
     pythonpath: str | None = None,
+    extra: str = "",
 ) -> BenchDaemon:
     """A daemon in ``host``. ``private_run_dir``: namespaces in a run dir of its own
     (template ``{user}``) instead of /run/netns/usr_<user>, so that a second daemon
@@ -319,6 +316,7 @@ def start_daemon(
         run_dir=run_dir,
         template="{user}" if private_run_dir else "usr_{user}",
         pythonpath=pythonpath,
+        extra=extra,
     )
     cleanup.push("stop nsd", d.kill)
     d.start_timed()

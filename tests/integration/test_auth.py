@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import CALL_SCRIPT as _CALL
 from tests.harness import PY, ROOT, Daemon, TestUsers, daemon_env, run
 
 pytestmark = [
@@ -17,23 +18,6 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 DENIED = "org.varlink.service.PermissionDenied"
-
-_CALL = """
-import json, sys
-from nsd.varlink.client import VarlinkClient, VarlinkError
-sock, method, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-try:
-    with VarlinkClient(sock) as c:
-        if method.endswith(".Enter"):
-            reply, fds = c.call_with_fds(method, params)
-        elif method.endswith(".Watch"):
-            reply = next(iter(c.call_more(method, params)))
-        else:
-            reply = c.call(method, params)
-    print(json.dumps({"ok": reply}))
-except VarlinkError as e:
-    print(json.dumps({"error": e.name}))
-"""
 
 
 def call_as(d: Daemon, user: str, method: str, **params: object) -> dict[str, object]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +12,7 @@ import pytest
 from tests.harness import (
     Daemon,
     TestUsers,
+    crash_at,
     daemon_env,
     mounts_under,
     netns_inode,
@@ -137,23 +135,7 @@ def test_crash_during_create_converges(env: tuple[Daemon, TestUsers], syscall: s
     name = users.add()
     uid = uid_of(name)
     d.start()
-    assert d.proc is not None
-    daemon_pid = d.proc.pid  # nsenter execs the daemon in the same process
-    tracer = subprocess.Popen(
-        # (the syscall must be traced for inject to apply; output is discarded)
-        ["strace", "-qq", "-f", "-p", str(daemon_pid), "-e", f"trace={syscall}",
-         "-e", f"inject={syscall}:signal=KILL:when={n}", "-o", "/dev/null"],
-    )  # fmt: skip
-    try:
-        time.sleep(1.0)  # strace attaches to every thread before we act
-        from nsd.varlink.client import VarlinkError
-
-        with contextlib.suppress(VarlinkError, ConnectionError, OSError):
-            d.call(T + "Create", name=name)  # the daemon dies while answering
-        crashed = d.proc.wait(30) != 0
-    finally:
-        tracer.kill()
-        tracer.wait()
+    crashed = crash_at(d, syscall, n, lambda: d.call(T + "Create", name=name))
     assert crashed, f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
     d.start()  # reconcile runs at start
 

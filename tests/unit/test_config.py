@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from nsd import config
+from nsd.daemon import server_limits
+from nsd.varlink.server import Limits
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -143,3 +145,25 @@ def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
 def test_parse_listen_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         config.parse_listen(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("reserved_connections", 4096, "below max_connections"),
+        ("idle_timeout", 0, "must be positive"),
+        ("call_timeout", -1, "must be positive"),
+        ("max_connections_per_non_tenant", 0, "at least 1"),
+        ("max_queued_output_bytes_per_uid", 1 << 30, "between max_message_bytes"),
+        ("audit_refusal_rate", 0, "must be positive"),
+    ],
+)
+def test_connection_policy_keys_are_validated(key: str, value: object, reason: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(config.from_mapping({"daemon": {key: value}}))
+    assert e.value.key == f"daemon.{key}" and reason in e.value.reason
+
+
+def test_connection_policy_defaults_match_the_server() -> None:
+    # One set of documented defaults: the daemon's config and the server's Limits agree.
+    assert server_limits(config.DaemonConfig()) == Limits()

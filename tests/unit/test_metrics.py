@@ -182,6 +182,8 @@ def test_daemon_metrics() -> None:
     d.on_call_done("io.nsd.Tenant", "Watch", None, 3600.0)
     d.on_reconcile(1.2, [ReconcileAction("repair-address", "a", "x")] * 2, problems=1)
     d.on_sample_error(RuntimeError("x"))
+    for _ in range(3):
+        d.on_audit_suppressed()
     text = generate_latest(reg).decode()
     get = {"interface": "io.nsd.Tenant", "method": "Get"}
     assert value(text, "nsd_api_calls_total", **get, error="") == 1
@@ -198,6 +200,7 @@ def test_daemon_metrics() -> None:
     assert value(text, "nsd_reconcile_duration_seconds_sum") == 1.2
     assert value(text, "nsd_reconcile_problems") == 1
     assert value(text, "nsd_sampler_errors_total") == 1
+    assert value(text, "nsd_audit_lines_suppressed_total") == 3
     assert "_created" not in text
 
 

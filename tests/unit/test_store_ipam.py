@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Network
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_quarantine_expires(tmp_path: Path) -> None:
     a = add(s, ipam, 1001)
     s.delete(1001, quarantine=True)
     assert add(s, ipam, 1002).ipv4_address == a.ipv4_address
+
+
+def test_purge_deletes_only_leases_whose_quarantine_ended(tmp_path: Path) -> None:
+    s, ipam = make(tmp_path, quarantine_seconds=3600)
+    add(s, ipam, 1001)
+    add(s, ipam, 1002)
+    s.delete(1001, quarantine=True)
+    assert ipam.purge_expired() == 0  # still quarantined: kept
+    assert sorted({r[2] for r in s.lease_rows()}) == [1001, 1002]
+    ipam.cfg = replace(ipam.cfg, quarantine_seconds=0)
+    assert ipam.purge_expired() == 2  # its IPv4 and IPv6 leases; 1002's active ones stay
+    assert [r[2] for r in s.lease_rows()] == [1002, 1002]
+    assert ipam.purge_expired() == 0
 
 
 def test_rollback_delete_frees_at_once(tmp_path: Path) -> None:

@@ -120,7 +120,9 @@ class Behaviour:
     job_result: str = "done"
     job_signal: str = "after"  # "after" the reply, "before" it (fast-job race), "never"
     delay: float = 0.0  # seconds StartTransientUnit/StartUnit sleep before answering
-    vanish: str = ""  # "call": drop off the bus instead of answering; "job": after answering
+    # "call": drop off the bus instead of answering StartTransientUnit/StartUnit; "job":
+    # after answering; "properties": instead of applying SetUnitProperties
+    vanish: str = ""
     pidfds: bool = False  # accept the PIDFDs property
     version: str = "252.39-1~fake"
 
@@ -220,12 +222,15 @@ class FakeManager(ServiceInterface):
 
     # No return annotation: dbus-fast reads "-> None" as a return signature of None
     @dbus_method()
-    def SetUnitProperties(  # type: ignore[no-untyped-def]
+    async def SetUnitProperties(  # type: ignore[no-untyped-def]
         self,
         name: DBusStr,
         runtime: Annotated[bool, DBusSignature("b")],
         properties: Annotated[list[Any], DBusSignature("a(sv)")],
     ):
+        if self.fake.behaviour.vanish == "properties":
+            self.fake.vanish()
+            await asyncio.sleep(10)  # never answers: the bus answers NoReply for us
         self.fake.unit_props.setdefault(name, {}).update(
             {key: value.value for key, value in properties}
         )
@@ -714,7 +719,8 @@ def _as_varlink(e: Exception) -> tuple[str, dict[str, Any]]:
     return err.name, err.parameters
 
 
-@pytest.mark.parametrize("fault", ["error", "job-failed", "delay", "vanish"])
+# "reexec-job": systemd re-executes after accepting the scope, before its job ends.
+@pytest.mark.parametrize("fault", ["error", "job-failed", "delay", "vanish", "reexec-job"])
 async def test_faults_become_named_api_errors_and_nothing_is_left(
     adapter: sd.Systemd, fake: FakeSystemd, sleeper: tuple[int, int], fault: str
 ) -> None:
@@ -726,14 +732,16 @@ async def test_faults_become_named_api_errors_and_nothing_is_left(
         fake.behaviour.job_result = "failed"
     elif fault == "delay":
         fake.behaviour.delay = 30.0
-    else:
+    elif fault == "vanish":
         fake.behaviour.vanish = "call"
+    else:
+        fake.behaviour.vanish, fake.behaviour.job_signal = "job", "never"
     pid, _ = sleeper
     slices = _slices(adapter)
     with quick(), pytest.raises(NsdError) as info:
         await slices.place(_record(), pid, lambda: os.pidfd_open(pid))
     name, params = _as_varlink(info.value)
-    if fault == "vanish":
+    if fault in ("vanish", "reexec-job"):
         assert name == "io.nsd.Tenant.SystemdUnavailable" and params["reason"]
     else:
         assert name == "io.nsd.Tenant.SystemdRequestFailed"
@@ -744,9 +752,66 @@ async def test_faults_become_named_api_errors_and_nothing_is_left(
         assert "result 'failed'" in params["message"]
     # The daemon keeps serving: once systemd behaves again, placement works.
     fake.behaviour = Behaviour()
-    back = await FakeSystemd(fake.address).start() if fault == "vanish" else None
+    gone = fault in ("vanish", "reexec-job")
+    back = await FakeSystemd(fake.address).start() if gone else None
     try:
         await eventually_ok(adapter)
     finally:
         if back is not None:
             back.vanish()
+
+
+async def test_run_names_the_user_by_uid_never_by_name(
+    adapter: sd.Systemd, fake: FakeSystemd
+) -> None:
+    """A name could resolve to another account by the time systemd looks it up (a
+    rename, a reused name): nsd hands systemd the UID whose identity it checked."""
+    unit = await _slices(adapter).start_run(
+        _record(), "/run/netns/alice", "/", ["/bin/true"], False
+    )
+    assert unit.startswith("nsd-run-1001-")
+    ((_, props),) = fake.record.transient
+    assert props["User"] == "1001"
+
+
+@pytest.mark.parametrize("during", ["properties", "call"], ids=["set-properties", "start"])
+async def test_reexec_during_a_slice_change_then_converges(
+    adapter: sd.Systemd, fake: FakeSystemd, private_bus: PrivateBus, during: str
+) -> None:
+    """systemd re-executes (drops off the bus, comes back with a new connection)
+    while nsd sets a slice's limits (SetUnitProperties, then StartUnit): a named
+    error, fast; the next ensure (reconcile's) converges and a second changes nothing."""
+    from nsd import limits as limits_mod
+    from nsd.errors import NsdError
+
+    slices = _slices(adapter)
+    limits = limits_mod.Limits(memory_max="1073741824", tasks_max="500")
+    unit = slices.slice_of(1001)
+    fake.behaviour.vanish = during
+    with quick(), pytest.raises(NsdError) as info:
+        await slices.ensure(1001, limits)
+    assert _as_varlink(info.value)[0] == "io.nsd.Tenant.SystemdUnavailable"
+    # Whatever it had applied lives on in the re-executed systemd (persistent drop-ins):
+    # nothing, or the new limits on a slice whose start was cut off.
+    if during == "properties":
+        assert unit not in fake.unit_props
+    else:
+        assert fake.unit_props[unit]["MemoryMax"] == 1073741824
+    back = await FakeSystemd(fake.address).start()
+    back.unit_props = fake.unit_props
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await slices.ensure(1001, limits)
+                break
+            except NsdError:  # the adapter waits out its reconnect backoff
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        applied = dict(back.unit_props[unit])
+        assert applied["MemoryMax"] == 1073741824 and applied["TasksMax"] == 500
+        await slices.ensure(1001, limits)
+        assert back.unit_props[unit] == applied  # the second one is a no-op
+    finally:
+        back.vanish()

@@ -369,6 +369,14 @@ class Raw:
         except ConnectionResetError:
             return True
 
+    def refusal(self) -> str:
+        """The reason of a ConnectionLimitReached refusal, after which the server closed."""
+        message = self.receive()
+        assert message is not None and message["error"].endswith(".ConnectionLimitReached")
+        assert self.closed_by_server()
+        reason: str = message["parameters"]["reason"]
+        return reason
+
     def close(self) -> None:
         self.sock.close()
 
@@ -876,13 +884,14 @@ def test_limits_are_checked() -> None:
 
 
 def test_total_connection_cap(sockdir: Path) -> None:
-    st, _ = start(sockdir, Limits(max_connections=3, uid_limit_exempt=frozenset()))
+    st, _ = start(
+        sockdir, Limits(max_connections=3, reserved_connections=0, uid_limit_exempt=frozenset())
+    )
     with st:
         held = [VarlinkClient(st.path, timeout=5) for _ in range(3)]
         for c in held:
             c.call("org.example.demo.Ping", {"text": "x"})
-        extra = Raw(st.path)
-        assert extra.closed_by_server()
+        assert "max_connections" in Raw(st.path).refusal()
         held.pop().close()
         time.sleep(0.1)
         ping(st.path)
@@ -897,7 +906,7 @@ def test_per_uid_connection_cap(sockdir: Path) -> None:
         held = [VarlinkClient(st.path, timeout=5) for _ in range(2)]
         for c in held:
             c.call("org.example.demo.Ping", {"text": "x"})
-        assert Raw(st.path).closed_by_server()
+        assert "(max_connections_per_uid)" in Raw(st.path).refusal()
         held.pop().close()
         time.sleep(0.1)
         ping(st.path)
@@ -910,6 +919,7 @@ def test_exempt_uids_are_not_capped(sockdir: Path) -> None:
         sockdir,
         Limits(
             max_connections=1,
+            reserved_connections=0,
             max_connections_per_uid=1,
             uid_limit_exempt=frozenset({os.getuid()}),
         ),
@@ -976,7 +986,7 @@ def test_per_uid_cap_counts_the_other_user_separately(sockdir: Path) -> None:
             for s in socks[:2]:
                 s.send({"method": "org.example.demo.Ping", "parameters": {"text": "x"}})
                 assert s.receive() == {"parameters": {"pong": "x"}}
-            return socks[2].closed_by_server()
+            return "max_connections_per_uid" in socks[2].refusal()
 
         result = run_as(65534, 65534, [65534], three_connections)
         assert result.get("ok") is True, result

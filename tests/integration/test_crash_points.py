@@ -1,0 +1,142 @@
+"""SIGKILL at every step of Remove and of a network policy change (SetBandwidth), with
+the network policy on: the restarted daemon's reconcile converges (the tenant is
+whole or entirely gone, the host table and shaping match the store) and the next
+reconcile is a no-op. Create's crash points are in test_reconcile.py.
+
+Crash points come from an strace of each operation on this daemon (the counts are per
+thread: SQLite writes run on the event loop's thread, netlink, mounts and nftables on
+the netns worker; ``sendto`` #1 and #2 of a pool thread are its wake-ups of the loop).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import (
+    Daemon,
+    TestUsers,
+    crash_at,
+    daemon_env,
+    mounts_under,
+    netns_inode,
+    run,
+    uid_of,
+)
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, veth, nftables"),
+]
+
+T = "io.nsd.Tenant."
+
+# Remove, in order: the busy check (a pool thread's wake-up of the loop), the
+# 'removing' intent (two WAL frames), the veth lookup and deletion, the namespace's
+# bind mount and file, the row and leases (WAL frames 3-12), the host table's
+# elements (nftables: cache reads, then the batch), and the last wake-up before the reply.
+REMOVE_POINTS = [
+    ("sendto", 1), ("pwrite64", 1), ("pwrite64", 2), ("sendto", 2), ("umount2", 1),
+    ("unlink", 1), ("pwrite64", 3), ("pwrite64", 8), ("pwrite64", 12), ("sendto", 4),
+    ("sendto", 8), ("sendmsg", 1), ("sendto", 13),
+]  # fmt: skip
+
+# SetBandwidth: the override (two WAL frames), the host table (nftables batch), the
+# switch into the tenant's namespace, its table and the tc qdisc/class changes there,
+# back on the host side the download shaping, and the final wake-up.
+POLICY_POINTS = [
+    ("pwrite64", 1), ("pwrite64", 2), ("sendto", 1), ("sendmsg", 1), ("setns", 1),
+    ("sendto", 12), ("sendmsg", 2), ("sendto", 22), ("sendto", 24), ("setns", 2),
+    ("sendto", 30), ("sendto", 36), ("sendto", 44),
+]  # fmt: skip
+
+
+def _ids(points: list[tuple[str, int]]) -> list[str]:
+    return [f"{s}-{n}" for s, n in points]
+
+
+@pytest.fixture
+def env() -> Iterator[tuple[Daemon, TestUsers]]:
+    with daemon_env() as (d, users):
+        yield d, users
+
+
+def _host_table(d: Daemon) -> str:
+    return run("nft", "list", "table", "inet", "nsd", netns=d.host).stdout
+
+
+def _second_reconcile_is_a_no_op(d: Daemon) -> None:
+    # The start-up reconcile was the first.
+    assert d.call("io.nsd.Daemon.Reconcile")["actions"] == [], d.log_text()
+
+
+def _gone(d: Daemon, name: str, uid: int) -> None:
+    path = f"/run/netns/{name}"
+    assert d.db_rows(f"SELECT state FROM tenants WHERE uid = {uid}") == []
+    assert d.db_rows(f"SELECT count(*) FROM leases WHERE uid = {uid} AND released_us IS NULL") == [
+        (0,)
+    ]
+    assert netns_inode(path) is None and not os.path.exists(path)
+    assert [m for m in mounts_under("/run/netns") if m == path] == []
+    assert f"nsd{uid}" not in d.host_links()
+    assert f"nsd{uid}" not in _host_table(d)
+
+
+@pytest.mark.parametrize(("syscall", "n"), REMOVE_POINTS, ids=_ids(REMOVE_POINTS))
+def test_crash_during_remove_converges(env: tuple[Daemon, TestUsers], syscall: str, n: int) -> None:
+    d, users = env
+    name = users.add()
+    uid = uid_of(name)
+    d.start()
+    d.call(T + "Create", name=name)
+    assert crash_at(d, syscall, n, lambda: d.call(T + "Remove", name=name)), (
+        f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
+    )
+    d.start()  # reconcile runs at start
+    rows = d.db_rows(f"SELECT state FROM tenants WHERE uid = {uid}")
+    # Never half-removed: the intent either was not recorded (the tenant is whole
+    # again) or the start-up reconcile finished the removal.
+    assert rows in ([], [("ready",)]), (rows, d.log_text())
+    if rows:
+        t = d.call(T + "Get", name=name)["tenant"]
+        assert t["problems"] == [] and netns_inode(t["namespacePath"]) is not None
+        assert f"nsd{uid}" in d.host_links() and f"nsd{uid}" in _host_table(d)
+        run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
+    _second_reconcile_is_a_no_op(d)
+    if rows:
+        d.call(T + "Remove", name=name)
+    _gone(d, name, uid)
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize(("syscall", "n"), POLICY_POINTS, ids=_ids(POLICY_POINTS))
+def test_crash_during_policy_change_converges(
+    env: tuple[Daemon, TestUsers], syscall: str, n: int
+) -> None:
+    d, users = env
+    name = users.add()
+    uid = uid_of(name)
+    d.start()
+    d.call(T + "Create", name=name)
+    change = lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")  # noqa: E731
+    assert crash_at(d, syscall, n, change), (
+        f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
+    )
+    d.start()
+    net = d.call(T + "GetNetwork", name=name)["network"]
+    # The store decides (the override was committed or not) and the host matches it:
+    # GetNetwork compares the live shaping of both directions with it.
+    assert net["egressOverride"] in (None, 10_000_000), net
+    assert net["problems"] == [], (net, d.log_text())
+    assert f"nsd{uid}" in _host_table(d)
+    _second_reconcile_is_a_no_op(d)
+    # And the change, made again, lands.
+    d.call(T + "SetBandwidth", name=name, egressRate="10mbit")
+    net = d.call(T + "GetNetwork", name=name)["network"]
+    assert net["egressOverride"] == 10_000_000 and net["problems"] == []
+    d.call(T + "Remove", name=name)
+    _gone(d, name, uid)
+    assert d.stop() == 0
