@@ -10,22 +10,19 @@ the method, the tenant and the result: the audit trail in the journal.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, faultapi, netpolicy
-from . import limits as limits_mod
+from . import api_views as views
 from .auditlog import AuditLog
-from .errors import NsdError, PermissionDenied
+from .errors import InvalidLimit, NsdError, PermissionDenied, UsageUnavailable
 from .manager import TenantManager
-from .model import TenantView
-from .sampler import Snapshot, UsageUnavailable, audit_reply, escaped_by_tenant, usage_reply
+from .sampler import Snapshot, escaped_by_tenant
 from .varlink.server import Call, Handler, Peer, PeerClass, Reply, VarlinkError
 
 if TYPE_CHECKING:
@@ -41,36 +38,8 @@ def idl(interface: str) -> str:
     return resources.files("nsd.varlink").joinpath(f"{interface}.varlink").read_text("utf-8")
 
 
-@functools.lru_cache(maxsize=64)
-def _text(address: IPv4Address | IPv6Address) -> str:
-    # The gateways are the same for every tenant; formatting an IPv6 address costs.
-    return str(address)
-
-
-def tenant_json(view: TenantView) -> dict[str, Any]:
-    rec = view.record
-    ipv4, ipv6, prefix = rec.address_texts
-    return {
-        "name": rec.name,
-        "uid": rec.uid,
-        "state": rec.state.value,
-        "namespacePath": view.namespace_path,
-        "namespaceInode": view.namespace_inode,
-        "hostInterface": rec.host_ifname,
-        "tenantInterface": view.tenant_interface,
-        "ipv4Address": ipv4,
-        "ipv4Gateway": _text(view.ipv4_gateway),
-        "ipv6Address": ipv6,
-        "ipv6Prefix": prefix,
-        "ipv6Gateway": _text(view.ipv6_gateway),
-        "adopted": rec.adopted,
-        "createdUSec": rec.created_us,
-        "slice": view.slice,
-        "problems": list(view.problems),
-    }
-
-
-def _varlink_error(interface: str, e: NsdError) -> VarlinkError:
+def varlink_error(interface: str, e: NsdError) -> VarlinkError:
+    """The one mapping from the core's errors (nsd.errors) to what goes on the wire."""
     if isinstance(e, PermissionDenied):
         return VarlinkError("org.varlink.service.PermissionDenied", {})
     params = {k: v for k, v in e.parameters.items() if v is not None}
@@ -121,7 +90,7 @@ class Api:
         # Compare UIDs, not names: the caller's name could be spoofed by NSS
         # tricks, its UID cannot. Unknown names get the same answer as other
         # tenants' names, so a caller cannot probe which tenants exist.
-        rec = self.manager.store.get(call.peer.uid)
+        rec = self.manager.record_of_uid(call.peer.uid)
         if rec is None or rec.name != name:
             raise PermissionDenied(f"uid {call.peer.uid} may only ask about itself")
 
@@ -141,9 +110,12 @@ class Api:
                 "Run": self._wrap(TENANT_INTERFACE, self.run, mutating=True),
                 "GetNetwork": self._wrap(TENANT_INTERFACE, self.get_network),
                 "SetBandwidth": self._wrap(TENANT_INTERFACE, self.set_bandwidth, mutating=True),
-                "Watch": self.watch,
-                # Plain call or, with "more", a stream: the handler returns either.
-                "GetUsage": cast(Handler, self.get_usage),
+                "Watch": self._wrap_stream(TENANT_INTERFACE, self.watch),
+                # Plain call or, with "more", a stream.
+                "GetUsage": self._by_more(
+                    self._wrap(TENANT_INTERFACE, self._usage_once),
+                    self._wrap_stream(TENANT_INTERFACE, self._usage_stream),
+                ),
                 "Audit": self._wrap(TENANT_INTERFACE, self.audit_processes),
                 "GetFaults": self._wrap(TENANT_INTERFACE, self.get_faults),
             },
@@ -165,14 +137,39 @@ class Api:
             try:
                 result = await fn(call)
             except NsdError as e:
-                if mutating or isinstance(e, PermissionDenied):
-                    self._audit(call, e.name)
-                raise _varlink_error(interface, e) from None
+                raise self._refused(call, interface, e, mutating=mutating) from None
             if mutating:
                 self._audit(call, "ok")
             return result
 
         return handler
+
+    def _wrap_stream(
+        self, interface: str, fn: Callable[[Call], AsyncIterator[Reply]]
+    ) -> Callable[[Call], AsyncIterator[Reply]]:
+        """_wrap for a streaming ("more") method: the same error mapping and audit."""
+
+        async def handler(call: Call) -> AsyncIterator[Reply]:
+            try:
+                async for reply in fn(call):
+                    yield reply
+            except NsdError as e:
+                raise self._refused(call, interface, e, mutating=False) from None
+
+        return handler
+
+    @staticmethod
+    def _by_more(once: Handler, stream: Handler) -> Handler:
+        def handler(call: Call) -> Any:
+            return stream(call) if call.more else once(call)
+
+        return cast(Handler, handler)
+
+    def _refused(self, call: Call, interface: str, e: NsdError, *, mutating: bool) -> VarlinkError:
+        """An error for the wire; refused mutations and permission denials are audited."""
+        if mutating or isinstance(e, PermissionDenied):
+            self._audit(call, e.name)
+        return varlink_error(interface, e)
 
     def _audit(self, call: Call, result: str) -> None:
         # The tenant name comes from the caller: AuditLog bounds and escapes it,
@@ -192,12 +189,12 @@ class Api:
     async def create(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         view = await self.manager.create(call.parameters["name"])
-        return {"tenant": tenant_json(view)}
+        return {"tenant": views.tenant(view)}
 
     async def ensure(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         view, created = await self.manager.ensure(call.parameters["name"])
-        return {"tenant": tenant_json(view), "created": created}
+        return {"tenant": views.tenant(view), "created": created}
 
     async def remove(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -210,11 +207,11 @@ class Api:
         # An operator sees a tenant whose user changed identity, with the change in
         # its problems (to resolve it); the tenant's own UID is refused.
         view = self.manager.get(name, strict=not self.is_admin(call.peer))
-        return {"tenant": tenant_json(view)}
+        return {"tenant": views.tenant(view)}
 
     async def list(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        return {"tenants": [tenant_json(v) for v in await self.manager.list()]}
+        return {"tenants": [views.tenant(v) for v in await self.manager.list()]}
 
     async def enter(self, call: Call) -> Reply:
         self._require_admin(call)
@@ -234,45 +231,31 @@ class Api:
             peer_pid,
             open_pidfd,
         )
-        limits = [
-            {"name": name, "soft": lim.soft, "hard": lim.hard}
-            for name, lim in sorted(self.manager.cfg.exec.rlimits.items())
-        ]
-        return Reply(
-            {
-                "tenant": tenant_json(view),
-                "namespaceFileDescriptor": 0,
-                "umask": self.manager.cfg.exec.umask,
-                "resourceLimits": limits,
-                "scope": scope,
-            },
-            fds=(fd,),
-        )
+        exec_cfg = self.manager.cfg.exec
+        return Reply(views.enter_reply(view, exec_cfg.umask, exec_cfg.rlimits, scope), fds=(fd,))
 
     async def get_limits(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        effective, overrides = self.manager.get_limits(name)
-        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+        return views.limits_reply(*self.manager.get_limits(name))
 
     async def set_limits(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         changes: dict[str, str | None] = {}
         for api_name, value in call.parameters["limits"].items():
             if value is not None:
-                changes[limits_mod.API_NAMES[api_name]] = value
+                changes[views.LIMIT_FIELDS[api_name]] = value
         for api_name in call.parameters.get("reset") or []:
-            field = limits_mod.API_NAMES.get(api_name)
+            field = views.LIMIT_FIELDS.get(api_name)
             if field is None:
-                raise limits_mod.InvalidLimit(api_name, "", "unknown limit")
+                raise InvalidLimit(api_name, "", "unknown limit")
             changes[field] = None
-        effective, overrides = await self.manager.set_limits(call.parameters["name"], changes)
-        return {"limits": limits_mod.to_api(effective), "overrides": limits_mod.to_api(overrides)}
+        return views.limits_reply(*await self.manager.set_limits(call.parameters["name"], changes))
 
     async def get_network(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
         self._require_self_or_admin(call, name)
-        return {"network": await self.manager.get_network(name)}
+        return {"network": views.network(await self.manager.get_network(name))}
 
     async def set_bandwidth(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -285,16 +268,16 @@ class Api:
             try:
                 return netpolicy.parse_rate(value, field) or 0  # 0: explicitly unlimited
             except netpolicy.NetworkConfigError as e:
-                raise limits_mod.InvalidLimit(field, str(value), e.reason) from e
+                raise InvalidLimit(field, str(value), e.reason) from e
 
         reset = p.get("reset") or []
         for r in reset:
             if r not in ("egress", "ingress"):
-                raise limits_mod.InvalidLimit("reset", r, 'must be "egress" or "ingress"')
+                raise InvalidLimit("reset", r, 'must be "egress" or "ingress"')
         network = await self.manager.set_bandwidth(
             p["name"], rate("egressRate"), rate("ingressRate"), reset
         )
-        return {"network": network}
+        return {"network": views.network(network)}
 
     async def run(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]
@@ -302,32 +285,21 @@ class Api:
         result = await self.manager.run(
             name, call.parameters["command"], bool(call.parameters.get("wait"))
         )
-        return {"unit": result.unit, "exitStatus": result.exit_status, "result": result.result}
+        return views.run_reply(result)
 
     async def watch(self, call: Call) -> AsyncIterator[Reply]:
-        name = call.parameters.get("name")
-        try:
-            if name is None:
-                self._require_admin(call)
-                uid = None
-            else:
-                self._require_self_or_admin(call, name)
-                uid = self.manager.checked(name).uid
-            # continues=True on every item: a live stream must send each event
-            # at once instead of holding it back to learn whether it is the last.
-            async for kind, view, fault in self.manager.watch(uid):
-                params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
-                if fault is not None:
-                    params["fault"] = faultapi.fault_json(fault)
-                yield Reply(params, continues=True)
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        # continues=True on every item: a live stream must send each event
+        # at once instead of holding it back to learn whether it is the last.
+        async for kind, view, fault in self.manager.watch(uid):
+            params = {"event": kind, "tenant": None if view is None else views.tenant(view)}
+            if fault is not None:
+                params["fault"] = faultapi.fault_json(fault)
+            yield Reply(params, continues=True)
 
     # -- usage and audit: the metrics sampler's last snapshot ----------------------
 
-    def _usage_uid(self, call: Call) -> int | None:
+    def _asked_uid(self, call: Call) -> int | None:
         """None (every tenant: admins only) or the UID of the one tenant asked about."""
         name = call.parameters.get("name")
         if name is None:
@@ -350,29 +322,16 @@ class Api:
                 raise UsageUnavailable("no sample yet") from None
         return await sampler.next_snapshot(after)
 
-    def get_usage(self, call: Call) -> Any:
-        return self._usage_stream(call) if call.more else self._usage_once(call)
-
     async def _usage_once(self, call: Call) -> dict[str, Any]:
-        try:
-            uid = self._usage_uid(call)  # authorization and identity before anything else
-            return usage_reply(await self._snapshot(), uid)
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        return views.usage_reply(await self._snapshot(), uid)
 
     async def _usage_stream(self, call: Call) -> AsyncIterator[Reply]:
-        try:
-            uid = self._usage_uid(call)
-            snap = await self._snapshot()
-            while True:
-                yield Reply(usage_reply(snap, uid), continues=True)
-                snap = await self._snapshot(snap.generation)
-        except NsdError as e:
-            if isinstance(e, PermissionDenied):
-                self._audit(call, e.name)
-            raise _varlink_error(TENANT_INTERFACE, e) from None
+        uid = self._asked_uid(call)
+        snap = await self._snapshot()
+        while True:
+            yield Reply(views.usage_reply(snap, uid), continues=True)
+            snap = await self._snapshot(snap.generation)
 
     async def audit_processes(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -381,7 +340,7 @@ class Api:
         if name is not None:
             uid = self.manager.checked(name).uid
         snap = await self._snapshot()
-        return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
+        return views.audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 
     async def get_faults(self, call: Call) -> dict[str, Any]:
         name = call.parameters.get("name")
@@ -390,21 +349,17 @@ class Api:
         else:
             self._require_self_or_admin(call, name)
         since, limit = faultapi.query(call.parameters)
-        faults = self.manager.store.faults(name, since, limit)
+        faults = self.manager.faults(name, since, limit)
         return {"faults": [faultapi.fault_json(f) for f in faults]}
 
     # -- io.nsd.Daemon -----------------------------------------------------------
 
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
-        checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
+        checks = await self.manager.checks(await self._routes())
         snap = self._metrics.sampler.snapshot if self._metrics is not None else None
-        checks.append(doctor.escape_check(escaped_by_tenant(snap) if snap is not None else None))
-        return {
-            "checks": [
-                {"name": c.name, "severity": c.severity, "message": c.message} for c in checks
-            ]
-        }
+        escaped = doctor.escape_check(escaped_by_tenant(snap) if snap is not None else None)
+        return views.checks_reply((*checks, escaped))
 
     async def reconcile(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
@@ -414,12 +369,7 @@ class Api:
             self._metrics.daemon.on_reconcile(
                 time.perf_counter() - started, report.actions, len(report.problems)
             )
-        return {
-            "actions": [
-                {"kind": a.kind, "tenant": a.tenant, "detail": a.detail} for a in report.actions
-            ],
-            "problems": report.problems,
-        }
+        return views.reconcile_reply(report)
 
     async def status(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)

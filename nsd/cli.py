@@ -34,6 +34,8 @@ _MESSAGES: dict[str, str] = {
     "UidOutOfRange": "user {name} has uid {uid}, outside the managed range {minimum}-{maximum}",
     "TenantIdentityChanged": "tenant {recordedName} (uid {uid}) changed identity: {reason}",
     "AddressPoolExhausted": "no free {family} address left in pool {pool}",
+    "AddressConflict": "{family} address {address} derived for this uid is already leased "
+    "to another tenant",
     "NamespaceExists": "namespace {path} exists and was not made by nsd (adopt_existing is off)",
     "TenantBusy": "tenant {name} still has {processes} process(es); use --force to stop them",
     "TenantLocked": "another operation on tenant {name} did not finish in time",

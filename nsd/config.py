@@ -18,6 +18,7 @@ from typing import Any
 
 from . import limits as limits_mod
 from . import names, netpolicy
+from .errors import InvalidLimit
 from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 from .procscan import COMM_LEN, DEFAULT_HELPERS
 
@@ -311,7 +312,7 @@ def _limits(source: str, raw: Mapping[str, Any]) -> limits_mod.Limits:
     try:
         parsed = limits_mod.from_mapping(raw)
         limits_mod.check_consistent(parsed)
-    except limits_mod.InvalidLimit as e:
+    except InvalidLimit as e:
         raise ConfigError(source, f"limits.{e.parameters['field']}", e.parameters["reason"]) from e
     return parsed
 

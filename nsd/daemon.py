@@ -39,7 +39,7 @@ from .manager import TenantManager
 from .metrics import MetricsService
 from .metrics_access import MetricsAccess
 from .netns import NetnsAdapter, NetnsError
-from .sampler import Target, manager_targets
+from .sampler import Target
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -70,86 +70,116 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        cfg = self.cfg
+        """Start up, serve until SIGTERM or SIGINT, shut down (uvicorn's Server.serve)."""
         # Signal handlers first: a SIGTERM during a long reconcile must stop nsd
         # cleanly after it, not kill it mid-step with the default action.
         self._install_signal_handlers()
         raise_nofile_limit()
         # Resources are released in reverse order, on success and on failure.
         async with contextlib.AsyncExitStack() as stack:
-            # One daemon per state directory, established before anything on the
-            # host is touched: a second instance must not reconcile concurrently.
-            stack.callback(os.close, take_instance_lock(Path(cfg.daemon.state_dir)))
-            listener = self._listening_socket()
-            stack.callback(listener.close)
-            try:
-                store = Store(cfg.daemon.database)
-            except StoreError as e:
-                raise StartupError(str(e)) from e
-            stack.callback(store.close)
-            net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
-            await net.start()
-            stack.push_async_callback(net.close)
-            manager, degraded = await self._prepare(store, net, stack)
-            cgroup_root = detect_root()
-            faults = self._faults(store, manager, cgroup_root)
+            manager = await self.startup(stack)
+            await self.serve()
+            await self.shutdown(manager)
 
-            def targets() -> list[Target]:
-                found = manager_targets(manager)
-                if faults is not None:
-                    # At every sample: watch new tenants' slices, drop removed ones.
-                    faults.sync((t.uid, t.name, t.cgroup) for t in found)
-                return found
+    async def startup(self, stack: contextlib.AsyncExitStack) -> TenantManager:
+        """Everything before READY=1: state, the host table, reconcile, then the listeners."""
+        cfg = self.cfg
+        listener, store, net = await self._open(stack)
+        manager, degraded = await self._prepare(store, net, stack)
+        metrics = self._observe(store, manager, stack)
+        sd.notify("STATUS=Reconciling tenants")
+        started = time.perf_counter()
+        report = await manager.reconcile(progress=_reconcile_progress)
+        metrics.daemon.on_reconcile(
+            time.perf_counter() - started, report.actions, len(report.problems)
+        )
+        log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
+                 store.count(), len(report.actions), len(report.problems))  # fmt: skip
+        server = self._server(manager, net, degraded, metrics)
+        await server.start(listener)
+        stack.push_async_callback(server.close, 1.0)
+        # After the reconcile, so the first sample sees every namespace mounted.
+        await metrics.start()
+        stack.push_async_callback(metrics.close)
+        if metrics.listen_error:
+            degraded.append(metrics.listen_error)
+        # What start-up allocated (modules, pyroute2, dbus, the reconcile's state)
+        # lives as long as nsd does: keep it out of the cyclic GC's full
+        # collections, which otherwise walk all of it and stalled the event loop
+        # for 20-40 ms every few metrics samples (1,000 tenants). Garbage first, so
+        # that no dead cycle is frozen with the rest.
+        gc.collect()
+        gc.freeze()
+        sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
+        log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
+                 store.count())  # fmt: skip
+        return manager
 
-            metrics = MetricsService(
-                targets,
-                interval=cfg.metrics.interval,
-                listen=cfg.metrics.listen,
-                helpers=cfg.metrics.helpers,
-                refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
-                cgroup_root=cgroup_root,
-                probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
-            )
+    def _observe(
+        self, store: Store, manager: TenantManager, stack: contextlib.AsyncExitStack
+    ) -> MetricsService:
+        """The metrics sampler and exporter, and the fault watcher (started here: it
+        records limit hits from now on); the sampler starts after the reconcile."""
+        cfg = self.cfg
+        cgroup_root = detect_root()
+        faults = self._faults(store, manager, cgroup_root)
+
+        def targets() -> tuple[Target, ...]:
+            found = manager.sampler_targets()
             if faults is not None:
-                metrics.registry.register(FaultCounter(faults.recorder))
-                faults.start()
-                stack.push_async_callback(faults.close)
+                # At every sample: watch new tenants' slices, drop removed ones.
+                faults.sync((t.uid, t.name, t.cgroup) for t in found)
+            return found
 
-            sd.notify("STATUS=Reconciling tenants")
-            started = time.perf_counter()
-            report = await manager.reconcile(progress=_reconcile_progress)
-            metrics.daemon.on_reconcile(
-                time.perf_counter() - started, report.actions, len(report.problems)
-            )
-            log.info("reconcile: %d tenant(s), %d action(s), %d problem(s)",
-                     store.count(), len(report.actions), len(report.problems))  # fmt: skip
-            server = self._server(manager, net, degraded, metrics)
-            await server.start(listener)
-            stack.push_async_callback(server.close, 1.0)
-            # After the reconcile, so the first sample sees every namespace mounted.
-            await metrics.start()
-            stack.push_async_callback(metrics.close)
-            if metrics.listen_error:
-                degraded.append(metrics.listen_error)
-            # What start-up allocated (modules, pyroute2, dbus, the reconcile's state)
-            # lives as long as nsd does: keep it out of the cyclic GC's full
-            # collections, which otherwise walk all of it and stalled the event loop
-            # for 20-40 ms every few metrics samples (1,000 tenants). Garbage first, so
-            # that no dead cycle is frozen with the rest.
-            gc.collect()
-            gc.freeze()
-            sd.notify(f"READY=1\nSTATUS=Serving {store.count()} tenant(s)")
-            log.info("nsd %s ready on %s (%d tenants)", __version__, cfg.daemon.socket,
-                     store.count())  # fmt: skip
-            await self._stop.wait()
+        metrics = MetricsService(
+            targets,
+            interval=cfg.metrics.interval,
+            listen=cfg.metrics.listen,
+            helpers=cfg.metrics.helpers,
+            refusal=MetricsAccess(cfg.metrics.scrapers, cfg.metrics.allow_remote).refusal,
+            cgroup_root=cgroup_root,
+            probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
+        )
+        if faults is not None:
+            metrics.registry.register(FaultCounter(faults.recorder))
+            faults.start()
+            stack.push_async_callback(faults.close)
+        return metrics
 
-            sd.notify("STOPPING=1\nSTATUS=Shutting down")
-            log.info("shutting down")
-            # Refuse new work first, let running operations finish, then close
-            # connections; a tenant cut off mid-build keeps its recorded intent.
-            if not await manager.shutdown(cfg.daemon.shutdown_timeout):
-                log.warning("operations still running after %.0fs; reconcile finishes them",
-                            cfg.daemon.shutdown_timeout)  # fmt: skip
+    async def _open(
+        self, stack: contextlib.AsyncExitStack
+    ) -> tuple[socket.socket, Store, NetnsAdapter]:
+        """The instance lock, the listening socket, the store and the netns worker."""
+        cfg = self.cfg
+        # One daemon per state directory, established before anything on the
+        # host is touched: a second instance must not reconcile concurrently.
+        stack.callback(os.close, take_instance_lock(Path(cfg.daemon.state_dir)))
+        listener = self._listening_socket()
+        stack.callback(listener.close)
+        try:
+            store = Store(cfg.daemon.database)
+        except StoreError as e:
+            raise StartupError(str(e)) from e
+        stack.callback(store.close)
+        net = NetnsAdapter(cfg.netns.run_dir, cfg.netns.link_prefix)
+        await net.start()
+        stack.push_async_callback(net.close)
+        return listener, store, net
+
+    async def serve(self) -> None:
+        """The varlink server and the sampler run as tasks; serve until asked to stop."""
+        await self._stop.wait()
+
+    async def shutdown(self, manager: TenantManager) -> None:
+        """Refuse new work first, let running operations finish; the exit stack then
+        closes connections, the sampler, the netns worker and the store. A tenant cut
+        off mid-build keeps its recorded intent (reconcile finishes it)."""
+        sd.notify("STOPPING=1\nSTATUS=Shutting down")
+        log.info("shutting down")
+        timeout = self.cfg.daemon.shutdown_timeout
+        if not await manager.shutdown(timeout):
+            log.warning("operations still running after %.0fs; reconcile finishes them",
+                        timeout)  # fmt: skip
 
     def _faults(
         self, store: Store, manager: TenantManager, cgroup_root: str | None

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from .ipam import Ipam
+from .model import Check
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 WANTED_CONTROLLERS = ("memory", "cpu", "io", "pids")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    severity: str  # ok, warning, error
-    message: str
 
 
 def systemd_is_pid1(proc: str = "/proc") -> bool:

@@ -85,6 +85,21 @@ class AddressPoolExhausted(NsdError):
         super().__init__(f"no free {family} address left in pool {pool}", family=family, pool=pool)
 
 
+class AddressConflict(NsdError):
+    """The address a UID derives under the ``uid`` strategy is leased to another tenant
+    (one that got it while the strategy was ``pool``)."""
+
+    name = "AddressConflict"
+
+    def __init__(self, family: str, pool: str, address: str) -> None:
+        super().__init__(
+            f"{family} address {address} derived for this uid is already leased",
+            family=family,
+            pool=pool,
+            address=address,
+        )
+
+
 class NamespaceExists(NsdError):
     name = "NamespaceExists"
 
@@ -126,6 +141,38 @@ class NetworkSetupFailed(NsdError):
         )
 
 
+class InvalidCommand(NsdError):
+    name = "InvalidCommand"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid command: {reason}", reason=reason)
+
+
+class SystemdUnavailable(NsdError):
+    """The operation needs systemd, which this host or configuration does not offer.
+
+    Not nsd.systemd.SystemdUnavailable, the bus adapter's own error: the core turns that
+    (and a host without systemd) into this one.
+    """
+
+    name = "SystemdUnavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
+
+
+class SystemdRequestFailed(NsdError):
+    name = "SystemdRequestFailed"
+
+    def __init__(self, unit: str, detail: str, dbus_error: str | None) -> None:
+        super().__init__(
+            f"systemd could not handle {unit}: {detail}",
+            unit=unit,
+            dbusError=dbus_error,
+            message=detail,
+        )
+
+
 class ShuttingDown(NsdError):
     name = "ShuttingDown"
 
@@ -162,3 +209,27 @@ class StateWriteFailed(NsdError):
             path=path,
             reason=reason,
         )
+
+
+class UsageUnavailable(NsdError):
+    """GetUsage/Audit before the first sample, or with sampling disabled."""
+
+    name = "UsageUnavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"usage is unavailable: {reason}", reason=reason)
+
+
+class InvalidLimit(NsdError):
+    name = "InvalidLimit"
+
+    def __init__(self, field: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid {field} {value!r}: {reason}", field=field, value=value,
+                         reason=reason)  # fmt: skip
+
+
+class InvalidFaultQuery(NsdError):
+    name = "InvalidFaultQuery"
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        super().__init__(f"invalid {parameter}: {reason}", parameter=parameter, reason=reason)

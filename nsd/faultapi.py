@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import NsdError
+from .errors import InvalidFaultQuery
 from .faults import Fault
 
 #: GetFaults returns at most this many faults per call
 MAX_FAULTS = 10000
-
-
-class InvalidFaultQuery(NsdError):
-    name = "InvalidFaultQuery"
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        super().__init__(f"invalid {parameter}: {reason}", parameter=parameter, reason=reason)
 
 
 def fault_json(f: Fault) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from . import netpolicy as npol
 from . import nft, shaping
+from .model import Check, HostService, NetworkStatus
 from .netns import NetnsAdapter, NetnsError
 
 log = logging.getLogger("nsd.network")
@@ -42,15 +43,6 @@ class NetworkReport:
     def extend(self, other: NetworkReport) -> None:
         self.actions += other.actions
         self.problems += other.problems
-
-
-@dataclass(frozen=True)
-class Check:
-    """Same shape as nsd.doctor.Check (name, severity ok/warning/error, message)."""
-
-    name: str
-    severity: str
-    message: str
 
 
 def _write_sysctls(pairs: Sequence[tuple[str, str]], where: str) -> tuple[list[str], list[str]]:
@@ -81,6 +73,41 @@ def _read(path: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+@dataclass(frozen=True)
+class _LiveInside:
+    """What a tenant's namespace holds right now (GetNetwork)."""
+
+    routes: tuple[str, ...]
+    shaping: shaping.ShapingState | None
+    connections: int | None
+
+
+def _live_inside(ipr: Any, tenant_interface: str) -> _LiveInside:
+    """Read in the tenant's namespace (on the netns worker thread)."""
+    routes = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            dst, gateway = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+            routes.append((f"{dst}/{r['dst_len']}" if dst else "default")
+                          + (f" via {gateway}" if gateway else ""))  # fmt: skip
+    count = _read("/proc/sys/net/netfilter/nf_conntrack_count")
+    return _LiveInside(
+        tuple(routes),
+        shaping.state(ipr, tenant_interface),
+        int(count) if count is not None else None,
+    )
+
+
+def _egress(cfg: npol.NetworkConfig, tenant: str) -> str:
+    """How the tenant's internet traffic leaves: "none", "snat ADDRESS...", "masquerade"."""
+    if cfg.egress == "none" or not cfg.enabled:
+        return "none"
+    snat4, snat6 = cfg.snat.get(tenant, (None, None))
+    if snat4 is not None or snat6 is not None:
+        return "snat " + " ".join(str(a) for a in (snat4, snat6) if a is not None)
+    return "masquerade"
 
 
 def _apply_document(document: Mapping[str, Any] | None, what: str) -> list[str]:
@@ -161,6 +188,10 @@ class HostNetwork:
         # (rules of the document, rules of the live table right after loading it):
         # lets a later comparison check every rule exactly (npol.rules_of)
         self._rules: tuple[str, str] | None = None
+
+    def reconfigure(self, cfg: npol.NetworkConfig) -> None:
+        """Take a reloaded ``[network]`` section; the next apply (reconcile) enacts it."""
+        self.cfg = cfg
 
     # -- host facts ----------------------------------------------------------------------
 
@@ -379,77 +410,45 @@ class HostNetwork:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def tenant_status(self, tenant: npol.TenantNet, netns_path: str) -> dict[str, Any]:
-        """What ``nsctl net USER`` shows; API field names (lowerCamelCase)."""
+    async def tenant_status(self, tenant: npol.TenantNet, netns_path: str) -> NetworkStatus:
+        """What ``nsctl net USER`` shows (without the tenant's overrides: the store's)."""
         cfg, site = self.cfg, self.site
-        services = npol.resolve_services(cfg, site)
-        snat4, snat6 = cfg.snat.get(tenant.name, (None, None))
         problems: list[str] = []
-
-        def inside(ipr: Any) -> dict[str, Any]:
-            routes = []
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-                    dst = r.get_attr("RTA_DST")
-                    routes.append(
-                        (f"{dst}/{r['dst_len']}" if dst else "default")
-                        + (f" via {r.get_attr('RTA_GATEWAY')}" if r.get_attr("RTA_GATEWAY") else "")
-                    )
-            count = _read("/proc/sys/net/netfilter/nf_conntrack_count")
-            return {
-                "routes": routes,
-                "shaping": shaping.state(ipr, site.tenant_interface),
-                "connections": int(count) if count is not None else None,
-                "table": nft.list_table() is not None,
-            }
-
-        def host_side(ipr: Any) -> shaping.ShapingState:
-            return shaping.state(ipr, tenant.host_ifname)
-
         try:
-            inner = await self._in(netns_path, inside)
-            host_shaping = await self._in(None, host_side)
+            inner = await self._in(netns_path, lambda ipr: _live_inside(ipr, site.tenant_interface))
+            host_shaping = await self._in(None, lambda ipr: shaping.state(ipr, tenant.host_ifname))
         except (NetnsError, nft.NftError, shaping.ShapingError) as e:
             problems.append(str(e))
-            inner = {"routes": [], "shaping": None, "connections": None, "table": False}
-            host_shaping = None
-        allowed_to = sorted(dst for src, dst in cfg.allow if src == tenant.name)
-        allowed_from = sorted(src for src, dst in cfg.allow if dst == tenant.name)
-        if cfg.egress == "none" or not cfg.enabled:
-            egress = "none"
-        elif snat4 is not None or snat6 is not None:
-            egress = "snat " + " ".join(str(a) for a in (snat4, snat6) if a is not None)
-        else:
-            egress = "masquerade"
-        live_up = inner["shaping"].rate_bps if inner["shaping"] else None
+            inner, host_shaping = _LiveInside((), None, None), None
+        live_up = inner.shaping.rate_bps if inner.shaping else None
         live_down = host_shaping.rate_bps if host_shaping else None
         if tenant.bandwidth.egress_bps != live_up:
             problems.append("upload limit not in effect (reconcile repairs it)")
         if tenant.bandwidth.ingress_bps != live_down:
             problems.append("download limit not in effect (reconcile repairs it)")
-        return {
-            "enabled": cfg.enabled,
-            "uplinks": list(site.uplinks),
-            "egress": egress,
-            "isolation": cfg.isolation,
-            "allowedTo": allowed_to,
-            "allowedFrom": allowed_from,
-            "conntrackLimit": cfg.conntrack_limit or None,
-            "connections": inner["connections"],
-            "routes": inner["routes"],
-            "services": [
-                {
-                    "name": s.name,
-                    "address": f"{s.tenant}:{s.tenant_port}",
-                    "host": f"{s.host}:{s.host_port}",
-                    "protocols": list(s.protocols),
-                }
-                for s in services
-            ],
-            "egressRate": tenant.bandwidth.egress_bps,
-            "ingressRate": tenant.bandwidth.ingress_bps,
-            "problems": problems,
-        }
+        return NetworkStatus(
+            enabled=cfg.enabled,
+            uplinks=tuple(site.uplinks),
+            egress=_egress(cfg, tenant.name),
+            isolation=cfg.isolation,
+            allowed_to=tuple(sorted(dst for src, dst in cfg.allow if src == tenant.name)),
+            allowed_from=tuple(sorted(src for src, dst in cfg.allow if dst == tenant.name)),
+            conntrack_limit=cfg.conntrack_limit or None,
+            connections=inner.connections,
+            routes=inner.routes,
+            services=tuple(
+                HostService(
+                    s.name,
+                    f"{s.tenant}:{s.tenant_port}",
+                    f"{s.host}:{s.host_port}",
+                    tuple(s.protocols),
+                )
+                for s in npol.resolve_services(cfg, site)
+            ),
+            egress_rate=tenant.bandwidth.egress_bps,
+            ingress_rate=tenant.bandwidth.ingress_bps,
+            problems=tuple(problems),
+        )
 
     async def checks(self) -> list[Check]:
         """For ``nsctl doctor``: libnftables, nsd's table, forwarding, drop policies of

@@ -21,20 +21,10 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .config import IpamConfig, TenantsConfig
-from .errors import AddressPoolExhausted, NsdError
+from .errors import AddressConflict, AddressPoolExhausted
 from .store import Store, now_us
 
 ULA_META_KEY = "ipv6_ula_prefix"
-
-
-class AddressConflict(NsdError):
-    name = "AddressPoolExhausted"
-
-    def __init__(self, family: str, pool: str, address: str) -> None:
-        super().__init__(
-            f"{family} address {address} derived for this uid is already leased", family=family,
-            pool=pool,
-        )  # fmt: skip
 
 
 def ula_prefix(cfg: IpamConfig, store: Store) -> IPv6Network:

@@ -17,20 +17,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .errors import NsdError
+from .errors import InvalidLimit
 
 INFINITY = "infinity"
 _SIZE = re.compile(r"(?P<n>[0-9]+(?:\.[0-9]+)?)(?P<unit>[KMGTE]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "E": 1 << 60}
 UINT64_MAX = 2**64 - 1
-
-
-class InvalidLimit(NsdError):
-    name = "InvalidLimit"
-
-    def __init__(self, field: str, value: str, reason: str) -> None:
-        super().__init__(f"invalid {field} {value!r}: {reason}", field=field, value=value,
-                         reason=reason)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,12 +48,6 @@ class Limits:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Limits))
-# API field name (lowerCamelCase, as in the IDL) <-> Python field name.
-API_NAMES: dict[str, str] = {
-    "memoryMin": "memory_min", "memoryLow": "memory_low", "memoryHigh": "memory_high",
-    "memoryMax": "memory_max", "memorySwapMax": "memory_swap_max", "cpuWeight": "cpu_weight",
-    "cpuQuota": "cpu_quota", "tasksMax": "tasks_max", "ioWeight": "io_weight",
-}  # fmt: skip
 _SIZES = {"memory_min", "memory_low", "memory_high", "memory_max", "memory_swap_max"}
 _WEIGHTS = {"cpu_weight", "io_weight"}
 
@@ -141,8 +127,3 @@ def to_systemd(limits: Limits) -> dict[str, int | float | None]:
         else:
             out[field] = int(value)
     return out
-
-
-def to_api(limits: Limits) -> dict[str, str]:
-    inverse = {v: k for k, v in API_NAMES.items()}
-    return {inverse[f]: v for f, v in limits.items().items()}

@@ -1,4 +1,9 @@
-"""TenantManager: the core. Create, ensure, remove, get, list, enter, reconcile.
+"""TenantManager: the core. Create, ensure, remove, get, list, enter.
+
+Its parts live beside it: nsd.reconcile (bring the host in line with the store),
+nsd.tenant_locks (one operation per tenant), nsd.events (Watch), nsd.tenant_network
+(the core's side of the network policy) and nsd.tenant_limits (limits and slices).
+It returns dataclasses (nsd.model); nsd.api_views turns them into replies.
 
 Rules this module keeps:
 
@@ -19,12 +24,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING
 
-from . import cgroup, names, netpolicy, procs, users
+from . import cgroup, doctor, names, procs, users
 from . import limits as limits_mod
 from .cgroupstats import slice_cgroup_path
 from .config import Config
@@ -39,37 +44,32 @@ from .errors import (
     TenantBusy,
     TenantExists,
     TenantIdentityChanged,
-    TenantLocked,
     UidOutOfRange,
-    WatcherTooSlow,
 )
+from .events import TenantEvents
 from .faults import Fault
 from .ipam import Ipam
 from .model import (
-    ReconcileAction,
+    Check,
+    NetworkStatus,
     ReconcileReport,
-    TenantEvent,
     TenantRecord,
     TenantState,
     TenantView,
 )
 from .netns import NetnsAdapter, NetnsError, NetworkSpec
-from .slices import (
-    MOVE_UNLESS_MAIN,
-    STAY,
-    RunResult,
-    TenantSlices,
-    caller_cgroup,
-    placement,
-)
+from .reconcile import Reconciler
+from .sampler import Target
+from .slices import RunResult, TenantSlices
 
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
 from .store import Store, now_us
+from .tenant_limits import TenantLimits
+from .tenant_locks import TenantLocks
+from .tenant_network import TenantNetworks
 
 log = logging.getLogger("nsd.manager")
-
-_WATCH_QUEUE = 1024  # events buffered per watcher before it is dropped as too slow
 
 
 class TenantManager:
@@ -88,22 +88,17 @@ class TenantManager:
         self.ipam = ipam
         self.net = net
         self.slices = slices or TenantSlices(cfg, None, "not connected")
-        # The nftables policy, NAT, host services and shaping; None when
-        # network.enabled is false.
-        self.network = network
-        # Per-UID locks with a user count: a lock leaves the dict only when no
-        # operation holds or awaits it (asyncio.Lock's waiter list is not a
-        # reliable signal: wait_for() enqueues the acquire one loop turn later).
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        # The nftables policy, NAT, host services and shaping (no-ops when
+        # network.enabled is false).
+        self.networks = TenantNetworks(network, cfg.network, store, self.netns_path)
+        self.limits = TenantLimits(self.slices, store)
+        self._locks = TenantLocks()
         # UIDs being removed: Enter's lock-free fast path must not hand out
         # their namespace while their processes are being stopped.
         self._removing: set[int] = set()
-        self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
-        self._closing = False
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._events = TenantEvents()
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
+        self._reconciler = Reconciler(self)
 
     # -- resolution and identity ----------------------------------------------
 
@@ -176,6 +171,40 @@ class TenantManager:
     def tenant_count(self) -> int:
         return self.store.count()
 
+    def record(self, name: str) -> TenantRecord:
+        """The recorded tenant of that name; NoSuchTenant if there is none."""
+        rec = self.store.get_by_name(name)
+        if rec is None:
+            raise NoSuchTenant(name)
+        return rec
+
+    def record_of_uid(self, uid: int) -> TenantRecord | None:
+        """The recorded tenant with that UID, if any (identity checks of callers)."""
+        return self.store.get(uid)
+
+    def sampler_targets(self) -> tuple[Target, ...]:
+        """Every tenant as the metrics sampler reads it; call on the event loop (store).
+
+        It runs on the event loop, so it must stay short (a stall here is a stall of
+        every API call; it took ~40 ms with 1,000 tenants, one SQLite query per
+        tenant): the records come from the store's cache, the limit overrides from one
+        query, and the effective limits of the tenants without overrides are computed
+        once. What remains per tenant is one namespace lstat (~3 ms for 1,000 tenants).
+        """
+        slices = self.slices.available
+        limits = self.limits.all()
+        return tuple(
+            Target(
+                uid=rec.uid,
+                name=rec.name,
+                cgroup=slice_cgroup_path(self.slices.slice_of(rec.uid)) if slices else None,
+                netns_inode=self.net.namespace_inode(self.netns_path(rec.netns_name)),
+                host_ifname=rec.host_ifname,
+                limits=limits[rec.uid],
+            )
+            for rec in self.store.all()
+        )
+
     def netns_path(self, netns_name: str) -> str:
         return os.path.join(self.cfg.netns.run_dir, netns_name)
 
@@ -234,7 +263,7 @@ class TenantManager:
             may_create = self.cfg.tenants.enter_creates if create is None else create
             # Creates, finishes or repairs under the tenant's lock; 64 callers
             # racing for a new tenant queue here and all get the one namespace.
-            async with self._operation(user.uid, name):
+            async with self.operation(user.uid, name):
                 view, _ = await self._ensure_held(
                     user, name, allow_existing=True, may_create=may_create
                 )
@@ -245,39 +274,21 @@ class TenantManager:
                     raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
                 except OSError as e:
                     raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
-        assert rec is not None
+        if rec is None:  # the fast path had one, the slow path took one: never true
+            raise NoSuchTenant(name)
         placed = None
         try:
             view = self.view(rec, check_identity=False, inode=os.fstat(fd).st_ino)
             if caller_pid is not None and open_pidfd is not None:
-                placed = await self._place(rec, scope, caller_pid, open_pidfd)
+                placed = await self.slices.place_caller(rec, scope, caller_pid, open_pidfd)
         except BaseException:
             os.close(fd)
             raise
         return view, fd, placed
 
-    async def _place(
-        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
-    ) -> str | None:
-        tenant_slice = self.slices.slice_of(rec.uid)
-        policy = self.cfg.systemd.enter_scope
-        if not self.slices.available and scope is None:
-            return None  # auto or always, on a host without systemd: nothing to place into
-        # The caller's cgroup matters only to the "auto" policy's own choice.
-        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
-        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
-        if decision == MOVE_UNLESS_MAIN and await self.slices.is_main_process(pid):
-            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
-            return None
-        if decision == STAY:
-            return None
-        unit = await self.slices.place(rec, pid, open_pidfd)
-        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
-        return unit
-
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)
-        async with self._operation(user.uid, name):
+        async with self.operation(user.uid, name):
             return await self._ensure_held(user, name, allow_existing=allow_existing)
 
     async def _ensure_held(
@@ -302,7 +313,7 @@ class TenantManager:
                 if not may_create:
                     raise NoSuchTenant(name)
                 # A removal was interrupted; finish it before creating anew.
-                await self._teardown(rec)
+                await self.teardown(rec)
                 rec = None
         if rec is None:
             if not may_create:
@@ -316,16 +327,15 @@ class TenantManager:
             rec = self._record_intent(user)
             # A namespace that appeared since the intent was recorded is not
             # adopted behind the operator's back.
-            await self._build(rec, rollback=True, adopt=rec.adopted)
+            await self.build(rec, rollback=True, adopt=rec.adopted)
             created, actions = True, tuple[str, ...]()
         else:
-            actions = await self._build(rec, rollback=False)
+            actions = await self.build(rec, rollback=False)
             created = False
-        rec = self.store.get(user.uid)
-        assert rec is not None
+        rec = self.held_record(user.uid, name)
         view = self.view(rec, check_identity=False)
         if created or actions:
-            self._emit("created" if created else "changed", view)
+            self.emit("created" if created else "changed", view)
         return view, created
 
     def _record_intent(self, user: users.User) -> TenantRecord:
@@ -353,7 +363,7 @@ class TenantManager:
                  ", adopting existing namespace" if adopted else "")  # fmt: skip
         return rec
 
-    async def _build(
+    async def build(
         self,
         rec: TenantRecord,
         *,
@@ -366,7 +376,7 @@ class TenantManager:
             result = await self.net.ensure(self.spec(rec), adopt=adopt)
             # Reconcile applies the policy once for all tenants instead: the host
             # table lists every tenant, so per-tenant re-applies would be O(n^2).
-            actions = result.actions + (await self._apply_tenant_network(rec) if network else ())
+            actions = result.actions + (await self.networks.apply_tenant(rec) if network else ())
         except NetnsError as e:
             if rollback:
                 # "exists": a namespace appeared at the path after the intent was
@@ -375,7 +385,7 @@ class TenantManager:
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         if self.slices.available:
             try:
-                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+                await self.slices.ensure(rec.uid, self.limits.of(rec.uid))
                 if dropins:  # reconcile writes all tenants' drop-ins at once
                     await self.slices.sync_dropins([rec], prune_users={rec.name})
             except NsdError:
@@ -390,116 +400,39 @@ class TenantManager:
 
     # -- network policy --------------------------------------------------------
 
-    def tenant_net(self, rec: TenantRecord) -> netpolicy.TenantNet:
-        egress, ingress = self.store.bandwidth_override(rec.uid)
-        bw = self.cfg.network.bandwidth.overlay(netpolicy.Bandwidth(egress, ingress)).effective()
-        return netpolicy.TenantNet(
-            rec.name, rec.uid, rec.host_ifname, rec.ipv4_address, rec.ipv6_prefix, bw
-        )
-
-    def _policy_tenants(self) -> Sequence[netpolicy.TenantNet]:
-        return [self.tenant_net(r) for r in self.store.all() if r.state is not TenantState.REMOVING]
-
     async def apply_network_host(self) -> None:
         """Load the host table before any tenant veth is touched (fail closed)."""
-        if self.network is None:
-            return
-        rep = await self.network.apply_host(self._policy_tenants())
-        for a in rep.actions:
-            log.info("network: %s", a)
-        for p in rep.problems:
-            log.warning("network: %s", p)
+        await self.networks.apply_host()
 
-    async def _apply_tenant_network(self, rec: TenantRecord) -> tuple[str, ...]:
-        if self.network is None:
-            return ()
-        # The host table must name this veth before traffic through it is allowed: one
-        # element transaction (the full table only when the incremental path fails).
-        rep = await self.network.set_tenant(self.tenant_net(rec), self._policy_tenants)
-        rep.extend(
-            await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
-        )
-        for p in rep.problems:
-            log.warning("tenant %s: %s", rec.name, p)
-        return tuple(rep.actions)
-
-    async def _reconcile_network(self, report: ReconcileReport) -> None:
-        if self.network is None:
-            return
-        try:
-            await self.network.refresh_site()
-            rep = await self.network.apply(
-                self._policy_tenants(),
-                {r.uid: self.netns_path(r.netns_name) for r in self.store.all()},
-            )
-            report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
-            report.problems += rep.problems
-            report.problems += await self.network.foreign_drop_policies()
-        except (NsdError, NetnsError, OSError, ValueError) as e:
-            report.problems.append(f"network policy: {e}")
-
-    async def get_network(self, name: str) -> dict[str, Any]:
-        rec = self.checked(name)
-        if self.network is None:
-            return _NETWORK_OFF
-        status = await self.network.tenant_status(
-            self.tenant_net(rec), self.netns_path(rec.netns_name)
-        )
-        egress, ingress = self.store.bandwidth_override(rec.uid)
-        return {**status, "egressOverride": egress, "ingressOverride": ingress}
+    async def get_network(self, name: str) -> NetworkStatus:
+        return await self.networks.status(self.checked(name))
 
     async def set_bandwidth(
         self, name: str, egress: int | None, ingress: int | None, reset: Sequence[str]
-    ) -> dict[str, Any]:
+    ) -> NetworkStatus:
         rec = self.checked(name)
-        async with self._operation(rec.uid, name):
-            rec = self._held_record(rec.uid, name)
+        async with self.operation(rec.uid, name):
+            rec = self.held_record(rec.uid, name)
             old_e, old_i = self.store.bandwidth_override(rec.uid)
             new_e = None if "egress" in reset else (egress if egress is not None else old_e)
             new_i = None if "ingress" in reset else (ingress if ingress is not None else old_i)
             self.store.set_bandwidth_override(rec.uid, new_e, new_i)
-            await self._apply_tenant_network(rec)
+            await self.networks.apply_tenant(rec)
         return await self.get_network(name)
 
     # -- limits, slices, runs --------------------------------------------------
 
-    def limits_of(self, uid: int) -> limits_mod.Limits:
-        """Effective limits: configured defaults overlaid with the tenant's overrides."""
-        return self.slices.effective(self.store.limit_overrides(uid))
-
     def get_limits(self, name: str) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """(effective, overrides) of a tenant."""
-        rec = self.checked(name)
-        overrides = self.store.limit_overrides(rec.uid)
-        return self.slices.effective(overrides), limits_mod.Limits(**overrides)
+        return self.limits.get(self.checked(name).uid)
 
     async def set_limits(
         self, name: str, changes: dict[str, str | None]
     ) -> tuple[limits_mod.Limits, limits_mod.Limits]:
         """Change overrides (None resets a field to the default), apply them live, persist."""
         rec = self.checked(name)
-        async with self._operation(rec.uid, name):
-            rec = self._held_record(rec.uid, name)
-            overrides = self.store.limit_overrides(rec.uid)
-            for field, value in changes.items():
-                if value is None:
-                    overrides.pop(field, None)
-                else:
-                    overrides[field] = limits_mod.canonical(field, value)
-            effective = self.slices.effective(overrides)
-            limits_mod.check_consistent(effective)
-            # Applied first: if systemd refuses, nothing is recorded. The slice's
-            # settings are persistent drop-ins, so both survive a crash in between
-            # (reconcile re-applies the store's values).
-            await self.slices.ensure(rec.uid, effective)
-            self.store.set_limit_overrides(rec.uid, overrides)
-            await self._protect_parent()
-            log.info("tenant %s: limits now %s", name, effective.items())
-            return effective, limits_mod.Limits(**overrides)
-
-    async def _protect_parent(self) -> None:
-        if self.slices.available:
-            await self.slices.protect_parent(self.limits_of(r.uid) for r in self.store.all())
+        async with self.operation(rec.uid, name):
+            return await self.limits.change(self.held_record(rec.uid, name), changes)
 
     async def run(self, name: str, argv: Sequence[str], wait: bool) -> RunResult:
         rec = self.checked(name)
@@ -509,8 +442,8 @@ class TenantManager:
             raise TenantIdentityChanged(name, rec.uid, rec.name, "the user changed meanwhile")
         # Started under the lock: a Remove queued behind it then finds the unit's
         # processes (TenantBusy), and one ahead of it leaves nothing to start in.
-        async with self._operation(rec.uid, name):
-            rec = self._held_record(rec.uid, name)
+        async with self.operation(rec.uid, name):
+            rec = self.held_record(rec.uid, name)
             if rec.state is not TenantState.READY:  # finish an interrupted creation
                 view, _ = await self._ensure_held(user, name, allow_existing=True, may_create=False)
                 rec = view.record
@@ -521,7 +454,7 @@ class TenantManager:
             return RunResult(unit, None, None)
         return await self.slices.wait_run(unit)
 
-    def _held_record(self, uid: int, name: str, *, removing: bool = False) -> TenantRecord:
+    def held_record(self, uid: int, name: str, *, removing: bool = False) -> TenantRecord:
         """The record of ``name`` as it is now; the caller holds the tenant's lock.
 
         Callers look the record up before they queue for the lock; the operation
@@ -538,10 +471,7 @@ class TenantManager:
         reason = names.check_user_name(name)
         if reason is not None:
             raise InvalidTenantName(name, reason)
-        rec = self.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec
+        return self.record(name)
 
     def checked(self, name: str) -> TenantRecord:
         """The record of ``name``, whose user is still the one recorded (name <-> UID).
@@ -562,34 +492,31 @@ class TenantManager:
             if remove_network and not rec.adopted:
                 await self.net.remove(self.spec(rec))
             self.store.delete(rec.uid, quarantine=False)
-            if self.network is not None:
-                # its elements, if the host table got them before the failure
-                rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
-                for p in rep.problems:
-                    log.warning("tenant %s: %s", rec.name, p)
+            # its elements, if the host table got them before the failure
+            await self.networks.remove_tenant(rec)
         except (NetnsError, OSError) as e:
             # Leave the 'creating' row: reconcile will finish or retry it.
             log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
 
     async def remove(self, name: str, force: bool) -> None:
         uid = self._existing(name).uid
-        async with self._operation(uid, name):
+        async with self.operation(uid, name):
             # Again under the lock: a queued operation may have changed it (a
             # record left "removing" by a crash is finished here).
-            rec = self._held_record(uid, name, removing=True)
+            rec = self.held_record(uid, name, removing=True)
             self._removing.add(rec.uid)
             try:
                 await self._stop_processes(rec, force)
                 self.store.set_state(rec.uid, TenantState.REMOVING)
                 view = self.view(rec, check_identity=False)
-                await self._teardown(rec)
+                await self.teardown(rec)
             finally:
                 self._removing.discard(rec.uid)
-            self._emit("removed", view)
+            self.emit("removed", view)
             if self.slices.available:
                 await self.slices.sync_dropins([], prune_users={rec.name})
                 await self.slices.stop_ensure_unit(rec.name)
-                await self._protect_parent()
+                await self.limits.protect_parent()
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
         """Refuse (or with force, stop) while processes run in the tenant's namespace."""
@@ -616,7 +543,7 @@ class TenantManager:
     def _slice_path(self, uid: int) -> str:
         return slice_cgroup_path(self.slices.slice_of(uid))
 
-    async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+    async def teardown(self, rec: TenantRecord) -> tuple[str, ...]:
         if self.slices.available:
             await self.slices.remove(rec.uid)
         try:
@@ -625,139 +552,25 @@ class TenantManager:
             raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
-        if self.network is not None:
-            await self.network.remove_tenant(rec.uid, self._policy_tenants)
+        await self.networks.remove_tenant(rec)
         return actions
 
-    # -- reconcile -------------------------------------------------------------
-
-    async def reconcile(
-        self, progress: Callable[[int, int], None] | None = None
-    ) -> ReconcileReport:
-        """Bring the host in line with the store; report what changed.
-
-        Tenants whose user changed identity are reported, and their recorded
-        network is still restored: a reboot must not take a namespace from
-        services that use it because NSS was briefly unreachable. Their records
-        are never changed and nothing new is created for the new identity.
-        """
-        report = ReconcileReport()
-        records = self.store.all()
-        problems = await asyncio.to_thread(
-            lambda: [users.identity_problem(r.uid, r.name) for r in records]
+    async def checks(self, routes: Sequence[IPv4Network | IPv6Network]) -> tuple[Check, ...]:
+        """``nsctl doctor``: host prerequisites, what of the configured limits is in
+        effect here, and the network policy's own checks (nftables, forwarding)."""
+        slices = self.slices
+        bus = slices.systemd if slices.available else None
+        configured = [set(limits.items()) for limits in self.limits.all().values()]
+        out = doctor.run(self.cfg.netns.run_dir, self.ipam, list(routes))
+        out += doctor.limit_checks(
+            None if bus is not None else slices.unavailable_reason or "disabled by systemd.slices",
+            bus.features.version if bus is not None else None,
+            bus.features.pidfds if bus is not None else None,
+            self.cfg.systemd.parent_slice,
+            configured,
         )
-        for i, (rec, problem) in enumerate(zip(records, problems, strict=True)):
-            if progress is not None:
-                progress(i, len(records))
-            if problem is not None:
-                report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")
-            try:
-                async with self._operation(rec.uid, rec.name):
-                    await self._reconcile_one(rec, report)
-            except NsdError as e:
-                report.problems.append(f"tenant {rec.name}: {e.message}")
-        if self.cfg.tenants.adopt_existing:
-            await self._adopt_unrecorded(report)
-        # After the namespaces exist again (the host table itself was loaded before
-        # any veth came up: the daemon applies it first), once for everyone.
-        await self._reconcile_network(report)
-        await self._remove_stray_links(report)
-        if self.slices.available:
-            await self._reconcile_slices(report)
-        for a in report.actions:
-            if a.kind != "repair":  # repairs were logged as they happened
-                log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "",
-                         a.detail)  # fmt: skip
-        for p in report.problems:
-            log.warning("reconcile: %s", p)
-        return report
-
-    async def _reconcile_slices(self, report: ReconcileReport) -> None:
-        try:
-            records = self.store.all()
-            changes = await self.slices.sync_dropins(records, prune_users=None)
-            for unit in changes.written:
-                report.add("write-template-dropin", None, f"{unit}: Slice= of its tenant")
-            for unit in changes.removed:
-                report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
-            report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
-            known = {r.uid for r in records}
-            for unit in await self.slices.stray_slices(known):
-                if await self.slices.has_settings(unit):
-                    await self.slices.forget(unit)
-                    report.add("forget-stray-slice", None,
-                               f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
-            await self._protect_parent()
-        except NsdError as e:
-            report.problems.append(e.message)
-
-    async def _remove_stray_links(self, report: ReconcileReport) -> None:
-        known = {r.host_ifname for r in self.store.all()}
-        try:
-            links = await self.net.list_prefixed_links()
-        except NetnsError as e:
-            report.problems.append(f"cannot list links: {e}")
-            return
-        for link in links:
-            if link in known:
-                continue
-            try:
-                await self.net.delete_link(link)
-            except NetnsError as e:
-                report.problems.append(f"cannot remove stray link {link}: {e}")
-            else:
-                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
-
-    async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
-        current = self.store.get(rec.uid)
-        if current is None:
-            return
-        if current.state is TenantState.REMOVING:
-            await self._teardown(current)
-            report.add("finish-removal", rec.name, "finished an interrupted removal")
-            self._emit("removed", self.view(current, check_identity=False))
-            return
-        actions = await self._build(current, rollback=False, dropins=False, network=False)
-        if current.state is TenantState.CREATING:
-            report.add("finish-creation", rec.name, "finished an interrupted creation")
-        for action in actions:
-            report.add("repair", rec.name, action)
-        if actions or current.state is TenantState.CREATING:
-            rec2 = self.store.get(rec.uid)
-            assert rec2 is not None
-            self._emit("changed", self.view(rec2, check_identity=False))
-
-    async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
-        """Adopt namespaces whose file name matches the template for a known user."""
-        pattern = _template_regex(self.cfg.netns.name_template)
-        try:
-            entries = sorted(os.listdir(self.cfg.netns.run_dir))
-        except FileNotFoundError:
-            return
-        recorded = {r.netns_name for r in self.store.all()}
-        for entry in entries:
-            m = pattern.fullmatch(entry)
-            if m is None or entry in recorded:
-                continue
-            if self.net.namespace_inode(self.netns_path(entry)) is None:
-                continue
-            user = _user_for_match(m)
-            if (
-                user is None
-                or names.netns_name(self.cfg.netns.name_template, user.name, user.uid) != entry
-            ):
-                continue
-            t = self.cfg.tenants
-            if not t.uid_min <= user.uid <= t.uid_max:
-                log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
-                continue
-            try:
-                _, created = await self.ensure(user.name)
-            except NsdError as e:
-                report.problems.append(f"cannot adopt {entry}: {e.message}")
-                continue
-            if created:
-                report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
+        out += await self.networks.checks()
+        return tuple(out)
 
     # -- watch -----------------------------------------------------------------
 
@@ -766,23 +579,14 @@ class TenantManager:
     ) -> AsyncIterator[tuple[str, TenantView | None, Fault | None]]:
         """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name):
         (kind, tenant, the fault for kind "fault")."""
-        queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
-        self._watchers.add(queue)
-        try:
+        async with self._events.subscribe() as events:
             for rec in self.store.all():
                 if uid is None or rec.uid == uid:
                     yield "existing", self.view(rec), None
             yield "synced", None, None
-            while True:
-                event = await queue.get()
-                if event is None:
-                    if self._closing:
-                        raise ShuttingDown()
-                    raise WatcherTooSlow()
+            async for event in events:
                 if uid is None or event.view.record.uid == uid:
                     yield event.kind, event.view, event.fault
-        finally:
-            self._watchers.discard(queue)
 
     def emit_fault(self, fault: Fault) -> None:
         """A Watch event for a recorded fault (nsd.faultrecord), if the tenant is
@@ -790,111 +594,39 @@ class TenantManager:
         rec = self.store.get(fault.uid)
         if rec is None or rec.name != fault.tenant:
             return
-        self._emit("fault", self.view(rec, check_identity=False), fault)
+        self.emit("fault", self.view(rec, check_identity=False), fault)
 
-    def _emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
-        event = TenantEvent(kind, view, fault)
-        for queue in list(self._watchers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # A watcher that does not read must not make nsd buffer forever.
-                self._watchers.discard(queue)
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.get_nowait()
-                    queue.put_nowait(None)
+    def emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
+        self._events.emit(kind, view, fault)
+
+    def faults(self, name: str | None, since_us: int, limit: int) -> Sequence[Fault]:
+        """Recorded faults (GetFaults), newest last."""
+        return self.store.faults(name, since_us, limit)
 
     # -- lifecycle -------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _operation(self, uid: int, name: str) -> AsyncIterator[None]:
-        if self._closing:
-            raise ShuttingDown()
-        lock, users_of_lock = self._locks.get(uid, (asyncio.Lock(), 0))
-        self._locks[uid] = (lock, users_of_lock + 1)
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            try:
-                await asyncio.wait_for(lock.acquire(), self.cfg.tenants.lock_timeout)
-            except TimeoutError:
-                raise TenantLocked(name) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users_of_lock = self._locks[uid]
-            if users_of_lock == 1:
-                del self._locks[uid]
-            else:
-                self._locks[uid] = (lock, users_of_lock - 1)
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+    @property
+    def _closing(self) -> bool:
+        return self._locks.closed
+
+    def operation(self, uid: int, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The tenant's lock, for one operation (nsd.tenant_locks)."""
+        return self._locks.hold(uid, name, self.cfg.tenants.lock_timeout)
+
+    async def reconcile(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> ReconcileReport:
+        """Bring the host in line with the store (nsd.reconcile); report what changed."""
+        return await self._reconciler.run(progress)
 
     async def apply_config(self, cfg: Config) -> ReconcileReport:
-        """Take a reloaded configuration; re-apply every tenant's limits."""
+        """Take a reloaded configuration; re-apply every tenant's limits and the policy."""
         self.cfg = cfg
-        self.slices.cfg = cfg
-        report = ReconcileReport()
-        if self.network is not None:
-            self.network.cfg = cfg.network
-            await self._reconcile_network(report)
-        if not self.slices.available:
-            return report
-        for rec in self.store.all():
-            try:
-                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
-            except NsdError as e:
-                report.problems.append(f"tenant {rec.name}: {e.message}")
-            else:
-                report.add("apply-limits", rec.name, str(self.limits_of(rec.uid).items()))
-        await self._reconcile_slices(report)
-        return report
+        self.slices.reconfigure(cfg)
+        self.networks.reconfigure(cfg.network)
+        return await self._reconciler.apply_config()
 
     async def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait for running operations; True if all finished."""
-        self._closing = True
-        for queue in list(self._watchers):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-def _template_regex(template: str) -> re.Pattern[str]:
-    parts = re.split(r"(\{user\}|\{uid\})", template)
-    out = []
-    for part in parts:
-        if part == "{user}":
-            out.append(r"(?P<user>[a-z_][a-z0-9_.-]{0,31}\$?)")
-        elif part == "{uid}":
-            out.append(r"(?P<uid>[0-9]{1,10})")
-        else:
-            out.append(re.escape(part))
-    return re.compile("".join(out))
-
-
-def _user_for_match(m: re.Match[str]) -> users.User | None:
-    groups = m.groupdict()
-    if groups.get("user"):
-        user = users.by_name(groups["user"])
-        if user is not None and groups.get("uid") and str(user.uid) != groups["uid"]:
-            return None
-        return user
-    if groups.get("uid"):
-        return users.by_uid(int(groups["uid"]))
-    return None
-
-
-# GetNetwork's answer when the daemon applies no network policy.
-_NETWORK_OFF: dict[str, Any] = {
-    "enabled": False, "uplinks": [], "egress": "none", "isolation": False, "allowedTo": [],
-    "allowedFrom": [], "conntrackLimit": None, "connections": None, "routes": [],
-    "services": [], "egressRate": None, "ingressRate": None, "egressOverride": None,
-    "ingressOverride": None, "problems": [],
-}  # fmt: skip
+        self._events.close()
+        return await self._locks.close(timeout)

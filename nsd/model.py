@@ -39,7 +39,7 @@ class TenantRecord:
 
     @functools.cached_property
     def address_texts(self) -> tuple[str, str, str]:
-        """(ipv4Address, ipv6Address, ipv6Prefix) as the API writes them; formatting
+        """(IPv4 address, IPv6 address, IPv6 prefix) as text, as replies carry them; formatting
         IPv6 addresses is ~10% of a Get, and records are reused (Store caches them)."""
         return str(self.ipv4_address), str(self.ipv6_address), str(self.ipv6_prefix)
 
@@ -79,3 +79,44 @@ class TenantEvent:
     kind: str  # created, changed, removed, fault
     view: TenantView
     fault: Fault | None = None  # for "fault"
+
+
+@dataclass(frozen=True)
+class HostService:
+    """A host service the tenant reaches at an address of its own namespace."""
+
+    name: str
+    address: str  # "ADDRESS:PORT" inside the tenant's namespace
+    host: str  # "ADDRESS:PORT" on the host
+    protocols: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetworkStatus:
+    """A tenant's network policy and its state on the host; the defaults are what a
+    daemon without network policy (network.enabled = false) reports."""
+
+    enabled: bool = False
+    uplinks: tuple[str, ...] = ()
+    egress: str = "none"  # "masquerade", "snat ADDRESS...", or "none"
+    isolation: bool = False
+    allowed_to: tuple[str, ...] = ()
+    allowed_from: tuple[str, ...] = ()
+    conntrack_limit: int | None = None  # None: no limit
+    connections: int | None = None  # tracked in the namespace now; None: unknown
+    routes: tuple[str, ...] = ()
+    services: tuple[HostService, ...] = ()
+    egress_rate: int | None = None  # effective, bits per second; None: unlimited
+    ingress_rate: int | None = None
+    egress_override: int | None = None  # the tenant's own; 0 lifts a default
+    ingress_override: int | None = None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding of ``nsctl doctor``."""
+
+    name: str
+    severity: str  # ok, warning, error
+    message: str

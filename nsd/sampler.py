@@ -29,14 +29,11 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from . import limits as limits_mod
-from .cgroupstats import FILES, CgroupStats, read_cgroup, slice_cgroup_path
-from .errors import NsdError
+from .cgroupstats import FILES, CgroupStats, read_cgroup
 from .procscan import (
     DEFAULT_HELPERS,
-    ESCAPES,
     HelperTotal,
     NetDev,
     ProcessRecord,
@@ -47,15 +44,6 @@ from .procscan import (
 )
 
 log = logging.getLogger("nsd.sampler")
-
-
-class UsageUnavailable(NsdError):
-    """GetUsage/Audit before the first sample, or with sampling disabled."""
-
-    name = "UsageUnavailable"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"usage is unavailable: {reason}", reason=reason)
 
 
 #: Sources whose availability the exporter reports, besides the cgroup FILES.
@@ -129,18 +117,7 @@ def collect(
     started = time.time()
     t0 = time.perf_counter()
     ordered = sorted(targets, key=lambda t: t.uid)
-    seen: set[str] = set()
-    stats: list[CgroupStats] = []
-    for t in ordered:
-        if cgroup_root is None or t.cgroup is None:
-            stats.append(_NO_CGROUP)
-            continue
-        s = read_cgroup(cgroup_root, t.cgroup)
-        seen |= s.available()
-        stats.append(s)
-    if cgroup_root is not None and probe_cgroup is not None and len(seen) < len(FILES):
-        seen |= read_cgroup(cgroup_root, probe_cgroup).available()
-
+    stats, seen = _read_cgroups(ordered, cgroup_root, probe_cgroup)
     procs = scan(
         [ScanTenant(t.uid, t.cgroup, t.netns_inode) for t in ordered],
         helpers,
@@ -177,6 +154,24 @@ def collect(
         findings_dropped=procs.findings_dropped if procs is not None else 0,
         processes=procs.processes if procs is not None else None,
     )
+
+
+def _read_cgroups(
+    ordered: Sequence[Target], cgroup_root: str | None, probe_cgroup: str | None
+) -> tuple[list[CgroupStats], set[str]]:
+    """Every target's cgroup files, and which files this host has."""
+    seen: set[str] = set()
+    stats: list[CgroupStats] = []
+    for t in ordered:
+        if cgroup_root is None or t.cgroup is None:
+            stats.append(_NO_CGROUP)
+            continue
+        s = read_cgroup(cgroup_root, t.cgroup)
+        seen |= s.available()
+        stats.append(s)
+    if cgroup_root is not None and probe_cgroup is not None and len(seen) < len(FILES):
+        seen |= read_cgroup(cgroup_root, probe_cgroup).available()
+    return stats, seen
 
 
 class Sampler:
@@ -284,126 +279,6 @@ class Sampler:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class _Manager(Protocol):
-    """What :func:`manager_targets` needs of nsd.manager.TenantManager."""
-
-    @property
-    def store(self) -> Any: ...
-    @property
-    def net(self) -> Any: ...
-    @property
-    def slices(self) -> Any: ...
-    def netns_path(self, netns_name: str) -> str: ...
-
-
-def manager_targets(manager: _Manager) -> list[Target]:
-    """The sampler's targets from the daemon's manager; call on the event loop (store).
-
-    It runs on the event loop, so it must stay short (a stall here is a stall of every
-    API call; it took ~40 ms with 1,000 tenants, one SQLite query per tenant): the
-    records come from the store's cache, the limit overrides from one query, and the
-    effective limits of the tenants without overrides are computed once. What remains
-    per tenant is one namespace lstat (~3 ms for 1,000 tenants).
-    """
-    slices = manager.slices.available
-    overrides = manager.store.all_limit_overrides()
-    defaults = manager.slices.effective({})
-    out = []
-    for rec in manager.store.all():
-        own = overrides.get(rec.uid)
-        out.append(
-            Target(
-                uid=rec.uid,
-                name=rec.name,
-                cgroup=slice_cgroup_path(manager.slices.slice_of(rec.uid)) if slices else None,
-                netns_inode=manager.net.namespace_inode(manager.netns_path(rec.netns_name)),
-                host_ifname=rec.host_ifname,
-                limits=defaults if own is None else manager.slices.effective(own),
-            )
-        )
-    return out
-
-
-# -- replies for the varlink API (io.nsd.Tenant.GetUsage / Audit) --------------------
-
-_REASONS_API = {
-    "helper": "helper",
-    "outside_slice": "outsideSlice",
-    "outside_namespace": "outsideNamespace",
-    "outside_slice_and_namespace": "outsideSliceAndNamespace",
-    "session_outside_namespace": "sessionOutsideNamespace",
-}
-
-
-def _limit_bytes(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def usage_json(t: TenantUsage) -> dict[str, Any]:
-    """One ``Usage`` record (see the IDL); null where the sample had no value."""
-    c = t.cgroup
-    p = t.processes
-    events = c.memory_events or {}
-    return {
-        "name": t.name,
-        "uid": t.uid,
-        "memoryCurrentBytes": c.memory_current,
-        "memoryWorkingSetBytes": c.working_set,
-        "memoryPeakBytes": c.memory_peak,
-        "memorySwapBytes": c.memory_swap_current,
-        "memoryHighBytes": _limit_bytes(t.limits.memory_high),
-        "memoryMaxBytes": _limit_bytes(t.limits.memory_max),
-        "oomKills": events.get("oom_kill"),
-        "tasks": c.pids_current,
-        "cpuUsageUSec": (c.cpu_stat or {}).get("usage_usec"),
-        "helperProcesses": p.helpers if p is not None else None,
-        "helperRssBytes": p.helper_rss_bytes if p is not None else None,
-        "helperPssBytes": p.helper_pss_bytes if p is not None else None,
-        "escapedProcesses": sum(p.classes[e] for e in ESCAPES) if p is not None else None,
-    }
-
-
-def process_json(r: ProcessRecord, tenant_name: str) -> dict[str, Any]:
-    """One ``AuditedProcess`` record (see the IDL)."""
-    return {
-        "tenant": tenant_name,
-        "uid": r.tenant_uid,
-        "pid": r.pid,
-        "parentPid": r.ppid,
-        "processUid": r.uid,
-        "command": r.command,
-        "cgroup": r.cgroup,
-        "namespaceInode": r.netns_inode,
-        "reason": _REASONS_API[r.reason],
-        "rssBytes": r.rss_bytes,
-        "pssBytes": r.pss_bytes,
-    }
-
-
-def usage_reply(snap: Snapshot, uid: int | None = None) -> dict[str, Any]:
-    """GetUsage reply parameters: every tenant, or the one with ``uid``."""
-    tenants = snap.tenants if uid is None else tuple(t for t in snap.tenants if t.uid == uid)
-    return {
-        "sampledUSec": int(snap.taken_at * 1e6),
-        "tenants": [usage_json(t) for t in tenants],
-    }
-
-
-def audit_reply(snap: Snapshot, uid: int | None = None, helpers: bool = False) -> dict[str, Any]:
-    """Audit reply parameters: flagged processes (and helpers if asked), by tenant and PID."""
-    names = {t.uid: t.name for t in snap.tenants}
-    rows = [
-        process_json(r, names.get(r.tenant_uid, str(r.tenant_uid)))
-        for r in snap.findings
-        if (uid is None or r.tenant_uid == uid) and (helpers or r.reason != "helper")
-    ]
-    return {
-        "sampledUSec": int(snap.taken_at * 1e6),
-        "processes": rows,
-        "omitted": snap.findings_dropped,
-    }
 
 
 def escaped_by_tenant(snap: Snapshot) -> dict[str, int]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from . import limits as limits_mod
 from . import names, unitfiles
 from .config import Config
-from .errors import NsdError
+from .errors import InvalidCommand, SystemdRequestFailed, SystemdUnavailable
 from .model import TenantRecord
 from .procscan import parse_cgroup
 from .systemd import (
@@ -36,34 +36,19 @@ from .systemd import (
     Property,
     Systemd,
     SystemdError,
-    SystemdUnavailable,
     exec_start,
     limit_properties,
 )
+from .systemd import SystemdUnavailable as BusUnavailable
 
 log = logging.getLogger("nsd.slices")
 
 
-class SystemdNotAvailable(NsdError):
-    name = "SystemdUnavailable"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"systemd is unavailable: {reason}", reason=reason)
-
-
-class SystemdRequestFailed(NsdError):
-    name = "SystemdRequestFailed"
-
-    def __init__(self, unit: str, error: SystemdError) -> None:
-        detail = error.message or str(error)
-        if isinstance(error, JobFailed):
-            detail = f"job for {error.unit} ended with result {error.result!r}"
-        super().__init__(
-            f"systemd could not handle {unit}: {detail}",
-            unit=unit,
-            dbusError=error.dbus_name or None,
-            message=detail,
-        )
+def _request_failed(unit: str, error: SystemdError) -> SystemdRequestFailed:
+    detail = error.message or str(error)
+    if isinstance(error, JobFailed):
+        detail = f"job for {error.unit} ended with result {error.result!r}"
+    return SystemdRequestFailed(unit, detail, error.dbus_name or None)
 
 
 @dataclass(frozen=True)
@@ -136,6 +121,10 @@ class TenantSlices:
         stem = cfg.systemd.parent_slice.removesuffix(".slice")
         self._own_slice = re.compile(rf"{re.escape(stem)}-(0|[1-9][0-9]*)\.slice")
 
+    def reconfigure(self, cfg: Config) -> None:
+        """Take a reloaded configuration (limits, enter_scope); the next ensure applies it."""
+        self.cfg = cfg
+
     @property
     def shares_parent(self) -> bool:
         """Whether the tenant slices are logind's ``user-<uid>.slice`` (parent_slice =
@@ -153,7 +142,7 @@ class TenantSlices:
     def _bus(self) -> Systemd:
         if self.systemd is None or not self.cfg.systemd.slices:
             reason = self.unavailable_reason or "disabled by systemd.slices = false"
-            raise SystemdNotAvailable(reason)
+            raise SystemdUnavailable(reason)
         return self.systemd
 
     def effective(self, overrides: dict[str, str]) -> limits_mod.Limits:
@@ -168,10 +157,10 @@ class TenantSlices:
         ]
         try:
             await bus.ensure_slice(unit, props, timeout=self.cfg.systemd.call_timeout)
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def protect_parent(self, all_limits: Iterable[limits_mod.Limits]) -> None:
         """MemoryMin/MemoryLow protect a slice only if its parent is protected too:
@@ -188,7 +177,7 @@ class TenantSlices:
         try:
             await bus.set_unit_properties(parent, props, runtime=False)
         except SystemdError as e:
-            raise SystemdRequestFailed(parent, e) from e
+            raise _request_failed(parent, e) from e
 
     async def remove(self, uid: int) -> None:
         """Stop the slice (whatever still runs in it) and drop its persistent settings."""
@@ -198,7 +187,7 @@ class TenantSlices:
             await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def stray_slices(self, known_uids: set[int]) -> list[str]:
         """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash).
@@ -216,7 +205,7 @@ class TenantSlices:
         try:
             units = await bus.list_units_by_patterns([], [f"{stem}-*.slice"])
         except SystemdError as e:
-            raise SystemdRequestFailed(f"{stem}-*.slice", e) from e
+            raise _request_failed(f"{stem}-*.slice", e) from e
         t = self.cfg.tenants
         out = []
         for u in units:
@@ -239,7 +228,7 @@ class TenantSlices:
         try:
             await bus.revert_unit_files([unit])
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
 
     async def has_settings(self, unit: str) -> bool:
         """Whether the slice has persistent settings (nsd's control drop-ins) to drop;
@@ -248,7 +237,7 @@ class TenantSlices:
         try:
             props = await bus.get_unit_properties(unit)
         except SystemdError as e:
-            raise SystemdRequestFailed(unit, e) from e
+            raise _request_failed(unit, e) from e
         return any("/system.control/" in str(p) for p in props.get("DropInPaths", []))
 
     async def sync_dropins(
@@ -277,7 +266,7 @@ class TenantSlices:
                     await bus.reload()
                     break
         except SystemdError as e:
-            raise SystemdRequestFailed("daemon-reload", e) from e
+            raise _request_failed("daemon-reload", e) from e
         return changes
 
     async def stop_ensure_unit(self, user: str) -> None:
@@ -289,6 +278,27 @@ class TenantSlices:
             await bus.stop_unit(unit, timeout=self.cfg.systemd.call_timeout)
         except SystemdError as e:
             log.debug("stopping %s: %s", unit, e)
+
+    async def place_caller(
+        self, rec: TenantRecord, scope: bool | None, pid: int, open_pidfd: Callable[[], int]
+    ) -> str | None:
+        """Enter's placement: move the caller into a scope in the tenant's slice if the
+        policy (systemd.enter_scope, or the call's ``scope``) says so; the scope's name."""
+        tenant_slice = self.slice_of(rec.uid)
+        policy = self.cfg.systemd.enter_scope
+        if not self.available and scope is None:
+            return None  # auto or always, on a host without systemd: nothing to place into
+        # The caller's cgroup matters only to the "auto" policy's own choice.
+        cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
+            return None
+        unit = await self.place(rec, pid, open_pidfd)
+        log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
+        return unit
 
     async def is_main_process(self, pid: int) -> bool:
         """Whether ``pid`` is the main process of the service systemd says it is in.
@@ -323,13 +333,13 @@ class TenantSlices:
             await bus.start_scope_for_process(
                 scope, pid, pidfd, props, timeout=self.cfg.systemd.call_timeout
             )
-        except SystemdUnavailable as e:
-            raise SystemdNotAvailable(str(e)) from e
+        except BusUnavailable as e:
+            raise SystemdUnavailable(str(e)) from e
         except SystemdError as e:
             # Nothing to roll back that could hurt the caller: a scope the process
             # never reached, or one it leaves when it exits with our error, is
             # collected (CollectMode); it is never stopped, which would kill it.
-            raise SystemdRequestFailed(scope, e) from e
+            raise _request_failed(scope, e) from e
         finally:
             os.close(pidfd)
         return scope
@@ -394,25 +404,15 @@ def _request_errors(unit: str) -> Iterator[None]:
     """systemd's failures as nsd's errors."""
     try:
         yield
-    except SystemdUnavailable as e:
-        raise SystemdNotAvailable(str(e)) from e
+    except BusUnavailable as e:
+        raise SystemdUnavailable(str(e)) from e
     except SystemdError as e:
-        raise SystemdRequestFailed(unit, e) from e
-
-
-class InvalidCommand(NsdError):
-    name = "InvalidCommand"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid command: {reason}", reason=reason)
+        raise _request_failed(unit, e) from e
 
 
 __all__ = [
     "INFINITY",
-    "InvalidCommand",
     "RunResult",
-    "SystemdNotAvailable",
-    "SystemdRequestFailed",
     "TenantSlices",
     "caller_cgroup",
     "placement",

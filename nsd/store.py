@@ -260,13 +260,6 @@ class Store:
                 (state.value, now_us(), uid),
             )
 
-    def set_adopted(self, uid: int, adopted: bool) -> None:
-        with self._write():
-            self._db.execute(
-                "UPDATE tenants SET adopted = ?, updated_us = ? WHERE uid = ?",
-                (int(adopted), now_us(), uid),
-            )
-
     def delete(self, uid: int, *, quarantine: bool) -> None:
         """Forget a tenant in one transaction.
 

@@ -151,3 +151,16 @@ def test_tenant_may_call_these_about_itself_only(
     mine = call_as(d, who["alice"], T + method, name=who["alice"], **extra)
     assert mine.get("error") != DENIED, mine
     assert call_as(d, who["alice"], T + method, name=who["bob"], **extra) == {"error": DENIED}
+
+
+def test_streams_map_errors_like_calls(env: tuple[Daemon, TestUsers, dict[str, str]]) -> None:
+    # Watch and GetUsage with "more" go through the same error mapping as plain calls.
+    d, _, who = env
+    unknown = f"nsdtx{os.getpid()}"
+    assert call_as(d, "root", T + "Watch", name=unknown) == {"error": T + "NoSuchTenant"}
+    assert call_as(d, "root", T + "GetUsage", name=unknown, _stream=True) == {
+        "error": T + "NoSuchTenant"
+    }
+    assert call_as(d, who["alice"], T + "GetUsage", name=who["bob"], _stream=True) == {
+        "error": DENIED
+    }

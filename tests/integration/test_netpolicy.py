@@ -486,7 +486,7 @@ async def test_bandwidth_limits(topo: Topo) -> None:
     assert free > 100e6
     # status shows it, and lifting the limit removes the qdiscs
     status = await hn.tenant_status(t1, ns1)
-    assert status["egressRate"] == 10_000_000 and not status["problems"]
+    assert status.egress_rate == 10_000_000 and not status.problems
     await topo.apply(hn)
     qdiscs = json.loads(sh(ns1, "tc", "-j", "qdisc", "show", "dev", "eth0").stdout)
     assert all(q["kind"] != "htb" for q in qdiscs)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from nsd.doctor import systemd_is_pid1
 from tests.harness import Daemon, TestUsers, daemon_env, run, unique
 
 pytestmark = [
@@ -127,6 +128,25 @@ def test_operator_table_untouched_and_flushed_table_repaired(
     rules = run("nft", "-j", "list", "table", "inet", "nsd", netns=d.host).stdout
     assert '"rule"' in rules
     assert wait_open(ta["namespacePath"], "10.99.0.2", 8080) == "10.99.0.1"
+
+
+def test_doctor_reports_the_network_policy_and_limits(env: tuple[Daemon, TestUsers, str]) -> None:
+    # nsctl doctor prints the network policy's checks and what of the limits is in
+    # effect, besides the host prerequisites (docs/networking.md, docs/configuration.md).
+    d, _, _ = env
+    res = d.nsctl("--json", "doctor", check=False)
+    checks = {c["name"]: (c["severity"], c["message"]) for c in json.loads(res.stdout)}
+    assert checks["nftables"] == ("ok", "table inet nsd is loaded")
+    assert checks["uplinks"] == ("ok", "egress through up0")
+    assert checks["forwarding"][0] in ("ok", "warning") and checks["forwarding"][1]
+    assert "foreign-drop-policy" not in checks  # the operator's table accepts
+    assert "netns-propagation" in checks and "address-pools" in checks
+    severity, message = checks["slices"]
+    if systemd_is_pid1():
+        assert severity == "ok" and message.startswith("systemd ")
+    else:  # no limits are configured here, so their absence is no warning
+        assert (severity, message) == (
+            "ok", "tenant slices are unavailable: systemd is not PID 1 on this host")  # fmt: skip
 
 
 def test_creations_and_removals_leave_the_derived_table(

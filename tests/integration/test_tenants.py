@@ -309,3 +309,25 @@ def test_without_systemd_namespaces_work_and_systemd_methods_say_why(
     assert res.returncode == 1
     assert "systemd is unavailable" in res.stderr and "SystemdUnavailable" in res.stderr
     d.call(T + "Remove", name=name)
+
+
+@pytest.mark.skipif(
+    systemd_is_pid1(),
+    reason="checks the behaviour without systemd; on a systemd host tests/systemd covers it",
+)
+def test_doctor_says_configured_limits_are_not_in_effect_without_systemd() -> None:
+    extra = '[limits]\nmemory_max = "1G"\n\n[network]\nenabled = false\n'
+    with running_daemon(extra=extra) as (d, users):
+        name = users.add()
+        d.call(T + "Create", name=name)  # limits count only when a tenant has them
+        try:
+            res = d.nsctl("--json", "doctor", check=False)
+            checks = {c["name"]: (c["severity"], c["message"]) for c in json.loads(res.stdout)}
+            assert checks["slices"] == (
+                "warning",
+                "tenant slices are unavailable: systemd is not PID 1 on this host; "
+                "configured limits are not in effect",
+            )
+            assert checks["nftables"] == ("ok", "network policy disabled (network.enabled)")
+        finally:
+            d.call(T + "Remove", name=name)

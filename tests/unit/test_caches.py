@@ -153,8 +153,6 @@ def test_store_writes_drop_cached_records(tmp_path: Path) -> None:
     s.set_state(1001, TenantState.READY)
     assert s.get(1001).state is TenantState.READY  # type: ignore[union-attr]
     assert s.get_by_name("u1001").state is TenantState.READY  # type: ignore[union-attr]
-    s.set_adopted(1001, True)
-    assert s.get_by_name("u1001").adopted is True  # type: ignore[union-attr]
     s.delete(1001, quarantine=True)
     assert s.get(1001) is None and s.get_by_name("u1001") is None
     s.close()

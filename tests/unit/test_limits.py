@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from nsd import limits as L
+from nsd.errors import InvalidLimit
 from nsd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
 
 
@@ -35,7 +36,7 @@ def test_canonical(field: str, raw: str, canonical: str) -> None:
     ],
 )  # fmt: skip
 def test_invalid_values_name_the_field(field: str, raw: str) -> None:
-    with pytest.raises(L.InvalidLimit) as info:
+    with pytest.raises(InvalidLimit) as info:
         L.canonical(field, raw)
     assert info.value.parameters["field"] == field and info.value.parameters["reason"]
 
@@ -45,7 +46,7 @@ def test_overlay_and_consistency() -> None:
     mine = L.from_mapping({"memory_max": "2G"})
     assert defaults.overlay(mine).items() == {"memory_max": str(2 << 30), "tasks_max": "512"}
     L.check_consistent(L.from_mapping({"memory_low": "1G", "memory_max": "infinity"}))
-    with pytest.raises(L.InvalidLimit, match="must not be below memory_high"):
+    with pytest.raises(InvalidLimit, match="must not be below memory_high"):
         L.check_consistent(L.from_mapping({"memory_high": "2G", "memory_max": "1G"}))
 
 

@@ -25,7 +25,7 @@ async def test_lock_cleanup_never_admits_two_holders() -> None:
 
     async def op(hold: Any) -> None:
         nonlocal inside, most
-        async with m._operation(1001, "alice"):
+        async with m.operation(1001, "alice"):
             inside += 1
             most = max(most, inside)
             await hold
@@ -44,7 +44,7 @@ async def test_lock_cleanup_never_admits_two_holders() -> None:
     c = asyncio.create_task(op(asyncio.sleep(0.05)))
     await asyncio.gather(a, b, c)
     assert most == 1
-    assert m._locks == {}  # every lock left the table when its last user did
+    assert len(m._locks) == 0  # every lock left the table when its last user did
 
 
 async def test_different_tenants_run_in_parallel() -> None:
@@ -53,13 +53,13 @@ async def test_different_tenants_run_in_parallel() -> None:
     release = asyncio.Event()
 
     async def slow() -> None:
-        async with m._operation(1001, "alice"):
+        async with m.operation(1001, "alice"):
             started.set()
             await release.wait()
 
     task = asyncio.create_task(slow())
     await started.wait()
-    async with m._operation(1002, "bob"):
+    async with m.operation(1002, "bob"):
         pass  # not blocked by alice's operation
     release.set()
     await task

@@ -22,9 +22,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from nsd import collectors, doctor, exposition, metrics, metrics_catalogue, metrics_http, topview
 from nsd.api import idl as installed_idl
+from nsd.api_views import audit_reply, usage_reply
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, audit_reply, collect, escaped_by_tenant, usage_reply
+from nsd.sampler import Snapshot, Target, collect, escaped_by_tenant
 from nsd.varlink import idl
 from tests.promtool import promtool
 

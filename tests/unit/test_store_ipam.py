@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nsd import config, store
-from nsd.errors import AddressPoolExhausted
+from nsd.errors import AddressConflict, AddressPoolExhausted
 from nsd.ipam import Ipam
 from nsd.model import TenantRecord, TenantState
 
@@ -112,6 +112,18 @@ def test_uid_strategy_is_deterministic(tmp_path: Path) -> None:
     r = add(s, ipam, 1001)
     assert r.ipv4_address == IPv4Address("10.100.3.233")  # 10.100.0.0 + 1001
     assert r.ipv6_prefix == IPv6Network("fd00:aa:0:3e9::/64")  # subnet id 1001 = 0x3e9
+
+
+def test_uid_strategy_conflict_names_the_address(tmp_path: Path) -> None:
+    # A lease from an earlier "sequential" allocation holds the address uid 1001 derives.
+    s, ipam = make(tmp_path, strategy="uid", ipv4_pool="10.100.0.0/16", ipv6_prefix="fd00:aa::/48")
+    s.insert(rec(2000, IPv4Address("10.100.3.233"), IPv6Network("fd00:aa:0:7::/64")))
+    with pytest.raises(AddressConflict) as info:
+        ipam.allocate(1001)
+    assert info.value.name == "AddressConflict"
+    assert info.value.parameters == {
+        "family": "ipv4", "pool": "10.100.0.0/16", "address": "10.100.3.233"}  # fmt: skip
+    assert s.get(1001) is None  # nothing recorded
 
 
 def test_overlap_with_host_routes(tmp_path: Path) -> None:

@@ -711,11 +711,11 @@ def _record() -> Any:
 
 
 def _as_varlink(e: Exception) -> tuple[str, dict[str, Any]]:
-    from nsd.api import _varlink_error
+    from nsd.api import varlink_error
     from nsd.errors import NsdError
 
     assert isinstance(e, NsdError)
-    err = _varlink_error("io.nsd.Tenant", e)
+    err = varlink_error("io.nsd.Tenant", e)
     return err.name, err.parameters
 
 

@@ -13,8 +13,9 @@ import pytest
 
 from nsd import cgroupstats as cs
 from nsd import procscan as ps
+from nsd.api_views import audit_reply, usage_reply
 from nsd.limits import Limits
-from nsd.sampler import SOURCES, Sampler, Target, audit_reply, collect, usage_reply
+from nsd.sampler import SOURCES, Sampler, Target, collect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CGROUP = str(FIXTURES / "cgroup")
@@ -417,29 +418,38 @@ def test_fixture_trees_are_intact(tmp_path: Path) -> None:
     assert ps.scan(TENANTS, (), str(copy)) == ps.scan(TENANTS, (), PROC)
 
 
-def test_manager_targets() -> None:
+def test_manager_sampler_targets(tmp_path: Path) -> None:
+    """The manager's targets: records from a real store, limits overlaid tenant by tenant."""
+    from ipaddress import IPv4Address, IPv6Network
     from types import SimpleNamespace
+    from typing import Any
 
-    from nsd.sampler import manager_targets
+    from nsd import config
+    from nsd.manager import TenantManager
+    from nsd.model import TenantRecord, TenantState
+    from nsd.store import Store
 
-    rec = SimpleNamespace(uid=1001, name="alice", netns_name="alice", host_ifname="nsd1001")
-    bob = SimpleNamespace(uid=1002, name="bob", netns_name="bob", host_ifname="nsd1002")
+    store = Store(tmp_path / "nsd.db")
+    for uid, name in ((1001, "alice"), (1002, "bob")):
+        store.insert(TenantRecord(uid, name, TenantState.READY, name, f"nsd{uid}",
+                                  IPv4Address(f"100.64.0.{uid - 990}"),
+                                  IPv6Network(f"fd00:0:0:{uid}::/64"), False, 0))  # fmt: skip
+    store.set_limit_overrides(1002, {"memory_max": "2048"})
     defaults = Limits(memory_max="1024", tasks_max="100")
-    manager = SimpleNamespace(
-        store=SimpleNamespace(
-            all=lambda: [rec, bob], all_limit_overrides=lambda: {1002: {"memory_max": "2048"}}
-        ),
-        net=SimpleNamespace(namespace_inode=lambda path: 42 if path == "/run/netns/alice" else 0),
-        slices=SimpleNamespace(
-            available=True,
-            slice_of=lambda uid: f"tenant-{uid}.slice",
-            effective=lambda own: defaults.overlay(Limits(**own)),
-        ),
-        netns_path=lambda name: f"/run/netns/{name}",
+    # Fakes only for the host: a namespace lstat and systemd's slices.
+    net: Any = SimpleNamespace(namespace_inode=lambda p: 42 if p == "/run/netns/alice" else 0)
+    slices: Any = SimpleNamespace(
+        available=True,
+        slice_of=lambda uid: f"tenant-{uid}.slice",
+        effective=lambda own: defaults.overlay(Limits(**own)),
     )
-    t, u = manager_targets(manager)
+    cfg = config.from_mapping({})
+    ipam: Any = None
+    manager = TenantManager(cfg, store, ipam, net, slices=slices)
+    t, u = manager.sampler_targets()
     assert t == Target(1001, "alice", ALICE_SLICE, 42, "nsd1001", defaults)
     # overrides overlay the defaults, tenant by tenant
     assert u.limits == Limits(memory_max="2048", tasks_max="100") and u.netns_inode == 0
-    manager.slices.available = False
-    assert manager_targets(manager)[0].cgroup is None
+    slices.available = False
+    assert manager.sampler_targets()[0].cgroup is None
+    store.close()
