@@ -142,7 +142,8 @@ class FaultWatcher:
                 self._watch(t)
 
     def _watch(self, t: _Tenant) -> None:
-        assert self._inotify is not None
+        if self._inotify is None:
+            raise RuntimeError("the fault watcher is not started")
         for file in WATCHED_FILES:
             if file in t.wds:
                 continue
@@ -167,7 +168,8 @@ class FaultWatcher:
         t.wds.clear()
 
     def _readable(self) -> None:
-        assert self._inotify is not None
+        if self._inotify is None:
+            raise RuntimeError("the fault watcher is not started")
         for wd, mask in self._inotify.read():
             found = self._by_wd.get(wd)
             if found is None:
@@ -189,7 +191,8 @@ class FaultWatcher:
         deadline = time.perf_counter() + STEP
         while self._dirty:
             if time.perf_counter() > deadline:
-                assert self._loop is not None
+                if self._loop is None:
+                    raise RuntimeError("the fault watcher is not started")
                 self._draining = True
                 self._loop.call_soon(self._drain)
                 return

@@ -57,7 +57,8 @@ def host_ifname(prefix: str, uid: int) -> str:
     """
     _check_uid(uid)
     name = f"{prefix}{uid}"
-    assert len(name.encode()) <= MAX_IFNAME, name
+    if len(name.encode()) > MAX_IFNAME:  # config keeps the prefix short enough
+        raise ValueError(f"interface name {name!r} is longer than {MAX_IFNAME} bytes")
     return name
 
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .netpolicy import FAMILY, TABLE
+from .policy_rules import FAMILY, TABLE
 
 __all__ = ["NftError", "apply", "available", "list_ruleset", "list_table", "run"]
 

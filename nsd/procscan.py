@@ -317,7 +317,7 @@ def scan(
     for p in relevant.values():
         if p.helper is not None or p.tenant is None:
             continue
-        where = _classify(p, proc_root)
+        where = _classify(p, p.tenant, proc_root)
         classes[p.tenant.uid][where] += 1
         if where in ESCAPES:
             listed.append((p.tenant.uid, p.pid, where, p, None))
@@ -346,9 +346,8 @@ def scan(
     )
 
 
-def _classify(p: _Proc, proc_root: str) -> str:
-    t = p.tenant
-    assert t is not None
+def _classify(p: _Proc, t: ScanTenant, proc_root: str) -> str:
+    """Where ``p``, one of tenant ``t``'s processes, runs (a class or an escape)."""
     in_ns = t.netns_inode is None or p.netns == t.netns_inode
     # No slices on this host: judge the namespace only.
     in_slice = t.cgroup is None or (

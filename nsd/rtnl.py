@@ -1,24 +1,24 @@
 """Raw rtnetlink: a blocking ``NETLINK_ROUTE`` socket and the few messages nsd sends and reads.
 
-nsd's own netlink reads and changes (the netns worker thread in nsd/netns.py, the qdisc
+nsd's own netlink reads and changes (the netns worker thread in nsd/netns_worker.py, the qdisc
 reads in nsd/shaping.py) go through plain blocking sockets (:class:`Rtnl`); requests are
-packed and replies unpacked here with ``struct``, only the fields nsd reads, under
-pyroute2's names for fields and attributes, with pyroute2's ``NetlinkError`` for failures.
+packed and replies unpacked with ``struct`` (the wire format is nsd/rtnl_wire.py), only the
+fields nsd reads, under pyroute2's names for fields and attributes, with pyroute2's
+``NetlinkError`` for failures.
 :class:`Rtnl` says why this is not pyroute2's synchronous ``IPRoute``, which runs an event
 loop per request; ``IPRoute`` is kept for the requests it builds for us: the creation of a
-veth pair (netns.py) and the tc changes (shaping.py).
+veth pair (netns_links.py) and the tc changes (shaping.py).
 
 Like every netlink socket, an :class:`Rtnl` belongs to the network namespace it was
 created in, for its whole life: a socket for another namespace is made by entering that
-namespace first (netns.py's worker does that).
+namespace first (netns_worker.py does that).
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -55,189 +55,46 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
-# --------------------------------------------------------------------------------------
-# constants and wire formats (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h)
-
-IFF_UP = 0x1
-IFA_F_DADFAILED = 0x08
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_LINK = 253
-RT_TABLE_MAIN = 254
-RTNH_F_ONLINK = 0x4
-RTN_UNICAST = 1
-RTPROT_STATIC = 4
-RT_SCOPE_NOWHERE = 255
-RT_TABLE_COMPAT = 252
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
-NSID_NOT_ASSIGNED = (-1, 0xFFFFFFFF)
-
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_NLATTR = struct.Struct("=HH")  # len, type
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-# family, dst_len, src_len, tos, table, proto, scope, type, flags
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_RTGENMSG = struct.Struct("=Bxxx")  # family
-_S32 = struct.Struct("=i")
-_U32 = struct.Struct("=I")
-NLA_TYPE_MASK = 0x3FFF
-NLM_F_CAPPED = 0x100
-NLM_F_ACK_TLVS = 0x200
-NLMSGERR_ATTR_MSG = 1
-IFLA_IFNAME = 3
-IFLA_MTU = 4
-IFLA_LINK = 5
-IFLA_LINKINFO = 18
-IFLA_LINK_NETNSID = 37
-IFLA_INFO_KIND = 1
-IFA_ADDRESS = 1
-IFA_LOCAL = 2
-IFA_FLAGS = 8
-RTA_DST = 1
-RTA_OIF = 4
-RTA_GATEWAY = 5
-RTA_PRIORITY = 6
-RTA_PREFSRC = 7
-RTA_TABLE = 15
-NETNSA_NSID = 1
-NETNSA_FD = 3
-
-
-# --------------------------------------------------------------------------------------
-# decoding replies
-
-
-class NlMsg:
-    """One decoded rtnetlink message: the fixed header's fields by name
-    (``msg["index"]``) and the attributes nsd reads (``msg.get_attr("IFLA_IFNAME")``),
-    with the names and value types pyroute2 uses."""
-
-    __slots__ = ("attrs", "fields")
-
-    def __init__(self, fields: dict[str, int], attrs: dict[str, Any]) -> None:
-        self.fields = fields
-        self.attrs = attrs
-
-    def __getitem__(self, key: str) -> int:
-        return self.fields[key]
-
-    def get_attr(self, name: str) -> Any:
-        return self.attrs.get(name)
-
-
-def nlattrs(data: memoryview, offset: int, end: int) -> Iterator[tuple[int, memoryview]]:
-    """The (type, payload) of each attribute in ``data[offset:end]``; for nested
-    attributes call it again on a payload. Stops at the first malformed attribute."""
-    while offset + 4 <= end:
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < 4 or offset + length > end:
-            break
-        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def cstr(value: memoryview) -> str:
-    """The text of a NUL-terminated string attribute."""
-    return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def _ip(family: int, value: memoryview) -> str:
-    return socket.inet_ntop(family, bytes(value))
-
-
-def decode_link(data: memoryview, offset: int, end: int) -> NlMsg:
-    family, _type, index, flags, change = _IFINFOMSG.unpack_from(data, offset)
-    attrs: dict[str, Any] = {}
-    for kind, value in nlattrs(data, offset + _IFINFOMSG.size, end):
-        if kind == IFLA_IFNAME:
-            attrs["IFLA_IFNAME"] = cstr(value)
-        elif kind == IFLA_MTU:
-            attrs["IFLA_MTU"] = _U32.unpack_from(value)[0]
-        elif kind == IFLA_LINK:
-            attrs["IFLA_LINK"] = _U32.unpack_from(value)[0]
-        elif kind == IFLA_LINK_NETNSID:
-            attrs["IFLA_LINK_NETNSID"] = _S32.unpack_from(value)[0]
-        elif kind == IFLA_LINKINFO:
-            for sub, subvalue in nlattrs(value, 0, len(value)):
-                if sub == IFLA_INFO_KIND:
-                    attrs["IFLA_INFO_KIND"] = cstr(subvalue)
-    return NlMsg({"family": family, "index": index, "flags": flags, "change": change}, attrs)
-
-
-def decode_addr(data: memoryview, offset: int, end: int) -> NlMsg:
-    family, prefixlen, flags, scope, index = _IFADDRMSG.unpack_from(data, offset)
-    attrs: dict[str, Any] = {}
-    for kind, value in nlattrs(data, offset + _IFADDRMSG.size, end):
-        if kind == IFA_ADDRESS:
-            attrs["IFA_ADDRESS"] = _ip(family, value)
-        elif kind == IFA_LOCAL:
-            attrs["IFA_LOCAL"] = _ip(family, value)
-        elif kind == IFA_FLAGS:
-            attrs["IFA_FLAGS"] = _U32.unpack_from(value)[0]
-    fields = {
-        "family": family,
-        "prefixlen": prefixlen,
-        "flags": flags,
-        "scope": scope,
-        "index": index,
-    }
-    return NlMsg(fields, attrs)
-
-
-_ROUTE_U32 = {RTA_OIF: "RTA_OIF", RTA_PRIORITY: "RTA_PRIORITY", RTA_TABLE: "RTA_TABLE"}
-_ROUTE_IP = {RTA_DST: "RTA_DST", RTA_GATEWAY: "RTA_GATEWAY", RTA_PREFSRC: "RTA_PREFSRC"}
-
-
-def decode_route(data: memoryview, offset: int, end: int) -> NlMsg:
-    values = _RTMSG.unpack_from(data, offset)
-    fields = dict(zip(_ROUTE_FIELDS, values, strict=True))
-    family = values[0]
-    attrs: dict[str, Any] = {}
-    for kind, value in nlattrs(data, offset + _RTMSG.size, end):
-        if kind in _ROUTE_U32:
-            attrs[_ROUTE_U32[kind]] = _U32.unpack_from(value)[0]
-        elif kind in _ROUTE_IP:
-            attrs[_ROUTE_IP[kind]] = _ip(family, value)
-    return NlMsg(fields, attrs)
-
-
-_ROUTE_FIELDS = ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type", "flags")
-
-
-def decode_nsid(data: memoryview, offset: int, end: int) -> NlMsg:
-    attrs: dict[str, Any] = {}
-    for kind, value in nlattrs(data, offset + _RTGENMSG.size, end):
-        if kind == NETNSA_NSID:
-            attrs["NETNSA_NSID"] = _S32.unpack_from(value)[0]
-    return NlMsg({}, attrs)
-
-
-# --------------------------------------------------------------------------------------
-# encoding requests
-
-
-def _nlattr(kind: int, payload: bytes) -> bytes:
-    length = _NLATTR.size + len(payload)
-    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _attr_text(kind: int, value: str) -> bytes:
-    return _nlattr(kind, value.encode() + b"\0")
-
-
-def _attr_u32(kind: int, value: int) -> bytes:
-    return _nlattr(kind, _U32.pack(value))
-
-
-def _attr_ip(kind: int, family: int, value: str) -> bytes:
-    return _nlattr(kind, socket.inet_pton(family, value))
-
-
-def _ifinfomsg(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
-    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
-
+from nsd.rtnl_wire import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFADDRMSG,
+    IFF_UP,
+    IFLA_IFNAME,
+    IFLA_MTU,
+    NETLINK_EXT_ACK,
+    NETLINK_GET_STRICT_CHK,
+    NETNSA_FD,
+    NLMSGHDR,
+    NSID_NOT_ASSIGNED,
+    RT_SCOPE_NOWHERE,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_COMPAT,
+    RT_TABLE_MAIN,
+    RTA_DST,
+    RTA_GATEWAY,
+    RTA_OIF,
+    RTA_PREFSRC,
+    RTA_PRIORITY,
+    RTA_TABLE,
+    RTGENMSG,
+    RTMSG,
+    RTN_UNICAST,
+    RTNH_F_ONLINK,
+    RTPROT_STATIC,
+    S32,
+    SOL_NETLINK,
+    NlMsg,
+    attr_ip,
+    attr_text,
+    attr_u32,
+    decode_addr,
+    decode_link,
+    decode_nsid,
+    decode_route,
+    ifinfomsg,
+    netlink_error,
+)
 
 #: turns one reply message (its body, after the netlink header: ``data[offset:end]``)
 #: into an :class:`NlMsg`
@@ -303,7 +160,7 @@ class Rtnl:
             raise OSError(errno.EBADF, "netlink socket is closed")
         self.seq = self.seq % 0x7FFFFFFF + 1
         seq = self.seq
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body)
+        sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body)
         out: list[NlMsg] = []
         interrupted = False
         single = not flags & (NLM_F_DUMP | NLM_F_ACK)  # a get: one answer, no ACK
@@ -313,20 +170,20 @@ class Rtnl:
             if msg_flags & socket.MSG_TRUNC:
                 raise OSError(errno.EMSGSIZE, "netlink reply larger than the receive buffer")
             offset = 0
-            while offset + _NLMSGHDR.size <= size:
-                length, kind, mflags, mseq, _pid = _NLMSGHDR.unpack_from(view, offset)
-                if length < _NLMSGHDR.size or offset + length > size:
+            while offset + NLMSGHDR.size <= size:
+                length, kind, mflags, mseq, _pid = NLMSGHDR.unpack_from(view, offset)
+                if length < NLMSGHDR.size or offset + length > size:
                     break
-                start, end = offset + _NLMSGHDR.size, offset + length
+                start, end = offset + NLMSGHDR.size, offset + length
                 offset = (end + 3) & ~3
                 if mseq != seq:
                     continue  # the late answer to a request abandoned on an error
                 if kind in (NLMSG_ERROR, NLMSG_DONE):
                     # ERROR: the ACK (0) or a failure; DONE: the end of a dump, which
                     # carries the dump's own result
-                    code = -_S32.unpack_from(view, start)[0] if end - start >= 4 else 0
+                    code = -S32.unpack_from(view, start)[0] if end - start >= 4 else 0
                     if code:
-                        raise _netlink_error(view, start, end, flags=mflags, code=code, kind=kind)
+                        raise netlink_error(view, start, end, flags=mflags, code=code, kind=kind)
                     return out, interrupted
                 if mflags & NLM_F_DUMP_INTR:
                     interrupted = True
@@ -348,18 +205,18 @@ class Rtnl:
         ifname: str | None = None,
         mtu: int | None = None,
     ) -> None:
-        body = _ifinfomsg(index, (IFF_UP if up else 0), (IFF_UP if up is not None else 0))
+        body = ifinfomsg(index, (IFF_UP if up else 0), (IFF_UP if up is not None else 0))
         if ifname is not None:
-            body += _attr_text(IFLA_IFNAME, ifname)
+            body += attr_text(IFLA_IFNAME, ifname)
         if mtu is not None:
-            body += _attr_u32(IFLA_MTU, mtu)
+            body += attr_u32(IFLA_MTU, mtu)
         self._change(RTM_NEWLINK, body)
 
     def link_del(self, index: int) -> None:
-        self._change(RTM_DELLINK, _ifinfomsg(index))
+        self._change(RTM_DELLINK, ifinfomsg(index))
 
     def link_dump(self) -> list[NlMsg]:
-        return self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, _ifinfomsg(), decode_link)
+        return self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, ifinfomsg(), decode_link)
 
     def addr_change(
         self, add: bool, index: int, address: IPv4Address | IPv6Address, prefixlen: int
@@ -367,14 +224,14 @@ class Rtnl:
         text = str(address)
         if address.version == 4:
             # as `ip addr add`: the local address and the peer address are the same
-            body = _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-            body += _attr_ip(IFA_LOCAL, socket.AF_INET, text)
-            body += _attr_ip(IFA_ADDRESS, socket.AF_INET, text)
+            body = IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+            body += attr_ip(IFA_LOCAL, socket.AF_INET, text)
+            body += attr_ip(IFA_ADDRESS, socket.AF_INET, text)
         else:
             # NODAD: usable at once, no 1-2 s of "tentative" after every setup
             flags = IFA_F_NODAD if add else 0
-            body = _IFADDRMSG.pack(socket.AF_INET6, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
-            body += _attr_ip(IFA_ADDRESS, socket.AF_INET6, text)
+            body = IFADDRMSG.pack(socket.AF_INET6, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
+            body += attr_ip(IFA_ADDRESS, socket.AF_INET6, text)
         if add:
             self._change(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
         else:
@@ -382,7 +239,7 @@ class Rtnl:
 
     def route_add(self, w: RouteSpec) -> None:
         family = socket.AF_INET if w.dst.version == 4 else socket.AF_INET6
-        body = _RTMSG.pack(
+        body = RTMSG.pack(
             family,
             w.dst.prefixlen,
             0,
@@ -393,13 +250,13 @@ class Rtnl:
             RTN_UNICAST,
             RTNH_F_ONLINK if w.onlink else 0,
         )
-        body += _attr_u32(RTA_TABLE, RT_TABLE_MAIN)
-        body += _attr_ip(RTA_DST, family, str(w.dst.network_address))
-        body += _attr_u32(RTA_OIF, w.oif)
+        body += attr_u32(RTA_TABLE, RT_TABLE_MAIN)
+        body += attr_ip(RTA_DST, family, str(w.dst.network_address))
+        body += attr_u32(RTA_OIF, w.oif)
         if w.gateway is not None:
-            body += _attr_ip(RTA_GATEWAY, family, str(w.gateway))
+            body += attr_ip(RTA_GATEWAY, family, str(w.gateway))
         if w.prefsrc is not None:
-            body += _attr_ip(RTA_PREFSRC, family, str(w.prefsrc))
+            body += attr_ip(RTA_PREFSRC, family, str(w.prefsrc))
         self._change(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_EXCL)
 
     def route_del(self, route: NlMsg) -> None:
@@ -407,7 +264,7 @@ class Rtnl:
         matched by destination, table, tos, output link, gateway and metric."""
         family = route["family"]
         table = route_table(route)
-        body = _RTMSG.pack(
+        body = RTMSG.pack(
             family,
             route["dst_len"],
             0,
@@ -418,32 +275,16 @@ class Rtnl:
             0,
             0,
         )
-        body += _attr_u32(RTA_TABLE, table)
+        body += attr_u32(RTA_TABLE, table)
         for kind, name in ((RTA_DST, "RTA_DST"), (RTA_GATEWAY, "RTA_GATEWAY")):
             value = route.get_attr(name)
             if value is not None:
-                body += _attr_ip(kind, family, value)
+                body += attr_ip(kind, family, value)
         for kind, name in ((RTA_OIF, "RTA_OIF"), (RTA_PRIORITY, "RTA_PRIORITY")):
             value = route.get_attr(name)
             if value is not None:
-                body += _attr_u32(kind, value)
+                body += attr_u32(kind, value)
         self._change(RTM_DELROUTE, body)
-
-
-def _netlink_error(
-    view: memoryview, start: int, end: int, *, flags: int, code: int, kind: int
-) -> NetlinkError:
-    """The NetlinkError for a failed request, with the kernel's extended-ACK text."""
-    text: str | None = None
-    if flags & NLM_F_ACK_TLVS:
-        offset = start + 4
-        if kind == NLMSG_ERROR:  # the request's header (and body unless capped) follows
-            echoed = _NLMSGHDR.unpack_from(view, offset)[0] if offset + 16 <= end else 16
-            offset += _NLMSGHDR.size if flags & NLM_F_CAPPED else (echoed + 3) & ~3
-        for attr, value in nlattrs(view, offset, end):
-            if attr == NLMSGERR_ATTR_MSG:
-                text = cstr(value)
-    return NetlinkError(code, text)
 
 
 # --------------------------------------------------------------------------------------
@@ -453,7 +294,7 @@ def _netlink_error(
 def dump_addrs(ipr: Rtnl, family: int, index: int) -> tuple[NlMsg, ...]:
     """Addresses of one link, filtered by the kernel (an unfiltered dump would mean
     thousands of messages parsed per call with thousands of tenants)."""
-    body = _IFADDRMSG.pack(family, 0, 0, 0, index)
+    body = IFADDRMSG.pack(family, 0, 0, 0, index)
     return tuple(ipr.request(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, body, decode_addr))
 
 
@@ -462,9 +303,9 @@ def dump_routes(
 ) -> tuple[NlMsg, ...]:
     """Routes of ``table`` (0: every table; optionally only via ``oif``), filtered by
     the kernel."""
-    body = _RTMSG.pack(family, 0, 0, 0, table, 0, 0, 0, 0)
+    body = RTMSG.pack(family, 0, 0, 0, table, 0, 0, 0, 0)
     if oif is not None:
-        body += _attr_u32(RTA_OIF, oif)
+        body += attr_u32(RTA_OIF, oif)
     return tuple(ipr.request(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body, decode_route))
 
 
@@ -474,9 +315,9 @@ def get_link(ipr: Rtnl, *, ifname: str | None = None, index: int | None = None) 
     Sent without NLM_F_ACK: the kernel answers with the link alone, one datagram.
     """
     if ifname is not None:
-        body = _ifinfomsg() + _attr_text(IFLA_IFNAME, ifname)
+        body = ifinfomsg() + attr_text(IFLA_IFNAME, ifname)
     else:
-        body = _ifinfomsg(index or 0)
+        body = ifinfomsg(index or 0)
     try:
         msgs = ipr.request(RTM_GETLINK, NLM_F_REQUEST, body, decode_link)
     except NetlinkError as e:
@@ -488,7 +329,7 @@ def get_link(ipr: Rtnl, *, ifname: str | None = None, index: int | None = None) 
 
 def netnsid(ipr: Rtnl, ns_fd: int) -> int | None:
     """The id the socket's namespace gave the namespace ``ns_fd`` (None if none yet)."""
-    body = _RTGENMSG.pack(socket.AF_UNSPEC) + _attr_u32(NETNSA_FD, ns_fd)
+    body = RTGENMSG.pack(socket.AF_UNSPEC) + attr_u32(NETNSA_FD, ns_fd)
     for reply in ipr.request(RTM_GETNSID, NLM_F_REQUEST, body, decode_nsid):
         nsid = reply.get_attr("NETNSA_NSID")
         if nsid is not None and nsid not in NSID_NOT_ASSIGNED:

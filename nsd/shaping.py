@@ -29,8 +29,9 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_ECHO, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETQDISC
 
-from .netpolicy import HTB_HANDLE, HTB_LIMITED
-from .rtnl import NlMsg, Rtnl, cstr, get_link, nlattrs
+from .policy_plan import HTB_HANDLE, HTB_LIMITED
+from .rtnl import Rtnl, get_link
+from .rtnl_wire import NlMsg, cstr, nlattrs
 
 TC_H_ROOT = 0xFFFFFFFF
 DEFAULT_LIMITED = HTB_LIMITED & 0xFFFF

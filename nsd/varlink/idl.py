@@ -209,7 +209,8 @@ class _Parser:
 
     def comment(self) -> str:
         """Reads a ``#`` comment up to the end of the line, minus one leading space."""
-        assert self.text[self.pos] == "#"
+        if not self.text.startswith("#", self.pos):
+            raise self.fail("expected a '#' comment")
         end = self.text.find("\n", self.pos)
         if end < 0:
             end = len(self.text)
@@ -309,7 +310,8 @@ class _Parser:
 
     def struct(self, where: str) -> Struct:
         result = self.members(where, "struct", 0)
-        assert isinstance(result, Struct)
+        if not isinstance(result, Struct):  # members() of kind "struct" returns one
+            raise self.fail(f"expected a struct in {where}")
         return result
 
     def members(self, where: str, kind: Literal["struct", "either"], depth: int) -> Struct | Enum:

@@ -11,6 +11,7 @@ import fuzzlib
 
 with fuzzlib.instrumented():
     from nsd import limits as L
+    from nsd.errors import InvalidLimit
 
 SEEDS = ["512M", "1.5G", "infinity", "150%", "100", "1\u212a", "\u0661\u0660", "9" * 309,
          "18446744073709551614", "16E", "0.5k", "4194304", " 7 ", "1e3", "0x10", "-1"]  # fmt: skip
@@ -37,7 +38,7 @@ def test_one_input(data: bytes) -> None:
         raw = text(fdp)
         try:
             canon = L.canonical(field, raw)
-        except L.InvalidLimit as e:
+        except InvalidLimit as e:
             assert e.parameters["field"] == field and e.parameters["reason"], e.parameters
             assert len(e.parameters["value"]) <= 43
             continue
@@ -51,7 +52,7 @@ def test_one_input(data: bytes) -> None:
         assert int(parsed.tasks_max) <= L.MAX_TASKS
     try:
         L.check_consistent(parsed)
-    except L.InvalidLimit as e:
+    except InvalidLimit as e:
         assert e.parameters["field"] in L.FIELDS
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from nsd import linux
 from nsd.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
+from nsd.netns_worker import WrongThread
 from nsd.procs import processes_in_namespace, stop_processes
 
 pytestmark = pytest.mark.root
@@ -645,6 +646,17 @@ async def test_failed_bind_mount_is_undone(
     )
     monkeypatch.setattr(linux, "mount", real_mount)
     assert not (await adapter.ensure(spec)).adopted_existing
+
+
+async def test_a_job_off_the_worker_thread_is_refused(adapter: NetnsAdapter) -> None:
+    """Only the worker thread may switch namespaces: a job run from anywhere else (here
+    the event loop's thread) is refused before it runs (an explicit check, not an
+    assert that ``python -O`` would remove)."""
+    ran: list[bool] = []
+    with pytest.raises(WrongThread):
+        adapter._worker.run(lambda: ran.append(True))  # looking inside on purpose
+    assert ran == []
+    assert await on_worker(adapter, lambda: "fine") == "fine"
 
 
 def test_worker_that_cannot_return_home_ends_the_process(

@@ -655,9 +655,15 @@ async def test_incremental_changes_leave_the_table_a_rebuild_would_load(topo: To
         everyone = [x for x in everyone if x.uid != t.uid]
         if op == "set":
             everyone.append(t)
-            report = await hn.set_tenant(t, lambda e=everyone: e)
+        current = list(everyone)
+
+        def now(e: list[npol.TenantNet] = current) -> list[npol.TenantNet]:
+            return e
+
+        if op == "set":
+            report = await hn.set_tenant(t, now)
         else:
-            report = await hn.remove_tenant(t.uid, lambda e=everyone: e)
+            report = await hn.remove_tenant(t.uid, now)
         assert report.actions == [
             f"updated the elements of tenant {t.name} in table inet nsd (host)"
         ]

@@ -117,7 +117,7 @@ class PamRunner:
         return Session(proc.returncode, proc.stdout + proc.stderr, netns, fds, self._drain())
 
     def _drain(self) -> list[tuple[int, str]]:
-        out = []
+        out: list[tuple[int, str]] = []
         while True:
             try:
                 data = self.syslog.recv(65536, socket.MSG_DONTWAIT)

@@ -49,7 +49,7 @@ from contrib_units import (
 )
 from nspawn import PYTHON, ROOT, Container
 
-from nsd import unitfiles
+from nsd import unit_templates, unitfiles
 
 pytestmark = pytest.mark.slow
 
@@ -318,6 +318,6 @@ def test_contrib_is_what_the_tests_install() -> None:
         "tenant-app@.service",
         "tenant-app-exec@.service",
     }
-    marked = {t.name for t in unitfiles.find_templates([CONTRIB])}
+    marked = {t.name for t in unit_templates.find_templates([CONTRIB])}
     assert {"tenant-app@.service", "tenant-app-exec@.service"} <= marked
     assert ROOT.joinpath(".venv", "bin", "nsd").exists()

@@ -258,6 +258,21 @@ def test_every_number_has_bounds() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("127.0.0.1:9917", ("127.0.0.1", 9917)), ("[::1]:9917", ("::1", 9917)),
+     (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
+)  # fmt: skip
+def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
+    assert config.parse_listen(text) == parsed
+
+
+@pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
+def test_parse_listen_refuses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        config.parse_listen(bad)
+
+
+@pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
         ("reserved_connections", 4096, "below max_connections"),
@@ -278,18 +293,3 @@ def test_connection_policy_keys_are_validated(key: str, value: object, reason: s
 def test_connection_policy_defaults_match_the_server() -> None:
     # One set of documented defaults: the daemon's config and the server's Limits agree.
     assert server_limits(config.DaemonConfig()) == Limits()
-
-
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [("127.0.0.1:9917", ("127.0.0.1", 9917)), ("[::1]:9917", ("::1", 9917)),
-     (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
-)  # fmt: skip
-def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
-    assert config.parse_listen(text) == parsed
-
-
-@pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
-def test_parse_listen_refuses(bad: str) -> None:
-    with pytest.raises(ValueError):
-        config.parse_listen(bad)

@@ -10,7 +10,7 @@ import os
 import socket
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from nsd import config, faultapi, faultview, journal, store
-from nsd.faultrecord import FaultCounter, FaultRecorder, FaultsConfig
+from nsd.config import FaultsConfig
+from nsd.faultrecord import FaultCounter, FaultRecorder
 from nsd.faults import Fault, ProcessSample, increases, snapshot_processes
 from nsd.faultwatch import FaultWatcher
 from nsd.ipam import Ipam
@@ -224,6 +225,7 @@ async def test_a_recorded_fault_is_a_watch_event(tmp_path: Path) -> None:
     net: Any = _Net()
     manager = TenantManager(cfg, db, ipam, net)
     events = manager.watch(1001)
+    assert isinstance(events, AsyncGenerator)  # so that it can be closed
     assert (await anext(events))[0] == "existing"
     assert (await anext(events))[0] == "synced"
     manager.emit_fault(fault("bob", 5))  # uid 1001 is alice now: not hers, not sent

@@ -111,7 +111,7 @@ def test_explicit_scope_request_wins() -> None:
     ],
 )
 def test_issue20_limits_grammar(field: str, raw: str, rule: str) -> None:
-    with pytest.raises(L.InvalidLimit) as info:
+    with pytest.raises(InvalidLimit) as info:
         L.canonical(field, raw)
     assert info.value.parameters["field"] == field
     assert rule in info.value.parameters["reason"]

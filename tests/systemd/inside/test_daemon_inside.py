@@ -224,4 +224,5 @@ def test_sighup_reapplies_changed_default_limits(env: tuple[Daemon, TestUsers]) 
         assert "reloaded" in d.log_text()
     finally:
         d.config.write_text(original)
+        assert d.proc is not None
         d.proc.send_signal(1)
