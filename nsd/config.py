@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from . import names, netpolicy
+from . import names, policy_config
 from .errors import InvalidLimit
-from .names import MAX_UID, SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
-from .procscan import COMM_LEN, DEFAULT_HELPERS
+from .names import COMM_LEN, DEFAULT_HELPERS, MAX_UID, SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 
 #: Where the metrics exporter listens unless metrics.listen says otherwise.
 DEFAULT_LISTEN = "127.0.0.1:9917"
@@ -232,7 +231,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
-    network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
+    network: policy_config.NetworkConfig = field(default_factory=policy_config.NetworkConfig)
     source: str = "<defaults>"
 
 
@@ -283,8 +282,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
             raise ConfigError(source, name, "must be a table")
         if name == "network":
             try:
-                sections[name] = netpolicy.config_from_mapping(value)
-            except netpolicy.NetworkConfigError as e:
+                sections[name] = policy_config.config_from_mapping(value)
+            except policy_config.NetworkConfigError as e:
                 raise ConfigError(source, f"network.{e.key}", e.reason) from e
             continue
         sections[name] = (

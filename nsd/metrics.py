@@ -18,7 +18,7 @@ from .collectors import DaemonMetrics
 from .config import DEFAULT_LISTEN, parse_listen
 from .exposition import Exposition
 from .metrics_http import MetricsServer
-from .procscan import DEFAULT_HELPERS
+from .names import DEFAULT_HELPERS
 from .sampler import Sampler, Target
 
 log = logging.getLogger("nsd.metrics")

@@ -103,3 +103,9 @@ def slice_name(parent: str, uid: int) -> str:
 def _check_uid(uid: int) -> None:
     if isinstance(uid, bool) or not 0 <= uid <= MAX_UID:
         raise ValueError(f"uid {uid!r} out of range")
+
+
+# Process names (``comm``), as /proc/PID/status shows them.
+COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to this
+#: launch and babysitting helpers counted per tenant (metrics.helpers' default)
+DEFAULT_HELPERS: tuple[str, ...] = ("(sd-pam)", "su", "sudo", "runuser", "nsenter")

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from . import kerneltext
 from .cgroupstats import read_bytes
+from .names import COMM_LEN, DEFAULT_HELPERS
 
 CONTAINED = "contained"
 SESSION = "session"
@@ -70,8 +71,6 @@ ESCAPES: tuple[str, ...] = (
     SESSION_OUTSIDE_NAMESPACE,
 )
 
-DEFAULT_HELPERS: tuple[str, ...] = ("(sd-pam)", "su", "sudo", "runuser", "nsenter")
-COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to this
 _MAX_COMMAND = 512
 _HELPER_DEPTH = 4  # sudo -> sudo (pty monitor) -> command: a short chain at most
 

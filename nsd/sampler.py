@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from . import limits as limits_mod
 from .cgroupstats import FILES, CgroupStats, read_cgroup
+from .names import DEFAULT_HELPERS
 from .procscan import (
-    DEFAULT_HELPERS,
     HelperTotal,
     NetDev,
     ProcessRecord,

@@ -33,7 +33,8 @@ from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
 from nsd import collectors, exposition, metrics_catalogue, metrics_http  # noqa: E402
 from nsd.limits import Limits  # noqa: E402
-from nsd.procscan import DEFAULT_HELPERS, ScanTenant, scan  # noqa: E402
+from nsd.names import DEFAULT_HELPERS  # noqa: E402
+from nsd.procscan import ScanTenant, scan  # noqa: E402
 from nsd.sampler import Target, collect  # noqa: E402
 
 TEMPLATE = ROOT / "tests" / "fixtures" / "cgroup" / "tenant.slice" / "tenant-1001.slice"

@@ -15,6 +15,7 @@ from nsd import cgroupstats as cs
 from nsd import procscan as ps
 from nsd.api_views import audit_reply, usage_reply
 from nsd.limits import Limits
+from nsd.names import DEFAULT_HELPERS
 from nsd.sampler import SOURCES, Sampler, Target, collect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -171,7 +172,7 @@ def test_parse_cgroup() -> None:
 
 
 def scan_fixture(**kw: object) -> ps.ProcScan:
-    result = ps.scan(TENANTS, ps.DEFAULT_HELPERS, PROC, **kw)  # type: ignore[arg-type]
+    result = ps.scan(TENANTS, DEFAULT_HELPERS, PROC, **kw)  # type: ignore[arg-type]
     assert result is not None
     return result
 
@@ -251,7 +252,7 @@ def test_scan_keeps_at_most_max_findings() -> None:
 
 def test_scan_without_slices_judges_the_namespace_only() -> None:
     tenants = [ps.ScanTenant(1001, None, ALICE_NS)]
-    result = ps.scan(tenants, ps.DEFAULT_HELPERS, PROC)
+    result = ps.scan(tenants, DEFAULT_HELPERS, PROC)
     assert result is not None
     classes = result.tenants[1001].classes
     # 101, 102 (a login), 104 and 107 are in her namespace; 105 and 106 are not and
