@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import limits as limits_mod
-from . import names, policy_config
-from .errors import InvalidLimit
-from .names import COMM_LEN, DEFAULT_HELPERS, MAX_UID, SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
+from nsd import limits as limits_mod
+from nsd import names
+from nsd import network_config as policy_config
+from nsd.errors import InvalidLimit
+from nsd.names import COMM_LEN, DEFAULT_HELPERS, MAX_UID, SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
 
 #: Where the metrics exporter listens unless metrics.listen says otherwise.
 DEFAULT_LISTEN = "127.0.0.1:9917"
@@ -207,7 +208,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class FaultsConfig:
-    """``[faults]``: limit hits recorded with a process snapshot (nsd.faultrecord)."""
+    """``[faults]``: limit hits recorded with a process snapshot (nsd.core.faultrecord)."""
 
     enabled: bool = True
     #: faults kept in the store at most (the oldest go first)

@@ -151,7 +151,7 @@ class InvalidCommand(NsdError):
 class SystemdUnavailable(NsdError):
     """The operation needs systemd, which this host or configuration does not offer.
 
-    Not nsd.systemd.SystemdUnavailable, the bus adapter's own error: the core turns that
+    Not nsd.systemd.units.SystemdUnavailable, the bus adapter's own error: the core turns that
     (and a host without systemd) into this one.
     """
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .errors import InvalidLimit
+from nsd.errors import InvalidLimit
 
 INFINITY = "infinity"
 # ASCII only: re's [0-9] is ASCII, but re.IGNORECASE would let U+212A KELVIN SIGN
@@ -147,7 +147,7 @@ def check_consistent(limits: Limits) -> None:
 
 
 def to_systemd(limits: Limits) -> dict[str, int | float | None]:
-    """Keyword arguments for nsd.systemd.limit_properties (numbers; inf for no limit)."""
+    """Keyword arguments for nsd.systemd.units.limit_properties (numbers; inf for no limit)."""
     out: dict[str, int | float | None] = {}
     for field, value in limits.items().items():
         if field == "cpu_quota":

@@ -31,11 +31,13 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
-from nsd import collectors, exposition, metrics_catalogue, metrics_http  # noqa: E402
 from nsd.limits import Limits  # noqa: E402
 from nsd.names import DEFAULT_HELPERS  # noqa: E402
-from nsd.procscan import ScanTenant, scan  # noqa: E402
-from nsd.sampler import Target, collect  # noqa: E402
+from nsd.observe import catalogue as metrics_catalogue  # noqa: E402
+from nsd.observe import collectors, exposition  # noqa: E402
+from nsd.observe import http as metrics_http  # noqa: E402
+from nsd.observe.procscan import ScanTenant, scan  # noqa: E402
+from nsd.observe.sampler import Target, collect  # noqa: E402
 
 TEMPLATE = ROOT / "tests" / "fixtures" / "cgroup" / "tenant.slice" / "tenant-1001.slice"
 UID_BASE = 70000
@@ -231,7 +233,7 @@ def bench_metrics(tenants: int = 1000, processes: int = 20000, rounds: int = 5) 
 
 
 def _own_cgroup() -> str:
-    from nsd.procscan import parse_cgroup  # noqa: PLC0415
+    from nsd.observe.procscan import parse_cgroup  # noqa: PLC0415
 
     with open("/proc/self/cgroup", "rb") as f:
         return parse_cgroup(f.read()) or "/"

@@ -170,7 +170,7 @@ static bool parse_args(int argc, const char **argv, struct options *o, char *why
 /* --- where the process runs --------------------------------------------------------- */
 
 /* The process's cgroup v2 path (or the v1 name=systemd one on hybrid hosts) into buf;
- * false if unknown. The rule of nsd.procscan.parse_cgroup. */
+ * false if unknown. The rule of nsd.observe.procscan.parse_cgroup. */
 static bool own_cgroup(long pid, char *buf, size_t size)
 {
     char path[64];

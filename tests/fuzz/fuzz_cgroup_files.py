@@ -10,8 +10,7 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import cgroupstats
-
+    from nsd.observe import cgroupstats
 KEYS = ["anon", "file", "kernel", "pgfault", "oom_kill", "usage_usec", "nr_throttled"]
 
 

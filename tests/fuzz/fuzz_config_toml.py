@@ -11,8 +11,8 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import config, limits, policy_config
-
+    from nsd import config, limits
+    from nsd import network_config as policy_config
 SECTIONS: dict[str, list[str]] = {
     f.name: [k.name for k in fields(getattr(config.Config(), f.name))]
     for f in fields(config.Config)

@@ -12,8 +12,8 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import kerneltext, procscan
-
+    from nsd import kerneltext
+    from nsd.observe import procscan
 CONTROLLERS = [b"cpu", b"memory", b"pids", b"name=systemd", b"cpu,cpuacct", b"net_cls,net_prio",
                b"misc", b"rdma", b""]  # fmt: skip
 TENANT = procscan.ScanTenant(1001, "/tenant.slice/tenant-1001.slice", None)

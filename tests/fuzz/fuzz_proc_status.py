@@ -11,7 +11,8 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import kerneltext, procscan
+    from nsd import kerneltext
+    from nsd.observe import procscan
 
 
 def status(fdp: Any) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import doctor, kerneltext, procscan
-
+    from nsd import kerneltext
+    from nsd.core import doctor
+    from nsd.observe import procscan
 OPTIONAL = [b"shared:5", b"master:3", b"shared:1 master:2", b"", b"propagate_from:2"]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsd import linux
+from nsd.net import linux
 from tests.harness import Daemon, TestUsers, daemon_env
 
 

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsd import kerneltext, procscan
-from nsd.cgroupstats import detect_root
+from nsd import kerneltext
+from nsd.observe import procscan
+from nsd.observe.cgroupstats import detect_root
 from tests.harness import unique
 
 pytestmark = [

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from nsd import linux
-from nsd.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
-from nsd.netns_worker import WrongThread
-from nsd.procs import processes_in_namespace, stop_processes
+from nsd.net import linux
+from nsd.net.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
+from nsd.net.netns_worker import WrongThread
+from nsd.net.procs import processes_in_namespace, stop_processes
 
 pytestmark = pytest.mark.root
 
@@ -667,8 +667,8 @@ def test_worker_that_cannot_return_home_ends_the_process(
     script = textwrap.dedent(
         f"""
         import asyncio
-        from nsd import linux
-        from nsd.netns import NetnsAdapter
+        from nsd.net import linux
+        from nsd.net.netns import NetnsAdapter
         from tests.integration.test_netns import make_spec
 
         async def main():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd.doctor import systemd_is_pid1
+from nsd.core.doctor import systemd_is_pid1
 from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [

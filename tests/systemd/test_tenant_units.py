@@ -23,7 +23,7 @@ as the tenant.
 
 Until the lead's manager writes the Slice= drop-ins itself (on Ensure, before it
 replies, then ``Reload``), the first test stands in for it with a drop-in on
-nsd-tenant@.service that calls nsd.unitfiles.sync() and ``systemctl daemon-reload``
+nsd-tenant@.service that calls nsd.systemd.unitfiles.sync() and ``systemctl daemon-reload``
 right after ``nsd-ensure`` - which is exactly where nsd will do it. That the start
 job of a tenant service, queued behind nsd-tenant@, picks up a drop-in that appears
 (and a reload that happens) while it waits is part of what the test shows.
@@ -49,7 +49,7 @@ from contrib_units import (
 )
 from nspawn import PYTHON, ROOT, Container
 
-from nsd import unit_templates, unitfiles
+from nsd.systemd import unit_templates, unitfiles
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nsd import store, users
+from nsd import users
+from nsd.core import store
 from nsd.model import TenantRecord, TenantState
 
 

@@ -104,7 +104,7 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_limit_checks_report_what_is_not_in_effect(tmp_path: Path) -> None:
-    from nsd import doctor
+    from nsd.core import doctor
 
     block = tmp_path / "block" / "vda" / "queue"
     block.mkdir(parents=True)

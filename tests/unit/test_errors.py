@@ -6,7 +6,7 @@ import inspect
 from importlib.resources import files
 
 from nsd import errors
-from nsd.api import DAEMON_INTERFACE, TENANT_INTERFACE, varlink_error
+from nsd.api.handlers import DAEMON_INTERFACE, TENANT_INTERFACE, varlink_error
 from nsd.varlink import idl
 
 IDL_ERRORS = {

@@ -19,14 +19,17 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from nsd import config, faultapi, faultview, journal, store
+from nsd import config, faultview
+from nsd.api import faults as faultapi
 from nsd.config import FaultsConfig
-from nsd.faultrecord import FaultCounter, FaultRecorder
-from nsd.faults import Fault, ProcessSample, increases, snapshot_processes
-from nsd.faultwatch import FaultWatcher
-from nsd.ipam import Ipam
-from nsd.manager import TenantManager
-from nsd.model import TenantRecord, TenantState
+from nsd.core import store
+from nsd.core.faultrecord import FaultCounter, FaultRecorder
+from nsd.core.ipam import Ipam
+from nsd.core.manager import TenantManager
+from nsd.model import Fault, ProcessSample, TenantRecord, TenantState
+from nsd.observe.faults import increases, snapshot_processes
+from nsd.observe.faultwatch import FaultWatcher
+from nsd.systemd import journal
 
 SLICE = "/tenant.slice/tenant-1001.slice"
 EVENTS = "low 0\nhigh {high}\nmax {max}\noom 0\noom_kill {kill}\noom_group_kill 0\n"

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nsd import cgroupstats, doctor, kerneltext, procs, procscan
+from nsd import kerneltext
+from nsd.core import doctor
+from nsd.net import procs
+from nsd.observe import cgroupstats, procscan
 
 SLICE = b"/tenant.slice/tenant-1001.slice"
 V1 = b"12:pids:/user.slice\n9:name=systemd:/user.slice/user-1000.slice/x\r0::" + SLICE + b"\n"
@@ -116,7 +119,8 @@ def test_cgroup_walk_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     import os
     import sys
 
-    from nsd import cgroup, faults
+    from nsd.observe import faults
+    from nsd.systemd import cgroup
 
     depth = sys.getrecursionlimit() + 100
     levels = [tmp_path.joinpath(*["d"] * i) for i in range(1, depth + 1)]

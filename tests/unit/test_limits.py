@@ -4,7 +4,7 @@ import pytest
 
 from nsd import limits as L
 from nsd.errors import InvalidLimit
-from nsd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
+from nsd.systemd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
 
 
 @pytest.mark.parametrize(

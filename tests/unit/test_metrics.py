@@ -20,12 +20,16 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nsd import collectors, doctor, exposition, metrics, metrics_catalogue, metrics_http, topview
-from nsd.api import idl as installed_idl
-from nsd.api_views import audit_reply, usage_reply
+from nsd import topview
+from nsd.api.handlers import idl as installed_idl
+from nsd.api.views import audit_reply, usage_reply
+from nsd.core import doctor
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, collect, escaped_by_tenant
+from nsd.observe import catalogue as metrics_catalogue
+from nsd.observe import collectors, exposition, metrics
+from nsd.observe import http as metrics_http
+from nsd.observe.sampler import Snapshot, Target, collect, escaped_by_tenant
 from nsd.varlink import idl
 from tests.promtool import promtool
 

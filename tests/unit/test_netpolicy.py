@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nsd import netpolicy as npol
+from nsd.net import policy as npol
 from tests import golden
 
 SITE = npol.Site(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd import metrics_catalogue
+from nsd.observe import catalogue as metrics_catalogue
 from tests.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]

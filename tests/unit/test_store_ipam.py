@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nsd import config, store
+from nsd import config
+from nsd.core import store
+from nsd.core.ipam import Ipam
 from nsd.errors import AddressConflict, AddressPoolExhausted
-from nsd.ipam import Ipam
 from nsd.model import TenantRecord, TenantState
 
 

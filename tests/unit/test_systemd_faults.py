@@ -37,8 +37,8 @@ from dbus_fast.service import (
     dbus_signal,
 )
 
-from nsd import systemd as sd
-from nsd import systemd_props
+from nsd.systemd import properties as systemd_props
+from nsd.systemd import units as sd
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dbus-daemon") is None, reason="needs dbus-daemon (Debian package dbus-daemon)"
@@ -695,7 +695,7 @@ async def test_job_removed_from_anyone_but_systemd_is_ignored(
 
 def _slices(adapter: sd.Systemd) -> Any:
     from nsd import config
-    from nsd.slices import TenantSlices
+    from nsd.systemd.slices import TenantSlices
 
     cfg = config.from_mapping({"systemd": {"call_timeout": FAST}})
     return TenantSlices(cfg, adapter, "")
@@ -711,7 +711,7 @@ def _record() -> Any:
 
 
 def _as_varlink(e: Exception) -> tuple[str, dict[str, Any]]:
-    from nsd.api import varlink_error
+    from nsd.api.handlers import varlink_error
     from nsd.errors import NsdError
 
     assert isinstance(e, NsdError)

@@ -1,4 +1,4 @@
-"""nsd/unitfiles.py: escaping against the real systemd-escape, template discovery with
+"""nsd/systemd/unitfiles.py: escaping against the real systemd-escape, template discovery with
 systemd's masking rules, and applying drop-ins atomically without touching anything else."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsd import unit_templates as ut
-from nsd import unitfiles as uf
+from nsd.systemd import unit_templates as ut
+from nsd.systemd import unitfiles as uf
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
 needs_systemd_escape = pytest.mark.skipif(
