@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client.registry import CollectorRegistry
 
-from nsd.config import DEFAULT_LISTEN, parse_listen
+from nsd.config import DEFAULT_LISTEN
+from nsd.config_check import parse_listen
 from nsd.names import DEFAULT_HELPERS
 from nsd.observe.collectors import DaemonMetrics
 from nsd.observe.exposition import Exposition

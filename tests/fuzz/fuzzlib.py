@@ -71,9 +71,9 @@ def assert_config_usable(cfg: Any) -> None:
     the kernel refuses)."""
     import math
 
-    from nsd import config, limits, names
+    from nsd import config_check, limits, names
 
-    for key, (low, high) in config.BOUNDS.items():
+    for key, (low, high) in config_check.BOUNDS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         assert not (isinstance(value, float) and not math.isfinite(value)), (key, value)
@@ -94,7 +94,7 @@ def assert_config_usable(cfg: Any) -> None:
     for rlimit in cfg.exec.rlimits.values():
         for v in (rlimit.soft, rlimit.hard):
             assert v is None or 0 <= v < 2**63
-    config.parse_listen(cfg.metrics.listen)
+    config_check.parse_listen(cfg.metrics.listen)
     # Names and addresses handed to netlink and nft: no NUL, IFNAMSIZ in bytes, no zones.
     for ifname in (*cfg.network.uplinks, cfg.netns.tenant_interface):
         assert names.valid_ifname(ifname), ifname

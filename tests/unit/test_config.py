@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd import config
+from nsd import config, config_check
 from nsd.daemon import server_limits
 from nsd.varlink.server import Limits
 
@@ -223,7 +223,7 @@ def test_templates_that_work_for_every_user_are_kept() -> None:
 
 
 def test_numbers_at_their_bounds_are_accepted() -> None:
-    for key, (low, high) in config.BOUNDS.items():
+    for key, (low, high) in config_check.BOUNDS.items():
         section, name = key.split(".")
         if key in (
             "tenants.uid_min",
@@ -254,7 +254,7 @@ def test_every_number_has_bounds() -> None:
         for f in fields(config._SECTIONS[section.name])
         if f.type in ("int", "float") and f"{section.name}.{f.name}" not in config._SPECIAL
     }
-    assert numeric and numeric == set(config.BOUNDS)
+    assert numeric and numeric == set(config_check.BOUNDS)
 
 
 @pytest.mark.parametrize(
@@ -263,20 +263,20 @@ def test_every_number_has_bounds() -> None:
      (":9917", ("", 9917)), ("", None), ("  ", None), ("localhost:80", ("localhost", 80))],
 )  # fmt: skip
 def test_parse_listen(text: str, parsed: tuple[str, int] | None) -> None:
-    assert config.parse_listen(text) == parsed
+    assert config_check.parse_listen(text) == parsed
 
 
 @pytest.mark.parametrize("bad", ["9917", "::1:9917", "[::1]9917", "host:70000", "host:x", "a b:1"])
 def test_parse_listen_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
-        config.parse_listen(bad)
+        config_check.parse_listen(bad)
 
 
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
         ("reserved_connections", 4096, "below max_connections"),
-        # Numbers out of config.BOUNDS are refused as such (issue 20's one pass).
+        # Numbers out of config_check.BOUNDS are refused as such (issue 20's one pass).
         ("idle_timeout", 0, "between 0.1 and 3600"),
         ("call_timeout", -1, "between 0.1 and 3600"),
         ("max_connections_per_non_tenant", 0, "between 1 and 65536"),
@@ -286,7 +286,7 @@ def test_parse_listen_refuses(bad: str) -> None:
 )
 def test_connection_policy_keys_are_validated(key: str, value: object, reason: str) -> None:
     with pytest.raises(config.ConfigError) as e:
-        config.validate(config.from_mapping({"daemon": {key: value}}))
+        config_check.validate(config.from_mapping({"daemon": {key: value}}))
     assert e.value.key == f"daemon.{key}" and reason in e.value.reason
 
 

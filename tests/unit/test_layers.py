@@ -21,8 +21,8 @@ NSD = Path(__file__).resolve().parents[2] / "nsd"
 # Shared leaves: plain values, names and parsing that every layer uses.
 LEAVES = frozenset(
     {
-        "nsd", "nsd.errors", "nsd.model", "nsd.names", "nsd.config", "nsd.network_config",
-        "nsd.limits", "nsd.users", "nsd.kerneltext",
+        "nsd", "nsd.errors", "nsd.model", "nsd.names", "nsd.config", "nsd.config_check",
+        "nsd.network_config", "nsd.limits", "nsd.users", "nsd.kerneltext",
     }
 )  # fmt: skip
 ADAPTERS = ("nsd.net", "nsd.systemd", "nsd.observe")
