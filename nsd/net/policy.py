@@ -9,7 +9,7 @@ explained in docs/networking.md.
 This module is the policy's public face (what the daemon, the manager and hostnet use);
 each part lives in a module of its own:
 
-* nsd/policy_config.py: the ``[network]`` section, parsed and validated;
+* nsd/network_config.py: the ``[network]`` section, parsed and validated;
 * nsd/policy_site.py: host facts, tenants, host services resolved against them;
 * nsd/policy_rules.py: nft JSON building blocks and the table document;
 * nsd/policy_host.py: the host table, and the per-tenant element transactions;
