@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nsd import limits as limits_mod
-from nsd import names
-from nsd import network_config as policy_config
+from nsd import names, network_config
 from nsd.config_check import ConfigError, in_bounds, show, validate
 from nsd.errors import InvalidLimit
 from nsd.names import COMM_LEN, DEFAULT_HELPERS, SYSCTL_KEY, SYSCTL_VALUE
@@ -191,7 +190,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
-    network: policy_config.NetworkConfig = field(default_factory=policy_config.NetworkConfig)
+    network: network_config.NetworkConfig = field(default_factory=network_config.NetworkConfig)
     source: str = "<defaults>"
 
 
@@ -242,8 +241,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
             raise ConfigError(source, name, "must be a table")
         if name == "network":
             try:
-                sections[name] = policy_config.config_from_mapping(value)
-            except policy_config.NetworkConfigError as e:
+                sections[name] = network_config.config_from_mapping(value)
+            except network_config.NetworkConfigError as e:
                 raise ConfigError(source, f"network.{e.key}", e.reason) from e
             continue
         sections[name] = (

@@ -11,14 +11,13 @@ from typing import Any
 import fuzzlib
 
 with fuzzlib.instrumented():
-    from nsd import config, limits
-    from nsd import network_config as policy_config
+    from nsd import config, limits, network_config
 SECTIONS: dict[str, list[str]] = {
     f.name: [k.name for k in fields(getattr(config.Config(), f.name))]
     for f in fields(config.Config)
     if f.name not in ("source", "network")
 }
-SECTIONS["network"] = list(policy_config._KNOWN)
+SECTIONS["network"] = list(network_config._KNOWN)
 SECTIONS["limits"] = list(limits.FIELDS)
 SPECIAL_FLOATS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e308, 5e-324, 0.05]
 SPECIAL_INTS = [0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64, 10**400, -(10**20), 65535, 1280]
