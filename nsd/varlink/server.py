@@ -31,22 +31,20 @@ Design, and why:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import inspect
 import logging
-import os
 import socket
-import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Final, TypeAlias
+from typing import Any
 
 from . import idl, wire
+from .calls import Call, CallDoneHook, Handler, Limits, Reply
 from .connection import Connection, close_fds
-from .peer import Peer, open_peer_pidfd, peer_of
+from .peer import Peer, peer_of
 from .policy import Admission, PeerClass
 from .protocol import (
     EXPECTED_MORE,
@@ -55,6 +53,7 @@ from .protocol import (
     METHOD_NOT_FOUND,
     VarlinkError,
 )
+from .requests import HandlerBug, StreamSender, bind_unix_socket, parse_request, refuse
 
 __all__ = [
     "Call",
@@ -69,126 +68,9 @@ __all__ = [
     "bind_unix_socket",
 ]
 
-_MESSAGE_KEYS: Final = frozenset({"method", "parameters", "oneway", "more", "upgrade"})
 _ACCEPT_BATCH = 32  # accept() calls per wake-up, so a connect storm cannot starve calls
 _ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE and friends
 _REFUSAL_LOG_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-connection and per-server limits; see :mod:`.policy` for the reasoning.
-
-    The defaults are the daemon's defaults; docs/configuration.md explains each.
-    """
-
-    # A message (without its NUL) may be at most this long; a client sending
-    # more bytes without a NUL is disconnected.
-    max_message_bytes: int = 65536
-    # All counted connections (root's are not counted), of which
-    # reserved_connections only root and the admin group may use.
-    max_connections: int = 4096
-    reserved_connections: int = 256
-    # Per UID: tenants and admins; accounts that are not tenants; and all
-    # non-tenant accounts together.
-    max_connections_per_uid: int = 16
-    max_connections_per_non_tenant: int = 2
-    max_non_tenant_connections: int = 64
-    # UIDs subject to no connection cap (root by default): unprivileged clients must
-    # not be able to fill the server and lock out nsd-exec, which runs as root
-    # on every service start. Their connections do not count towards the total.
-    uid_limit_exempt: frozenset[int] = frozenset({0})
-    # Seconds a message may take to arrive once its first byte is in (slowloris).
-    partial_message_timeout: float = 10.0
-    # Seconds an unprivileged connection may stay open with no call in progress.
-    idle_timeout: float = 15.0
-    # Seconds an unprivileged peer's call (not a stream) may run before it is
-    # cancelled and answered with <errors>.CallTimedOut.
-    call_timeout: float = 45.0
-    # Streaming calls one unprivileged UID may run at once.
-    max_streams_per_uid: int = 4
-    # Nesting of arrays/objects in a message, checked on the raw bytes.
-    max_json_depth: int = 32
-    # Complete requests queued on one connection before we stop reading from it.
-    max_pending_requests: int = 32
-    # Unsent reply bytes on one connection above which no further request is
-    # started and streams pause, until the client has read them.
-    max_pending_reply_bytes: int = 256 * 1024
-    # Unsent reply bytes above which the connection is closed: per connection,
-    # and per UID for unprivileged peers (a client that never reads).
-    max_queued_output_bytes: int = 16 << 20
-    max_queued_output_bytes_per_uid: int = 1 << 20
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_message_bytes",
-            "max_connections",
-            "max_connections_per_uid",
-            "max_connections_per_non_tenant",
-            "max_non_tenant_connections",
-            "max_streams_per_uid",
-            "max_json_depth",
-            "max_pending_requests",
-            "max_pending_reply_bytes",
-            "max_queued_output_bytes",
-            "max_queued_output_bytes_per_uid",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Limits.{name} must be at least 1")
-        if not 0 <= self.reserved_connections < self.max_connections:
-            raise ValueError("Limits.reserved_connections must be below max_connections")
-        for name in ("partial_message_timeout", "idle_timeout", "call_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Limits.{name} must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One method call, as a handler sees it."""
-
-    interface: str  # e.g. "io.nsd.Tenant"
-    method: str  # the short name, e.g. "Get"
-    parameters: dict[str, Any]  # validated against the method's input
-    peer: Peer  # from the kernel, never from the message
-    more: bool
-    oneway: bool
-    # The connection's socket, kept private: handlers reply by returning.
-    _sock: socket.socket | None = field(default=None, repr=False, compare=False)
-
-    def open_peer_pidfd(self) -> int | None:
-        """A pidfd of the calling process (Linux >= 6.5) owned by the caller, else None."""
-        return None if self._sock is None else open_peer_pidfd(self._sock)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A reply with extras: file descriptors, or an explicit ``continues`` flag.
-
-    ``fds`` are sent with SCM_RIGHTS along with this message; the server owns
-    them from now on and closes them once sent (or if the reply is dropped).
-
-    ``continues`` matters for streaming handlers only. By default the server
-    looks one item ahead to mark the last one ``continues: false``, which delays
-    each item until the next one exists. Live streams (events) yield
-    ``Reply(..., continues=True)`` to have each item sent at once; such a stream
-    ends with a ``continues=False`` item or by raising VarlinkError.
-    """
-
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-    fds: Sequence[int] = ()
-    continues: bool | None = None
-
-
-ReplyValue: TypeAlias = Reply | Mapping[str, Any] | None
-# A plain handler is an async function returning the reply parameters; a
-# streaming handler (for methods called with "more") is an async generator.
-Handler: TypeAlias = (
-    Callable[[Call], Awaitable[ReplyValue]]
-    | Callable[[Call], AsyncIterator[Reply | Mapping[str, Any]]]
-)
-# on_call_done(interface, method, error name or None, seconds). Called only for
-# methods that exist, so metric labels stay bounded whatever clients send.
-CallDoneHook: TypeAlias = Callable[[str, str, "str | None", float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +79,6 @@ class _Method:
     name: str
     handler: Callable[[Call], Any]
     validator: idl.InterfaceValidator
-
-
-class _InternalError(Exception):
-    """A handler bug detected by the server (bad reply); answered with internal_error_name."""
 
 
 def _service_idl() -> str:
@@ -361,7 +239,7 @@ class VarlinkServer:
         if refusal is not None:
             self.closes["refused"] = self.closes.get("refused", 0) + 1
             self._log_refusal(peer, refusal)
-            _refuse(
+            refuse(
                 sock, VarlinkError(f"{self._errors}.ConnectionLimitReached", {"reason": refusal})
             )
             return
@@ -432,7 +310,7 @@ class VarlinkServer:
         except ValueError as e:
             conn.abort(f"invalid JSON: {e}")
             return False
-        request = _parse_request(message)
+        request = parse_request(message)
         if request is None:
             conn.abort("malformed call message")
             return False
@@ -463,7 +341,7 @@ class VarlinkServer:
             await self._run(conn, entry, call)
         except VarlinkError as e:
             error_name = self._reply_error(conn, entry, e, call.oneway)
-        except _InternalError as e:
+        except HandlerBug as e:
             error_name = self._internal_error(conn, call.oneway, entry, str(e), None)
         except asyncio.CancelledError:
             # The client left mid-stream, or the server is shutting down.
@@ -519,7 +397,7 @@ class VarlinkServer:
                 f"{self._errors}.StreamLimitReached",
                 {"maximum": self._limits.max_streams_per_uid},
             )
-        sender = _StreamSender(lambda r, c: self._send_reply(conn, entry, r, continues=c))
+        sender = StreamSender(lambda r, c: self._send_reply(conn, entry, r, continues=c))
         # The client going away must end the stream (and close the generator)
         # at once, not when the next item fails to send.
         conn.set_hangup_callback(lambda: _cancel(task))
@@ -552,21 +430,21 @@ class VarlinkServer:
     def _send_reply(self, conn: Connection, entry: _Method, reply: Reply, continues: bool) -> None:
         try:
             if len(reply.fds) > MAX_FDS_PER_MESSAGE:
-                raise _InternalError(f"reply carries {len(reply.fds)} descriptors")
+                raise HandlerBug(f"reply carries {len(reply.fds)} descriptors")
             parameters = reply.parameters
             if type(parameters) is not dict:
                 parameters = dict(parameters)
             if self._validate_replies:
                 bad = entry.validator.reply(entry.name, parameters)
                 if bad is not None:
-                    raise _InternalError(f"reply parameter {bad!r} does not match the IDL")
+                    raise HandlerBug(f"reply parameter {bad!r} does not match the IDL")
             message: dict[str, Any] = {"parameters": parameters}
             if continues:
                 message["continues"] = True
             try:
                 data = wire.encode(message)
             except (TypeError, ValueError) as e:
-                raise _InternalError(f"reply is not JSON: {e}") from e
+                raise HandlerBug(f"reply is not JSON: {e}") from e
         except BaseException:
             close_fds(reply.fds)
             raise
@@ -671,86 +549,6 @@ def _cancel(task: asyncio.Task[Any]) -> None:
         task.cancel()
 
 
-def _refuse(sock: socket.socket, error: VarlinkError) -> None:
-    """Answers a connection we will not serve with ``error``, then closes it.
-
-    Varlink has no greeting, so the error goes out as the reply to whatever the
-    client sends first; the kernel keeps it readable after the close, and
-    nsd's client also looks for it when its send fails (EPIPE).
-    """
-    with contextlib.suppress(OSError):
-        sock.send(wire.encode({"error": error.name, "parameters": error.parameters}),
-                  socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)  # fmt: skip
-    sock.close()
-
-
-def _parse_request(message: Any) -> tuple[str, dict[str, Any], bool, bool, bool] | None:
-    """Method, parameters, oneway, more, upgrade of a call message; None if malformed.
-
-    Malformed means what systemd also refuses: not an object, unknown keys,
-    wrong types, or both oneway and more.
-    """
-    if type(message) is not dict or not _MESSAGE_KEYS.issuperset(message):
-        return None
-    method = message.get("method")
-    parameters = message.get("parameters")
-    oneway = message.get("oneway", False)
-    more = message.get("more", False)
-    upgrade = message.get("upgrade", False)
-    if (
-        type(method) is not str
-        or type(oneway) is not bool
-        or type(more) is not bool
-        or type(upgrade) is not bool
-        or (oneway and more)
-    ):
-        return None
-    if parameters is None:
-        parameters = {}
-    elif type(parameters) is not dict:
-        return None
-    return method, parameters, oneway, more, upgrade
-
-
-class _StreamSender:
-    """Sends a stream's replies, holding one back to learn whether it is the last.
-
-    Items with an explicit ``continues`` go out at once (live streams).
-    """
-
-    def __init__(self, send: Callable[[Reply, bool], None]) -> None:
-        self._send = send
-        self._pending: Reply | None = None
-        self.finished = False  # a continues=False reply went out
-
-    def add(self, reply: Reply) -> None:
-        self.flush(continues=True)
-        if reply.continues is None:
-            self._pending = reply
-        else:
-            self.finished = not reply.continues
-            self._send(reply, reply.continues)
-
-    def flush(self, *, continues: bool) -> None:
-        held, self._pending = self._pending, None
-        if held is not None:
-            self._send(held, continues)
-
-    def finish(self, *, connected: bool) -> None:
-        """The generator is exhausted: the held reply is the last one."""
-        if self._pending is not None:
-            self.flush(continues=False)
-        elif not self.finished and connected:
-            raise _InternalError(
-                "stream ended without a final reply (yield continues=False or raise)"
-            )
-
-    def discard(self) -> None:
-        held, self._pending = self._pending, None
-        if held is not None:
-            close_fds(held.fds)
-
-
 def _as_reply(value: Any) -> Reply:
     if isinstance(value, Reply):
         return value
@@ -758,34 +556,4 @@ def _as_reply(value: Any) -> Reply:
         return Reply({})
     if isinstance(value, Mapping):
         return Reply(value)
-    raise _InternalError(f"handler returned {type(value).__name__}, not a Reply, dict or None")
-
-
-def bind_unix_socket(path: str, mode: int = 0o666, backlog: int = 4096) -> socket.socket:
-    """Binds and listens on ``path``, replacing a stale socket file but never a live one.
-
-    Mode 0666 is deliberate: every tenant may connect; what it may do is decided
-    per call from its kernel credentials.
-    """
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens: left over from a crash
-        else:
-            raise OSError(errno.EADDRINUSE, "another process serves this socket", path)
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    raise HandlerBug(f"handler returned {type(value).__name__}, not a Reply, dict or None")
