@@ -268,19 +268,25 @@ class Daemon:
         return [link["ifname"] for link in json.loads(res.stdout)]
 
 
+def _attach_strace(d: Daemon, *args: str) -> subprocess.Popen[bytes]:
+    assert d.proc is not None
+    tracer = subprocess.Popen(["strace", "-qq", "-f", "-p", str(d.proc.pid), *args])
+    time.sleep(1.0)  # strace attaches to every thread before we act
+    return tracer
+
+
 def crash_at(d: Daemon, syscall: str, n: int, action: Callable[[], object]) -> bool:
     """Run ``action`` while strace SIGKILLs the daemon at its ``n``-th ``syscall``
     (counted per thread); True if the daemon died (the crash point was reached)."""
     from nsd.varlink.client import VarlinkError
 
     assert d.proc is not None
-    tracer = subprocess.Popen(
-        # (the syscall must be traced for inject to apply; output is discarded)
-        ["strace", "-qq", "-f", "-p", str(d.proc.pid), "-e", f"trace={syscall}",
-         "-e", f"inject={syscall}:signal=KILL:when={n}", "-o", "/dev/null"],
+    # (the syscall must be traced for inject to apply; output is discarded)
+    tracer = _attach_strace(
+        d, "-e", f"trace={syscall}", "-e", f"inject={syscall}:signal=KILL:when={n}",
+        "-o", "/dev/null",
     )  # fmt: skip
     try:
-        time.sleep(1.0)  # strace attaches to every thread before we act
         with contextlib.suppress(VarlinkError, ConnectionError, OSError):
             action()  # the daemon dies while answering
         return d.proc.wait(30) != 0
@@ -289,6 +295,41 @@ def crash_at(d: Daemon, syscall: str, n: int, action: Callable[[], object]) -> b
     finally:
         tracer.kill()
         tracer.wait()
+
+
+def syscall_counts(d: Daemon, syscalls: list[str], action: Callable[[], object]) -> dict[str, int]:
+    """Run ``action`` under strace and return, for each of ``syscalls``, the highest
+    number of calls one thread made: the ``n`` up to which ``crash_at`` (whose
+    ``inject ... when=n`` counts per thread, checked on strace 6.1) has a point."""
+    out = d.tmp / "syscalls.strace"
+    tracer = _attach_strace(d, "-e", f"trace={','.join(syscalls)}", "-o", str(out))
+    try:
+        action()
+    finally:
+        # SIGTERM, not SIGKILL: strace detaches and flushes its output. Every call
+        # before the reply was logged when it entered the kernel.
+        tracer.terminate()
+        tracer.wait(30)
+    per_thread: dict[tuple[str, str], int] = {}
+    for line in out.read_text().splitlines():
+        # "<tid> name(args..." on entry; "<tid> <... name resumed>" lines are not calls.
+        tid, _, call = line.partition(" ")
+        name = call.lstrip().partition("(")[0]
+        if name in syscalls:
+            per_thread[tid, name] = per_thread.get((tid, name), 0) + 1
+    out.unlink()
+    return {s: max((c for (_, n), c in per_thread.items() if n == s), default=0) for s in syscalls}
+
+
+def spread(count: int, slots: int) -> list[tuple[str, int]]:
+    """(label, n) for ``slots`` points from 1 to ``count``: first, last, evenly spaced
+    between (``mid1``...); every n (labelled by number) if there are no more calls
+    than slots."""
+    if count <= slots:
+        return [(str(n), n) for n in range(1, count + 1)]
+    points = [("first", 1)]
+    points += [(f"mid{i}", round(1 + i * (count - 1) / (slots - 1))) for i in range(1, slots - 1)]
+    return [*points, ("last", count)]
 
 
 @contextlib.contextmanager

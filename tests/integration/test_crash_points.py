@@ -3,15 +3,18 @@ the network policy on: the restarted daemon's reconcile converges (the tenant is
 whole or entirely gone, the host table and shaping match the store) and the next
 reconcile is a no-op. Create's crash points are in test_reconcile.py.
 
-Crash points come from an strace of each operation on this daemon (the counts are per
-thread: SQLite writes run on the event loop's thread, netlink, mounts and nftables on
-the netns worker; ``sendto`` #1 and #2 of a pool thread are its wake-ups of the loop).
+Crash points are derived when the module is collected, from the code as it is: each
+operation runs once under strace against a real daemon, and the points are picked by
+role from what it did (see ``_points``). Counts are per thread, as strace's
+``inject ... when=n`` counts them: SQLite writes run on the event loop's thread,
+netlink, mounts and nftables on the netns worker; a pool thread's ``sendto`` calls
+are its wake-ups of the loop.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,6 +26,8 @@ from tests.harness import (
     mounts_under,
     netns_inode,
     run,
+    spread,
+    syscall_counts,
     uid_of,
 )
 
@@ -34,28 +39,67 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 
-# Remove, in order: the busy check (a pool thread's wake-up of the loop), the
-# 'removing' intent (two WAL frames), the veth lookup and deletion, the namespace's
-# bind mount and file, the row and leases (WAL frames 3-12), the host table's
-# elements (nftables: cache reads, then the batch), and the last wake-up before the reply.
-REMOVE_POINTS = [
-    ("sendto", 1), ("pwrite64", 1), ("pwrite64", 2), ("sendto", 2), ("umount2", 1),
-    ("unlink", 1), ("pwrite64", 3), ("pwrite64", 8), ("pwrite64", 12), ("sendto", 4),
-    ("sendto", 8), ("sendmsg", 1), ("sendto", 13),
-]  # fmt: skip
-
-# SetBandwidth: the override (two WAL frames), the host table (nftables batch), the
-# switch into the tenant's namespace, its table and the tc qdisc/class changes there,
-# back on the host side the download shaping, and the final wake-up.
-POLICY_POINTS = [
-    ("pwrite64", 1), ("pwrite64", 2), ("sendto", 1), ("sendmsg", 1), ("setns", 1),
-    ("sendto", 12), ("sendmsg", 2), ("sendto", 22), ("sendto", 24), ("setns", 2),
-    ("sendto", 30), ("sendto", 36), ("sendto", 44),
-]  # fmt: skip
+# Calls that each mark a step: every one is a crash point. umount2 and unlink: the
+# namespace's bind mount and file (Remove); setns: into a tenant's namespace and
+# back (the policy change); sendmsg: an nftables batch.
+EVERY = ["umount2", "unlink", "setns", "sendmsg"]
+# Frequent calls, spread from the first to the last: pwrite64 (SQLite's WAL frames:
+# an intent, a commit) and sendto (netlink: veth, addresses, tc; a pool thread's
+# wake-up of the loop). sendto gets what is left of the budget.
+PWRITE_SLOTS = 4
+BUDGET = 13  # points per operation, as many as the runtime allows
 
 
-def _ids(points: list[tuple[str, int]]) -> list[str]:
-    return [f"{s}-{n}" for s, n in points]
+def _points(counts: dict[str, int]) -> list[tuple[str, str, int]]:
+    """(test id, syscall, n) for one operation's per-thread syscall counts."""
+    points = [(f"{s}-{n}", s, n) for s in EVERY for n in range(1, counts[s] + 1)]
+    points += [
+        (f"pwrite64-{label}", "pwrite64", n)
+        for label, n in spread(counts["pwrite64"], PWRITE_SLOTS)
+    ]
+    points += [
+        (f"sendto-{label}", "sendto", n)
+        for label, n in spread(counts["sendto"], max(3, BUDGET - len(points)))
+    ]
+    return points
+
+
+def _profile(operation: str) -> list[tuple[str, str, int]]:
+    """Run the operation once, as the test does up to the crash, and derive its points."""
+    with daemon_env() as (d, users):
+        name = users.add()
+        d.start()
+        d.call(T + "Create", name=name)
+        counts = syscall_counts(d, [*EVERY, "pwrite64", "sendto"], _operation(d, operation, name))
+        if operation != "remove":
+            d.call(T + "Remove", name=name)
+        assert d.stop() == 0, d.log_text()
+    # An empty profile would parametrize nothing, and pytest would skip quietly.
+    assert counts["sendto"] > 0 and counts["pwrite64"] > 0, (operation, counts)
+    return _points(counts)
+
+
+def _operation(d: Daemon, operation: str, name: str) -> Callable[[], object]:
+    if operation == "remove":
+        return lambda: d.call(T + "Remove", name=name)
+    return lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")
+
+
+_derived: dict[str, list[tuple[str, str, int]]] = {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    operation = "remove" if "remove" in metafunc.function.__name__ else "policy"
+    if os.geteuid() != 0:
+        # No daemon to profile; the root mark skips the one placeholder.
+        metafunc.parametrize(("syscall", "n"), [("sendto", 1)], ids=["not-root"])
+        return
+    if operation not in _derived:
+        _derived[operation] = _profile(operation)
+    points = _derived[operation]
+    metafunc.parametrize(
+        ("syscall", "n"), [(s, n) for _, s, n in points], ids=[i for i, _, _ in points]
+    )
 
 
 @pytest.fixture
@@ -85,14 +129,13 @@ def _gone(d: Daemon, name: str, uid: int) -> None:
     assert f"nsd{uid}" not in _host_table(d)
 
 
-@pytest.mark.parametrize(("syscall", "n"), REMOVE_POINTS, ids=_ids(REMOVE_POINTS))
 def test_crash_during_remove_converges(env: tuple[Daemon, TestUsers], syscall: str, n: int) -> None:
     d, users = env
     name = users.add()
     uid = uid_of(name)
     d.start()
     d.call(T + "Create", name=name)
-    assert crash_at(d, syscall, n, lambda: d.call(T + "Remove", name=name)), (
+    assert crash_at(d, syscall, n, _operation(d, "remove", name)), (
         f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
     )
     d.start()  # reconcile runs at start
@@ -112,7 +155,6 @@ def test_crash_during_remove_converges(env: tuple[Daemon, TestUsers], syscall: s
     assert d.stop() == 0
 
 
-@pytest.mark.parametrize(("syscall", "n"), POLICY_POINTS, ids=_ids(POLICY_POINTS))
 def test_crash_during_policy_change_converges(
     env: tuple[Daemon, TestUsers], syscall: str, n: int
 ) -> None:
@@ -121,8 +163,7 @@ def test_crash_during_policy_change_converges(
     uid = uid_of(name)
     d.start()
     d.call(T + "Create", name=name)
-    change = lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")  # noqa: E731
-    assert crash_at(d, syscall, n, change), (
+    assert crash_at(d, syscall, n, _operation(d, "policy", name)), (
         f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
     )
     d.start()
