@@ -332,6 +332,46 @@ def spread(count: int, slots: int) -> list[tuple[str, int]]:
     return [*points, ("last", count)]
 
 
+CrashPoint = tuple[str, str, int]  # (test id, syscall, n)
+
+PWRITE_SLOTS = 4
+CRASH_BUDGET = 13  # points per operation, as many as the runtime allows
+
+
+def derive_crash_points(
+    every: list[str], operation: Callable[[Daemon, str], Callable[[], object]], create: bool
+) -> list[CrashPoint]:
+    """Crash points for one operation, from the code as it is: run it once under strace
+    (after a Create of the same tenant if ``create``) and pick by role. Each call in
+    ``every`` marks a step, so every one is a point; pwrite64 (SQLite's WAL frames)
+    and sendto (netlink; a pool thread's wake-up of the loop) are frequent, so they
+    are spread from the first to the last, sendto with what is left of the budget."""
+    with daemon_env() as (d, users):
+        name = users.add()
+        d.start()
+        if create:
+            d.call("io.nsd.Tenant.Create", name=name)
+        counts = syscall_counts(d, [*every, "pwrite64", "sendto"], operation(d, name))
+        assert d.stop() == 0, d.log_text()  # daemon_env removes the tenant's namespace
+    # An empty profile would parametrize nothing, and pytest would skip quietly.
+    assert counts["sendto"] > 0 and counts["pwrite64"] > 0, counts
+    points = [(f"{s}-{n}", s, n) for s in every for n in range(1, counts[s] + 1)]
+    points += [
+        (f"pwrite64-{lb}", "pwrite64", n) for lb, n in spread(counts["pwrite64"], PWRITE_SLOTS)
+    ]
+    slots = max(3, CRASH_BUDGET - len(points))
+    return points + [(f"sendto-{lb}", "sendto", n) for lb, n in spread(counts["sendto"], slots)]
+
+
+def parametrize_crash_points(metafunc: Any, derive: Callable[[], list[CrashPoint]]) -> None:
+    """Parametrize (syscall, n) with derived points; without root there is no daemon to
+    profile, and the test's root mark skips the one placeholder."""
+    points = derive() if os.geteuid() == 0 else [("not-root", "sendto", 1)]
+    metafunc.parametrize(
+        ("syscall", "n"), [(s, n) for _, s, n in points], ids=[i for i, _, _ in points]
+    )
+
+
 @contextlib.contextmanager
 def daemon_env(run_dir: str = "/run/netns", extra: str = "") -> Iterator[tuple[Daemon, TestUsers]]:
     """A host namespace, a temp dir, test users and a daemon; everything cleaned up."""

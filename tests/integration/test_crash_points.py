@@ -5,7 +5,7 @@ reconcile is a no-op. Create's crash points are in test_reconcile.py.
 
 Crash points are derived when the module is collected, from the code as it is: each
 operation runs once under strace against a real daemon, and the points are picked by
-role from what it did (see ``_points``). Counts are per thread, as strace's
+role from what it did (``derive_crash_points`` in the harness). Counts are per thread, as strace's
 ``inject ... when=n`` counts them: SQLite writes run on the event loop's thread,
 netlink, mounts and nftables on the netns worker; a pool thread's ``sendto`` calls
 are its wake-ups of the loop.
@@ -23,11 +23,11 @@ from tests.harness import (
     TestUsers,
     crash_at,
     daemon_env,
+    derive_crash_points,
     mounts_under,
     netns_inode,
+    parametrize_crash_points,
     run,
-    spread,
-    syscall_counts,
     uid_of,
 )
 
@@ -39,44 +39,10 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 
-# Calls that each mark a step: every one is a crash point. umount2 and unlink: the
-# namespace's bind mount and file (Remove); setns: into a tenant's namespace and
-# back (the policy change); sendmsg: an nftables batch.
+# Calls that each mark a step: umount2 and unlink, the namespace's bind mount and file
+# (Remove); setns, into a tenant's namespace and back (the policy change); sendmsg,
+# an nftables batch.
 EVERY = ["umount2", "unlink", "setns", "sendmsg"]
-# Frequent calls, spread from the first to the last: pwrite64 (SQLite's WAL frames:
-# an intent, a commit) and sendto (netlink: veth, addresses, tc; a pool thread's
-# wake-up of the loop). sendto gets what is left of the budget.
-PWRITE_SLOTS = 4
-BUDGET = 13  # points per operation, as many as the runtime allows
-
-
-def _points(counts: dict[str, int]) -> list[tuple[str, str, int]]:
-    """(test id, syscall, n) for one operation's per-thread syscall counts."""
-    points = [(f"{s}-{n}", s, n) for s in EVERY for n in range(1, counts[s] + 1)]
-    points += [
-        (f"pwrite64-{label}", "pwrite64", n)
-        for label, n in spread(counts["pwrite64"], PWRITE_SLOTS)
-    ]
-    points += [
-        (f"sendto-{label}", "sendto", n)
-        for label, n in spread(counts["sendto"], max(3, BUDGET - len(points)))
-    ]
-    return points
-
-
-def _profile(operation: str) -> list[tuple[str, str, int]]:
-    """Run the operation once, as the test does up to the crash, and derive its points."""
-    with daemon_env() as (d, users):
-        name = users.add()
-        d.start()
-        d.call(T + "Create", name=name)
-        counts = syscall_counts(d, [*EVERY, "pwrite64", "sendto"], _operation(d, operation, name))
-        if operation != "remove":
-            d.call(T + "Remove", name=name)
-        assert d.stop() == 0, d.log_text()
-    # An empty profile would parametrize nothing, and pytest would skip quietly.
-    assert counts["sendto"] > 0 and counts["pwrite64"] > 0, (operation, counts)
-    return _points(counts)
 
 
 def _operation(d: Daemon, operation: str, name: str) -> Callable[[], object]:
@@ -85,20 +51,13 @@ def _operation(d: Daemon, operation: str, name: str) -> Callable[[], object]:
     return lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")
 
 
-_derived: dict[str, list[tuple[str, str, int]]] = {}
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     operation = "remove" if "remove" in metafunc.function.__name__ else "policy"
-    if os.geteuid() != 0:
-        # No daemon to profile; the root mark skips the one placeholder.
-        metafunc.parametrize(("syscall", "n"), [("sendto", 1)], ids=["not-root"])
-        return
-    if operation not in _derived:
-        _derived[operation] = _profile(operation)
-    points = _derived[operation]
-    metafunc.parametrize(
-        ("syscall", "n"), [(s, n) for _, s, n in points], ids=[i for i, _, _ in points]
+    parametrize_crash_points(
+        metafunc,
+        lambda: derive_crash_points(
+            EVERY, lambda d, name: _operation(d, operation, name), create=True
+        ),
     )
 
 
