@@ -1,7 +1,7 @@
 """nsd: per-tenant network namespaces, slices and metrics for shared-hosting servers.
 
-Kept empty on purpose: ``nsd-exec`` imports ``nsd.exec`` on every service start, and
-anything imported here would be paid for on that path.
+The package is pure Python (the daemon and ``nsctl``); nsd-exec, nsd-ensure and
+pam_nsd.so are C, built from native/ (docs/nsd-exec.md, docs/logins.md).
 """
 
 __version__ = "0.1.0"

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import faultview, topview
-from .varlink.client import VarlinkClient, VarlinkError
-from .varlink.protocol import ServiceUnavailable
+from nsd import faultview, topview
+from nsd.varlink.client import VarlinkClient, VarlinkError
+from nsd.varlink.protocol import ServiceUnavailable
 
 DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
 T = "io.nsd.Tenant."

@@ -3,11 +3,12 @@
 Every key has an embedded default, so the daemon runs with no file at all. A
 file may set any subset. Unknown keys and bad values are refused with the file,
 the dotted key and the reason: a typo must never silently fall back to a default.
+What every value is checked against (bounds, cross-field rules) is in
+nsd.config_check; this module reads the file into the typed sections.
 """
 
 from __future__ import annotations
 
-import grp
 import ipaddress
 import re
 import tomllib
@@ -16,32 +17,43 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import limits as limits_mod
-from . import names, netpolicy
-from .errors import InvalidLimit
-from .names import SYSCTL_KEY, SYSCTL_VALUE, valid_ifname
-from .procscan import COMM_LEN, DEFAULT_HELPERS
+from nsd import limits as limits_mod
+from nsd import names, network_config
+from nsd.config_check import ConfigError, in_bounds, show, validate
+from nsd.errors import InvalidLimit
+from nsd.names import COMM_LEN, DEFAULT_HELPERS, SYSCTL_KEY, SYSCTL_VALUE
+
+# ConfigError is defined with the checks (which raise it too) and is part of this
+# module's face: callers of load() catch config.ConfigError.
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_PATH",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "ExecConfig",
+    "FaultsConfig",
+    "IpamConfig",
+    "MetricsConfig",
+    "NetnsConfig",
+    "ResourceLimit",
+    "SystemdConfig",
+    "TenantsConfig",
+    "from_bytes",
+    "from_mapping",
+    "load",
+]
 
 #: Where the metrics exporter listens unless metrics.listen says otherwise.
 DEFAULT_LISTEN = "127.0.0.1:9917"
 
 DEFAULT_PATH = Path("/etc/nsd/nsd.toml")
 
-_LINK_PREFIX = re.compile(r"[a-z]([a-z0-9]{0,3}[a-z])?")
 _RLIMITS = frozenset(
     {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
      "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"}
 )  # fmt: skip
-
-
-class ConfigError(Exception):
-    """A configuration problem, naming the file and the dotted key."""
-
-    def __init__(self, source: str, key: str, reason: str) -> None:
-        super().__init__(f"{source}: {key}: {reason}")
-        self.source = source
-        self.key = key
-        self.reason = reason
+_RLIMIT_MAX = 2**63 - 1  # setrlimit() takes an rlim_t; Python passes it as a signed 64-bit
 
 
 @dataclass(frozen=True)
@@ -154,7 +166,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class FaultsConfig:
-    """``[faults]``: limit hits recorded with a process snapshot (nsd.faultrecord)."""
+    """``[faults]``: limit hits recorded with a process snapshot (nsd.core.faultrecord)."""
 
     enabled: bool = True
     #: faults kept in the store at most (the oldest go first)
@@ -178,7 +190,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
-    network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
+    network: network_config.NetworkConfig = field(default_factory=network_config.NetworkConfig)
     source: str = "<defaults>"
 
 
@@ -194,11 +206,28 @@ def load(path: Path | None = None) -> Config:
         path = DEFAULT_PATH
     source = str(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(source, "-", f"cannot read: {e.strerror}") from e
+    return from_bytes(data, source)
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Config:
+    """Parse and validate a whole file's bytes; every problem is a ConfigError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            source, "-", f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})"
+        ) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, "-", f"not valid TOML: {e}") from e
+        raise ConfigError(source, "-", f"not valid TOML: {e}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(source, "-", "not valid TOML: nested too deeply") from None
     return from_mapping(raw, source)
 
 
@@ -212,8 +241,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "<mapping>") -> Config:
             raise ConfigError(source, name, "must be a table")
         if name == "network":
             try:
-                sections[name] = netpolicy.config_from_mapping(value)
-            except netpolicy.NetworkConfigError as e:
+                sections[name] = network_config.config_from_mapping(value)
+            except network_config.NetworkConfigError as e:
                 raise ConfigError(source, f"network.{e.key}", e.reason) from e
             continue
         sections[name] = (
@@ -256,19 +285,21 @@ def _typed(source: str, key: str, value: Any, default: Any) -> Any:
     # bool is a subclass of int in Python; TOML keeps them apart, so do we.
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(source, key, f"must be true or false, not {value!r}")
+            raise ConfigError(source, key, f"must be true or false, not {show(value)}")
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, key, f"must be an integer, not {value!r}")
-        return value
+            raise ConfigError(source, key, f"must be an integer, not {show(value)}")
+        return in_bounds(source, key, value)
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(source, key, f"must be a number, not {value!r}")
-        return float(value)
+            raise ConfigError(source, key, f"must be a number, not {show(value)}")
+        return float(in_bounds(source, key, value))
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise ConfigError(source, key, f"must be a string, not {value!r}")
+            raise ConfigError(source, key, f"must be a string, not {show(value)}")
+        if "\0" in value:
+            raise ConfigError(source, key, "must not contain a NUL character")
         return value
     raise ConfigError(source, key, "unsupported value")  # pragma: no cover
 
@@ -326,8 +357,8 @@ def _umask(source: str, key: str, value: Any) -> int:
 def _rlimit_value(source: str, key: str, value: Any) -> int | None:
     if value == "infinity":
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(source, key, 'must be a non-negative integer or "infinity"')
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _RLIMIT_MAX:
+        raise ConfigError(source, key, f'must be an integer from 0 to {_RLIMIT_MAX}, or "infinity"')
     return value
 
 
@@ -357,7 +388,7 @@ def _helpers(source: str, key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(source, key, 'must be a list of process names, e.g. ["(sd-pam)", "su"]')
     for name in value:
-        if not name or len(name.encode()) > COMM_LEN or "/" in name or "\n" in name:
+        if not name or len(name.encode()) > COMM_LEN or "/" in name or "\n" in name or "\0" in name:
             raise ConfigError(
                 source, key,
                 f"{name!r} is not a process name as /proc/PID/comm shows it (1-15 bytes, no '/')",
@@ -377,237 +408,3 @@ def _scrapers(source: str, key: str, value: Any) -> tuple[str, ...]:
 
 _SPECIAL.update({"netns.sysctls": _sysctls, "exec.umask": _umask, "exec.rlimits": _rlimits,
                  "metrics.helpers": _helpers, "metrics.scrapers": _scrapers})  # fmt: skip
-
-
-# ---------------------------------------------------------------------------
-# Cross-field validation
-
-
-def validate(cfg: Config) -> Config:
-    _check_systemd(cfg.source, cfg.systemd)
-    _check_daemon(cfg.source, cfg.daemon)
-    _check_tenants(cfg.source, cfg.tenants)
-    _check_netns(cfg.source, cfg.netns)
-    _check_ipam(cfg.source, cfg)
-    _check_metrics(cfg.source, cfg.metrics)
-    _check_faults(cfg.source, cfg.faults)
-    return cfg
-
-
-def _check_daemon(src: str, d: DaemonConfig) -> None:
-    if not d.socket.startswith("/"):
-        raise ConfigError(src, "daemon.socket", "must be an absolute path")
-    if not d.state_dir.startswith("/"):
-        raise ConfigError(src, "daemon.state_dir", "must be an absolute path")
-    if d.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(src, "daemon.log_level", "must be one of debug, info, warning, error")
-    if d.admin_group:
-        try:
-            grp.getgrnam(d.admin_group)
-        except KeyError:
-            raise ConfigError(
-                src, "daemon.admin_group", f"no group named {d.admin_group!r}"
-            ) from None
-    if d.shutdown_timeout <= 0:
-        raise ConfigError(src, "daemon.shutdown_timeout", "must be positive")
-    _check_daemon_limits(src, d)
-
-
-def _check_daemon_limits(src: str, d: DaemonConfig) -> None:
-    for key in (
-        "max_connections",
-        "max_connections_per_uid",
-        "max_connections_per_non_tenant",
-        "max_non_tenant_connections",
-        "max_streams_per_uid",
-        "audit_refusal_burst",
-    ):
-        if getattr(d, key) < 1:
-            raise ConfigError(src, f"daemon.{key}", "must be at least 1")
-    if not 0 <= d.reserved_connections < d.max_connections:
-        raise ConfigError(
-            src, "daemon.reserved_connections", "must be at least 0 and below max_connections"
-        )
-    for key in ("idle_timeout", "call_timeout", "message_timeout", "audit_refusal_rate"):
-        if not getattr(d, key) > 0:
-            raise ConfigError(src, f"daemon.{key}", "must be positive")
-    if not d.max_message_bytes <= d.max_queued_output_bytes_per_uid <= d.max_queued_output_bytes:
-        raise ConfigError(
-            src,
-            "daemon.max_queued_output_bytes_per_uid",
-            "must be between max_message_bytes and max_queued_output_bytes",
-        )
-    if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
-        raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
-
-
-def parse_listen(value: str) -> tuple[str, int] | None:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses); "" disables (None).
-
-    Raises ValueError with a reason for anything else.
-    """
-    value = value.strip()
-    if not value:
-        return None
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep:
-            raise ValueError('an IPv6 address needs brackets and a port, e.g. "[::1]:9917"')
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            raise ValueError('expected host:port, e.g. "127.0.0.1:9917"')
-        if ":" in host:
-            raise ValueError('put IPv6 addresses in brackets, e.g. "[::1]:9917"')
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
-        raise ValueError(f"invalid port {port!r}")
-    if any(c.isspace() or c in "/[]" for c in host):
-        raise ValueError(f"invalid host {host!r}")
-    return host, int(port)
-
-
-def _check_faults(src: str, f: FaultsConfig) -> None:
-    if not 1 <= f.keep <= 10_000_000:
-        raise ConfigError(src, "faults.keep", "must be between 1 and 10000000 faults")
-    if not 0 < f.keep_days <= 3650:
-        raise ConfigError(src, "faults.keep_days", "must be more than 0 and at most 3650 days")
-    if not 0 <= f.processes <= 1000:
-        raise ConfigError(src, "faults.processes", "must be between 0 and 1000")
-    if not 0 <= f.coalesce <= 3600:
-        raise ConfigError(src, "faults.coalesce", "must be between 0 and 3600 seconds")
-
-
-def _check_metrics(src: str, m: MetricsConfig) -> None:
-    try:
-        parse_listen(m.listen)
-    except ValueError as e:
-        raise ConfigError(src, "metrics.listen", str(e)) from None
-    if not 1.0 <= m.interval <= 3600.0:
-        raise ConfigError(src, "metrics.interval", "must be between 1 and 3600 seconds")
-
-
-def _check_systemd(src: str, s: SystemdConfig) -> None:
-    parent = s.parent_slice
-    if (
-        not re.fullmatch(r"[A-Za-z0-9_.\\:]+(-[A-Za-z0-9_.\\:]+)*\.slice", parent)
-        or parent == "-.slice"
-    ):
-        raise ConfigError(
-            src, "systemd.parent_slice", "must be a slice unit name such as tenant.slice"
-        )
-    if s.enter_scope not in ("auto", "always", "never"):
-        raise ConfigError(src, "systemd.enter_scope", 'must be "auto", "always" or "never"')
-    if s.use_pidfds not in ("auto", "never"):
-        raise ConfigError(src, "systemd.use_pidfds", 'must be "auto" or "never"')
-    if s.call_timeout <= 0:
-        raise ConfigError(src, "systemd.call_timeout", "must be positive")
-
-
-def _check_tenants(src: str, t: TenantsConfig) -> None:
-    if not 0 < t.uid_min <= t.uid_max < 2**32 - 1:
-        raise ConfigError(
-            src, "tenants.uid_max",
-            "need 0 < uid_min <= uid_max < 4294967295 (root is never a tenant)",
-        )  # fmt: skip
-    for key in ("lock_timeout", "stop_timeout"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(src, f"tenants.{key}", "must be positive")
-
-
-def _check_netns(src: str, n: NetnsConfig) -> None:
-    if not n.run_dir.startswith("/") or n.run_dir.rstrip("/") in ("", "/proc", "/sys"):
-        raise ConfigError(
-            src, "netns.run_dir", "must be an absolute path of a directory nsd may mount on"
-        )
-    _check_template(src, n.name_template)
-    if not _LINK_PREFIX.fullmatch(n.link_prefix):
-        raise ConfigError(
-            src, "netns.link_prefix",
-            "must be 1-5 lower-case letters/digits starting with a letter and not ending in a "
-            "digit (prefix + up to 10 UID digits must fit the 15-byte interface name limit)",
-        )  # fmt: skip
-    if not valid_ifname(n.tenant_interface) or n.tenant_interface in ("lo", "all", "default"):
-        raise ConfigError(src, "netns.tenant_interface", "not a valid interface name")
-    if n.mtu and not 1280 <= n.mtu <= 65535:
-        raise ConfigError(
-            src, "netns.mtu", "must be 0 (kernel default) or 1280-65535 (IPv6 needs 1280)"
-        )
-
-
-def _check_template(src: str, template: str) -> None:
-    key = "netns.name_template"
-    fields_used = set(re.findall(r"\{([^{}]*)\}", template))
-    if not fields_used & {"user", "uid"}:
-        raise ConfigError(src, key, "must contain {user} or {uid}, or names would collide")
-    if fields_used - {"user", "uid"}:
-        raise ConfigError(src, key, f"unknown fields {sorted(fields_used - {'user', 'uid'})}")
-    sample = template.format(user="a", uid=1)
-    if "/" in sample or sample in (".", ".."):
-        raise ConfigError(src, key, "must give a plain file name (no '/')")
-    # Injective: user names and UIDs are each unique, so the name must change
-    # when either does ("{{user}}" is a literal and would not).
-    if sample == template.format(user="b", uid=1) and sample == template.format(user="a", uid=2):
-        raise ConfigError(src, key, "gives the same name for every user")
-
-
-def _check_ipam(src: str, cfg: Config) -> None:
-    i = cfg.ipam
-    if i.strategy not in ("pool", "uid"):
-        raise ConfigError(src, "ipam.strategy", 'must be "pool" or "uid"')
-    try:
-        net4 = ipaddress.IPv4Network(i.ipv4_pool)
-    except ValueError as e:
-        raise ConfigError(src, "ipam.ipv4_pool", f"not an IPv4 network: {e}") from e
-    if net4.prefixlen > 30:
-        raise ConfigError(src, "ipam.ipv4_pool", "too small (need at least a /30)")
-    try:
-        gw = i.ipv4_gateway_address
-    except ValueError as e:
-        raise ConfigError(src, "ipam.ipv4_gateway", f"not an IPv4 address: {e}") from e
-    if gw not in net4 or gw in (net4.network_address, net4.broadcast_address):
-        raise ConfigError(src, "ipam.ipv4_gateway", f"must be a host address inside {net4}")
-    if i.ipv6_prefix:
-        try:
-            net6 = ipaddress.IPv6Network(i.ipv6_prefix)
-        except ValueError as e:
-            raise ConfigError(src, "ipam.ipv6_prefix", f"not an IPv6 network: {e}") from e
-        if net6.prefixlen > 56:
-            raise ConfigError(
-                src, "ipam.ipv6_prefix", "must be /56 or shorter (one /64 per tenant)"
-            )
-    try:
-        gw6 = ipaddress.IPv6Address(i.ipv6_gateway)
-    except ValueError as e:
-        raise ConfigError(src, "ipam.ipv6_gateway", f"not an IPv6 address: {e}") from e
-    if not gw6.is_link_local:
-        raise ConfigError(src, "ipam.ipv6_gateway", "must be link-local (fe80::/10)")
-    _check_lease_times(src, i)
-    if i.strategy == "uid":
-        _check_uid_strategy(src, cfg, net4)
-
-
-def _check_lease_times(src: str, i: IpamConfig) -> None:
-    if i.quarantine_seconds < 0:
-        raise ConfigError(src, "ipam.quarantine_seconds", "must not be negative")
-    if not 1.0 <= i.purge_interval <= 86400.0:
-        raise ConfigError(src, "ipam.purge_interval", "must be between 1 and 86400 seconds")
-
-
-def _check_uid_strategy(src: str, cfg: Config, net4: ipaddress.IPv4Network) -> None:
-    i, t = cfg.ipam, cfg.tenants
-    if t.uid_min < i.uid_offset:
-        raise ConfigError(src, "ipam.uid_offset", "must not exceed tenants.uid_min")
-    span = t.uid_max - i.uid_offset
-    if span >= net4.num_addresses - 1:
-        raise ConfigError(
-            src,
-            "ipam.ipv4_pool",
-            f"too small for uid strategy: uids up to {t.uid_max} need offset {span} inside {net4}",
-        )
-    if span > 0xFFFF:
-        raise ConfigError(
-            src,
-            "tenants.uid_max",
-            "uid strategy encodes uid - uid_offset in the 16-bit IPv6 subnet id; "
-            "the range is too wide",
-        )

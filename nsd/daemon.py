@@ -27,23 +27,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__, config, doctor, netpolicy, nft, sd
-from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
-from .auditlog import AuditLog
-from .cgroupstats import detect_root, slice_cgroup_path
-from .errors import StateWriteFailed
-from .faultrecord import FaultCounter, FaultRecorder, FaultService
-from .hostnet import HostNetwork
-from .ipam import Ipam
-from .manager import TenantManager
-from .metrics import MetricsService
-from .metrics_access import MetricsAccess
-from .netns import NetnsAdapter, NetnsError
-from .sampler import Target
-from .slices import TenantSlices
-from .store import Store, StoreError
-from .systemd import Systemd, SystemdError
-from .varlink.server import Limits, VarlinkServer
+from nsd import __version__, config
+from nsd.api.auditlog import AuditLog
+from nsd.api.handlers import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
+from nsd.core import doctor
+from nsd.core.faultrecord import FaultCounter, FaultRecorder, FaultService
+from nsd.core.ipam import Ipam
+from nsd.core.manager import TenantManager
+from nsd.core.store import Store, StoreError
+from nsd.errors import StateWriteFailed
+from nsd.net import nft
+from nsd.net import policy as netpolicy
+from nsd.net.hostnet import HostNetwork
+from nsd.net.netns import NetnsAdapter, NetnsError
+from nsd.observe.access import MetricsAccess
+from nsd.observe.cgroupstats import detect_root, slice_cgroup_path
+from nsd.observe.metrics import MetricsService
+from nsd.observe.sampler import Target
+from nsd.systemd import notify as sd
+from nsd.systemd.slices import TenantSlices
+from nsd.systemd.units import Systemd, SystemdError
+from nsd.varlink.server import Limits, VarlinkServer
 
 log = logging.getLogger("nsd")
 

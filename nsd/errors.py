@@ -151,7 +151,7 @@ class InvalidCommand(NsdError):
 class SystemdUnavailable(NsdError):
     """The operation needs systemd, which this host or configuration does not offer.
 
-    Not nsd.systemd.SystemdUnavailable, the bus adapter's own error: the core turns that
+    Not nsd.systemd.units.SystemdUnavailable, the bus adapter's own error: the core turns that
     (and a host without systemd) into this one.
     """
 
@@ -223,8 +223,13 @@ class UsageUnavailable(NsdError):
 class InvalidLimit(NsdError):
     name = "InvalidLimit"
 
+    #: characters of a refused value repeated in the error
+    ECHO = 40
+
     def __init__(self, field: str, value: str, reason: str) -> None:
-        super().__init__(f"invalid {field} {value!r}: {reason}", field=field, value=value,
+        # A refused value is echoed back shortened: it may be a megabyte long.
+        shown = value if len(value) <= self.ECHO else value[: self.ECHO] + "..."
+        super().__init__(f"invalid {field} {shown!r}: {reason}", field=field, value=shown,
                          reason=reason)  # fmt: skip
 
 

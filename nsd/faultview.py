@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .topview import human_bytes, table
+from nsd.topview import human_bytes, table
 
 _UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _AGO = re.compile(r"-?([0-9]+(?:\.[0-9]+)?)\s*(s|sec|min|m|h|d|w)(?:\s+ago)?")

@@ -6,10 +6,6 @@ import enum
 import functools
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .faults import Fault
 
 
 class TenantState(enum.StrEnum):
@@ -120,3 +116,34 @@ class Check:
     name: str
     severity: str  # ok, warning, error
     message: str
+
+
+# -- faults: a tenant hit a limit (nsd.observe.faults notices them) -----------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """One process of the tenant's slice when the fault was recorded."""
+
+    pid: int
+    comm: str
+    rss_bytes: int
+    #: the process's cgroup below the tenant's slice, e.g. "/php-fpm@alice.service"
+    cgroup: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    uid: int
+    tenant: str
+    kind: str
+    at_us: int  # Unix time, microseconds
+    #: kernel events since the previous record of this tenant and kind (records are
+    #: coalesced: a tenant at its limit can cause a hundred events a second)
+    count: int
+    #: the limit in force (bytes or tasks); None when unlimited ("max") or unreadable
+    limit: int | None
+    #: the usage at that moment (memory.current or pids.current); None if unreadable
+    value: int | None
+    processes: tuple[ProcessSample, ...]  # largest RSS first, at most faults.processes
+    id: int | None = None  # the store's row id once stored

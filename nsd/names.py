@@ -57,7 +57,8 @@ def host_ifname(prefix: str, uid: int) -> str:
     """
     _check_uid(uid)
     name = f"{prefix}{uid}"
-    assert len(name.encode()) <= MAX_IFNAME, name
+    if len(name.encode()) > MAX_IFNAME:  # config keeps the prefix short enough
+        raise ValueError(f"interface name {name!r} is longer than {MAX_IFNAME} bytes")
     return name
 
 
@@ -102,3 +103,9 @@ def slice_name(parent: str, uid: int) -> str:
 def _check_uid(uid: int) -> None:
     if isinstance(uid, bool) or not 0 <= uid <= MAX_UID:
         raise ValueError(f"uid {uid!r} out of range")
+
+
+# Process names (``comm``), as /proc/PID/status shows them.
+COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to this
+#: launch and babysitting helpers counted per tenant (metrics.helpers' default)
+DEFAULT_HELPERS: tuple[str, ...] = ("(sd-pam)", "su", "sudo", "runuser", "nsenter")

@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nsd.config import FaultsConfig  # noqa: E402
-from nsd.faultrecord import FaultRecorder, FaultService  # noqa: E402
-from nsd.faults import Fault  # noqa: E402
-from nsd.journal import Journal  # noqa: E402
-from nsd.store import Store  # noqa: E402
+from nsd.core.faultrecord import FaultRecorder, FaultService  # noqa: E402
+from nsd.core.store import Store  # noqa: E402
+from nsd.model import Fault  # noqa: E402
+from nsd.systemd.journal import Journal  # noqa: E402
 
 EVENTS = "low 0\nhigh 0\nmax {n}\noom 0\noom_kill {n}\noom_group_kill 0\n"
 

@@ -31,10 +31,13 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
-from nsd import metrics as M  # noqa: E402
 from nsd.limits import Limits  # noqa: E402
-from nsd.procscan import DEFAULT_HELPERS, ScanTenant, scan  # noqa: E402
-from nsd.sampler import Target, collect  # noqa: E402
+from nsd.names import DEFAULT_HELPERS  # noqa: E402
+from nsd.observe import catalogue as metrics_catalogue  # noqa: E402
+from nsd.observe import collectors, exposition  # noqa: E402
+from nsd.observe import http as metrics_http  # noqa: E402
+from nsd.observe.procscan import ScanTenant, scan  # noqa: E402
+from nsd.observe.sampler import Target, collect  # noqa: E402
 
 TEMPLATE = ROOT / "tests" / "fixtures" / "cgroup" / "tenant.slice" / "tenant-1001.slice"
 UID_BASE = 70000
@@ -142,7 +145,7 @@ def _ms(times: list[float]) -> dict[str, float]:
             "max_ms": ms(max(times))}  # fmt: skip
 
 
-async def _scrape(server: M.MetricsServer, headers: str = "") -> bytes:
+async def _scrape(server: metrics_http.MetricsServer, headers: str = "") -> bytes:
     reader, writer = await asyncio.open_connection(*server.address)
     writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     data = await reader.read()
@@ -152,12 +155,12 @@ async def _scrape(server: M.MetricsServer, headers: str = "") -> bytes:
 
 async def _http(snapshot: Any, rounds: int, concurrent: int) -> dict[str, Any]:
     reg = CollectorRegistry(auto_describe=False)
-    M.DaemonMetrics(reg)
-    exposition = M.Exposition(lambda: snapshot, reg)
+    collectors.DaemonMetrics(reg)
+    exp = exposition.Exposition(lambda: snapshot, reg)
     t0 = time.perf_counter()
-    exposition.prerender(snapshot)  # what the sampler's thread does after each sample
+    exp.prerender(snapshot)  # what the sampler's thread does after each sample
     prerender = time.perf_counter() - t0
-    server = M.MetricsServer(exposition, "127.0.0.1", 0)
+    server = metrics_http.MetricsServer(exp, "127.0.0.1", 0)
     await server.start()
     try:
         out: dict[str, Any] = {"prerender_text_ms": round(prerender * 1000, 1)}
@@ -219,18 +222,18 @@ def bench_metrics(tenants: int = 1000, processes: int = 20000, rounds: int = 5) 
         )
         result["sampler_cgroup_files_only"] = _ms(times)
         result.update(asyncio.run(_http(snap, rounds * 4, 10)))
-        text = generate_latest(M.SnapshotCollector(lambda: snap)).decode()
+        text = generate_latest(collectors.SnapshotCollector(lambda: snap)).decode()
         result["series_total"] = sum(
             1 for line in text.splitlines() if line and not line.startswith("#")
         )
-        result["series_per_tenant_max"] = M.per_tenant_series()
+        result["series_per_tenant_max"] = metrics_catalogue.per_tenant_series()
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _own_cgroup() -> str:
-    from nsd.procscan import parse_cgroup  # noqa: PLC0415
+    from nsd.observe.procscan import parse_cgroup  # noqa: PLC0415
 
     with open("/proc/self/cgroup", "rb") as f:
         return parse_cgroup(f.read()) or "/"

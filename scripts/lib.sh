@@ -12,7 +12,10 @@ log() { printf '==> %s\n' "$*" >&2; }
 # is), venv support, and the tools the tests use to inspect from outside.
 ensure_packages() {
     local wanted=(python3 python3-venv iproute2 util-linux passwd procps iputils-ping strace
-                  systemd systemd-container dbus dbus-daemon libpam-systemd nftables "$@")
+                  systemd systemd-container dbus dbus-daemon libpam-systemd nftables
+                  # native/ (nsd-exec, nsd-ensure, pam_nsd.so) and its checks
+                  gcc make libc6-dev libjson-c-dev libpam0g-dev clang libclang-rt-14-dev
+                  valgrind pamtester "$@")
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,4 +49,12 @@ ensure_venv() {
         "$PY" -c 'import nsd, pyroute2' || { echo "venv install failed" >&2; exit 1; }
         echo "$want" > "$stamp"
     fi
+}
+
+# nsd-exec, nsd-ensure and pam_nsd.so (native/). `make` rebuilds only what changed.
+# With "asan", also the AddressSanitizer + UBSan build the tests run a second time.
+ensure_native() {
+    local targets=(all)
+    [ "${1:-}" = asan ] && targets+=(asan)
+    make -s -C "$NSD_ROOT/native" "${targets[@]}" >&2 || { echo "building native/ failed" >&2; exit 1; }
 }

@@ -1,7 +1,8 @@
-"""A small blocking varlink client, for nsctl and nsd-exec.
+"""A small blocking varlink client, for nsctl and the tests (nsd-exec and pam_nsd
+have their own in C: native/lib).
 
-Kept cheap to import on purpose (nsd-exec runs it on every service start):
-only socket, json and array at run time; typing imports are for mypy only.
+Kept cheap to import on purpose (nsctl runs it on every call): only socket, json
+and array at run time; typing imports are for mypy only.
 
 One call at a time per client; replies are read with ``recvmsg`` always, so
 descriptors the service passes with SCM_RIGHTS are never silently dropped, and
@@ -27,7 +28,7 @@ from .protocol import (
 # typing itself costs ~2 ms to import; mypy honours any constant of this name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Generator, Mapping
     from typing import Any
 
 __all__ = ["VarlinkClient", "VarlinkConnectionError", "VarlinkError"]
@@ -129,7 +130,7 @@ class VarlinkClient:
 
     def call_more(
         self, method: str, parameters: Mapping[str, Any] | None = None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """Calls with ``more`` and yields each reply until the last one.
 
         Stopping early leaves replies in flight, so the connection is closed then.
@@ -183,7 +184,8 @@ class VarlinkClient:
     def _refusal(self) -> VarlinkError | None:
         """The error a service that refused us sent before closing (nsd does), if any."""
         sock = self._sock
-        assert sock is not None
+        if sock is None:  # closed already: nothing left to read
+            return None
         buf = bytearray(self._buf)
         with contextlib.suppress(OSError):
             while b"\0" not in buf and len(buf) < _RECV_SIZE:

@@ -1,4 +1,4 @@
-"""Varlink interface definition (IDL) parser and JSON validator.
+"""Varlink interface definition (IDL) parser: the one entry for interfaces.
 
 The grammar and the rules follow systemd's parser (sd-varlink-idl.c), because
 ``varlinkctl`` and systemd's own clients are the strictest consumers our
@@ -17,18 +17,28 @@ type, method, error, field and enum member carries a preceding ``#`` comment,
 field names are lowerCamelCase, and trailing commas are refused (systemd
 accepts them, other parsers do not).
 
-The validator returns the path of the first offending value instead of raising,
-because the server turns it into ``org.varlink.service.InvalidParameter``.
+The parsed form lives in nsd.varlink.idl_model and the JSON validator in
+nsd.varlink.validator; both are re-exported here (``__all__``), so callers
+write ``idl.parse(text)`` and ``idl.InterfaceValidator(iface)`` alike.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
+
+from nsd.varlink.idl_model import (
+    Enum,
+    EnumMember,
+    ErrorDef,
+    Field,
+    FieldType,
+    Interface,
+    Method,
+    Struct,
+    TypeDef,
+)
+from nsd.varlink.validator import InterfaceValidator
 
 __all__ = [
     "Enum",
@@ -47,8 +57,6 @@ __all__ = [
 
 BASE_TYPES: Final = frozenset({"bool", "int", "float", "string", "object"})
 MAX_NESTING: Final = 64  # systemd's DEPTH_MAX for anonymous structs in the IDL
-INT_MIN: Final = -(2**63)
-INT_MAX: Final = 2**64 - 1  # varlink ints are 64-bit; systemd accepts unsigned too
 
 _WHITESPACE = " \t\r\n"
 _IDENT_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -88,98 +96,6 @@ class IdlError(ValueError):
         self.column = column
 
 
-# --------------------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class FieldType:
-    """The type of one field: a base type, a named type or an anonymous one."""
-
-    kind: Literal["bool", "int", "float", "string", "object", "named", "struct", "enum"]
-    nullable: bool = False
-    container: Literal["", "array", "map"] = ""
-    name: str = ""  # for kind == "named"
-    struct: Struct | None = None  # for kind == "struct" (anonymous)
-    enum: Enum | None = None  # for kind == "enum" (anonymous)
-
-    def __str__(self) -> str:
-        prefix = ("?" if self.nullable else "") + {"": "", "array": "[]", "map": "[string]"}[
-            self.container
-        ]
-        if self.kind == "named":
-            return prefix + self.name
-        if self.struct is not None:
-            return prefix + "(" + ", ".join(f"{f.name}: {f.type}" for f in self.struct.fields) + ")"
-        if self.enum is not None:
-            return prefix + "(" + ", ".join(m.name for m in self.enum.members) + ")"
-        return prefix + self.kind
-
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    type: FieldType
-    doc: str
-
-
-@dataclass(frozen=True)
-class Struct:
-    fields: tuple[Field, ...]
-
-    def field(self, name: str) -> Field | None:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        return None
-
-
-@dataclass(frozen=True)
-class EnumMember:
-    name: str
-    doc: str
-
-
-@dataclass(frozen=True)
-class Enum:
-    members: tuple[EnumMember, ...]
-
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(m.name for m in self.members)
-
-
-@dataclass(frozen=True)
-class TypeDef:
-    name: str
-    doc: str
-    definition: Struct | Enum
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    doc: str
-    input: Struct
-    output: Struct
-
-
-@dataclass(frozen=True)
-class ErrorDef:
-    name: str
-    doc: str
-    parameters: Struct
-
-
-@dataclass(frozen=True)
-class Interface:
-    name: str
-    doc: str
-    text: str  # the source, served verbatim by GetInterfaceDescription
-    types: Mapping[str, TypeDef]
-    methods: Mapping[str, Method]
-    errors: Mapping[str, ErrorDef]
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -209,7 +125,8 @@ class _Parser:
 
     def comment(self) -> str:
         """Reads a ``#`` comment up to the end of the line, minus one leading space."""
-        assert self.text[self.pos] == "#"
+        if not self.text.startswith("#", self.pos):
+            raise self.fail("expected a '#' comment")
         end = self.text.find("\n", self.pos)
         if end < 0:
             end = len(self.text)
@@ -309,7 +226,8 @@ class _Parser:
 
     def struct(self, where: str) -> Struct:
         result = self.members(where, "struct", 0)
-        assert isinstance(result, Struct)
+        if not isinstance(result, Struct):  # members() of kind "struct" returns one
+            raise self.fail(f"expected a struct in {where}")
         return result
 
     def members(self, where: str, kind: Literal["struct", "either"], depth: int) -> Struct | Enum:
@@ -459,166 +377,3 @@ class _Parser:
 def parse(text: str, *, strict: bool = True) -> Interface:
     """Parses an interface definition; raises :class:`IdlError` with line:column."""
     return _Parser(text, strict).parse()
-
-
-# --------------------------------------------------------------------------- validator
-
-# A check returns None if the value is fine, otherwise the path of the offending
-# value relative to the checked one: "" for the value itself, ".field" or "[3]"
-# for a part of it. The paths join into e.g. "tenant.resourceLimits[2].soft".
-_Check = Callable[[Any], "str | None"]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and INT_MIN <= v <= INT_MAX
-
-
-def _is_float(v: Any) -> bool:
-    # JSON has one number type: an int is a fine float, a bool is not.
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    return isinstance(v, float) and math.isfinite(v)
-
-
-def _is_string(v: Any) -> bool:
-    # NUL inside strings is refused like systemd's JSON parser does: names end up
-    # in paths and C APIs where an embedded NUL would truncate them.
-    return isinstance(v, str) and "\x00" not in v
-
-
-def _base_check(kind: str) -> _Check:
-    test: Callable[[Any], bool] = {
-        "bool": lambda v: isinstance(v, bool),
-        "int": _is_int,
-        "float": _is_float,
-        "string": _is_string,
-        "object": lambda v: isinstance(v, dict),
-    }[kind]
-    return lambda v: None if test(v) else ""
-
-
-class _Compiler:
-    """Turns IDL structures into closures once, so each call only runs checks."""
-
-    def __init__(self, iface: Interface) -> None:
-        self.iface = iface
-        self.named: dict[str, _Check] = {}
-
-    def named_check(self, name: str) -> _Check:
-        # Indirect through the table: named types may be recursive.
-        table = self.named
-        if name not in table:
-            table[name] = lambda v: None  # placeholder while compiling recursion
-            definition = self.iface.types[name].definition
-            table[name] = (
-                self.enum(definition) if isinstance(definition, Enum) else self.struct(definition)
-            )
-
-        def check_named(v: Any) -> str | None:
-            return table[name](v)
-
-        return check_named
-
-    def enum(self, enum: Enum) -> _Check:
-        names = enum.names
-        return lambda v: None if isinstance(v, str) and v in names else ""
-
-    def element(self, ftype: FieldType) -> _Check:
-        if ftype.kind == "named":
-            return self.named_check(ftype.name)
-        if ftype.struct is not None:
-            return self.struct(ftype.struct)
-        if ftype.enum is not None:
-            return self.enum(ftype.enum)
-        return _base_check(ftype.kind)
-
-    def value(self, ftype: FieldType) -> _Check:
-        elem = self.element(ftype)
-        if ftype.container == "array":
-
-            def check_array(v: Any) -> str | None:
-                if not isinstance(v, list | tuple):
-                    return ""
-                for i, e in enumerate(v):
-                    if e is None:
-                        return f"[{i}]"
-                    bad = elem(e)
-                    if bad is not None:
-                        return f"[{i}]{bad}"
-                return None
-
-            return check_array
-        if ftype.container == "map":
-
-            def check_map(v: Any) -> str | None:
-                if not isinstance(v, dict):
-                    return ""
-                for k, e in v.items():
-                    if e is None or not isinstance(k, str):
-                        return f"[{json.dumps(k)}]"
-                    bad = elem(e)
-                    if bad is not None:
-                        return f"[{json.dumps(k)}]{bad}"
-                return None
-
-            return check_map
-        return elem
-
-    def struct(self, struct: Struct) -> _Check:
-        checks = tuple((f.name, self.value(f.type), f.type.nullable) for f in struct.fields)
-        known = frozenset(f.name for f in struct.fields)
-
-        def check_struct(v: Any) -> str | None:
-            if not isinstance(v, dict):
-                return ""
-            if not known.issuperset(v):
-                for k in v:
-                    if k not in known:
-                        return f".{k}"
-            for name, check, nullable in checks:
-                e = v.get(name)
-                if e is None:
-                    if nullable:
-                        continue
-                    return f".{name}"
-                bad = check(e)
-                if bad is not None:
-                    return f".{name}{bad}"
-            return None
-
-        return check_struct
-
-
-def _top(path: str | None) -> str | None:
-    if path is None:
-        return None
-    # A non-object at the top has no field to name; "parameters" is what is wrong.
-    return path[1:] if path else "parameters"
-
-
-class InterfaceValidator:
-    """Validates call parameters, replies and error parameters of one interface.
-
-    Each method returns None when the value is valid, or the dotted path of the
-    first offending parameter (an unknown field, a missing non-optional one or a
-    wrong type), e.g. ``"name"`` or ``"tenant.resourceLimits[2].soft"``.
-    """
-
-    def __init__(self, iface: Interface) -> None:
-        compiler = _Compiler(iface)
-        self.interface = iface
-        self._inputs = {n: compiler.struct(m.input) for n, m in iface.methods.items()}
-        self._outputs = {n: compiler.struct(m.output) for n, m in iface.methods.items()}
-        self._errors = {n: compiler.struct(e.parameters) for n, e in iface.errors.items()}
-
-    def call(self, method: str, parameters: Any) -> str | None:
-        return _top(self._inputs[method](parameters))
-
-    def reply(self, method: str, parameters: Any) -> str | None:
-        return _top(self._outputs[method](parameters))
-
-    def error(self, error: str, parameters: Any) -> str | None:
-        """Validates an error's parameters; KeyError if the interface lacks the error."""
-        return _top(self._errors[error](parameters))

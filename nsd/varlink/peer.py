@@ -31,9 +31,6 @@ class Peer:
     pid: int
     groups: tuple[int, ...]  # supplementary groups (may or may not include gid)
 
-    def in_group(self, gid: int) -> bool:
-        return gid == self.gid or gid in self.groups
-
 
 def peer_of(sock: socket.socket) -> Peer:
     """Reads the peer's credentials; OSError if the kernel cannot tell."""

@@ -1,7 +1,7 @@
 """Varlink wire-level names and exceptions shared by the server and the clients.
 
-This module is imported by ``nsd-exec`` on every service start, so it must stay
-tiny: no asyncio, no dataclasses, no typing machinery at run time.
+Kept tiny (no asyncio, no dataclasses, no typing machinery at run time): nsctl
+imports it on every call.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-SERVICE_INTERFACE = "org.varlink.service"
-
-# The standard errors of org.varlink.service (https://varlink.org/Service), plus
-# the two systemd added to the same interface and that varlinkctl understands.
+# The errors of org.varlink.service (https://varlink.org/Service) that nsd sends, among
+# them two that systemd added to the same interface and that varlinkctl understands.
 INTERFACE_NOT_FOUND = "org.varlink.service.InterfaceNotFound"
 METHOD_NOT_FOUND = "org.varlink.service.MethodNotFound"
-METHOD_NOT_IMPLEMENTED = "org.varlink.service.MethodNotImplemented"
 INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
 PERMISSION_DENIED = "org.varlink.service.PermissionDenied"
 EXPECTED_MORE = "org.varlink.service.ExpectedMore"

@@ -314,21 +314,26 @@ class VarlinkServer:
 
     def _resume_accepting(self) -> None:
         if self._listener is not None and not self._accepting and not self._closing:
-            assert self._loop is not None
-            self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+            self._running_loop().add_reader(self._listener.fileno(), self._on_acceptable)
             self._accepting = True
 
     def _pause_accepting(self) -> None:
         if self._accepting and self._listener is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._listener.fileno())
+            self._running_loop().remove_reader(self._listener.fileno())
             self._accepting = False
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the varlink server is not serving")
+        return self._loop
+
     def _on_acceptable(self) -> None:
-        assert self._listener is not None and self._loop is not None
+        listener, loop = self._listener, self._running_loop()
+        if listener is None:
+            raise RuntimeError("the varlink server accepts without a listening socket")
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, _addr = self._listener.accept()
+                sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -338,12 +343,12 @@ class VarlinkServer:
                 # back off instead of spinning; pending clients wait in the backlog.
                 self._log.warning("varlink: accept failed: %s; pausing %.1f s", e, _ACCEPT_RETRY)
                 self._pause_accepting()
-                self._loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
+                loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
                 return
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
-        assert self._loop is not None
+        loop = self._running_loop()
         try:
             sock.setblocking(False)
             peer = peer_of(sock)
@@ -362,7 +367,7 @@ class VarlinkServer:
             return
         unprivileged = cls is not PeerClass.PRIVILEGED
         conn = Connection(
-            self._loop,
+            loop,
             sock,
             peer=peer,
             peer_class=cls,
@@ -372,7 +377,7 @@ class VarlinkServer:
             budget=self._admission.budget(peer),
             idle_timeout=self._limits.idle_timeout if unprivileged else None,
         )
-        self._connections[conn] = self._loop.create_task(self._serve(conn))
+        self._connections[conn] = loop.create_task(self._serve(conn))
         conn.start_reading()
 
     def _log_refusal(self, peer: Peer, refusal: str) -> None:
@@ -504,7 +509,8 @@ class VarlinkServer:
         """Sends a streaming handler's items; see :class:`Reply` for ``continues``."""
         high_water = self._limits.max_pending_reply_bytes
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            raise RuntimeError("a stream must be sent from a task")
         token = self._admission.start_stream(conn.peer, conn.peer_class)
         if token is None:
             if aclose := getattr(stream, "aclose", None):

@@ -28,16 +28,9 @@ def _launcher(r: dict[str, Any]) -> str:
         )
     for key, s in an.items():
         rows.append(f"| *{key}* | {s['median']:.1f} ms | {s['p10']:.1f} | {s['p90']:.1f} | |")
-    imports = ["| start | top-level imports (cumulative, median of 7) | total |", "|---|---|---|"]
-    for key, it in la["importtime"].items():
-        top = ", ".join(f"`{m}` {us / 1000:.1f}" for m, us in list(it["top_level_us"].items())[:6])
-        imports.append(f"| {la['labels'][key]} | {top} | {it['total_us'] / 1000:.1f} ms |")
-    interp = an["python -IS -c pass"]["median"]
     shell = an["sh -c :"]["median"]
-    site = an["python -c pass (venv)"]["median"] - interp
-    editable = an["python -c pass (editable .venv)"]["median"] - interp
-    imp = an["python -IS, import nsd.exec"]["median"] - interp
-    ours, console = v["nsd-exec"]["median"], v["console-script"]["median"]
+    true = an["/bin/true"]["median"]
+    ours = v["nsd-exec"]["median"]
     floor = v["nsenter"]["median"]
     sudo = an["sudo -iu USER true"]["median"]
     return f"""## 1. Launcher overhead
@@ -48,56 +41,26 @@ times, one start of every variant per round in rotating order (after
 {r["meta"]["tenants"]} tenants. The wrapper is the seed's script verbatim
 (`sudo -iu "$usr" /usr/bin/true`, then `exec nsenter --net=/var/run/netns/usr_$usr
 --setuid=$(id -u "$usr") --setgid=$(id -g "$usr") "$@"`; the bench daemon uses the seed's
-`usr_<user>` layout so that the script runs unchanged). "pip install" is nsd installed
-the way operators install it: `pip install` (not editable) into a fresh venv
-({la["install"]}).
+`usr_<user>` layout so that the script runs unchanged). nsd-exec is the C program of
+native/ ({la["install"]}).
 
 {chr(10).join(rows)}
 
-Where the time goes (from the rows in italics, and `python -X importtime`):
+Where the time goes (from the rows in italics):
 
-{chr(10).join(imports)}
-
-* The interpreter itself (`python -IS -c pass`) costs {interp:.1f} ms, the launcher's
-  `/bin/sh` line {shell:.1f} ms, and nsd.exec's imports {imp:.1f} ms; the rest is the
-  work: NSS, the varlink call, `setns`, limits, dropping privileges, `execve`.
-* `site` would add {site:.1f} ms in a normal venv and {editable:.1f} ms in the editable
-  development venv (its `.pth` import hook), which is why the editable figure is not
-  the one to quote.
-* pip's console-script launcher runs `site` and `import re` before `main()`:
-  {console:.1f} ms against {ours:.1f} ms for the same code started by nsd's launcher.
-* "≤ 0.5{TIMES} the wrapper" ({wrap / 2:.1f} ms) is below the interpreter's own start on
-  this host, so no Python nsd-exec reaches it; the wrapper's cost is mostly sudo
-  ({sudo:.1f} ms for `sudo -iu USER true`).
+* Starting `/bin/true` itself costs {true:.1f} ms and a `/bin/sh` {shell:.1f} ms; the
+  wrapper's cost is mostly sudo ({sudo:.1f} ms for `sudo -iu USER true`).
+* nsd-exec takes {ours:.1f} ms ({ours / wrap:.2f}{TIMES} the wrapper,
+  {ours - floor:+.1f} ms against bare nsenter at {floor:.1f} ms): NSS, one varlink round
+  trip to nsd (the daemon's share), `setns`, limits, dropping privileges, `execve`.
 
 ### Design choice
 
-nsd-exec stays a Python program (it shares its protocol code and its tests with nsd,
-and every check it makes before `execve` is plain to read), and pays only for the
-interpreter:
-
-1. **Imports**: `nsd/exec.py` imports the C modules `_socket`, `_signal` and `_json`
-   (the C scanner decodes the one reply, `encode_basestring_ascii` encodes the one
-   request), `json` only on error paths, and on Python 3.11 `_ctypes` instead of
-   `ctypes` for `setns`. The packages `json`, `socket`, `signal` and `ctypes` pull in
-   `re`, `enum`, `functools`, `collections` and `selectors`: ~15 ms of a start.
-2. **Launcher**: the installed `nsd-exec` is `bin/nsd-exec` of the checkout (a
-   `script-files` entry in pyproject.toml, so `pip install` puts it into the venv's
-   `bin/`), not a `[project.scripts]` console script. Its first line is `#!/bin/sh`;
-   one shell line execs the venv's interpreter (found next to the script, symlinks
-   resolved) with `-IS` on the same file, whose Python part appends the venv's
-   site-packages to `sys.path` and calls `nsd.exec.main`. pip rewrites a `#!python`
-   line to the bare interpreter path, dropping flags, and pip-installed wheels run no
-   install hooks, so a shebang with `-IS` cannot be installed by pip; a `#!/bin/sh`
-   line is left alone. `-I` also makes nsd-exec ignore `PYTHONPATH` and friends in a
-   unit's environment. Where nsd is not in a venv's site-packages (an editable or a
-   system-wide install) the launcher falls back to `site`, only slower.
-
-Result: nsd-exec takes {ours:.1f} ms ({ours / wrap:.2f}{TIMES} the wrapper,
-{ours - floor:.1f} ms over bare nsenter at {floor:.1f} ms). Getting within 10 ms of nsenter
-would take a launcher that is not Python (a small C or Rust `nsd-exec` speaking the same
-varlink call, with every check of docs/nsd-exec.md rewritten and re-tested): not done,
-as the target that matters, faster than the wrapper it replaces, holds without it.
+nsd-exec is C (native/exec, one shared client for the Enter exchange in native/lib,
+json-c for the reply): no interpreter starts on a service start, so the launcher costs
+about what bare `nsenter` costs plus the round trip to nsd. The Python launcher it
+replaced took 13.7 ms (0.93{TIMES} the wrapper) in the last run before the change,
+nearly all of it the interpreter's start.
 
 {_native(r)}
 """

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from nsd import linux
+from nsd.net import linux
 from tests.harness import Daemon
 
 RUN_NETNS = "/run/netns"

@@ -42,7 +42,11 @@ from .env import (
 def _admin_group(cleanup: Cleanup, prefix: str) -> str:
     group = f"{prefix}adm"
     run("groupadd", group)
-    cleanup.push(f"delete group {group}", lambda: run("groupdel", group, check=False) and None)
+
+    def delete() -> None:
+        run("groupdel", group, check=False)
+
+    cleanup.push(f"delete group {group}", delete)
     return group
 
 

@@ -112,27 +112,20 @@ def _launcher_rows(t: _Rows, r: dict[str, Any]) -> None:
     v = la["variants_ms"]
     wrap, floor = v["wrapper"], v["nsenter"]
     anchor = f"wrapper {_spread(wrap)}"
-    for key in ("nsd-exec", "console-script", "nsd-exec-editable"):
-        if key not in v:
-            continue
-        s = v[key]
-        q = s["median"] / wrap["median"]
-        gap = s["median"] - floor["median"]
-        stretch = q <= 0.5 and gap <= 10
-        t.add(
-            "1 launcher",
-            f"{la['labels'][key]} → /bin/true",
-            _spread(s),
-            anchor,
-            f"{q:.2f}\u00d7 (+{gap:.1f} ms over nsenter)",
-            "< 1\u00d7 wrapper; stretch ≤ 0.5\u00d7 and ≤ nsenter + 10 ms"
-            if key == "nsd-exec"
-            else "(alternative / development install)",
-            q < 1 if key == "nsd-exec" else None,
-            stretch=stretch,
-            gap_to_floor_ms=gap,
-            key=key,
-        )
+    s = v["nsd-exec"]
+    q = s["median"] / wrap["median"]
+    gap = s["median"] - floor["median"]
+    t.add(
+        "1 launcher",
+        f"{la['labels']['nsd-exec']} → /bin/true",
+        _spread(s),
+        anchor,
+        f"{q:.2f}\u00d7 ({gap:+.1f} ms over nsenter)",
+        "≤ 0.3\u00d7 wrapper and ≤ nsenter + 2 ms",
+        q <= 0.3 and gap <= 2,
+        gap_to_floor_ms=gap,
+        key="nsd-exec",
+    )
     t.add(
         "1 launcher",
         "bare nsenter (floor)",
@@ -400,16 +393,13 @@ def _launcher_chart(r: dict[str, Any]) -> str:
     v, an = la["variants_ms"], la["anatomy_ms"]
     colors = {
         "nsd-exec": COLORS["nsd"],
-        "console-script": COLORS["nsd-alt"],
-        "nsd-exec-editable": COLORS["nsd-alt"],
         "wrapper": COLORS["anchor"],
         "nsenter": COLORS["floor"],
     }
     bars = [Bar(la["labels"][k], s["median"], s["p10"], s["p90"], colors[k]) for k, s in v.items()]
     for key, label in (
         ("sudo -iu USER true", "  of the wrapper: sudo -iu USER true"),
-        ("python -IS -c pass", "  python -IS -c pass"),
-        ("python -c pass (venv)", "  python -c pass (venv)"),
+        ("/bin/true", "  /bin/true alone"),
     ):
         s = an[key]
         bars.append(Bar(label, s["median"], s["p10"], s["p90"], COLORS["part"]))

@@ -78,7 +78,7 @@ def is_active(unit: str) -> str:
     return run("systemctl", "is-active", unit, check=False).stdout.strip()
 
 
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 30) -> T:
+def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30) -> T:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:

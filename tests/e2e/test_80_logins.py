@@ -1,7 +1,7 @@
 """Logins and cron jobs of a tenant through pam_nsd (phase 1).
 
 scripts/vm/prepare-guest installs the VM the way docs/logins.md tells an
-operator: libpam-python, ``/usr/lib/nsd/pam_nsd.py``, the module's line after
+operator: ``pam_nsd.so`` (native/, ``make install``) in the PAM module directory, its line after
 ``@include common-session`` (pam_systemd) in /etc/pam.d/sshd and at the end of
 /etc/pam.d/cron, and nsd with ``systemd.parent_slice = "user.slice"`` (one
 budget per tenant). The tests log in as alice with key authentication, run
@@ -43,8 +43,8 @@ from tests.e2e.guest import (
 
 pytestmark = pytest.mark.phase1
 
-MODULE = "/usr/lib/nsd/pam_nsd.py"
-PAM_LINE = f"session required pam_python.so {MODULE}"
+MODULE = "pam_nsd.so"
+PAM_LINE = f"session required {MODULE}"
 SSHD_PAM = Path("/etc/pam.d/sshd")
 CRON_PAM = Path("/etc/pam.d/cron")
 SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
@@ -200,9 +200,10 @@ def test_ssh_login_joins_the_tenants_namespace_and_slice(figures: dict[str, Any]
         "login_seconds_median_with_module": round(statistics.median(s for _, s in probes), 3),
         "login_seconds_median_without_module": round(statistics.median(s for _, s in plain), 3),
     }
-    module = next(Path("/usr/lib").glob("*/security/pam_python.so"))
-    figures["ssh_login"]["pam_python_links"] = [
-        line.split()[0] for line in run("ldd", str(module)).stdout.splitlines() if "python" in line
+    # What the module brings into sshd's privileged process: libpam and json-c, no interpreter.
+    module = next(Path("/usr/lib").glob(f"*/security/{MODULE}"))
+    figures["ssh_login"]["pam_nsd_links"] = [
+        line.split()[0] for line in run("ldd", str(module)).stdout.splitlines() if "=>" in line
     ]
     # No process added: the same chain of processes, the same session scope.
     assert [p["comm"] for p in with_module] == [p["comm"] for p in without]

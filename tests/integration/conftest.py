@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsd import linux
+from nsd.net import linux
+from tests.harness import Daemon, TestUsers, daemon_env
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -75,3 +76,25 @@ def run_dir() -> Iterator[str]:
 def link_prefix() -> str:
     """A unique link prefix (5 letters, so prefix + a 10-digit UID fits in 15 bytes)."""
     return "t" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
+
+
+@pytest.fixture
+def running_daemon() -> Iterator[tuple[Daemon, TestUsers]]:
+    """A daemon with the harness's settings, started; it must stop cleanly (exit 0)."""
+    with daemon_env() as (d, users):
+        d.start()
+        yield d, users
+        if d.proc is not None and d.proc.poll() is None:
+            assert d.stop() == 0, d.log_text()
+
+
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[tuple[Daemon, TestUsers]]:
+    """The real daemon, started, with a users factory; one per test module."""
+    with daemon_env() as (d, users):
+        d.start()
+        try:
+            yield d, users
+        finally:
+            d.stop()
+            users.cleanup()

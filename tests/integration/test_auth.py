@@ -132,6 +132,31 @@ def test_watch_of_another_tenant_is_denied_and_audited(
     assert "method=io.nsd.Tenant.Watch" in d.log_text()
 
 
+#: what a tenant may call about itself, and only about itself (docs/api.md, "Who may do
+#: what" in docs/operator-guide.md), with the parameters each needs besides the name
+SELF_SERVICE: dict[str, dict[str, object]] = {
+    "Get": {},
+    "Watch": {},
+    "GetLimits": {},
+    "GetNetwork": {},
+    "GetUsage": {},
+    "Run": {"command": ["/bin/true"]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(SELF_SERVICE))
+def test_tenant_may_call_these_about_itself_only(
+    env: tuple[Daemon, TestUsers, dict[str, str]], method: str
+) -> None:
+    d, _, who = env
+    extra = SELF_SERVICE[method]
+    # Allowed: answered, or refused for another reason (Run needs systemd as PID 1,
+    # GetUsage a first sample), never PermissionDenied.
+    mine = call_as(d, who["alice"], T + method, name=who["alice"], **extra)
+    assert mine.get("error") != DENIED, mine
+    assert call_as(d, who["alice"], T + method, name=who["bob"], **extra) == {"error": DENIED}
+
+
 def test_streams_map_errors_like_calls(env: tuple[Daemon, TestUsers, dict[str, str]]) -> None:
     # Watch and GetUsage with "more" go through the same error mapping as plain calls.
     d, _, who = env

@@ -1,4 +1,5 @@
-"""Integration tests for nsd-exec: real users, real namespaces, checked from outside.
+"""Integration tests for nsd-exec (native/exec): real users, real namespaces, checked
+from outside.
 
 Every check looks at the launched process through /proc while it runs, from this
 (root) test process: nsd-exec must have become the workload in place.
@@ -33,6 +34,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from tests.native import native_program
+
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -51,8 +54,7 @@ REPLY_LIMITS = [
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-NSD_EXEC = Path(sys.executable).with_name("nsd-exec")
-ENTRY = [str(NSD_EXEC)] if NSD_EXEC.exists() else [sys.executable, "-m", "nsd.exec"]
+ENTRY = [str(native_program("nsd-exec"))]
 
 # Starts nsd-exec from a deliberately messy parent state: SIGHUP ignored, SIGUSR1/2
 # blocked (and Python's own SIGPIPE/SIGXFSZ ignores), optionally a socket-activation
@@ -125,6 +127,9 @@ class EnterProvider:
         self.ns_path = ns_path
         self.ns_inode = ns_inode
         self.uid_override: int | None = None
+        # Fault injection: rewrites the reply object before it is sent.
+        self.mutate: Callable[[dict[str, Any]], object] | None = None
+        self.extra_fds = 0
         self.requests: list[dict[str, Any]] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
@@ -179,7 +184,9 @@ class EnterProvider:
         ns_fd = os.open(self.ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             reply = {"parameters": self._enter_parameters()}
-            socket.send_fds(conn, [json.dumps(reply).encode() + b"\0"], [decoy, ns_fd])
+            sent = reply if self.mutate is None else self.mutate(reply)
+            fds = [decoy, ns_fd] + [decoy] * self.extra_fds
+            socket.send_fds(conn, [json.dumps(sent).encode() + b"\0"], fds)
         finally:
             os.close(decoy)
             os.close(ns_fd)
@@ -755,3 +762,192 @@ def test_request_shape(
         {"method": "io.nsd.Tenant.Enter", "parameters": {"name": name, "create": False}},
         {"method": "io.nsd.Tenant.Enter", "parameters": {"name": name}},
     ]
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], object]:
+    """A reply rewrite: sets parameters[path...] (dotted) to value."""
+
+    def mutate(reply: dict[str, Any]) -> object:
+        *parents, last = path.split(".")
+        target = reply["parameters"]
+        for key in parents:
+            target = target[key]
+        target[last] = value
+        return reply
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda r: [], "not an object"),
+        (lambda r: {"parameters": None}, "no parameters"),
+        (_set("tenant", None), "no tenant"),
+        (_set("tenant.uid", True), "tenant.uid"),
+        (_set("tenant.uid", "1001"), "tenant.uid"),
+        (_set("tenant.name", 7), "tenant has no name"),
+        (_set("tenant.namespaceInode", 1), "namespace inode"),
+        (_set("namespaceFileDescriptor", 2), "namespaceFileDescriptor 2 but 2 descriptor(s)"),
+        (_set("namespaceFileDescriptor", -1), "namespaceFileDescriptor"),
+        (_set("umask", 0o1000), "umask"),
+        (_set("resourceLimits", {}), "resourceLimits"),
+        (_set("resourceLimits", [{"name": "NOFILE", "soft": 1, "hard": 1}]), "name"),
+        (_set("resourceLimits", [{"name": "bogus", "soft": 1, "hard": 1}]), "does not know"),
+        (_set("resourceLimits", [{"name": "nofile", "soft": 9, "hard": 8}]), "above"),
+        (_set("resourceLimits", [{"name": "nofile", "soft": None, "hard": 8}]), "above"),
+        (_set("resourceLimits", [{"name": "nofile", "soft": -1, "hard": None}]), "nofile"),
+        (_set("resourceLimits", [{"name": "core", "soft": 1 << 64, "hard": None}]), "core"),
+        (_set("resourceLimits", [{"name": "core", "soft": 1.5, "hard": None}]), "core"),
+        (
+            lambda r: {"error": "io.nsd.Tenant.NoSuchTenant", "parameters": {"n": "a\nb\x1b[2J"}},
+            "nsd refused: io.nsd.Tenant.NoSuchTenant {",
+        ),
+    ],
+)
+def test_exit_125_bad_reply(
+    launch: Callable[..., subprocess.Popen[bytes]],
+    enter_provider: EnterProvider,
+    mutate: Callable[[dict[str, Any]], object],
+    needle: str,
+) -> None:
+    """Uses the stand-in's knob: every malformed reply fails closed, in one printable line."""
+    enter_provider.mutate = mutate
+    try:
+        code, _, err = run_to_end(
+            launch, "--socket", enter_provider.path, enter_provider.user.name, "--", "/bin/true"
+        )
+    finally:
+        enter_provider.mutate = None
+    assert_one_line_failure(code, err, 125)
+    assert needle in err
+    assert err.rstrip("\n").isprintable()
+
+
+def test_exit_125_too_many_descriptors(
+    launch: Callable[..., subprocess.Popen[bytes]], enter_provider: EnterProvider
+) -> None:
+    """Uses the stand-in's knob: more descriptors than any Enter reply carries."""
+    enter_provider.extra_fds = 10
+    try:
+        code, _, err = run_to_end(
+            launch, "--socket", enter_provider.path, enter_provider.user.name, "--", "/bin/true"
+        )
+    finally:
+        enter_provider.extra_fds = 0
+    assert_one_line_failure(code, err, 125)
+    assert "more file descriptors than expected" in err
+
+
+def test_listen_fds_must_be_sockets(
+    launch: Callable[..., subprocess.Popen[bytes]], enter_server: EnterServer
+) -> None:
+    """A root-opened file at fd 3 with a matching LISTEN_PID never reaches the workload."""
+    secret = os.open("/etc/shadow", os.O_RDONLY)
+    try:
+        code, _, err = run_to_end(
+            launch,
+            enter_server.user_name,
+            "--",
+            "/bin/true",
+            pass_fds=(secret,),
+            listen_fd=secret,
+        )
+    finally:
+        os.close(secret)
+    assert_one_line_failure(code, err, 125)
+    assert "descriptor 3 is not a socket" in err
+
+
+# --- the caller's terminal -----------------------------------------------------------
+
+# The stand-in for root's interactive shell: a session leader with the pty as its
+# controlling terminal (raw mode, so every injected byte is counted), which runs the
+# launcher in the foreground like a shell would, then reports what the workload said
+# and how many bytes wait in its terminal's input queue.
+ROOT_SHELL = r"""
+import fcntl, json, os, subprocess, sys, termios, tty
+slave = os.open(sys.argv[1], os.O_RDWR)
+fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+tty.setraw(slave)
+os.dup2(slave, 0)
+r, w = os.pipe()
+proc = subprocess.run(sys.argv[3:], stdin=0, stdout=w, stderr=w, close_fds=True, pass_fds=(w,))
+os.close(w)
+out = os.read(r, 65536).decode()
+queued = fcntl.ioctl(0, termios.FIONREAD, b"\0\0\0\0")
+with open(int(sys.argv[2]), "w") as report:
+    json.dump({"status": proc.returncode, "out": out,
+               "queued": int.from_bytes(queued, sys.byteorder)}, report)
+"""
+
+# The tenant's workload: try to type a command into the terminal on its stdin.
+INJECTOR = (
+    "import fcntl, termios\n"
+    "tty_nr = open('/proc/self/stat').read().rsplit(')', 1)[1].split()[4]\n"
+    "try:\n"
+    "    fcntl.ioctl(0, termios.TIOCSTI, b'X')\n"
+    "    print('INJECTED', tty_nr)\n"
+    "except OSError as e:\n"
+    "    print('REFUSED', e.errno, tty_nr)\n"
+)
+
+
+def _legacy_tiocsti() -> bool:
+    try:
+        return Path("/proc/sys/dev/tty/legacy_tiocsti").read_text().strip() == "1"
+    except OSError:
+        return True  # kernels before 6.2 have no switch: TIOCSTI always works
+
+
+def _from_root_shell(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", ROOT_SHELL, os.ttyname(slave), str(w), *argv],
+            env=env,
+            pass_fds=(w,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        os.close(w)
+        w = -1
+        report = os.read(r, 65536)
+        assert proc.returncode == 0, proc.stderr.decode()
+        data: dict[str, Any] = json.loads(report)
+        return data
+    finally:
+        for fd in (master, slave, r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_tiocsti_injection_refused(enter_server: EnterServer) -> None:
+    """The workload has no controlling terminal, so the kernel refuses TIOCSTI on the
+    terminal root started it from: nothing reaches root's shell."""
+    env = base_env(enter_server)
+    out = _from_root_shell(
+        [*ENTRY, enter_server.user_name, "--", SYSTEM_PYTHON, "-c", INJECTOR], env
+    )
+    assert out["status"] == 0, out
+    assert out["out"] == f"REFUSED {1} 0\n", out  # EPERM, tty_nr 0: no controlling terminal
+    assert out["queued"] == 0
+
+
+def test_tiocsti_injection_reproduced_without_nsd_exec(
+    enter_server: EnterServer, tenant_user: TenantUser
+) -> None:
+    """The control: the same workload started by runuser without --pty keeps root's
+    terminal and does type into it (the defect nsd-exec fixes)."""
+    if not _legacy_tiocsti():
+        pytest.skip("dev.tty.legacy_tiocsti=0: this kernel refuses TIOCSTI to everyone")
+    env = base_env(enter_server)
+    out = _from_root_shell(
+        ["runuser", "-u", tenant_user.name, "--", SYSTEM_PYTHON, "-c", INJECTOR], env
+    )
+    assert out["out"].startswith("INJECTED "), out
+    assert out["queued"] == 1

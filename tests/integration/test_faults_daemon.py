@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsd import store
-from nsd.faults import Fault, ProcessSample
+from nsd.core import store
+from nsd.model import Fault, ProcessSample
 from tests.harness import Daemon, daemon_env, uid_of
 from tests.integration.test_auth import call_as
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd.doctor import systemd_is_pid1
+from nsd.core.doctor import systemd_is_pid1
 from tests.harness import ROOT, TestUsers, host_netns, run
 
 pytestmark = [

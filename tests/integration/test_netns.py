@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from nsd import linux
-from nsd.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
-from nsd.procs import processes_in_namespace, stop_processes
+from nsd.net import linux
+from nsd.net.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
+from nsd.net.netns_worker import WrongThread
+from nsd.net.procs import processes_in_namespace, stop_processes
 
 pytestmark = pytest.mark.root
 
@@ -647,6 +648,17 @@ async def test_failed_bind_mount_is_undone(
     assert not (await adapter.ensure(spec)).adopted_existing
 
 
+async def test_a_job_off_the_worker_thread_is_refused(adapter: NetnsAdapter) -> None:
+    """Only the worker thread may switch namespaces: a job run from anywhere else (here
+    the event loop's thread) is refused before it runs (an explicit check, not an
+    assert that ``python -O`` would remove)."""
+    ran: list[bool] = []
+    with pytest.raises(WrongThread):
+        adapter._worker.run(lambda: ran.append(True))  # looking inside on purpose
+    assert ran == []
+    assert await on_worker(adapter, lambda: "fine") == "fine"
+
+
 def test_worker_that_cannot_return_home_ends_the_process(
     host_netns: str, run_dir: str, link_prefix: str
 ) -> None:
@@ -655,8 +667,8 @@ def test_worker_that_cannot_return_home_ends_the_process(
     script = textwrap.dedent(
         f"""
         import asyncio
-        from nsd import linux
-        from nsd.netns import NetnsAdapter
+        from nsd.net import linux
+        from nsd.net.netns import NetnsAdapter
         from tests.integration.test_netns import make_spec
 
         async def main():

@@ -11,7 +11,7 @@ Topology, all made by the test (the machine's own network is never touched):
                                 <prefix>1003 100.72.0.1/32 ---- eth0 100.72.0.13 (t3)
 
 Tenants are built by the NetnsAdapter (host_netns_path = the test host namespace),
-the policy by nsd.hostnet on the same adapter, as the daemon will.
+the policy by nsd.net.hostnet on the same adapter, as the daemon will.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 
-from nsd import netpolicy as npol
-from nsd.hostnet import HostNetwork
-from nsd.netns import NetnsAdapter, NetworkSpec
+from nsd.net import policy as npol
+from nsd.net.hostnet import HostNetwork
+from nsd.net.netns import NetnsAdapter, NetworkSpec
 
 pytestmark = pytest.mark.root
 
@@ -655,9 +655,15 @@ async def test_incremental_changes_leave_the_table_a_rebuild_would_load(topo: To
         everyone = [x for x in everyone if x.uid != t.uid]
         if op == "set":
             everyone.append(t)
-            report = await hn.set_tenant(t, lambda e=everyone: e)
+        current = list(everyone)
+
+        def now(e: list[npol.TenantNet] = current) -> list[npol.TenantNet]:
+            return e
+
+        if op == "set":
+            report = await hn.set_tenant(t, now)
         else:
-            report = await hn.remove_tenant(t.uid, lambda e=everyone: e)
+            report = await hn.remove_tenant(t.uid, now)
         assert report.actions == [
             f"updated the elements of tenant {t.name} in table inet nsd (host)"
         ]

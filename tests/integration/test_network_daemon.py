@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsd.doctor import systemd_is_pid1
+from nsd.core.doctor import systemd_is_pid1
 from tests.harness import Daemon, TestUsers, daemon_env, run, unique
 
 pytestmark = [

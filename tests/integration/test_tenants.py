@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd.doctor import systemd_is_pid1
+from nsd.core.doctor import systemd_is_pid1
 from tests.harness import Daemon, TestUsers, mounts_under, netns_inode, run, running_daemon, uid_of
 
 pytestmark = [
@@ -32,6 +32,14 @@ def addrs(netns: str, ifname: str) -> set[str]:
     return {f"{a['local']}/{a['prefixlen']}" for a in out[0]["addr_info"]}
 
 
+def link_flags(netns: str, ifname: str) -> list[str]:
+    """The interface flags as ip(8) lists them, e.g. ["LOOPBACK", "UP", "LOWER_UP"]."""
+    (link,) = json.loads(run("ip", "-j", "link", "show", "dev", ifname, netns=netns).stdout)
+    flags = link["flags"]
+    assert isinstance(flags, list)
+    return [str(f) for f in flags]
+
+
 def test_twenty_tenants_lifecycle(env: tuple[Daemon, TestUsers]) -> None:
     d, users = env
     names = [users.add() for _ in range(20)]
@@ -47,7 +55,8 @@ def test_twenty_tenants_lifecycle(env: tuple[Daemon, TestUsers]) -> None:
         assert netns_inode(ns) == t["namespaceInode"]
         inside = addrs(ns, "eth0")
         assert f"{t['ipv4Address']}/32" in inside and f"{t['ipv6Address']}/64" in inside
-        assert "up" in run("ip", "-j", "link", "show", "lo", netns=ns).stdout.lower()
+        assert "UP" in link_flags(ns, "lo")
+        assert {"UP", "LOWER_UP"} <= set(link_flags(ns, "eth0"))  # up, and its peer too
         host_side = addrs(d.host, t["hostInterface"])
         assert f"{t['ipv4Gateway']}/32" in host_side and f"{t['ipv6Gateway']}/64" in host_side
         assert (

@@ -2,14 +2,14 @@
 
 nsd at /opt/nsd
 ---------------
-The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec}. The container binds the project's own
-venv there (``--bind-ro=.venv:/opt/nsd``): its bin/ holds the console scripts pip
-generated for nsd's entry points (nsd.daemon:main, nsd.cli:main) and the nsd-exec
-launcher (bin/nsd-exec, which calls nsd.exec:main), and they run this checkout's code
-(the venv's nsd is an editable install; the checkout is bound at its own path inside,
-so the scripts' ``#!/work/main/.venv/bin/python`` resolves).
-So the binaries are the real ones, with no network and no build step. An operator's
-``pip install`` into /opt/nsd is exercised by the VM tier (scripts/vm/prepare-guest).
+The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec,nsd-ensure}. The container lays two
+read-only layers over /opt/nsd: the project's own venv, whose bin/ holds the console
+scripts pip generated for nsd's entry points (nsd.daemon:main, nsd.cli:main) running
+this checkout's code (an editable install; the checkout is bound at its own path
+inside, so the scripts' ``#!/work/main/.venv/bin/python`` resolves), and on top
+``make -C native install DESTDIR=.cache/native-install PREFIX=/opt/nsd``: nsd-exec and
+nsd-ensure as an operator installs them. So the binaries are the real ones, with no
+network. An operator's ``pip install`` into /opt/nsd is exercised by the VM tier.
 
 php-fpm
 -------
@@ -36,7 +36,21 @@ from nspawn import ROOT, Container
 CONTRIB = ROOT / "contrib" / "systemd"
 CACHE = ROOT / ".cache" / "contrib-units"
 UNIT_DIR = "/etc/systemd/system"
-VENV_AT_OPT = f"--bind-ro={ROOT / '.venv'}:/opt/nsd"
+NATIVE_STAGE = ROOT / ".cache" / "native-install"
+
+
+def _install_native() -> Path:
+    """native/'s programs, installed as `make install` puts them under PREFIX=/opt/nsd."""
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "native"), "install", f"DESTDIR={NATIVE_STAGE}",
+         "PREFIX=/opt/nsd", "PAMDIR=/opt/nsd/lib/security"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return NATIVE_STAGE / "opt" / "nsd"
+
+
+# The leftmost layer is the lowest: native/'s programs over the venv's scripts.
+VENV_AT_OPT = f"--overlay-ro={ROOT / '.venv'}:{_install_native()}:/opt/nsd"
 _PHP_FPM = re.compile(r"/usr/sbin/php-fpm(\d+\.\d+)\b")
 
 

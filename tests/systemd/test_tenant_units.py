@@ -11,7 +11,7 @@ as the tenant.
 
 - ``test_first_start_of_a_new_tenant``: the tenant does not exist and nsd is not
   running. Starting the services socket-activates nsd (Type=notify: the start only
-  completes after READY=1) through nsd-tenant@web-shop.service's ``nsctl ensure``.
+  completes after READY=1) through nsd-tenant@web-shop.service's ``nsd-ensure``.
   Then: restarting or stopping nsd does not touch the services; stopping
   nsd-tenant@ stops them (Requires=) but removes nothing.
 - ``test_enabled_services_come_back_after_a_reboot``: two boots of one "host" (what
@@ -23,8 +23,8 @@ as the tenant.
 
 Until the lead's manager writes the Slice= drop-ins itself (on Ensure, before it
 replies, then ``Reload``), the first test stands in for it with a drop-in on
-nsd-tenant@.service that calls nsd.unitfiles.sync() and ``systemctl daemon-reload``
-right after ``nsctl ensure`` - which is exactly where nsd will do it. That the start
+nsd-tenant@.service that calls nsd.systemd.unitfiles.sync() and ``systemctl daemon-reload``
+right after ``nsd-ensure`` - which is exactly where nsd will do it. That the start
 job of a tenant service, queued behind nsd-tenant@, picks up a drop-in that appears
 (and a reload that happens) while it waits is part of what the test shows.
 """
@@ -49,7 +49,7 @@ from contrib_units import (
 )
 from nspawn import PYTHON, ROOT, Container
 
-from nsd import unitfiles
+from nsd.systemd import unit_templates, unitfiles
 
 pytestmark = pytest.mark.slow
 
@@ -293,7 +293,7 @@ def test_enabled_at_first_boot_for_a_tenant_nsd_does_not_know_yet(
 ) -> None:
     """A host provisioned with users, units and enablement, booted for the first time:
     nsd's store is empty and no drop-ins exist yet. The services' start jobs wait for
-    nsd-tenant@web-shop, whose `nsctl ensure` activates nsd, which creates the tenant,
+    nsd-tenant@web-shop, whose `nsd-ensure` activates nsd, which creates the tenant,
     writes the drop-ins and reloads; the waiting jobs start in the tenant's slice.
     (nsd's start-up reconcile must not stop a slice it has no tenant for: an earlier
     version did, and cancelled these start jobs.)"""
@@ -318,6 +318,6 @@ def test_contrib_is_what_the_tests_install() -> None:
         "tenant-app@.service",
         "tenant-app-exec@.service",
     }
-    marked = {t.name for t in unitfiles.find_templates([CONTRIB])}
+    marked = {t.name for t in unit_templates.find_templates([CONTRIB])}
     assert {"tenant-app@.service", "tenant-app-exec@.service"} <= marked
     assert ROOT.joinpath(".venv", "bin", "nsd").exists()

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from nsd.auditlog import NAME_CHARS, AuditLog, short_name
+from nsd.api.auditlog import NAME_CHARS, AuditLog, short_name
 
 
 class Clock:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nsd import store, users
+from nsd import users
+from nsd.core import store
 from nsd.model import TenantRecord, TenantState
 
 
@@ -58,8 +59,8 @@ class FakeNss:
 def nss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNss]:
     fake = FakeNss(tmp_path / "passwd")
     monkeypatch.setattr(users, "ACCOUNTS_FILE", str(fake.passwd))
-    monkeypatch.setattr(users.pwd, "getpwnam", fake.getpwnam)
-    monkeypatch.setattr(users.pwd, "getpwuid", fake.getpwuid)
+    monkeypatch.setattr("nsd.users.pwd.getpwnam", fake.getpwnam)
+    monkeypatch.setattr("nsd.users.pwd.getpwuid", fake.getpwuid)
     users.clear_cache()
     yield fake
     users.clear_cache()
@@ -109,7 +110,7 @@ def test_without_a_passwd_change_the_window_bounds_staleness(
     nss: FakeNss, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(users.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("nsd.users.time.monotonic", lambda: clock[0])
     nss.entries["alice"] = 2001
     nss.write()
     assert users.by_name("alice") is not None

@@ -10,7 +10,7 @@ import os
 import socket
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,17 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from nsd import config, faultapi, faultview, journal, store
-from nsd.faultrecord import FaultCounter, FaultRecorder, FaultsConfig
-from nsd.faults import Fault, ProcessSample, increases, snapshot_processes
-from nsd.faultwatch import FaultWatcher
-from nsd.ipam import Ipam
-from nsd.manager import TenantManager
-from nsd.model import TenantRecord, TenantState
+from nsd import config, faultview
+from nsd.api import faults as faultapi
+from nsd.config import FaultsConfig
+from nsd.core import store
+from nsd.core.faultrecord import FaultCounter, FaultRecorder
+from nsd.core.ipam import Ipam
+from nsd.core.manager import TenantManager
+from nsd.model import Fault, ProcessSample, TenantRecord, TenantState
+from nsd.observe.faults import increases, snapshot_processes
+from nsd.observe.faultwatch import FaultWatcher
+from nsd.systemd import journal
 
 SLICE = "/tenant.slice/tenant-1001.slice"
 EVENTS = "low 0\nhigh {high}\nmax {max}\noom 0\noom_kill {kill}\noom_group_kill 0\n"
@@ -224,6 +228,7 @@ async def test_a_recorded_fault_is_a_watch_event(tmp_path: Path) -> None:
     net: Any = _Net()
     manager = TenantManager(cfg, db, ipam, net)
     events = manager.watch(1001)
+    assert isinstance(events, AsyncGenerator)  # so that it can be closed
     assert (await anext(events))[0] == "existing"
     assert (await anext(events))[0] == "synced"
     manager.emit_fault(fault("bob", 5))  # uid 1001 is alice now: not hers, not sent

@@ -4,7 +4,7 @@ import pytest
 
 from nsd import limits as L
 from nsd.errors import InvalidLimit
-from nsd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
+from nsd.systemd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,48 @@ def test_explicit_scope_request_wins() -> None:
     assert placement("auto", False, "/system.slice/x.service", T, 1001) == STAY
     assert placement("always", None, "/system.slice/x.service", T, 1001) == MOVE
     assert placement("never", None, "/", T, 1001) == STAY
+
+
+# Issue 20: the grammar is ASCII digits and unit letters only, with bounds, and every
+# refusal is an InvalidLimit naming the field and the rule (never KeyError/OverflowError).
+@pytest.mark.parametrize(
+    ("field", "raw", "rule"),
+    [
+        ("memory_max", "1\u212a", "U+212A"),  # KELVIN SIGN: re.IGNORECASE matched it as "K"
+        ("memory_max", "9" * 309, "longer than 64"),  # float() overflowed
+        ("memory_max", "9" * 30, "expected bytes"),
+        ("memory_max", "16E", "too large"),
+        ("memory_max", "1.0000000001G", "expected bytes"),
+        ("memory_high", "\u0661\u0660M", "U+0661"),  # ARABIC-INDIC digits
+        ("tasks_max", "9" * 20, "1 to 4194304"),  # marshalled as a D-Bus uint64 later
+        ("tasks_max", "4194305", "1 to 4194304"),
+        ("tasks_max", "\u00b2", "U+00B2"),  # str.isdigit() says yes, int() says no
+        ("cpu_weight", "\u0661\u0660", "U+0661"),  # int() accepted these as 10
+        ("cpu_weight", "0" * 100, "longer than 64"),
+        ("cpu_quota", "1000001%", "1% to 1000000%"),
+        ("cpu_quota", "\uff11\uff10\uff10%", "U+FF11"),  # FULLWIDTH digits
+        ("io_weight", " 5 0 ", "1 to 10000"),
+    ],
+)
+def test_issue20_limits_grammar(field: str, raw: str, rule: str) -> None:
+    with pytest.raises(InvalidLimit) as info:
+        L.canonical(field, raw)
+    assert info.value.parameters["field"] == field
+    assert rule in info.value.parameters["reason"]
+    assert len(info.value.parameters["value"]) <= 43  # echoed shortened
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "canonical"),
+    [
+        ("memory_max", "18446744073709551614", "18446744073709551614"),
+        ("memory_max", "15.999999999E", str(15 * 2**60 + 999999999 * 2**60 // 10**9)),
+        ("memory_max", "0.5k", "512"),
+        ("memory_max", "INFINITY", "infinity"),
+        ("tasks_max", "4194304", "4194304"),
+        ("cpu_quota", "1000000%", "1000000%"),
+        ("cpu_weight", "0010", "10"),
+    ],
+)
+def test_issue20_limits_at_their_bounds(field: str, raw: str, canonical: str) -> None:
+    assert L.canonical(field, raw) == canonical

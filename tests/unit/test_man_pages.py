@@ -62,6 +62,14 @@ def test_nsd_page_names_every_option_and_exit_status() -> None:
     assert sorted(s for s in statuses if f"**{s}**" not in section) == []
 
 
+def test_pam_page_names_every_argument() -> None:
+    source = (ROOT / "native" / "pam" / "pam_nsd.c").read_text()
+    arguments = set(re.findall(r'KEY\("(\w+)"\)', source)) | {"debug"}
+    assert {"socket", "unreachable", "nontenant", "uid_min", "create", "scope"} <= arguments
+    text = page_text("pam_nsd.8.md")
+    assert sorted(a for a in arguments if f"**{a}" not in text) == []
+
+
 def config_sections() -> dict[str, list[str]]:
     sections = {}
     for f in dataclasses.fields(config.Config):
@@ -93,7 +101,7 @@ def test_configuration_reference_names_every_key() -> None:
 def test_pages_render_without_warnings(tmp_path: Path) -> None:
     subprocess.run([ROOT / "scripts" / "build-man", tmp_path], check=True, capture_output=True)
     pages = sorted(p.name for p in tmp_path.iterdir())
-    assert pages == ["nsctl.8", "nsd-exec.8", "nsd.8", "nsd.toml.5"]
+    assert pages == ["nsctl.8", "nsd-ensure.8", "nsd-exec.8", "nsd.8", "nsd.toml.5", "pam_nsd.8"]
     env = dict(os.environ, LC_ALL="C.UTF-8")
     for page in pages:
         res = subprocess.run(

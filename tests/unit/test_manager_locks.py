@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from nsd import config
-from nsd.manager import TenantManager
+from nsd.core.manager import TenantManager
 
 
 def manager() -> TenantManager:

@@ -20,13 +20,16 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nsd import doctor, topview
-from nsd import metrics as M
-from nsd.api import idl as installed_idl
-from nsd.api_views import audit_reply, usage_reply
+from nsd import topview
+from nsd.api.handlers import idl as installed_idl
+from nsd.api.views import audit_reply, usage_reply
+from nsd.core import doctor
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, collect, escaped_by_tenant
+from nsd.observe import catalogue as metrics_catalogue
+from nsd.observe import collectors, exposition, metrics
+from nsd.observe import http as metrics_http
+from nsd.observe.sampler import Snapshot, Target, collect, escaped_by_tenant
 from nsd.varlink import idl
 from tests.promtool import promtool
 
@@ -51,13 +54,13 @@ def snap() -> Snapshot:
 
 def registry_for(
     snapshot: Snapshot | None, *, with_snapshot: bool = True
-) -> tuple[CollectorRegistry, M.DaemonMetrics]:
+) -> tuple[CollectorRegistry, collectors.DaemonMetrics]:
     """A registry with the daemon's metrics and, unless Exposition serves the
     snapshot part itself, the snapshot collector."""
     reg = CollectorRegistry(auto_describe=False)
     if with_snapshot:
-        reg.register(M.SnapshotCollector(lambda: snapshot))
-    return reg, M.DaemonMetrics(reg, version="9.9.9")
+        reg.register(collectors.SnapshotCollector(lambda: snapshot))
+    return reg, collectors.DaemonMetrics(reg, version="9.9.9")
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -135,7 +138,7 @@ def test_absent_never_zero(snap: Snapshot) -> None:
 def test_series_per_tenant_are_bounded(snap: Snapshot) -> None:
     reg, _ = registry_for(snap)
     text = generate_latest(reg).decode()
-    limit = M.per_tenant_series()
+    limit = metrics_catalogue.per_tenant_series()
     assert limit == 72
     alice = tenant_series(text, "alice")
     # Every source but PSS (one of her helpers has no smaps_rollup), and 3 of the 9 limits.
@@ -151,7 +154,7 @@ def test_series_per_tenant_are_bounded(snap: Snapshot) -> None:
 def test_openmetrics_parses_and_ends_once(snap: Snapshot) -> None:
     reg, daemon = registry_for(snap, with_snapshot=False)
     daemon.on_call_done("io.nsd.Tenant", "Get", None, 0.002)
-    exp = M.Exposition(lambda: snap, reg)
+    exp = exposition.Exposition(lambda: snap, reg)
     body = exp.render(openmetrics=True, use_gzip=False).decode()
     assert body.endswith("# EOF\n") and body.count("# EOF") == 1
     families = {f.name: f for f in parse_openmetrics(body)}  # type: ignore[no-untyped-call]
@@ -170,7 +173,7 @@ def test_promtool_check_metrics(snap: Snapshot) -> None:
     daemon.on_call_done("io.nsd.Tenant", "Get", "io.nsd.Tenant.NoSuchTenant", 0.002)
     daemon.on_reconcile(0.5, [ReconcileAction("recreate-namespace", "alice", "x")], 0)
     daemon.on_sample(snap)
-    body = M.Exposition(lambda: snap, reg).render(openmetrics=False, use_gzip=False)
+    body = exposition.Exposition(lambda: snap, reg).render(openmetrics=False, use_gzip=False)
     done = subprocess.run([tool, "check", "metrics"], input=body, capture_output=True,
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr).decode()
@@ -178,7 +181,7 @@ def test_promtool_check_metrics(snap: Snapshot) -> None:
 
 def test_daemon_metrics() -> None:
     reg = CollectorRegistry(auto_describe=False)
-    d = M.DaemonMetrics(reg)
+    d = collectors.DaemonMetrics(reg)
     d.on_call_done("io.nsd.Tenant", "Get", None, 0.003)
     d.on_call_done("io.nsd.Tenant", "Get", "io.nsd.Tenant.NoSuchTenant", 0.001)
     d.on_call_done("io.nsd.Tenant", "Watch", None, 3600.0)
@@ -213,13 +216,13 @@ def test_exposition_renders_a_snapshot_once(
     real_text = generate_latest
 
     def count_text(c: Collector) -> bytes:
-        rendered.append(isinstance(c, M.SnapshotCollector))
+        rendered.append(isinstance(c, collectors.SnapshotCollector))
         return real_text(c)
 
-    monkeypatch.setattr(M, "generate_text", count_text)
+    monkeypatch.setattr(exposition, "generate_text", count_text)
     reg, _ = registry_for(None, with_snapshot=False)
     current: list[Snapshot | None] = [None]
-    exp = M.Exposition(lambda: current[0], reg)
+    exp = exposition.Exposition(lambda: current[0], reg)
     assert b"nsd_tenant" not in exp.render(openmetrics=False, use_gzip=False)
     current[0] = snap
     exp.prerender(snap)  # the sampler's thread does this after each sample
@@ -245,7 +248,7 @@ def test_exposition_renders_a_snapshot_once(
     ],
 )
 def test_wants_openmetrics(accept: str | None, om: bool) -> None:
-    assert M.wants_openmetrics(accept) is om
+    assert exposition.wants_openmetrics(accept) is om
 
 
 @pytest.mark.parametrize(
@@ -254,23 +257,24 @@ def test_wants_openmetrics(accept: str | None, om: bool) -> None:
      ("identity", False), ("x-gzip", False)],
 )  # fmt: skip
 def test_wants_gzip(header: str | None, want: bool) -> None:
-    assert M.wants_gzip(header) is want
+    assert exposition.wants_gzip(header) is want
 
 
 # -- HTTP ----------------------------------------------------------------------------
 
 
 @pytest.fixture
-async def server(snap: Snapshot) -> AsyncIterator[M.MetricsServer]:
+async def server(snap: Snapshot) -> AsyncIterator[metrics_http.MetricsServer]:
     reg, _ = registry_for(snap, with_snapshot=False)
-    srv = M.MetricsServer(M.Exposition(lambda: snap, reg), "127.0.0.1", 0, timeout=0.5,
-                          max_connections=4, max_request_bytes=1024)  # fmt: skip
+    exp = exposition.Exposition(lambda: snap, reg)
+    srv = metrics_http.MetricsServer(exp, "127.0.0.1", 0, timeout=0.5,
+                                     max_connections=4, max_request_bytes=1024)  # fmt: skip
     await srv.start()
     yield srv
     await srv.close()
 
 
-async def fetch(srv: M.MetricsServer, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+async def fetch(srv: metrics_http.MetricsServer, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection(*srv.address)
     try:
         writer.write(raw)
@@ -291,15 +295,15 @@ def get(path: str, *headers: str, method: str = "GET") -> bytes:
     return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: x", *headers, "", ""]).encode()
 
 
-async def test_http_metrics(server: M.MetricsServer) -> None:
+async def test_http_metrics(server: metrics_http.MetricsServer) -> None:
     status, headers, body = await fetch(server, get("/metrics"))
-    assert status == 200 and headers["content-type"] == M.TEXT_CONTENT_TYPE
+    assert status == 200 and headers["content-type"] == exposition.TEXT_CONTENT_TYPE
     assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
     assert b"nsd_tenant_memory_current_bytes{" in body
     status, headers, body = await fetch(server, get(
         "/metrics?x=1", "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
         "Accept-Encoding: gzip"))  # fmt: skip
-    assert headers["content-type"] == M.OPENMETRICS_CONTENT_TYPE
+    assert headers["content-type"] == exposition.OPENMETRICS_CONTENT_TYPE
     assert headers["content-encoding"] == "gzip"
     assert gzip.decompress(body).endswith(b"# EOF\n")
     status, headers, body = await fetch(server, get("/metrics", method="HEAD"))
@@ -318,12 +322,12 @@ async def test_http_metrics(server: M.MetricsServer) -> None:
         (b"GET /metrics HTTP/1.1\r\n", 0),  # never finished: timed out
     ],
 )
-async def test_http_refusals(server: M.MetricsServer, raw: bytes, status: int) -> None:
+async def test_http_refusals(server: metrics_http.MetricsServer, raw: bytes, status: int) -> None:
     got, _headers, _body = await fetch(server, raw)
     assert got == status
 
 
-async def test_http_connection_limit(server: M.MetricsServer) -> None:
+async def test_http_connection_limit(server: metrics_http.MetricsServer) -> None:
     idle = [await asyncio.open_connection(*server.address) for _ in range(4)]
     await asyncio.sleep(0.05)
     status, _, _ = await fetch(server, get("/metrics"))
@@ -336,7 +340,7 @@ async def test_http_connection_limit(server: M.MetricsServer) -> None:
 
 
 async def test_metrics_service_end_to_end() -> None:
-    service = M.MetricsService(fixture_targets, interval=60, listen="127.0.0.1:0",
+    service = metrics.MetricsService(fixture_targets, interval=60, listen="127.0.0.1:0",
                                cgroup_root=CGROUP, proc_root=PROC)  # fmt: skip
     await service.start()
     try:
@@ -350,7 +354,7 @@ async def test_metrics_service_end_to_end() -> None:
         assert b"nsd_sampler_duration_seconds_count 1.0" in body
     finally:
         await service.close()
-    assert M.MetricsService(fixture_targets, interval=1, listen="").server is None
+    assert metrics.MetricsService(fixture_targets, interval=1, listen="").server is None
 
 
 # -- docs, IDL, nsctl -----------------------------------------------------------------
@@ -359,15 +363,19 @@ async def test_metrics_service_end_to_end() -> None:
 def test_docs_cover_every_metric() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`(nsd_[a-z_]+)`", doc))
-    missing = {d.name for d in M.CATALOGUE} - documented
+    missing = {d.name for d in metrics_catalogue.CATALOGUE} - documented
     assert not missing, f"docs/metrics.md lacks {sorted(missing)}"
     unknown = (
         documented
-        - {d.name for d in M.CATALOGUE}
-        - {f"{d.name}_{suffix}" for d in M.CATALOGUE for suffix in ("bucket", "count", "sum")}
+        - {d.name for d in metrics_catalogue.CATALOGUE}
+        - {
+            f"{d.name}_{suffix}"
+            for d in metrics_catalogue.CATALOGUE
+            for suffix in ("bucket", "count", "sum")
+        }
     )
     assert not unknown, f"docs/metrics.md names metrics that do not exist: {sorted(unknown)}"
-    assert f"at most **{M.per_tenant_series()}**" in doc
+    assert f"at most **{metrics_catalogue.per_tenant_series()}**" in doc
 
 
 def tenant_interface() -> idl.InterfaceValidator:
@@ -423,7 +431,7 @@ def test_nsctl_does_not_import_the_exporter() -> None:
 async def test_metrics_service_survives_a_taken_port() -> None:
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = blocker.sockets[0].getsockname()[1]
-    service = M.MetricsService(fixture_targets, interval=60, listen=f"127.0.0.1:{port}",
+    service = metrics.MetricsService(fixture_targets, interval=60, listen=f"127.0.0.1:{port}",
                                cgroup_root=CGROUP, proc_root=PROC)  # fmt: skip
     try:
         await service.start()

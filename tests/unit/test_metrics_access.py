@@ -1,4 +1,4 @@
-"""The /metrics access policy (nsd.metrics_access) on real loopback sockets."""
+"""The /metrics access policy (nsd.observe.access) on real loopback sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from nsd import config
-from nsd.metrics_access import MetricsAccess, socket_owner
+from nsd.observe.access import MetricsAccess, socket_owner
 
 
 @pytest.fixture

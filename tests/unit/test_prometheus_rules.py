@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd import metrics as M
+from nsd.observe import catalogue as metrics_catalogue
 from tests.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,5 +71,5 @@ def test_every_alert_names_the_tenant_and_what_to_do() -> None:
 def test_rules_read_only_metrics_nsd_exports() -> None:
     used = set(re.findall(r"\b(nsd_[a-z_]+)\b", RULES.read_text()))
     used -= {"nsd_sampler_errors_total"}  # named in a description only
-    known = {d.name for d in M.CATALOGUE}
+    known = {d.name for d in metrics_catalogue.CATALOGUE}
     assert used <= known, used - known

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nsd import config, store
+from nsd import config
+from nsd.core import store
+from nsd.core.ipam import Ipam
 from nsd.errors import AddressConflict, AddressPoolExhausted
-from nsd.ipam import Ipam
 from nsd.model import TenantRecord, TenantState
 
 
@@ -42,7 +43,7 @@ def test_roundtrip_and_state(tmp_path: Path) -> None:
     assert s.get(1001).state is TenantState.READY  # type: ignore[union-attr]
     assert s.all() == [s.get(1001)]
     assert r.ipv4_address == IPv4Address("100.64.0.2")  # .1 is the shared gateway
-    assert r.ipv6_prefix.prefixlen == 64 and r.ipv6_prefix.subnet_of(ipam.ipv6_base)  # type: ignore[arg-type]
+    assert r.ipv6_prefix.prefixlen == 64 and r.ipv6_prefix.subnet_of(ipam.ipv6_base)
     assert str(r.ipv6_address).endswith("::1")
 
 

@@ -29,15 +29,16 @@ import pytest
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
+from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import (
-    PropertyAccess,
     ServiceInterface,
     dbus_method,
     dbus_property,
     dbus_signal,
 )
 
-from nsd import systemd as sd
+from nsd.systemd import properties as systemd_props
+from nsd.systemd import units as sd
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dbus-daemon") is None, reason="needs dbus-daemon (Debian package dbus-daemon)"
@@ -219,13 +220,14 @@ class FakeManager(ServiceInterface):
     async def StopUnit(self, name: DBusStr, mode: DBusStr) -> Annotated[str, DBusSignature("o")]:
         return await self._job(name)
 
+    # No return annotation: dbus-fast reads "-> None" as a return signature of None
     @dbus_method()
-    async def SetUnitProperties(
+    async def SetUnitProperties(  # type: ignore[no-untyped-def]
         self,
         name: DBusStr,
         runtime: Annotated[bool, DBusSignature("b")],
         properties: Annotated[list[Any], DBusSignature("a(sv)")],
-    ):  # type: ignore[no-untyped-def]
+    ):
         if self.fake.behaviour.vanish == "properties":
             self.fake.vanish()
             await asyncio.sleep(10)  # never answers: the bus answers NoReply for us
@@ -280,7 +282,8 @@ class FakeBus(MessageBus):
 
     gone = False
 
-    def send(self, msg: Message) -> asyncio.Future[None]:
+    # dbus-fast's aio bus returns a future from send(); its base class is typed None
+    def send(self, msg: Message) -> asyncio.Future[None]:  # type: ignore[override]
         if self.gone:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
@@ -373,8 +376,8 @@ async def test_job_removed_before_the_reply_is_not_missed(
     for i in range(20):
         with quick():
             await start_ok(adapter, f"fast-{i}.scope")
-    assert not adapter._early_jobs  # nothing kept once no job call is in flight
-    assert not adapter._job_waiters
+    assert not adapter.jobs.early  # nothing kept once no job call is in flight
+    assert not adapter.jobs.waiters
 
 
 async def test_a_30s_delay_times_out_and_the_adapter_keeps_serving(
@@ -394,7 +397,7 @@ async def test_a_job_that_never_ends_times_out(adapter: sd.Systemd, fake: FakeSy
     with quick(), pytest.raises(sd.SystemdTimeout) as err:
         await adapter.start_transient_unit("stuck.scope", SCOPE_PROPS, timeout=FAST)
     assert "did not finish" in err.value.message
-    assert not adapter._job_waiters
+    assert not adapter.jobs.waiters
     fake.behaviour.job_signal = "after"
     await start_ok(adapter)
 
@@ -631,7 +634,7 @@ def test_exec_start_passes_argv_verbatim() -> None:
 
 def test_marshal_fds() -> None:
     fds: list[int] = []
-    out = sd._marshal_properties(
+    out = systemd_props.marshal_properties(
         [
             ("PIDFDs", "ah", [sd.Fd(7), sd.Fd(9)]),
             ("StandardInputFileDescriptor", "h", sd.Fd(3)),
@@ -643,7 +646,7 @@ def test_marshal_fds() -> None:
     assert out[0][1] == Variant("ah", [0, 1])
     assert out[1][1] == Variant("h", 2)
     with pytest.raises(ValueError, match="PIDFDs"):
-        sd._marshal_properties([("PIDFDs", "ah", [7])], [])
+        systemd_props.marshal_properties([("PIDFDs", "ah", [7])], [])
 
 
 async def test_a_malformed_call_is_an_error_not_a_lost_bus(
@@ -668,7 +671,7 @@ async def test_job_removed_from_anyone_but_systemd_is_ignored(
             adapter.start_transient_unit("x.scope", SCOPE_PROPS, timeout=FAST)
         )
         await asyncio.sleep(FAST / 4)  # the job is queued and waited for
-        assert list(adapter._job_waiters) == ["/org/freedesktop/systemd1/job/1"]
+        assert list(adapter.jobs.waiters) == ["/org/freedesktop/systemd1/job/1"]
         for i in range(1, 4):
             await rogue.send(
                 Message(
@@ -692,7 +695,7 @@ async def test_job_removed_from_anyone_but_systemd_is_ignored(
 
 def _slices(adapter: sd.Systemd) -> Any:
     from nsd import config
-    from nsd.slices import TenantSlices
+    from nsd.systemd.slices import TenantSlices
 
     cfg = config.from_mapping({"systemd": {"call_timeout": FAST}})
     return TenantSlices(cfg, adapter, "")
@@ -708,7 +711,7 @@ def _record() -> Any:
 
 
 def _as_varlink(e: Exception) -> tuple[str, dict[str, Any]]:
-    from nsd.api import varlink_error
+    from nsd.api.handlers import varlink_error
     from nsd.errors import NsdError
 
     assert isinstance(e, NsdError)

@@ -1,4 +1,4 @@
-"""nsd/unitfiles.py: escaping against the real systemd-escape, template discovery with
+"""nsd/systemd/unitfiles.py: escaping against the real systemd-escape, template discovery with
 systemd's masking rules, and applying drop-ins atomically without touching anything else."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsd import unitfiles as uf
+from nsd.systemd import unit_templates as ut
+from nsd.systemd import unitfiles as uf
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
 needs_systemd_escape = pytest.mark.skipif(
@@ -141,7 +142,7 @@ UNMARKED = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/x %i\n"
 
 
 def _names(path: list[Path]) -> list[str]:
-    return [t.name for t in uf.find_templates(path)]
+    return [t.name for t in ut.find_templates(path)]
 
 
 def test_finds_marked_templates_only(path: list[Path]) -> None:
@@ -151,7 +152,7 @@ def test_finds_marked_templates_only(path: list[Path]) -> None:
     (usr / "plain.service").write_text(MARKED)  # not a template
     (usr / "inst@alice.service").write_text(MARKED)  # an instance, not a template
     (etc / "app@.service").write_text(MARKED)
-    templates = uf.find_templates(path)
+    templates = ut.find_templates(path)
     assert [t.name for t in templates] == ["app@.service", "php-fpm@.service"]
     assert templates[1].path == usr / "php-fpm@.service" == templates[1].marked_in
 
@@ -184,7 +185,7 @@ def test_linked_file_is_followed_and_alias_is_skipped(path: list[Path], tmp_path
     (usr / "real@.service").write_text(MARKED)
     (etc / "alias@.service").symlink_to(usr / "real@.service")  # systemd loads "real@"
     (etc / "dangling@.service").symlink_to(tmp_path / "nowhere@.service")
-    templates = uf.find_templates(path)
+    templates = ut.find_templates(path)
     assert [t.name for t in templates] == ["linked@.service", "real@.service"]
     assert templates[0].path == elsewhere / "linked@.service"
 
@@ -197,7 +198,7 @@ def test_marker_in_a_dropin_opts_in_and_out(path: list[Path]) -> None:
     (usr / "optout@.service").write_text(MARKED)
     (run / "optout@.service.d").mkdir()
     (run / "optout@.service.d" / "zz.conf").write_text("[Unit]\nX-NSD-Tenant=no\n")
-    templates = uf.find_templates(path)
+    templates = ut.find_templates(path)
     assert [t.name for t in templates] == ["vendor@.service"]
     assert templates[0].marked_in == etc / "vendor@.service.d" / "nsd.conf"
 
@@ -239,7 +240,7 @@ def test_marker_parsing(path: list[Path], text: str, marked: bool) -> None:
 
 
 def test_missing_directories_are_fine(tmp_path: Path) -> None:
-    assert uf.find_templates([tmp_path / "nope", tmp_path / "neither"]) == []
+    assert ut.find_templates([tmp_path / "nope", tmp_path / "neither"]) == []
 
 
 def test_lint_warns_about_percent_capital_i_and_slice() -> None:
@@ -248,17 +249,17 @@ def test_lint_warns_about_percent_capital_i_and_slice() -> None:
         "[Service]\nUser=%I\nSlice=x.slice\nNetworkNamespacePath=/run/netns/%i\n"
         "Environment=LITERAL=%%I\n"
     )
-    warnings = uf.lint(text)
+    warnings = ut.lint(text)
     assert len(warnings) == 3, warnings
     assert "Requires= uses %I" in warnings[0] and "web/shop" in warnings[0]
     assert "User= uses %I" in warnings[1]
     assert "Slice=" in warnings[2]
-    assert uf.lint(MARKED) == []
+    assert ut.lint(MARKED) == []
 
 
 def test_contrib_templates_are_marked_and_clean() -> None:
     contrib = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
-    templates = uf.find_templates([contrib])
+    templates = ut.find_templates([contrib])
     assert [t.name for t in templates] == [
         "php-fpm-exec@.service",
         "php-fpm@.service",

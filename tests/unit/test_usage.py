@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from nsd import cgroupstats as cs
-from nsd import procscan as ps
-from nsd.api_views import audit_reply, usage_reply
+from nsd.api.views import audit_reply, usage_reply
 from nsd.limits import Limits
-from nsd.sampler import SOURCES, Sampler, Target, collect
+from nsd.names import DEFAULT_HELPERS
+from nsd.observe import cgroupstats as cs
+from nsd.observe import procscan as ps
+from nsd.observe.sampler import SOURCES, Sampler, Target, collect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CGROUP = str(FIXTURES / "cgroup")
@@ -165,13 +166,15 @@ def test_parse_status() -> None:
 def test_parse_cgroup() -> None:
     assert ps.parse_cgroup(b"0::/system.slice/a.service\n") == "/system.slice/a.service"
     hybrid = b"12:memory:/system.slice/a.service\n1:name=systemd:/system.slice/a.service\n0::/\n"
-    assert ps.parse_cgroup(hybrid) == "/"  # the v2 line wins (nsd.slices.caller_cgroup uses it)
+    assert (
+        ps.parse_cgroup(hybrid) == "/"
+    )  # the v2 line wins (nsd.systemd.slices.caller_cgroup uses it)
     assert ps.parse_cgroup(b"1:name=systemd:/user.slice\n") == "/user.slice"
     assert ps.parse_cgroup(b"4:memory:/x\n") is None
 
 
 def scan_fixture(**kw: object) -> ps.ProcScan:
-    result = ps.scan(TENANTS, ps.DEFAULT_HELPERS, PROC, **kw)  # type: ignore[arg-type]
+    result = ps.scan(TENANTS, DEFAULT_HELPERS, PROC, **kw)  # type: ignore[arg-type]
     assert result is not None
     return result
 
@@ -251,7 +254,7 @@ def test_scan_keeps_at_most_max_findings() -> None:
 
 def test_scan_without_slices_judges_the_namespace_only() -> None:
     tenants = [ps.ScanTenant(1001, None, ALICE_NS)]
-    result = ps.scan(tenants, ps.DEFAULT_HELPERS, PROC)
+    result = ps.scan(tenants, DEFAULT_HELPERS, PROC)
     assert result is not None
     classes = result.tenants[1001].classes
     # 101, 102 (a login), 104 and 107 are in her namespace; 105 and 106 are not and
@@ -425,9 +428,9 @@ def test_manager_sampler_targets(tmp_path: Path) -> None:
     from typing import Any
 
     from nsd import config
-    from nsd.manager import TenantManager
+    from nsd.core.manager import TenantManager
+    from nsd.core.store import Store
     from nsd.model import TenantRecord, TenantState
-    from nsd.store import Store
 
     store = Store(tmp_path / "nsd.db")
     for uid, name in ((1001, "alice"), (1002, "bob")):

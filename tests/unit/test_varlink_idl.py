@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import varlink.scanner  # type: ignore[import-untyped]  # the PyPI parser, a second opinion
+import varlink.scanner  # the PyPI parser, a second opinion
 
 from nsd.varlink import idl
 

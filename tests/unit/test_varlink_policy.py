@@ -384,7 +384,9 @@ def test_queued_output_is_bounded_per_uid(sockdir: Path, cls: PeerClass, survivo
             s = raw(st.path)
             s.sendall((big_request(150_000) + b"\0") * 4)  # 600 KB of replies, never read
             socks.append(s)
-        assert count_becomes(st, lambda n: n == 6 or st.server.closes.get("output"))
+        server = st.server
+        assert server is not None
+        assert count_becomes(st, lambda n: n == 6 or server.closes.get("output"))
         if survivors == "fewer":
             # Connections of the UID are closed once its queued bytes pass 300 KiB.
             assert count_becomes(st, lambda n: n < 6) < 6

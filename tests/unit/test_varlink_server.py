@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import varlink  # type: ignore[import-untyped]
+import varlink
 
 from nsd.varlink import idl
 from nsd.varlink.client import VarlinkClient
@@ -152,8 +152,10 @@ class Demo:
         self.noted = threading.Event()
         self.events_closed = threading.Event()
         self.events_started = threading.Event()
+        self.sleep_started = threading.Event()
         self.sleep_cancelled = threading.Event()
         self.calls_done: list[tuple[str, str, str | None, float]] = []
+        self._done = threading.Condition()
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -224,6 +226,7 @@ class Demo:
         raise RuntimeError("handler bug")
 
     async def sleep(self, call: Call) -> dict[str, Any]:
+        self.sleep_started.set()
         try:
             await asyncio.sleep(call.parameters["seconds"])
         except asyncio.CancelledError:
@@ -243,7 +246,16 @@ class Demo:
         return {"echo": call.parameters}
 
     def on_call_done(self, interface: str, method: str, error: str | None, seconds: float) -> None:
-        self.calls_done.append((interface, method, error, seconds))
+        # The server calls this after the reply went out (and its descriptors were closed).
+        with self._done:
+            self.calls_done.append((interface, method, error, seconds))
+            self._done.notify_all()
+
+    def wait_calls_done(self, n: int, timeout: float = 5.0) -> None:
+        """Until the server reported ``n`` finished calls in all."""
+        with self._done:
+            if not self._done.wait_for(lambda: len(self.calls_done) >= n, timeout):
+                raise AssertionError(f"{len(self.calls_done)} calls reported done, not {n}")
 
 
 def tenant_handlers() -> dict[str, Any]:
@@ -597,7 +609,8 @@ def test_thousand_pipelined_requests_with_a_slow_reader(served: tuple[str, Demo]
 
 
 def test_descriptors_are_passed_with_the_reply(served: tuple[str, Demo], sockdir: Path) -> None:
-    path, _ = served
+    path, demo = served
+    done = len(demo.calls_done)
     target = sockdir / "passed.txt"
     target.write_text("content")
     with VarlinkClient(path) as client:
@@ -612,7 +625,7 @@ def test_descriptors_are_passed_with_the_reply(served: tuple[str, Demo], sockdir
     finally:
         os.close(fds[0])
     # The server closed its copy once sent (it runs in this process).
-    time.sleep(0.05)
+    demo.wait_calls_done(done + 1)
     open_here = [
         fd for fd in os.listdir("/proc/self/fd") if _readlink(f"/proc/self/fd/{fd}") == str(target)
     ]
@@ -627,13 +640,18 @@ def _readlink(path: str) -> str:
 
 
 def test_plain_call_discards_passed_descriptors(served: tuple[str, Demo], sockdir: Path) -> None:
-    path, _ = served
-    before = len(os.listdir("/proc/self/fd"))
+    path, demo = served
+    done = len(demo.calls_done)
     with VarlinkClient(path) as client:
         for _ in range(5):
             client.call("org.example.demo.Open", {"path": str(sockdir)})
-    time.sleep(0.05)
-    assert len(os.listdir("/proc/self/fd")) <= before
+    demo.wait_calls_done(done + 5)
+    # Neither the client (which did not ask for them) nor the server (once sent) keeps a
+    # descriptor of the opened directory; both run in this process.
+    open_here = [
+        fd for fd in os.listdir("/proc/self/fd") if _readlink(f"/proc/self/fd/{fd}") == str(sockdir)
+    ]
+    assert open_here == []
 
 
 def test_peer_pidfd(served: tuple[str, Demo]) -> None:
@@ -998,7 +1016,7 @@ def test_graceful_close_finishes_calls_in_flight(sockdir: Path) -> None:
     assert streamer.receive() is not None
     caller = threading.Thread(target=slow_call)
     caller.start()
-    time.sleep(0.1)
+    assert demo.sleep_started.wait(5)
     started = time.monotonic()
     st.stop()
     caller.join(5)
@@ -1025,7 +1043,7 @@ def test_close_cancels_calls_after_the_grace_period(sockdir: Path) -> None:
 
     caller = threading.Thread(target=stuck_call)
     caller.start()
-    time.sleep(0.2)
+    assert demo.sleep_started.wait(5)
     started = time.monotonic()
     st.stop()
     caller.join(5)
@@ -1044,7 +1062,7 @@ def test_on_call_done_hook(served: tuple[str, Demo]) -> None:
             client.call("org.example.demo.NoSuchMethod" + "X" * 10)
         with pytest.raises(VarlinkError):
             client.call("org.example.demo.Fail", {"kind": "defined"})
-    time.sleep(0.05)
+    demo.wait_calls_done(3)
     seen = [(i, m, e) for i, m, e, _ in demo.calls_done]
     # Unknown methods are not reported: their names are whatever a client sends.
     assert seen == [

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from nsd import systemd as sd
+from nsd.systemd import units as sd
 
 SLICE = "tenant-1001.slice"
 PROBE = "nsd-boot-probe.service"

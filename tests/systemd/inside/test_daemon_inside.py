@@ -23,8 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
-from tests.harness import PY, Daemon, TestUsers, daemon_env, netns_inode, run, uid_of  # noqa: E402
+from tests.harness import Daemon, TestUsers, daemon_env, netns_inode, run, uid_of  # noqa: E402
 from tests.harness import systemctl_show as show  # noqa: E402
+from tests.native import native_program  # noqa: E402
 
 T = "io.nsd.Tenant."
 CONTROL = Path("/etc/systemd/system.control")
@@ -35,7 +36,7 @@ tasks_max = 300
 [systemd]
 use_pidfds = "never"
 """
-NSD_EXEC = str(Path(PY).with_name("nsd-exec"))
+NSD_EXEC = str(native_program("nsd-exec"))
 
 
 @pytest.fixture(scope="module")
@@ -223,4 +224,5 @@ def test_sighup_reapplies_changed_default_limits(env: tuple[Daemon, TestUsers]) 
         assert "reloaded" in d.log_text()
     finally:
         d.config.write_text(original)
+        assert d.proc is not None
         d.proc.send_signal(1)

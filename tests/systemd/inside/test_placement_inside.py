@@ -22,11 +22,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
-from tests.harness import PY, Daemon, TestUsers, daemon_env, run, uid_of  # noqa: E402
+from tests.harness import Daemon, TestUsers, daemon_env, run, uid_of  # noqa: E402
 from tests.harness import systemctl_show as show  # noqa: E402
+from tests.native import native_program  # noqa: E402
 
 T = "io.nsd.Tenant."
-NSD_EXEC = str(Path(PY).with_name("nsd-exec"))
+NSD_EXEC = str(native_program("nsd-exec"))
 EXTRA = """
 [systemd]
 use_pidfds = "never"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nsd import systemd as sd
+from nsd.systemd import units as sd
 
 CONTROL = Path("/etc/systemd/system.control")
 

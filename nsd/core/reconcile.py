@@ -1,0 +1,207 @@
+"""Reconcile: bring the host in line with the store, and report what changed.
+
+Runs at start-up (after a reboot cleared /run, every namespace is rebuilt before nsd
+reports ready), on ``nsctl reconcile`` and after a reload. Every tenant is repaired
+under its own lock (TenantManager.operation), so reconcile and API calls interleave
+safely; interrupted creations and removals, recorded as intent before acting, are
+finished here. Then, once for all tenants: adoption of unrecorded namespaces, the
+network policy, stray links, and the systemd side (template drop-ins, stray slices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from nsd import names, users
+from nsd.errors import NsdError
+from nsd.model import ReconcileReport, TenantRecord, TenantState
+from nsd.net.netns import NetnsError
+
+if TYPE_CHECKING:
+    from nsd.core.manager import TenantManager
+
+log = logging.getLogger("nsd.reconcile")
+
+
+class Reconciler:
+    """Reconcile for one TenantManager, through the manager's own operations."""
+
+    def __init__(self, manager: TenantManager) -> None:
+        self.manager = manager
+
+    async def run(self, progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
+        """Bring the host in line with the store; report what changed.
+
+        Tenants whose user changed identity are reported, and their recorded
+        network is still restored: a reboot must not take a namespace from
+        services that use it because NSS was briefly unreachable. Their records
+        are never changed and nothing new is created for the new identity.
+        """
+        mgr = self.manager
+        report = ReconcileReport()
+        records = mgr.store.all()
+        problems = await asyncio.to_thread(
+            lambda: [users.identity_problem(r.uid, r.name) for r in records]
+        )
+        for i, (rec, problem) in enumerate(zip(records, problems, strict=True)):
+            if progress is not None:
+                progress(i, len(records))
+            if problem is not None:
+                report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")
+            try:
+                async with mgr.operation(rec.uid, rec.name):
+                    await self._reconcile_one(rec, report)
+            except NsdError as e:
+                report.problems.append(f"tenant {rec.name}: {e.message}")
+        if mgr.cfg.tenants.adopt_existing:
+            await self._adopt_unrecorded(report)
+        # After the namespaces exist again (the host table itself was loaded before
+        # any veth came up: the daemon applies it first), once for everyone.
+        await self.manager.networks.reconcile(report)
+        await self._remove_stray_links(report)
+        if mgr.slices.available:
+            await self._reconcile_slices(report)
+        for a in report.actions:
+            if a.kind != "repair":  # repairs were logged as they happened
+                log.info("reconcile: %s%s: %s", a.kind, f" ({a.tenant})" if a.tenant else "",
+                         a.detail)  # fmt: skip
+        for p in report.problems:
+            log.warning("reconcile: %s", p)
+        return report
+
+    async def _reconcile_slices(self, report: ReconcileReport) -> None:
+        mgr = self.manager
+        try:
+            records = mgr.store.all()
+            changes = await mgr.slices.sync_dropins(records, prune_users=None)
+            for unit in changes.written:
+                report.add("write-template-dropin", None, f"{unit}: Slice= of its tenant")
+            for unit in changes.removed:
+                report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
+            report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
+            known = {r.uid for r in records}
+            for unit in await mgr.slices.stray_slices(known):
+                if await mgr.slices.has_settings(unit):
+                    await mgr.slices.forget(unit)
+                    report.add("forget-stray-slice", None,
+                               f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
+            await mgr.limits.protect_parent()
+        except NsdError as e:
+            report.problems.append(e.message)
+
+    async def _remove_stray_links(self, report: ReconcileReport) -> None:
+        mgr = self.manager
+        known = {r.host_ifname for r in mgr.store.all()}
+        try:
+            links = await mgr.net.list_prefixed_links()
+        except NetnsError as e:
+            report.problems.append(f"cannot list links: {e}")
+            return
+        for link in links:
+            if link in known:
+                continue
+            try:
+                await mgr.net.delete_link(link)
+            except NetnsError as e:
+                report.problems.append(f"cannot remove stray link {link}: {e}")
+            else:
+                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
+
+    async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
+        mgr = self.manager
+        current = mgr.store.get(rec.uid)
+        if current is None:
+            return
+        if current.state is TenantState.REMOVING:
+            await mgr.teardown(current)
+            report.add("finish-removal", rec.name, "finished an interrupted removal")
+            mgr.emit("removed", mgr.view(current, check_identity=False))
+            return
+        actions = await mgr.build(current, rollback=False, dropins=False, network=False)
+        if current.state is TenantState.CREATING:
+            report.add("finish-creation", rec.name, "finished an interrupted creation")
+        for action in actions:
+            report.add("repair", rec.name, action)
+        if actions or current.state is TenantState.CREATING:
+            mgr.emit("changed", mgr.view(mgr.held_record(rec.uid, rec.name), check_identity=False))
+
+    async def _adopt_unrecorded(self, report: ReconcileReport) -> None:
+        """Adopt namespaces whose file name matches the template for a known user."""
+        mgr = self.manager
+        pattern = _template_regex(mgr.cfg.netns.name_template)
+        try:
+            entries = sorted(os.listdir(mgr.cfg.netns.run_dir))
+        except FileNotFoundError:
+            return
+        recorded = {r.netns_name for r in mgr.store.all()}
+        for entry in entries:
+            m = pattern.fullmatch(entry)
+            if m is None or entry in recorded:
+                continue
+            if mgr.net.namespace_inode(mgr.netns_path(entry)) is None:
+                continue
+            user = _user_for_match(m)
+            if (
+                user is None
+                or names.netns_name(mgr.cfg.netns.name_template, user.name, user.uid) != entry
+            ):
+                continue
+            t = mgr.cfg.tenants
+            if not t.uid_min <= user.uid <= t.uid_max:
+                log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
+                continue
+            try:
+                _, created = await mgr.ensure(user.name)
+            except NsdError as e:
+                report.problems.append(f"cannot adopt {entry}: {e.message}")
+                continue
+            if created:
+                report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
+
+    async def apply_config(self) -> ReconcileReport:
+        """After a reload (the manager took the new configuration): re-apply every
+        tenant's limits, the template drop-ins and the network policy."""
+        mgr = self.manager
+        report = ReconcileReport()
+        await self.manager.networks.reconcile(report)
+        if not mgr.slices.available:
+            return report
+        for rec in mgr.store.all():
+            try:
+                await mgr.slices.ensure(rec.uid, mgr.limits.of(rec.uid))
+            except NsdError as e:
+                report.problems.append(f"tenant {rec.name}: {e.message}")
+            else:
+                report.add("apply-limits", rec.name, str(mgr.limits.of(rec.uid).items()))
+        await self._reconcile_slices(report)
+        return report
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{user\}|\{uid\})", template)
+    out = []
+    for part in parts:
+        if part == "{user}":
+            out.append(r"(?P<user>[a-z_][a-z0-9_.-]{0,31}\$?)")
+        elif part == "{uid}":
+            out.append(r"(?P<uid>[0-9]{1,10})")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+def _user_for_match(m: re.Match[str]) -> users.User | None:
+    groups = m.groupdict()
+    if groups.get("user"):
+        user = users.by_name(groups["user"])
+        if user is not None and groups.get("uid") and str(user.uid) != groups["uid"]:
+            return None
+        return user
+    if groups.get("uid"):
+        return users.by_uid(int(groups["uid"]))
+    return None

@@ -1,0 +1,194 @@
+"""Namespace files: the ``/run/netns`` mount protocol of iproute2's ``ip netns add``
+(ip/ipnetns.c, netns_add), so ``ip netns``, ``nsenter --net=``, ``NetworkNamespacePath=``
+all work on nsd's namespaces:
+
+1. ``mkdir`` the run dir (0755), ``flock(LOCK_EX)`` it;
+2. make the run dir a mount point in a shared peer group of its own:
+   ``mount --make-rshared``; on EINVAL (not a mount point yet) ``mount --rbind dir dir``,
+   ``mount --make-rprivate dir`` (leaves the peer group the bind inherited from its parent,
+   Debian bug 949235) and try ``--make-rshared`` again;
+3. create the file (``O_CREAT|O_EXCL``, mode 0);
+4. ``unshare(CLONE_NEWNET)`` on the worker thread and bind-mount
+   ``/proc/thread-self/ns/net`` (not ``/proc/self``: that is the main thread's) onto it
+   (step 4 belongs to the worker thread: nsd/netns_worker.py, ``mount_new_namespace``);
+5. switch the thread back to the host namespace; unlock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from nsd.net import linux
+from nsd.net.netns_spec import NetnsError, kernel_step
+
+log = logging.getLogger(__name__)
+
+#: how long ensure() waits for another process (``ip netns add``) to drop the run dir lock
+LOCK_TIMEOUT = 10.0
+
+
+class NamespaceFiles:
+    """The namespace files in one run dir (``/run/netns``)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        #: the device of nsfs: a path is a mounted namespace if it lives on it
+        self.nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+
+    def namespace_inode(self, path: str) -> int | None:
+        """Inode of the namespace mounted at ``path``, or None if nothing (nsfs) is mounted
+        there. Only stats the path; it does not check that the namespace is a *network*
+        namespace (``open_namespace`` does)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st.st_ino if st.st_dev == self.nsfs_dev else None
+
+    def open_namespace(self, path: str) -> int:
+        """An ``O_RDONLY|O_CLOEXEC`` fd of the network namespace mounted at ``path``."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise NetnsError("open", f"{path}: {e.strerror}", e.errno) from e
+        try:
+            if os.fstat(fd).st_dev != self.nsfs_dev:
+                raise NetnsError("open", f"{path} is not a mounted namespace", errno.EINVAL)
+            if linux.ns_get_nstype(fd) != linux.CLONE_NEWNET:
+                raise NetnsError("open", f"{path} is not a network namespace", errno.EINVAL)
+        except OSError as e:
+            os.close(fd)
+            raise NetnsError("open", f"{path}: {e.strerror}", e.errno) from e
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def run_dir_locked(self, actions: list[str]) -> Iterator[None]:
+        run_dir = self.run_dir
+        with kernel_step("mount", f"create {run_dir}"):
+            os.makedirs(os.path.dirname(run_dir), mode=0o755, exist_ok=True)
+            try:
+                os.mkdir(run_dir, 0o755)
+                # explicit: the daemon's umask must not decide who can reach the files
+                os.chmod(run_dir, 0o755)  # noqa: S103 -- world-readable like iproute2
+            except FileExistsError:
+                pass
+            st = os.lstat(run_dir)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NetnsError("mount", f"{run_dir} is not a directory", errno.ENOTDIR)
+            lock_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise NetnsError(
+                            "lock", f"{run_dir} stays locked by another process", errno.EAGAIN
+                        ) from None
+                    time.sleep(0.01)
+            self.make_run_dir_shared(actions)
+            yield
+        finally:
+            os.close(lock_fd)  # also drops the lock
+
+    def make_run_dir_shared(self, actions: list[str]) -> None:
+        run_dir = self.run_dir
+        made_mount = False
+        while True:
+            try:
+                linux.mount("", run_dir, "none", linux.MS_SHARED | linux.MS_REC)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL or made_mount:
+                    raise NetnsError(
+                        "mount", f"make {run_dir} shared: {e.strerror}", e.errno
+                    ) from e
+            with kernel_step("mount", f"make {run_dir} a mount point"):
+                linux.mount(run_dir, run_dir, "none", linux.MS_BIND | linux.MS_REC)
+                linux.mount("", run_dir, "none", linux.MS_PRIVATE | linux.MS_REC)
+            made_mount = True
+            actions.append(f"made {run_dir} a shared mount point")
+
+    def ensure(
+        self,
+        path: str,
+        adopt: bool,
+        actions: list[str],
+        mount_new_namespace: Callable[[str], None],
+    ) -> tuple[int, bool]:
+        """Return (fd of the namespace, adopted_existing). ``mount_new_namespace(path)``
+        creates a namespace and binds it onto the (existing) file at ``path``."""
+        if self.namespace_inode(path) is not None:
+            return self.adopt(path, adopt), True
+        with self.run_dir_locked(actions):
+            # Look again under the lock: another process may have been quicker.
+            try:
+                st: os.stat_result | None = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_dev == self.nsfs_dev:
+                return self.adopt(path, adopt), True
+            created_file = False
+            if st is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
+                except FileExistsError:
+                    if self.namespace_inode(path) is not None:
+                        return self.adopt(path, adopt), True
+                    raise NetnsError(
+                        "mount", f"{path} is being created by someone else", errno.EEXIST
+                    ) from None
+                except OSError as e:
+                    raise NetnsError("mount", f"create {path}: {e.strerror}", e.errno) from e
+                os.close(fd)
+                created_file = True
+            elif not stat.S_ISREG(st.st_mode):
+                raise NetnsError("mount", f"{path} is not a regular file", errno.EEXIST)
+            else:
+                # A plain file where a namespace should be mounted: left over from a
+                # namespace whose mount is gone (e.g. /run persisted, or someone
+                # unmounted it). Mount a fresh namespace onto it.
+                actions.append(f"found stale namespace file {path}")
+            try:
+                mount_new_namespace(path)
+            except BaseException:
+                if created_file:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        log.warning("could not remove %s after a failure", path, exc_info=True)
+                raise
+        actions.append(f"created namespace {path}")
+        return self.open_namespace(path), False
+
+    def adopt(self, path: str, adopt: bool) -> int:
+        if not adopt:
+            raise NetnsError("exists", f"{path} already holds a namespace", errno.EEXIST)
+        return self.open_namespace(path)
+
+    def remove(self, path: str, actions: list[str]) -> None:
+        """Detach every mount on ``path`` and unlink it; missing is fine."""
+        with kernel_step("remove", f"unmount {path}"):
+            for _ in range(64):  # also undoes mounts stacked by old bugs
+                if self.namespace_inode(path) is None:
+                    break
+                linux.umount2(path, linux.MNT_DETACH)
+                actions.append(f"unmounted {path}")
+        with kernel_step("remove", f"unlink {path}"):
+            try:
+                os.unlink(path)
+                actions.append(f"removed {path}")
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,120 @@
+"""What the network namespace adapter works on: the spec of one tenant's network, the
+result of building it, the one error type, and the checks on per-namespace sysctls.
+
+Shared by the adapter (nsd/netns.py), its worker thread (nsd/netns_worker.py), the
+namespace files (nsd/netns_mount.py) and the link setup (nsd/netns_links.py)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nsd.names import SYSCTL_KEY, SYSCTL_VALUE
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything the adapter needs to build one tenant's network."""
+
+    #: the namespace file, e.g. /run/netns/alice; must sit directly in the run dir
+    netns_path: str
+    #: host end of the veth pair, e.g. nsd1001; must be ``<prefix><decimal uid>``
+    host_ifname: str
+    #: the other end, inside the namespace, e.g. eth0
+    peer_ifname: str
+    #: the tenant's address, configured as /32 on the peer
+    ipv4_address: IPv4Address
+    #: one shared gateway address, configured as /32 on every host-side veth
+    ipv4_gateway: IPv4Address
+    #: the prefix routed to the tenant
+    ipv6_prefix: IPv6Network
+    #: the tenant's address inside ``ipv6_prefix``, configured with its length on the peer
+    ipv6_address: IPv6Address
+    #: a link-local address, e.g. fe80::1, configured /64 on every host-side veth
+    ipv6_gateway: IPv6Address
+    #: per-namespace ``net.*`` sysctls, written inside the namespace, e.g.
+    #: (("net.ipv4.ip_unprivileged_port_start", "0"),)
+    sysctls: tuple[tuple[str, str], ...] = ()
+    #: MTU of both veth ends; None leaves the kernel's default alone
+    mtu: int | None = None
+
+    @property
+    def ref(self) -> NetworkRef:
+        return NetworkRef(self.netns_path, self.host_ifname)
+
+
+@dataclass(frozen=True)
+class NetworkRef:
+    """What :meth:`NetnsAdapter.remove` needs: the namespace file and the host link name."""
+
+    netns_path: str
+    host_ifname: str | None = None
+
+
+@dataclass(frozen=True)
+class EnsureResult:
+    #: inode of the namespace (what ``/proc/PID/ns/net`` of its processes links to)
+    inode: int
+    #: the namespace file already held a namespace, which was kept
+    adopted_existing: bool
+    #: what was changed, human readable; empty when everything was already right
+    actions: tuple[str, ...]
+
+
+class NetnsError(Exception):
+    """A namespace or netlink operation failed.
+
+    ``step`` names what failed ("validate", "exists", "lock", "mount", "unshare", "open",
+    "veth", "link", "address", "route", "sysctl", "remove"); ``errno`` is the kernel's
+    error number when there is one (pyroute2's ``NetlinkError.code`` or ``OSError.errno``).
+    """
+
+    def __init__(self, step: str, message: str, errno: int | None = None) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message
+        self.errno = errno
+
+
+def validate_sysctl(key: str, value: str) -> None:
+    # Only net.* keys: those are the ones a network namespace has its own copy of, and
+    # they are written from inside the tenant's namespace, where /proc/sys/net shows
+    # only that namespace's table. The regex rules out '/', '..' and empty components.
+    if not SYSCTL_KEY.fullmatch(key):
+        raise NetnsError("validate", f"sysctl key {key!r} is not a net.* key", errno.EINVAL)
+    if not SYSCTL_VALUE.fullmatch(value):
+        raise NetnsError("validate", f"sysctl {key}: bad value {value!r}", errno.EINVAL)
+
+
+def sysctl_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def sysctl_tokens(value: str) -> list[str]:
+    """Compare sysctl values as the kernel prints them: whitespace-separated, numbers
+    as numbers ("00" is written, "0" read back)."""
+    out = []
+    for token in value.split():
+        try:
+            out.append(str(int(token)))
+        except ValueError:
+            out.append(token)
+    return out
+
+
+@contextmanager
+def kernel_step(step: str, what: str) -> Iterator[None]:
+    """Turn pyroute2's and the kernel's errors into NetnsError(step), keeping errno."""
+    try:
+        yield
+    except NetnsError:
+        raise
+    except NetlinkError as e:
+        raise NetnsError(step, f"{what}: {e.args[1] if len(e.args) > 1 else e}", e.code) from e
+    except OSError as e:
+        raise NetnsError(step, f"{what}: {e.strerror or e}", e.errno) from e

@@ -1,0 +1,317 @@
+"""The netns worker: the one thread that does all netlink and namespace work.
+
+Namespaces are a property of a *thread*, so ``setns()`` on the event-loop thread would
+silently move every coroutine of the daemon into a tenant's namespace; on the worker it
+only moves the worker, and the worker always goes back (see :meth:`Worker.go_home`). One
+thread also serialises every change, so concurrent ``ensure()`` calls can never race each
+other into two namespaces or two veth pairs. Every method here runs on that thread; the
+asyncio facade that hands jobs to it is nsd/netns.py.
+
+A netlink socket belongs to the network namespace it was created in, for its whole life:
+so a socket for a tenant's namespace is made by entering the namespace, creating the
+socket and leaving again (what pyroute2's ``netns=`` argument would do by forking a
+helper process per socket; here it costs a ``setns()`` instead of a ``fork()``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nsd.net import linux, netns_links
+from nsd.net.netns_mount import NamespaceFiles
+from nsd.net.netns_spec import (
+    EnsureResult,
+    NetnsError,
+    NetworkRef,
+    NetworkSpec,
+    kernel_step,
+    sysctl_path,
+    sysctl_tokens,
+)
+from nsd.net.rtnl import Rtnl, dump_routes, get_link, route_dst
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: exit status when the worker thread cannot return to the host namespace (EX_SOFTWARE)
+EXIT_WRONG_NAMESPACE = 70
+
+
+class WrongThread(RuntimeError):
+    """A netns job was called off the worker thread: a bug in nsd, never a user error."""
+
+
+def new_ipr() -> Any:
+    """A sync IPRoute bound to the calling thread's current network namespace: for the
+    creation of veth pairs (a nested request pyroute2 builds for us, once per tenant)
+    and for ``run_in_namespace`` callers; nsd's own reads and changes go through
+    :class:`Rtnl`.
+
+    groups=0: no multicast subscriptions. pyroute2's default (RTMGRP_DEFAULTS) would
+    queue every link/address/route event of the namespace on a socket nobody reads.
+    strict_check: NETLINK_GET_STRICT_CHK, so that the kernel itself filters dumps by
+    ifindex/oif/table (see nsd.net.rtnl.dump_addrs/dump_routes).
+    """
+    ipr = IPRoute(groups=0, strict_check=True)
+    # pyroute2 0.9.7: the sync nlm_request() reads status['nlm_generator'], which its
+    # constructor never sets (KeyError). False = return a tuple.
+    ipr.status["nlm_generator"] = False
+    return ipr
+
+
+# --------------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, files: NamespaceFiles, link_re: re.Pattern[str]) -> None:
+        self.files = files
+        #: the names of nsd's host links (``<prefix><uid>``)
+        self.link_re = link_re
+        self.ident: int | None = None
+        self.host_fd = -1
+        self.host_inode = 0
+        self._ipr: Any | None = None  # pyroute2 IPRoute: veth creation, run_in()
+        self._nl: Rtnl | None = None  # everything else
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self, host_netns_path: str | None) -> None:
+        self.ident = threading.get_ident()
+        if host_netns_path is not None:
+            fd = self.files.open_namespace(host_netns_path)
+            try:
+                with kernel_step("open", f"enter host namespace {host_netns_path}"):
+                    linux.setns(fd, linux.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+        # The thread's own namespace, not /proc/self (the main thread's): with
+        # host_netns_path they differ.
+        self.host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.host_inode = os.fstat(self.host_fd).st_ino
+        self.host_ipr()
+        self.host_nl()
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+        if self.host_fd >= 0:
+            os.close(self.host_fd)
+            self.host_fd = -1
+
+    def host_ipr(self) -> Any:
+        if self._ipr is None:
+            self._ipr = new_ipr()
+        return self._ipr
+
+    def host_nl(self) -> Rtnl:
+        if self._nl is None:
+            self._nl = Rtnl()
+        return self._nl
+
+    def reset_host_ipr(self) -> None:
+        if self._ipr is not None:
+            try:
+                self._ipr.close()
+            except Exception:  # best effort on an already broken socket
+                log.debug("closing a broken netlink socket failed", exc_info=True)
+            self._ipr = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run a job; any failure that is not a clean kernel refusal resets the host socket."""
+        if threading.get_ident() != self.ident:
+            raise WrongThread("netns job off the worker thread")
+        try:
+            return fn()
+        except NetnsError as e:
+            # A refusal by the kernel (NetlinkError) leaves the socket fine; anything
+            # else (a socket error, a pyroute2 hiccup) may have left it out of step.
+            if e.__cause__ is not None and not isinstance(e.__cause__, NetlinkError):
+                self.reset_host_ipr()
+            raise
+        except Exception:
+            self.reset_host_ipr()
+            raise
+
+    # -- namespace switching --------------------------------------------------------
+
+    def go_home(self) -> None:
+        """Return this thread to the host namespace, or end the process.
+
+        If this fails the thread stays in a tenant's namespace, and every later job
+        would run there: host routes would be added inside a tenant, the next tenant's
+        namespace would be created from inside another's, sockets would be opened in
+        the wrong place, all silently. Nothing inside the process can repair that (the
+        one tool for it just failed) and the asyncio callers cannot even see which
+        thread they run on. Exiting lets systemd restart nsd with a clean thread;
+        reconciliation then finishes whatever this job was doing.
+        """
+        try:
+            linux.setns(self.host_fd, linux.CLONE_NEWNET)
+            home = os.stat("/proc/thread-self/ns/net").st_ino == self.host_inode
+        except BaseException:
+            log.critical("cannot return the netns worker to the host namespace", exc_info=True)
+            os._exit(EXIT_WRONG_NAMESPACE)
+        if not home:
+            log.critical("the netns worker is not in the host namespace after setns()")
+            os._exit(EXIT_WRONG_NAMESPACE)
+
+    @contextmanager
+    def entered(self, fd: int, what: str) -> Iterator[None]:
+        with kernel_step("open", f"enter {what}"):
+            linux.setns(fd, linux.CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            self.go_home()
+
+    def open_nl_in(self, fd: int, what: str) -> Rtnl:
+        with self.entered(fd, what), kernel_step("open", f"netlink socket in {what}"):
+            return Rtnl()
+
+    # -- namespace files --------------------------------------------------------------
+
+    def mount_new_namespace(self, path: str) -> None:
+        """Create a network namespace and bind it onto the file at ``path``."""
+        with kernel_step("unshare", "create a network namespace"):
+            linux.unshare(linux.CLONE_NEWNET)
+        try:
+            with kernel_step("mount", f"bind the namespace to {path}"):
+                linux.mount("/proc/thread-self/ns/net", path, "none", linux.MS_BIND)
+        finally:
+            # Leaving drops the thread's reference; the bind mount keeps it alive.
+            self.go_home()
+
+    # -- ensure -------------------------------------------------------------------------
+
+    def ensure(self, spec: NetworkSpec, adopt: bool) -> EnsureResult:
+        actions: list[str] = []
+        ns_fd, adopted = self.files.ensure(
+            spec.netns_path, adopt, actions, self.mount_new_namespace
+        )
+        tenant: Rtnl | None = None
+        try:
+            inode = os.fstat(ns_fd).st_ino
+            tenant = self.open_nl_in(ns_fd, spec.netns_path)
+            host, peer = netns_links.ensure_veth(
+                self.host_nl(), self.host_ipr(), spec, ns_fd, tenant, actions=actions
+            )
+            self.ensure_sysctls(spec, ns_fd, actions)
+            netns_links.ensure_tenant_side(spec, tenant, peer, actions)
+            netns_links.ensure_host_side(
+                self.host_nl(), spec, host, actions, lambda: {i for i, _ in self.prefixed_links()}
+            )
+        finally:
+            if tenant is not None:
+                tenant.close()
+            os.close(ns_fd)
+        return EnsureResult(inode=inode, adopted_existing=adopted, actions=tuple(actions))
+
+    def ensure_sysctls(self, spec: NetworkSpec, ns_fd: int, actions: list[str]) -> None:
+        if not spec.sysctls:
+            return
+        with self.entered(ns_fd, spec.netns_path):
+            for key, value in spec.sysctls:
+                path = sysctl_path(key)
+                with kernel_step("sysctl", key):
+                    with open(path, encoding="ascii") as f:
+                        current = f.read()
+                    if sysctl_tokens(current) == sysctl_tokens(value):
+                        continue
+                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.write(fd, value.encode("ascii"))
+                    finally:
+                        os.close(fd)
+                actions.append(f"set {key}={value} in {spec.netns_path}")
+
+    # -- running foreign work inside a namespace ---------------------------------------
+
+    def run_in(self, path: str | None, fn: Callable[[Any], T]) -> T:
+        if path is None:
+            return fn(self.host_ipr())
+        fd = self.files.open_namespace(path)
+        try:
+            with self.entered(fd, path):
+                with kernel_step("open", f"netlink socket in {path}"):
+                    ipr = new_ipr()
+                try:
+                    return fn(ipr)
+                finally:
+                    ipr.close()
+        finally:
+            os.close(fd)
+
+    # -- remove and host queries ------------------------------------------------------
+
+    def remove(self, ref: NetworkRef) -> tuple[str, ...]:
+        actions: list[str] = []
+        if ref.host_ifname is not None:
+            self.delete_link(ref.host_ifname, actions)
+        self.files.remove(ref.netns_path, actions)
+        return tuple(actions)
+
+    def delete_link(self, name: str, actions: list[str]) -> None:
+        ipr = self.host_nl()
+        with kernel_step("link", f"delete {name}"):
+            link = get_link(ipr, ifname=name)
+            if link is None:
+                return
+            try:
+                ipr.link_del(int(link["index"]))
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+                return
+        actions.append(f"deleted {name}")
+
+    def prefixed_links(self) -> list[tuple[int, str]]:
+        with kernel_step("link", "list host links"):
+            links = self.host_nl().link_dump()
+            return [
+                (int(link["index"]), str(name))
+                for link in links
+                if (name := link.get_attr("IFLA_IFNAME")) and self.link_re.fullmatch(name)
+            ]
+
+    def host_routes(self) -> list[IPv4Network | IPv6Network]:
+        ours = {i for i, _ in self.prefixed_links()}
+        with kernel_step("route", "list host routes"):
+            routes = [
+                r
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for r in dump_routes(self.host_nl(), family, table=0)
+            ]
+        out: list[IPv4Network | IPv6Network] = []
+        seen: set[IPv4Network | IPv6Network] = set()
+        for r in routes:
+            # Every table, not only main: VPN meshes such as Tailscale route
+            # 100.64.0.0/10 from a table of their own (52).
+            if int(r["dst_len"]) == 0:
+                continue
+            if r.get_attr("RTA_OIF") in ours:
+                continue
+            dst = route_dst(r)
+            if dst not in seen:
+                seen.add(dst)
+                out.append(dst)
+        return out

@@ -1,0 +1,210 @@
+"""The rtnetlink wire format nsd reads and writes: constants (linux/netlink.h,
+linux/rtnetlink.h, linux/if_link.h), the ``struct`` layouts, decoding of the replies nsd
+reads into :class:`NlMsg` (under pyroute2's names) and encoding of request attributes.
+The socket that sends and receives them is nsd/rtnl.py."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from pyroute2.netlink import NLMSG_ERROR
+from pyroute2.netlink.exceptions import NetlinkError
+
+IFF_UP = 0x1
+IFA_F_DADFAILED = 0x08
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_TABLE_MAIN = 254
+RTNH_F_ONLINK = 0x4
+RTN_UNICAST = 1
+RTPROT_STATIC = 4
+RT_SCOPE_NOWHERE = 255
+RT_TABLE_COMPAT = 252
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
+NSID_NOT_ASSIGNED = (-1, 0xFFFFFFFF)
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # len, type
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+# family, dst_len, src_len, tos, table, proto, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+RTGENMSG = struct.Struct("=Bxxx")  # family
+S32 = struct.Struct("=i")
+U32 = struct.Struct("=I")
+NLA_TYPE_MASK = 0x3FFF
+NLM_F_CAPPED = 0x100
+NLM_F_ACK_TLVS = 0x200
+NLMSGERR_ATTR_MSG = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINK = 5
+IFLA_LINKINFO = 18
+IFLA_LINK_NETNSID = 37
+IFLA_INFO_KIND = 1
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_FLAGS = 8
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_PRIORITY = 6
+RTA_PREFSRC = 7
+RTA_TABLE = 15
+NETNSA_NSID = 1
+NETNSA_FD = 3
+
+
+# --------------------------------------------------------------------------------------
+# decoding replies
+
+
+class NlMsg:
+    """One decoded rtnetlink message: the fixed header's fields by name
+    (``msg["index"]``) and the attributes nsd reads (``msg.get_attr("IFLA_IFNAME")``),
+    with the names and value types pyroute2 uses."""
+
+    __slots__ = ("attrs", "fields")
+
+    def __init__(self, fields: dict[str, int], attrs: dict[str, Any]) -> None:
+        self.fields = fields
+        self.attrs = attrs
+
+    def __getitem__(self, key: str) -> int:
+        return self.fields[key]
+
+    def get_attr(self, name: str) -> Any:
+        return self.attrs.get(name)
+
+
+def nlattrs(data: memoryview, offset: int, end: int) -> Iterator[tuple[int, memoryview]]:
+    """The (type, payload) of each attribute in ``data[offset:end]``; for nested
+    attributes call it again on a payload. Stops at the first malformed attribute."""
+    while offset + 4 <= end:
+        length, kind = NLATTR.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            break
+        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def cstr(value: memoryview) -> str:
+    """The text of a NUL-terminated string attribute."""
+    return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def ip_text(family: int, value: memoryview) -> str:
+    return socket.inet_ntop(family, bytes(value))
+
+
+def decode_link(data: memoryview, offset: int, end: int) -> NlMsg:
+    family, _type, index, flags, change = IFINFOMSG.unpack_from(data, offset)
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + IFINFOMSG.size, end):
+        if kind == IFLA_IFNAME:
+            attrs["IFLA_IFNAME"] = cstr(value)
+        elif kind == IFLA_MTU:
+            attrs["IFLA_MTU"] = U32.unpack_from(value)[0]
+        elif kind == IFLA_LINK:
+            attrs["IFLA_LINK"] = U32.unpack_from(value)[0]
+        elif kind == IFLA_LINK_NETNSID:
+            attrs["IFLA_LINK_NETNSID"] = S32.unpack_from(value)[0]
+        elif kind == IFLA_LINKINFO:
+            for sub, subvalue in nlattrs(value, 0, len(value)):
+                if sub == IFLA_INFO_KIND:
+                    attrs["IFLA_INFO_KIND"] = cstr(subvalue)
+    return NlMsg({"family": family, "index": index, "flags": flags, "change": change}, attrs)
+
+
+def decode_addr(data: memoryview, offset: int, end: int) -> NlMsg:
+    family, prefixlen, flags, scope, index = IFADDRMSG.unpack_from(data, offset)
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + IFADDRMSG.size, end):
+        if kind == IFA_ADDRESS:
+            attrs["IFA_ADDRESS"] = ip_text(family, value)
+        elif kind == IFA_LOCAL:
+            attrs["IFA_LOCAL"] = ip_text(family, value)
+        elif kind == IFA_FLAGS:
+            attrs["IFA_FLAGS"] = U32.unpack_from(value)[0]
+    fields = {
+        "family": family,
+        "prefixlen": prefixlen,
+        "flags": flags,
+        "scope": scope,
+        "index": index,
+    }
+    return NlMsg(fields, attrs)
+
+
+ROUTE_U32 = {RTA_OIF: "RTA_OIF", RTA_PRIORITY: "RTA_PRIORITY", RTA_TABLE: "RTA_TABLE"}
+ROUTE_IP = {RTA_DST: "RTA_DST", RTA_GATEWAY: "RTA_GATEWAY", RTA_PREFSRC: "RTA_PREFSRC"}
+
+
+def decode_route(data: memoryview, offset: int, end: int) -> NlMsg:
+    values = RTMSG.unpack_from(data, offset)
+    fields = dict(zip(ROUTE_FIELDS, values, strict=True))
+    family = values[0]
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + RTMSG.size, end):
+        if kind in ROUTE_U32:
+            attrs[ROUTE_U32[kind]] = U32.unpack_from(value)[0]
+        elif kind in ROUTE_IP:
+            attrs[ROUTE_IP[kind]] = ip_text(family, value)
+    return NlMsg(fields, attrs)
+
+
+ROUTE_FIELDS = ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type", "flags")
+
+
+def decode_nsid(data: memoryview, offset: int, end: int) -> NlMsg:
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + RTGENMSG.size, end):
+        if kind == NETNSA_NSID:
+            attrs["NETNSA_NSID"] = S32.unpack_from(value)[0]
+    return NlMsg({}, attrs)
+
+
+# --------------------------------------------------------------------------------------
+# encoding requests
+
+
+def nlattr(kind: int, payload: bytes) -> bytes:
+    length = NLATTR.size + len(payload)
+    return NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def attr_text(kind: int, value: str) -> bytes:
+    return nlattr(kind, value.encode() + b"\0")
+
+
+def attr_u32(kind: int, value: int) -> bytes:
+    return nlattr(kind, U32.pack(value))
+
+
+def attr_ip(kind: int, family: int, value: str) -> bytes:
+    return nlattr(kind, socket.inet_pton(family, value))
+
+
+def ifinfomsg(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    return IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def netlink_error(
+    view: memoryview, start: int, end: int, *, flags: int, code: int, kind: int
+) -> NetlinkError:
+    """The NetlinkError for a failed request, with the kernel's extended-ACK text."""
+    text: str | None = None
+    if flags & NLM_F_ACK_TLVS:
+        offset = start + 4
+        if kind == NLMSG_ERROR:  # the request's header (and body unless capped) follows
+            echoed = NLMSGHDR.unpack_from(view, offset)[0] if offset + 16 <= end else 16
+            offset += NLMSGHDR.size if flags & NLM_F_CAPPED else (echoed + 3) & ~3
+        for attr, value in nlattrs(view, offset, end):
+            if attr == NLMSGERR_ATTR_MSG:
+                text = cstr(value)
+    return NetlinkError(code, text)
