@@ -268,19 +268,25 @@ class Daemon:
         return [link["ifname"] for link in json.loads(res.stdout)]
 
 
+def _attach_strace(d: Daemon, *args: str) -> subprocess.Popen[bytes]:
+    assert d.proc is not None
+    tracer = subprocess.Popen(["strace", "-qq", "-f", "-p", str(d.proc.pid), *args])
+    time.sleep(1.0)  # strace attaches to every thread before we act
+    return tracer
+
+
 def crash_at(d: Daemon, syscall: str, n: int, action: Callable[[], object]) -> bool:
     """Run ``action`` while strace SIGKILLs the daemon at its ``n``-th ``syscall``
     (counted per thread); True if the daemon died (the crash point was reached)."""
     from nsd.varlink.client import VarlinkError
 
     assert d.proc is not None
-    tracer = subprocess.Popen(
-        # (the syscall must be traced for inject to apply; output is discarded)
-        ["strace", "-qq", "-f", "-p", str(d.proc.pid), "-e", f"trace={syscall}",
-         "-e", f"inject={syscall}:signal=KILL:when={n}", "-o", "/dev/null"],
+    # (the syscall must be traced for inject to apply; output is discarded)
+    tracer = _attach_strace(
+        d, "-e", f"trace={syscall}", "-e", f"inject={syscall}:signal=KILL:when={n}",
+        "-o", "/dev/null",
     )  # fmt: skip
     try:
-        time.sleep(1.0)  # strace attaches to every thread before we act
         with contextlib.suppress(VarlinkError, ConnectionError, OSError):
             action()  # the daemon dies while answering
         return d.proc.wait(30) != 0
@@ -289,6 +295,81 @@ def crash_at(d: Daemon, syscall: str, n: int, action: Callable[[], object]) -> b
     finally:
         tracer.kill()
         tracer.wait()
+
+
+def syscall_counts(d: Daemon, syscalls: list[str], action: Callable[[], object]) -> dict[str, int]:
+    """Run ``action`` under strace and return, for each of ``syscalls``, the highest
+    number of calls one thread made: the ``n`` up to which ``crash_at`` (whose
+    ``inject ... when=n`` counts per thread, checked on strace 6.1) has a point."""
+    out = d.tmp / "syscalls.strace"
+    tracer = _attach_strace(d, "-e", f"trace={','.join(syscalls)}", "-o", str(out))
+    try:
+        action()
+    finally:
+        # SIGTERM, not SIGKILL: strace detaches and flushes its output. Every call
+        # before the reply was logged when it entered the kernel.
+        tracer.terminate()
+        tracer.wait(30)
+    per_thread: dict[tuple[str, str], int] = {}
+    for line in out.read_text().splitlines():
+        # "<tid> name(args..." on entry; "<tid> <... name resumed>" lines are not calls.
+        tid, _, call = line.partition(" ")
+        name = call.lstrip().partition("(")[0]
+        if name in syscalls:
+            per_thread[tid, name] = per_thread.get((tid, name), 0) + 1
+    out.unlink()
+    return {s: max((c for (_, n), c in per_thread.items() if n == s), default=0) for s in syscalls}
+
+
+def spread(count: int, slots: int) -> list[tuple[str, int]]:
+    """(label, n) for ``slots`` points from 1 to ``count``: first, last, evenly spaced
+    between (``mid1``...); every n (labelled by number) if there are no more calls
+    than slots."""
+    if count <= slots:
+        return [(str(n), n) for n in range(1, count + 1)]
+    points = [("first", 1)]
+    points += [(f"mid{i}", round(1 + i * (count - 1) / (slots - 1))) for i in range(1, slots - 1)]
+    return [*points, ("last", count)]
+
+
+CrashPoint = tuple[str, str, int]  # (test id, syscall, n)
+
+PWRITE_SLOTS = 4
+CRASH_BUDGET = 13  # points per operation, as many as the runtime allows
+
+
+def derive_crash_points(
+    every: list[str], operation: Callable[[Daemon, str], Callable[[], object]], create: bool
+) -> list[CrashPoint]:
+    """Crash points for one operation, from the code as it is: run it once under strace
+    (after a Create of the same tenant if ``create``) and pick by role. Each call in
+    ``every`` marks a step, so every one is a point; pwrite64 (SQLite's WAL frames)
+    and sendto (netlink; a pool thread's wake-up of the loop) are frequent, so they
+    are spread from the first to the last, sendto with what is left of the budget."""
+    with daemon_env() as (d, users):
+        name = users.add()
+        d.start()
+        if create:
+            d.call("io.nsd.Tenant.Create", name=name)
+        counts = syscall_counts(d, [*every, "pwrite64", "sendto"], operation(d, name))
+        assert d.stop() == 0, d.log_text()  # daemon_env removes the tenant's namespace
+    # An empty profile would parametrize nothing, and pytest would skip quietly.
+    assert counts["sendto"] > 0 and counts["pwrite64"] > 0, counts
+    points = [(f"{s}-{n}", s, n) for s in every for n in range(1, counts[s] + 1)]
+    points += [
+        (f"pwrite64-{lb}", "pwrite64", n) for lb, n in spread(counts["pwrite64"], PWRITE_SLOTS)
+    ]
+    slots = max(3, CRASH_BUDGET - len(points))
+    return points + [(f"sendto-{lb}", "sendto", n) for lb, n in spread(counts["sendto"], slots)]
+
+
+def parametrize_crash_points(metafunc: Any, derive: Callable[[], list[CrashPoint]]) -> None:
+    """Parametrize (syscall, n) with derived points; without root there is no daemon to
+    profile, and the test's root mark skips the one placeholder."""
+    points = derive() if os.geteuid() == 0 else [("not-root", "sendto", 1)]
+    metafunc.parametrize(
+        ("syscall", "n"), [(s, n) for _, s, n in points], ids=[i for i, _, _ in points]
+    )
 
 
 @contextlib.contextmanager

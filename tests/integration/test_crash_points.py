@@ -3,15 +3,18 @@ the network policy on: the restarted daemon's reconcile converges (the tenant is
 whole or entirely gone, the host table and shaping match the store) and the next
 reconcile is a no-op. Create's crash points are in test_reconcile.py.
 
-Crash points come from an strace of each operation on this daemon (the counts are per
-thread: SQLite writes run on the event loop's thread, netlink, mounts and nftables on
-the netns worker; ``sendto`` #1 and #2 of a pool thread are its wake-ups of the loop).
+Crash points are derived when the module is collected, from the code as it is: each
+operation runs once under strace against a real daemon, and the points are picked by
+role from what it did (``derive_crash_points`` in the harness). Counts are per thread, as strace's
+``inject ... when=n`` counts them: SQLite writes run on the event loop's thread,
+netlink, mounts and nftables on the netns worker; a pool thread's ``sendto`` calls
+are its wake-ups of the loop.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,8 +23,10 @@ from tests.harness import (
     TestUsers,
     crash_at,
     daemon_env,
+    derive_crash_points,
     mounts_under,
     netns_inode,
+    parametrize_crash_points,
     run,
     uid_of,
 )
@@ -34,28 +39,26 @@ pytestmark = [
 
 T = "io.nsd.Tenant."
 
-# Remove, in order: the busy check (a pool thread's wake-up of the loop), the
-# 'removing' intent (two WAL frames), the veth lookup and deletion, the namespace's
-# bind mount and file, the row and leases (WAL frames 3-12), the host table's
-# elements (nftables: cache reads, then the batch), and the last wake-up before the reply.
-REMOVE_POINTS = [
-    ("sendto", 1), ("pwrite64", 1), ("pwrite64", 2), ("sendto", 2), ("umount2", 1),
-    ("unlink", 1), ("pwrite64", 3), ("pwrite64", 8), ("pwrite64", 12), ("sendto", 4),
-    ("sendto", 8), ("sendmsg", 1), ("sendto", 13),
-]  # fmt: skip
-
-# SetBandwidth: the override (two WAL frames), the host table (nftables batch), the
-# switch into the tenant's namespace, its table and the tc qdisc/class changes there,
-# back on the host side the download shaping, and the final wake-up.
-POLICY_POINTS = [
-    ("pwrite64", 1), ("pwrite64", 2), ("sendto", 1), ("sendmsg", 1), ("setns", 1),
-    ("sendto", 12), ("sendmsg", 2), ("sendto", 22), ("sendto", 24), ("setns", 2),
-    ("sendto", 30), ("sendto", 36), ("sendto", 44),
-]  # fmt: skip
+# Calls that each mark a step: umount2 and unlink, the namespace's bind mount and file
+# (Remove); setns, into a tenant's namespace and back (the policy change); sendmsg,
+# an nftables batch.
+EVERY = ["umount2", "unlink", "setns", "sendmsg"]
 
 
-def _ids(points: list[tuple[str, int]]) -> list[str]:
-    return [f"{s}-{n}" for s, n in points]
+def _operation(d: Daemon, operation: str, name: str) -> Callable[[], object]:
+    if operation == "remove":
+        return lambda: d.call(T + "Remove", name=name)
+    return lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    operation = "remove" if "remove" in metafunc.function.__name__ else "policy"
+    parametrize_crash_points(
+        metafunc,
+        lambda: derive_crash_points(
+            EVERY, lambda d, name: _operation(d, operation, name), create=True
+        ),
+    )
 
 
 @pytest.fixture
@@ -85,14 +88,13 @@ def _gone(d: Daemon, name: str, uid: int) -> None:
     assert f"nsd{uid}" not in _host_table(d)
 
 
-@pytest.mark.parametrize(("syscall", "n"), REMOVE_POINTS, ids=_ids(REMOVE_POINTS))
 def test_crash_during_remove_converges(env: tuple[Daemon, TestUsers], syscall: str, n: int) -> None:
     d, users = env
     name = users.add()
     uid = uid_of(name)
     d.start()
     d.call(T + "Create", name=name)
-    assert crash_at(d, syscall, n, lambda: d.call(T + "Remove", name=name)), (
+    assert crash_at(d, syscall, n, _operation(d, "remove", name)), (
         f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
     )
     d.start()  # reconcile runs at start
@@ -112,7 +114,6 @@ def test_crash_during_remove_converges(env: tuple[Daemon, TestUsers], syscall: s
     assert d.stop() == 0
 
 
-@pytest.mark.parametrize(("syscall", "n"), POLICY_POINTS, ids=_ids(POLICY_POINTS))
 def test_crash_during_policy_change_converges(
     env: tuple[Daemon, TestUsers], syscall: str, n: int
 ) -> None:
@@ -121,8 +122,7 @@ def test_crash_during_policy_change_converges(
     uid = uid_of(name)
     d.start()
     d.call(T + "Create", name=name)
-    change = lambda: d.call(T + "SetBandwidth", name=name, egressRate="10mbit")  # noqa: E731
-    assert crash_at(d, syscall, n, change), (
+    assert crash_at(d, syscall, n, _operation(d, "policy", name)), (
         f"the daemon never reached {syscall} #{n}: the crash point tests nothing"
     )
     d.start()

@@ -14,8 +14,10 @@ from tests.harness import (
     TestUsers,
     crash_at,
     daemon_env,
+    derive_crash_points,
     mounts_under,
     netns_inode,
+    parametrize_crash_points,
     run,
     uid_of,
     unmount_files,
@@ -115,21 +117,27 @@ def test_reboot_recreates_from_store(env: tuple[Daemon, TestUsers]) -> None:
 
 # -- crash consistency ----------------------------------------------------------
 
+
 # (syscall, n): SIGKILL the daemon at the n-th such call after attaching, while
-# it creates one tenant. Covers the mount protocol, namespace creation, the
-# netlink messages that build the veth/addresses/routes, and the SQLite commits.
-# Counts are per thread: mounts, unshare and netlink run on the worker thread,
-# SQLite writes on the event-loop thread (the intent commit is the first
+# it creates one tenant, derived from an strace of Create (see derive_crash_points):
+# every mount (the mount protocol) and unshare (namespace creation), the netlink
+# messages that build the veth/addresses/routes and the SQLite commits spread from
+# first to last. Counts are per thread: mounts, unshare and netlink run on the worker
+# thread, SQLite writes on the event-loop thread (the intent commit is the first
 # write; the state change to "ready" comes after the host work).
-CRASH_POINTS = [
-    ("mount", 1), ("mount", 2), ("unshare", 1),
-    ("sendto", 1), ("sendto", 3), ("sendto", 6), ("sendto", 10), ("sendto", 16),
-    ("pwrite64", 1), ("pwrite64", 8), ("pwrite64", 14), ("pwrite64", 16),
-]  # fmt: skip
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ == "test_crash_during_create_converges":
+        parametrize_crash_points(
+            metafunc,
+            lambda: derive_crash_points(
+                ["mount", "unshare"],
+                lambda d, name: lambda: d.call(T + "Create", name=name),
+                create=False,
+            ),
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("syscall", "n"), CRASH_POINTS, ids=[f"{s}-{n}" for s, n in CRASH_POINTS])
 def test_crash_during_create_converges(env: tuple[Daemon, TestUsers], syscall: str, n: int) -> None:
     d, users = env
     name = users.add()
