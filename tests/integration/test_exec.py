@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from tests.native import native_program
+from tests.samples import tenant_record
 
 pytestmark = [
     pytest.mark.root,
@@ -193,23 +194,14 @@ class EnterProvider:
 
     def _enter_parameters(self) -> dict[str, Any]:
         uid = self.user.uid if self.uid_override is None else self.uid_override
-        tenant = {
-            "name": self.user.name,
-            "uid": uid,
-            "state": "ready",
-            "namespacePath": self.ns_path,
-            "namespaceInode": self.ns_inode,
-            "hostInterface": f"nsd{uid}",
-            "tenantInterface": "eth0",
-            "ipv4Address": "100.64.0.2",
-            "ipv4Gateway": "100.64.0.1",
-            "ipv6Address": "fd00::2",
-            "ipv6Prefix": "fd00::/64",
-            "ipv6Gateway": "fe80::1",
-            "adopted": False,
-            "createdUSec": int(time.time() * 1e6),
-            "problems": [],
-        }
+        tenant = tenant_record(
+            name=self.user.name,
+            uid=uid,
+            namespacePath=self.ns_path,
+            namespaceInode=self.ns_inode,
+            hostInterface=f"nsd{uid}",
+            createdUSec=int(time.time() * 1e6),
+        )
         return {
             "tenant": tenant,
             "namespaceFileDescriptor": 1,

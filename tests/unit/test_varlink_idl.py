@@ -13,6 +13,7 @@ import pytest
 import varlink.scanner  # the PyPI parser, a second opinion
 
 from nsd.varlink import idl
+from tests.samples import tenant_record
 
 SHIPPED = ["io.nsd.Tenant", "io.nsd.Daemon", "org.varlink.service"]
 
@@ -427,23 +428,7 @@ def test_recursive_named_types() -> None:
 
 def test_tenant_reply_validation() -> None:
     v = idl.InterfaceValidator(idl.parse(shipped("io.nsd.Tenant")))
-    tenant = {
-        "name": "alice",
-        "uid": 1001,
-        "state": "ready",
-        "namespacePath": "/run/netns/alice",
-        "namespaceInode": None,
-        "hostInterface": "nsd1001",
-        "tenantInterface": "eth0",
-        "ipv4Address": "100.64.0.2",
-        "ipv4Gateway": "100.64.0.1",
-        "ipv6Address": "fd00::2",
-        "ipv6Prefix": "fd00::/64",
-        "ipv6Gateway": "fe80::1",
-        "adopted": False,
-        "createdUSec": 1,
-        "problems": [],
-    }
+    tenant = tenant_record(createdUSec=1)
     assert v.reply("Get", {"tenant": tenant}) is None
     assert v.reply("Get", {"tenant": tenant | {"state": "gone"}}) == "tenant.state"
     assert v.call("Get", {"name": "alice"}) is None

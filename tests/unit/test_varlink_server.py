@@ -30,6 +30,7 @@ from nsd.varlink.client import VarlinkClient
 from nsd.varlink.protocol import ServiceUnavailable, VarlinkConnectionError, VarlinkError
 from nsd.varlink.server import Call, Limits, Reply, VarlinkServer, bind_unix_socket
 from nsd.varlink.testing import ServerThread
+from tests.samples import tenant_record
 
 DEMO = """\
 # A demo interface for the server tests.
@@ -260,23 +261,7 @@ class Demo:
 
 def tenant_handlers() -> dict[str, Any]:
     """Trivial handlers for the shipped io.nsd.Tenant IDL."""
-    tenant = {
-        "name": "alice",
-        "uid": 1001,
-        "state": "ready",
-        "namespacePath": "/run/netns/alice",
-        "namespaceInode": None,
-        "hostInterface": "nsd1001",
-        "tenantInterface": "eth0",
-        "ipv4Address": "100.64.0.2",
-        "ipv4Gateway": "100.64.0.1",
-        "ipv6Address": "fd00::2",
-        "ipv6Prefix": "fd00::/64",
-        "ipv6Gateway": "fe80::1",
-        "adopted": False,
-        "createdUSec": 1_700_000_000_000_000,
-        "problems": [],
-    }
+    tenant = tenant_record()
 
     async def get(call: Call) -> dict[str, Any]:
         if call.parameters["name"] != "alice":
