@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nsd import config, config_check
-from nsd.daemon import server_limits
+from nsd.startup import server_limits
 from nsd.varlink.server import Limits
 
 

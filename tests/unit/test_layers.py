@@ -27,7 +27,7 @@ LEAVES = frozenset(
 )  # fmt: skip
 ADAPTERS = ("nsd.net", "nsd.systemd", "nsd.observe")
 # Entry points and what only they use (nsctl's table renderers).
-ENTRY_POINTS = frozenset({"nsd.daemon", "nsd.cli", "nsd.topview", "nsd.faultview"})
+ENTRY_POINTS = frozenset({"nsd.daemon", "nsd.startup", "nsd.cli", "nsd.topview", "nsd.faultview"})
 
 
 def layer(module: str) -> str:
