@@ -218,6 +218,8 @@ class Api:
             call.parameters.get("scope"),
             peer_pid,
             open_pidfd,
+            # Returned below, so the server queues the reply in this loop turn.
+            unread=call.unread_output,
         )
         limits = [
             {"name": name, "soft": lim.soft, "hard": lim.hard}

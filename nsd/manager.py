@@ -43,6 +43,7 @@ from .errors import (
     UidOutOfRange,
     WatcherTooSlow,
 )
+from .handouts import Handouts
 from .ipam import Ipam
 from .model import (
     ReconcileAction,
@@ -90,6 +91,9 @@ class TenantManager:
         # UIDs being removed: Enter's lock-free fast path must not hand out
         # their namespace while their processes are being stopped.
         self._removing: set[int] = set()
+        # Namespace descriptors Enter handed out that may not have reached their
+        # process yet: Remove waits for them before it looks for users.
+        self._handouts = Handouts()
         self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
         self._closing = False
         self._inflight = 0
@@ -197,14 +201,32 @@ class TenantManager:
         scope: bool | None = None,
         caller_pid: int | None = None,
         open_pidfd: Callable[[], int] | None = None,
+        *,
+        unread: Callable[[], int | None] | None = None,
     ) -> tuple[TenantView, int, str | None]:
         """The tenant's namespace as an open descriptor (the caller owns it), and the
-        scope the caller was moved into, if the placement policy moved it."""
+        scope the caller was moved into, if the placement policy moved it.
+
+        ``unread``: how much of the reply carrying the descriptor the process
+        ``caller_pid`` has not read yet (see ``handouts``); the caller must queue
+        that reply in the loop turn in which this returns. Until then Remove of the
+        tenant waits.
+        """
         if self._closing:
             raise ShuttingDown()
         user = self.resolve_user(name)
         rec = self.store.get(user.uid)
         fd = None
+        handout = None
+
+        def hand_out(path: str) -> int:
+            # Recorded in the loop turn in which it is opened: a Remove that starts
+            # after this waits for it to land (handouts).
+            nonlocal handout
+            opened = self.net.open_namespace(path)
+            handout = self._handouts.add(user.uid, unread or (lambda: 0), caller_pid)
+            return opened
+
         if (
             rec is not None
             and rec.state is TenantState.READY
@@ -214,7 +236,7 @@ class TenantManager:
             # The fast path opens the namespace straight away (it checks that a
             # network namespace is mounted there); failing that, the slow path repairs.
             with contextlib.suppress(NetnsError):
-                fd = self.net.open_namespace(self.netns_path(rec.netns_name))
+                fd = hand_out(self.netns_path(rec.netns_name))
         if fd is None:
             # Whether this call may create is decided under the tenant's lock, from
             # the state any running operation (a Remove) left: deciding here, from a
@@ -228,12 +250,12 @@ class TenantManager:
                 )
                 rec = view.record
                 try:
-                    fd = self.net.open_namespace(view.namespace_path)
+                    fd = hand_out(view.namespace_path)
                 except NetnsError as e:
                     raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
                 except OSError as e:
                     raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
-        assert rec is not None
+        assert rec is not None and handout is not None
         placed = None
         try:
             view = self.view(rec, check_identity=False, inode=os.fstat(fd).st_ino)
@@ -241,7 +263,9 @@ class TenantManager:
                 placed = await self._place(rec, scope, caller_pid, open_pidfd)
         except BaseException:
             os.close(fd)
+            self._handouts.discard(handout)
             raise
+        handout.returned = True
         return view, fd, placed
 
     async def _place(
@@ -546,6 +570,7 @@ class TenantManager:
             rec = self._held_record(uid, name, removing=True)
             self._removing.add(rec.uid)
             try:
+                await self._await_handouts(rec)
                 await self._stop_processes(rec, force)
                 self.store.set_state(rec.uid, TenantState.REMOVING)
                 view = self.view(rec, check_identity=False)
@@ -558,10 +583,30 @@ class TenantManager:
                 await self.slices.stop_ensure_unit(rec.name)
                 await self._protect_parent()
 
+    async def _await_handouts(self, rec: TenantRecord) -> None:
+        """Wait until every namespace descriptor Enter handed out for ``rec`` reached
+        its process; TenantBusy if one has not within ``stop_timeout``.
+
+        Why Remove may then trust its scan: the caller put the UID in ``_removing``
+        and holds the tenant's lock, so no Enter hands out another descriptor (the
+        fast path checks ``_removing`` and records its descriptor in the same loop
+        turn it opens it; the slow path needs the lock). Each descriptor handed out
+        before is now in some process's descriptor table, or that process joined
+        the namespace with it, or it was closed; ``_stop_processes`` looks for
+        both the members and the holders. A process that passes its descriptor on
+        (SCM_RIGHTS) while that scan runs can escape it: nsd-exec never does.
+        """
+        left = await self._handouts.wait_landed(rec.uid, self.cfg.tenants.stop_timeout)
+        if left:
+            log.warning("tenant %s: %d namespace descriptor(s) handed out by Enter not "
+                        "yet received; not removing", rec.name, left)  # fmt: skip
+            raise TenantBusy(rec.name, left)
+
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
-        """Refuse (or with force, stop) while processes run in the tenant's namespace."""
+        """Refuse (or with force, stop) while processes run in the tenant's namespace
+        or hold a descriptor of it (they may join it at any time)."""
         inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
-        pids = await asyncio.to_thread(procs.processes_in_namespace, inode) if inode else []
+        pids = await asyncio.to_thread(_users_of, inode) if inode else []
         # Processes in the tenant's slice count too (a service with Slice= but
         # no namespace): stopping the slice at removal would kill them.
         in_slice = await asyncio.to_thread(cgroup.pids_in, self._slice_path(rec.uid))
@@ -574,9 +619,9 @@ class TenantManager:
         # netns_inode: a PID is only signalled if it is still in this namespace
         # after its pidfd is open, so a PID reused since the scan is left alone.
         await procs.stop_processes(
-            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode
+            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode, holders=True
         )
-        left = await asyncio.to_thread(procs.processes_in_namespace, inode)
+        left = await asyncio.to_thread(_users_of, inode)
         if left:
             raise TenantBusy(rec.name, len(left))
 
@@ -820,6 +865,11 @@ class TenantManager:
         except TimeoutError:
             return False
         return True
+
+
+def _users_of(inode: int) -> list[int]:
+    """Processes in the namespace or holding a descriptor of it (they may join it)."""
+    return procs.processes_in_namespace(inode, holders=True)
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

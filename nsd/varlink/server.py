@@ -118,10 +118,18 @@ class Call:
     oneway: bool
     # The connection's socket, kept private: handlers reply by returning.
     _sock: socket.socket | None = field(default=None, repr=False, compare=False)
+    _conn: Connection | None = field(default=None, repr=False, compare=False)
 
     def open_peer_pidfd(self) -> int | None:
         """A pidfd of the calling process (Linux >= 6.5) owned by the caller, else None."""
         return None if self._sock is None else open_peer_pidfd(self._sock)
+
+    def unread_output(self) -> int | None:
+        """What the server sent on this connection that the peer has not read yet
+        (0: everything, descriptors included, reached the peer or was dropped; None:
+        unknown, see ``Connection.unread_output``). A reply the handler returns is
+        queued in the same loop turn."""
+        return 0 if self._conn is None else self._conn.unread_output()
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +396,7 @@ class VarlinkServer:
         await self._call(
             conn,
             entry,
-            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock),
+            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock, conn),
             upgrade,
         )
         return not conn.closed

@@ -1,0 +1,103 @@
+"""Namespace descriptors nsd handed out that may not have reached their process yet.
+
+Enter answers with an open descriptor of the tenant's namespace. Until the caller
+has read that reply, no scan of ``/proc`` can see the descriptor: it is held by nsd
+itself, queued in nsd's output, or in the socket between the two. A Remove that
+scanned during that window found nobody, tore the namespace down and reported
+success, and the caller then joined the torn-down namespace (no veth, no mount,
+invisible to every later check). So every descriptor is recorded here from the
+moment it is opened until the peer has read the reply that carries it, and Remove
+waits for its tenant's records to land before it scans.
+
+Why that is enough: a record is made in the same loop turn in which the
+descriptor is opened, and Remove first bars new descriptors for the tenant
+(``TenantManager._removing`` and the tenant's lock), then waits here. When it
+continues, every descriptor nsd ever handed out for the tenant is in some process's
+descriptor table, or that process has joined the namespace, or it was closed:
+the scan of namespaces *and* open descriptors in ``procs`` sees the first two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .procs import start_time
+
+__all__ = ["Handout", "Handouts"]
+
+# How often Remove looks again while a reply is unread. The kernel offers no event
+# for "the peer has read everything" (EPOLLOUT reports free space, not an empty
+# queue), so this is polled; a peer that is alive reads its reply within
+# microseconds, so the first or second look normally finds it landed.
+_POLL = 0.005
+
+
+@dataclass(eq=False)
+class Handout:
+    """One descriptor on its way to a process."""
+
+    uid: int
+    # What was sent to the peer that it has not read: 0 once the reply was read (or
+    # dropped with the connection); None when that can no longer be observed (nsd
+    # closed the connection with the reply unread).
+    unread: Callable[[], int | None]
+    # The peer as (pid, start time), asked only when ``unread`` cannot tell: once
+    # it has exited nothing it received can still be used. The start time tells a
+    # reused PID apart; no pidfd is kept, so records cost no descriptors.
+    peer: tuple[int, int] | None
+    # False while nsd itself still holds the descriptor (the Enter call is running).
+    returned: bool = field(default=False)
+
+    def landed(self) -> bool:
+        if not self.returned:
+            return False
+        unread = self.unread()
+        if unread is not None:
+            return unread == 0
+        return self.peer is None or start_time(self.peer[0]) != self.peer[1]
+
+
+class Handouts:
+    """Descriptors in flight, by tenant UID. Only the event loop's thread uses it."""
+
+    def __init__(self) -> None:
+        self._by_uid: dict[int, list[Handout]] = {}
+
+    def add(self, uid: int, unread: Callable[[], int | None], pid: int | None) -> Handout:
+        """Record a descriptor being handed out to process ``pid``."""
+        self._prune(uid)
+        started = None if pid is None else start_time(pid)
+        peer = None if pid is None or started is None else (pid, started)
+        handout = Handout(uid, unread, peer)
+        self._by_uid.setdefault(uid, []).append(handout)
+        return handout
+
+    def discard(self, handout: Handout) -> None:
+        """The descriptor was closed without being sent."""
+        pending = self._by_uid.get(handout.uid, [])
+        if handout in pending:
+            pending.remove(handout)
+            if not pending:
+                del self._by_uid[handout.uid]
+
+    def in_flight(self, uid: int) -> int:
+        self._prune(uid)
+        return len(self._by_uid.get(uid, ()))
+
+    async def wait_landed(self, uid: int, timeout: float) -> int:
+        """Wait until every descriptor of ``uid`` landed; how many had not after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (left := self.in_flight(uid)) and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL)
+        return left
+
+    def _prune(self, uid: int) -> None:
+        pending = self._by_uid.get(uid)
+        if pending is None:
+            return
+        pending[:] = [h for h in pending if not h.landed()]
+        if not pending:
+            del self._by_uid[uid]
