@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, doctor, netpolicy
 from . import limits as limits_mod
-from .errors import NoSuchTenant, NsdError, PermissionDenied
+from .errors import NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
 from .sampler import Snapshot, UsageUnavailable, audit_reply, usage_reply
@@ -299,10 +299,7 @@ class Api:
                 uid = None
             else:
                 self._require_self_or_admin(call, name)
-                rec = self.manager.store.get_by_name(name)
-                if rec is None:
-                    raise NoSuchTenant(name)
-                uid = rec.uid
+                uid = self.manager.tenant_uid(name)
             # continues=True on every item: a live stream must send each event
             # at once instead of holding it back to learn whether it is the last.
             async for kind, view in self.manager.watch(uid):
@@ -322,10 +319,7 @@ class Api:
             self._require_admin(call)
             return None
         self._require_self_or_admin(call, name)
-        rec = self.manager.store.get_by_name(name)
-        if rec is None:
-            raise NoSuchTenant(name)
-        return rec.uid
+        return self.manager.tenant_uid(name)
 
     async def _snapshot(self, after: int = 0) -> Snapshot:
         if self._metrics is None:
@@ -369,10 +363,7 @@ class Api:
         uid = None
         name = call.parameters.get("name")
         if name is not None:
-            rec = self.manager.store.get_by_name(name)
-            if rec is None:
-                raise NoSuchTenant(name)
-            uid = rec.uid
+            uid = self.manager.tenant_uid(name)
         snap = await self._snapshot()
         return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 

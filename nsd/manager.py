@@ -147,6 +147,11 @@ class TenantManager:
             problems=tuple(problems),
         )
 
+    def tenant_uid(self, name: str) -> int:
+        """The UID of tenant ``name``; InvalidTenantName before any lookup (a name
+        that no UTF-8 can carry, a lone surrogate, must not reach SQLite)."""
+        return self._existing(name).uid
+
     def get(self, name: str) -> TenantView:
         return self.view(self._existing(name))
 
