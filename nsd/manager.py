@@ -53,7 +53,7 @@ from .model import (
     TenantState,
     TenantView,
 )
-from .netns import NetnsAdapter, NetnsError, NetworkSpec
+from .netns import FOREIGN, NetnsAdapter, NetnsError, NetworkSpec
 from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
 
 if TYPE_CHECKING:
@@ -314,7 +314,8 @@ class TenantManager:
             if rec.state is TenantState.REMOVING:
                 if not may_create:
                     raise NoSuchTenant(name)
-                # A removal was interrupted; finish it before creating anew.
+                # A removal was interrupted; finish it before creating anew (what
+                # someone left at the namespace path then fails the creation itself).
                 await self._teardown(rec)
                 rec = None
         if rec is None:
@@ -556,7 +557,14 @@ class TenantManager:
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
         try:
             if remove_network and not rec.adopted:
-                await self.net.remove(self.spec(rec))
+                try:
+                    await self.net.remove(self.spec(rec))
+                except NetnsError as e:
+                    if e.step != FOREIGN:
+                        raise
+                    # All of nsd's is gone; the rest is not nsd's to remove, and the
+                    # creation's own error already says what is in the way.
+                    log.warning("tenant %s: %s", rec.name, e.message)
             self.store.delete(rec.uid, quarantine=False)
             if self.network is not None:
                 # its elements, if the host table got them before the failure
@@ -579,7 +587,7 @@ class TenantManager:
                 await self._stop_processes(rec, force)
                 self.store.set_state(rec.uid, TenantState.REMOVING)
                 view = self.view(rec, check_identity=False)
-                await self._teardown(rec)
+                left = await self._teardown(rec)
             finally:
                 self._removing.discard(rec.uid)
             self._emit("removed", view)
@@ -587,6 +595,8 @@ class TenantManager:
                 await self.slices.sync_dropins([], prune_users={rec.name})
                 await self.slices.stop_ensure_unit(rec.name)
                 await self._protect_parent()
+            if left is not None:
+                raise left
 
     async def _await_handouts(self, rec: TenantRecord) -> None:
         """Wait until every namespace descriptor Enter handed out for ``rec`` reached
@@ -633,18 +643,27 @@ class TenantManager:
     def _slice_path(self, uid: int) -> str:
         return slice_cgroup_path(self.slices.slice_of(uid))
 
-    async def _teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+    async def _teardown(self, rec: TenantRecord) -> NetworkSetupFailed | None:
+        """Remove the tenant's slice, network and record. Returns (does not raise)
+        the error that names what someone else left at the namespace path: all of
+        nsd's objects are gone then, so the record goes too and nothing is stuck;
+        the caller finishes its own work and then reports it."""
         if self.slices.available:
             await self.slices.remove(rec.uid)
+        left = None
         try:
-            actions = await self.net.remove(self.spec(rec))
+            await self.net.remove(self.spec(rec))
         except NetnsError as e:
-            raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+            if e.step != FOREIGN:
+                raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+            left = NetworkSetupFailed(rec.name, e.step, f"tenant removed, but {e.message}",
+                                      e.errno)  # fmt: skip
+            log.warning("tenant %s: %s", rec.name, left.message)
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
         if self.network is not None:
             await self.network.remove_tenant(rec.uid, self._policy_tenants)
-        return actions
+        return left
 
     # -- reconcile -------------------------------------------------------------
 
@@ -730,8 +749,10 @@ class TenantManager:
         if current is None:
             return
         if current.state is TenantState.REMOVING:
-            await self._teardown(current)
+            left = await self._teardown(current)
             report.add("finish-removal", rec.name, "finished an interrupted removal")
+            if left is not None:
+                report.problems.append(left.message)
             self._emit("removed", self.view(current, check_identity=False))
             return
         actions = await self._build(current, rollback=False, dropins=False, network=False)
