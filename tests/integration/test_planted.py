@@ -100,6 +100,21 @@ def assert_untouched(path: str, kind: str, bait: str) -> None:
         assert os.path.exists(path)
 
 
+def refused_and_untouched(d: Daemon, method: str, name: str, kind: str, bait: str) -> str:
+    """``method`` answers what is in the way and leaves it; no row, no link remain."""
+    path = f"/run/netns/{name}"
+    e = error_of(d, method, name=name)
+    assert e.name == T + "NetworkSetupFailed", e
+    assert e.parameters["step"] == "foreign"
+    message: str = e.parameters["message"]
+    assert f"{path} is {PLANTS[kind][1]} that nsd did not make; left in place" in message
+    assert_untouched(path, kind, bait)
+    assert error_of(d, "Get", name=name).name == T + "NoSuchTenant"
+    assert d.db_rows(f"SELECT count(*) FROM tenants WHERE uid = {uid_of(name)}") == [(0,)]
+    assert f"nsd{uid_of(name)}" not in d.host_links()
+    return message
+
+
 @pytest.mark.parametrize("kind", sorted(PLANTS))
 def test_create_leaves_a_planted_object_and_no_row(
     env: tuple[Daemon, TestUsers], bait: str, kind: str
@@ -107,20 +122,12 @@ def test_create_leaves_a_planted_object_and_no_row(
     d, users = env
     name = users.add()
     path = f"/run/netns/{name}"
-    plant, described = PLANTS[kind]
-    plant(path, bait)
+    PLANTS[kind][0](path, bait)
     try:
-        e = error_of(d, "Create", name=name)
-        assert e.name == T + "NetworkSetupFailed", e
-        assert e.parameters["step"] == "foreign"
-        assert f"{path} is {described} that nsd did not make" in e.parameters["message"]
-        assert_untouched(path, kind, bait)
-        # Nothing stuck: no row, no lease, no link; once the object is gone it works.
-        assert error_of(d, "Get", name=name).name == T + "NoSuchTenant"
-        assert d.db_rows(f"SELECT count(*) FROM tenants WHERE uid = {uid_of(name)}") == [(0,)]
-        assert f"nsd{uid_of(name)}" not in d.host_links()
+        refused_and_untouched(d, "Create", name, kind, bait)
     finally:
         unplant(path)
+    # Nothing stuck: once the object is gone, the same name works.
     d.call(T + "Create", name=name)
     d.call(T + "Remove", name=name)
 
@@ -136,15 +143,9 @@ def test_remove_leaves_an_object_that_replaced_the_namespace(
     d.call(T + "Create", name=name)
     linux.umount2(path, linux.MNT_DETACH)
     os.unlink(path)
-    plant, described = PLANTS[kind]
-    plant(path, bait)
+    PLANTS[kind][0](path, bait)
     try:
-        e = error_of(d, "Remove", name=name)
-        assert e.name == T + "NetworkSetupFailed", e
-        assert e.parameters["message"].startswith("tenant removed, but ")
-        assert f"{path} is {described} that nsd did not make" in e.parameters["message"]
-        assert_untouched(path, kind, bait)
-        assert error_of(d, "Get", name=name).name == T + "NoSuchTenant"
-        assert f"nsd{uid_of(name)}" not in d.host_links()
+        message = refused_and_untouched(d, "Remove", name, kind, bait)
+        assert message.startswith("tenant removed, but "), message
     finally:
         unplant(path)
