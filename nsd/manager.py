@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,10 @@ class TenantManager:
         # Namespace descriptors Enter handed out that may not have reached their
         # process yet: Remove waits for them before it looks for users.
         self._handouts = Handouts()
+        # Changes of the host's nft table. The whole-table load of reconcile and
+        # reload computes it from the store; a tenant's removal or addition that
+        # completed while that load was on its way would be undone by it.
+        self._network_lock = asyncio.Lock()
         self._watchers: set[asyncio.Queue[TenantEvent | None]] = set()
         self._closing = False
         self._inflight = 0
@@ -418,7 +422,8 @@ class TenantManager:
         """Load the host table before any tenant veth is touched (fail closed)."""
         if self.network is None:
             return
-        rep = await self.network.apply_host(self._policy_tenants())
+        async with self._network_lock:
+            rep = await self.network.apply_host(self._policy_tenants())
         for a in rep.actions:
             log.info("network: %s", a)
         for p in rep.problems:
@@ -429,10 +434,13 @@ class TenantManager:
             return ()
         # The host table must name this veth before traffic through it is allowed: one
         # element transaction (the full table only when the incremental path fails).
-        rep = await self.network.set_tenant(self.tenant_net(rec), self._policy_tenants)
-        rep.extend(
-            await self.network.apply_tenant(self.tenant_net(rec), self.netns_path(rec.netns_name))
-        )
+        async with self._network_lock:
+            rep = await self.network.set_tenant(self.tenant_net(rec), self._policy_tenants)
+            rep.extend(
+                await self.network.apply_tenant(
+                    self.tenant_net(rec), self.netns_path(rec.netns_name)
+                )
+            )
         for p in rep.problems:
             log.warning("tenant %s: %s", rec.name, p)
         return tuple(rep.actions)
@@ -442,10 +450,11 @@ class TenantManager:
             return
         try:
             await self.network.refresh_site()
-            rep = await self.network.apply(
-                self._policy_tenants(),
-                {r.uid: self.netns_path(r.netns_name) for r in self.store.all()},
-            )
+            async with self._network_lock:  # the store read and the load, as one
+                rep = await self.network.apply(
+                    self._policy_tenants(),
+                    {r.uid: self.netns_path(r.netns_name) for r in self.store.all()},
+                )
             report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
             report.problems += rep.problems
             report.problems += await self.network.foreign_drop_policies()
@@ -545,6 +554,14 @@ class TenantManager:
             raise NoSuchTenant(name)
         return rec
 
+    def _still(self, rec: TenantRecord) -> bool:
+        """Whether ``rec``'s tenant still exists and is not being removed."""
+        try:
+            self._held_record(rec.uid, rec.name)
+        except NoSuchTenant:
+            return False
+        return True
+
     def _existing(self, name: str) -> TenantRecord:
         reason = names.check_user_name(name)
         if reason is not None:
@@ -568,7 +585,8 @@ class TenantManager:
             self.store.delete(rec.uid, quarantine=False)
             if self.network is not None:
                 # its elements, if the host table got them before the failure
-                rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
+                async with self._network_lock:
+                    rep = await self.network.remove_tenant(rec.uid, self._policy_tenants)
                 for p in rep.problems:
                     log.warning("tenant %s: %s", rec.name, p)
         except (NetnsError, OSError) as e:
@@ -662,7 +680,8 @@ class TenantManager:
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
         if self.network is not None:
-            await self.network.remove_tenant(rec.uid, self._policy_tenants)
+            async with self._network_lock:
+                await self.network.remove_tenant(rec.uid, self._policy_tenants)
         return left
 
     # -- reconcile -------------------------------------------------------------
@@ -718,9 +737,15 @@ class TenantManager:
                 report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
             report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
             known = {r.uid for r in records}
-            for unit in await self.slices.stray_slices(known):
-                if await self.slices.has_settings(unit):
+            for uid, unit in await self.slices.stray_slices(known):
+
+                async def forget(unit: str = unit) -> bool:
+                    if not await self.slices.has_settings(unit):
+                        return False
                     await self.slices.forget(unit)
+                    return True
+
+                if await self._while_unrecorded(uid, unit, forget):
                     report.add("forget-stray-slice", None,
                                f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
             await self._protect_parent()
@@ -737,12 +762,31 @@ class TenantManager:
         for link in links:
             if link in known:
                 continue
-            try:
+
+            async def delete(link: str = link) -> bool:
                 await self.net.delete_link(link)
-            except NetnsError as e:
+                return True
+
+            uid = int(link.removeprefix(self.cfg.netns.link_prefix))
+            try:
+                deleted = await self._while_unrecorded(uid, link, delete)
+            except (NetnsError, NsdError) as e:
                 report.problems.append(f"cannot remove stray link {link}: {e}")
             else:
-                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
+                if deleted:
+                    report.add("remove-stray-link", None,
+                               f"removed link {link}: no tenant owns it")  # fmt: skip
+
+    async def _while_unrecorded(
+        self, uid: int, what: str, act: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """``act()`` under ``uid``'s lock if nsd still has no tenant with that UID; its
+        answer, False if there is one. Strays are found in a listing taken without
+        the lock: a Create that ran meanwhile made them a tenant's."""
+        async with self._operation(uid, what):
+            if self.store.get(uid) is not None:
+                return False
+            return await act()
 
     async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
         current = self.store.get(rec.uid)
@@ -789,12 +833,22 @@ class TenantManager:
             if not t.uid_min <= user.uid <= t.uid_max:
                 log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
                 continue
+            path = self.netns_path(entry)
+
+            async def adopt(user: users.User = user, path: str = path) -> bool:
+                # Looked at without the lock: gone since, it is nothing to adopt,
+                # and creating a fresh tenant here is what nobody asked for.
+                if self.net.namespace_inode(path) is None:
+                    return False
+                _, created = await self._ensure_held(user, user.name, allow_existing=True)
+                return created
+
             try:
-                _, created = await self.ensure(user.name)
+                adopted = await self._while_unrecorded(user.uid, user.name, adopt)
             except NsdError as e:
                 report.problems.append(f"cannot adopt {entry}: {e.message}")
                 continue
-            if created:
+            if adopted:
                 report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
 
     # -- watch -----------------------------------------------------------------
@@ -872,7 +926,12 @@ class TenantManager:
             return report
         for rec in self.store.all():
             try:
-                await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
+                # Under the lock, from the record as it is then: a Remove that ran
+                # meanwhile must not get its slice re-created.
+                async with self._operation(rec.uid, rec.name):
+                    if not self._still(rec):
+                        continue
+                    await self.slices.ensure(rec.uid, self.limits_of(rec.uid))
             except NsdError as e:
                 report.problems.append(f"tenant {rec.name}: {e.message}")
             else:

@@ -142,6 +142,8 @@ def test_enter_without_create_never_brings_a_removed_tenant_back(
 
     with Hammer(d, enter) as hammer:
         back = cycle(d, hammer, name, ROUNDS)
+    print(f"\nEnter(create=false) race: {ROUNDS} rounds, back after Remove in {len(back)}, "
+          f"creations {creations(d, name)}, Enter answers {hammer.answers}")  # fmt: skip
     assert hammer.failures == []
     # The loop really raced: it entered the tenant and was refused while it was gone.
     assert hammer.answers.get("ok", 0) > 0 and hammer.answers.get(NO_SUCH, 0) > 0, hammer.answers
@@ -252,6 +254,8 @@ def test_remove_never_succeeds_under_a_joining_nsd_exec(env: tuple[Daemon, TestU
             proc.wait()
         if present(d, name):
             d.call(T + "Remove", name=name)
+    print(f"\nnsd-exec against Remove: {EXEC_ROUNDS} rounds, {outcomes}, "
+          f"workloads in a removed namespace: {len(orphans)}")  # fmt: skip
     assert orphans == [], f"Remove ok while nsd-exec joined, {len(orphans)}/{EXEC_ROUNDS}"
     # Both orders happened: the loop really raced.
     assert outcomes.get("ok refused", 0) > 0, outcomes
