@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="ROUNDS",
         help="instead: the race tests of tests/integration/test_races.py with ROUNDS rounds "
-        "each (the test suite runs 200 and 80), with their figures",
+        "each (the test suite runs 200 and 40), with their figures",
     )
     p.add_argument(
         "--out",

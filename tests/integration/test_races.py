@@ -101,11 +101,24 @@ def present(d: Daemon, name: str) -> bool:
     return True
 
 
+def remove(d: Daemon, name: str) -> None:
+    """Remove, again while it answers TenantBusy: the racing Enter loop may hold the
+    namespace descriptor for the instant between receiving and closing it."""
+    for _ in range(100):
+        try:
+            d.call(T + "Remove", name=name)
+            return
+        except VarlinkError as e:
+            if e.name != T + "TenantBusy":
+                raise
+    raise AssertionError(f"{name} busy 100 times in a row")
+
+
 def remove_until_gone(d: Daemon, hammer: Hammer, name: str) -> None:
     # Without the racing calls: the unfixed code brings the tenant back behind
     # each removal, and the next round must start from nothing.
     with hammer.paused():
-        d.call(T + "Remove", name=name)
+        remove(d, name)
         assert not present(d, name)
 
 
@@ -121,7 +134,7 @@ def cycle(d: Daemon, hammer: Hammer, name: str, rounds: int) -> list[int]:
             back.append(i)
             remove_until_gone(d, hammer, name)
             d.call(T + "Create", name=name)
-        d.call(T + "Remove", name=name)
+        remove(d, name)
         if present(d, name):
             if not back or back[-1] != i:
                 back.append(i)
@@ -155,7 +168,7 @@ def test_enter_without_create_never_brings_a_removed_tenant_back(
 # -- Remove against a descriptor Enter handed out ----------------------------------
 
 NSD_EXEC = [sys.executable, "-m", "nsd.exec"]
-EXEC_ROUNDS = int(os.environ.get("NSD_EXEC_RACE_ROUNDS", "80"))
+EXEC_ROUNDS = int(os.environ.get("NSD_EXEC_RACE_ROUNDS", "40"))
 
 
 @pytest.fixture
