@@ -19,12 +19,12 @@ from importlib import resources
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, cast
 
-from . import __version__, doctor, netpolicy
+from . import __version__, doctor, faultapi, netpolicy
 from . import limits as limits_mod
 from .errors import NsdError, PermissionDenied
 from .manager import TenantManager
 from .model import TenantView
-from .sampler import Snapshot, UsageUnavailable, audit_reply, usage_reply
+from .sampler import Snapshot, UsageUnavailable, audit_reply, escaped_by_tenant, usage_reply
 from .varlink.server import Call, Handler, Peer, Reply, VarlinkError
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class Api:
                 # Plain call or, with "more", a stream: the handler returns either.
                 "GetUsage": cast(Handler, self.get_usage),
                 "Audit": self._wrap(TENANT_INTERFACE, self.audit_processes),
+                "GetFaults": self._wrap(TENANT_INTERFACE, self.get_faults),
             },
             DAEMON_INTERFACE: {
                 "Doctor": self._wrap(DAEMON_INTERFACE, self.doctor),
@@ -302,8 +303,10 @@ class Api:
                 uid = self.manager.tenant_uid(name)
             # continues=True on every item: a live stream must send each event
             # at once instead of holding it back to learn whether it is the last.
-            async for kind, view in self.manager.watch(uid):
+            async for kind, view, fault in self.manager.watch(uid):
                 params = {"event": kind, "tenant": None if view is None else tenant_json(view)}
+                if fault is not None:
+                    params["fault"] = faultapi.fault_json(fault)
                 yield Reply(params, continues=True)
         except NsdError as e:
             if isinstance(e, PermissionDenied):
@@ -367,11 +370,23 @@ class Api:
         snap = await self._snapshot()
         return audit_reply(snap, uid, bool(call.parameters.get("helpers")))
 
+    async def get_faults(self, call: Call) -> dict[str, Any]:
+        name = call.parameters.get("name")
+        if name is None:
+            self._require_admin(call)
+        else:
+            self._require_self_or_admin(call, name)
+        since, limit = faultapi.query(call.parameters)
+        faults = self.manager.store.faults(name, since, limit)
+        return {"faults": [faultapi.fault_json(f) for f in faults]}
+
     # -- io.nsd.Daemon -----------------------------------------------------------
 
     async def doctor(self, call: Call) -> dict[str, Any]:
         self._require_admin(call)
         checks = doctor.run(self.manager.cfg.netns.run_dir, self.manager.ipam, await self._routes())
+        snap = self._metrics.sampler.snapshot if self._metrics is not None else None
+        checks.append(doctor.escape_check(escaped_by_tenant(snap) if snap is not None else None))
         return {
             "checks": [
                 {"name": c.name, "severity": c.severity, "message": c.message} for c in checks

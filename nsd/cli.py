@@ -1,7 +1,8 @@
 """nsctl: the admin CLI, in the style of machinectl, ip netns and systemctl.
 
 Tables for people by default, ``--json`` for scripts (``nsctl list --json`` is
-the address map a proxy generator consumes). Exit status 0 on success and 1 on
+the address map a proxy generator consumes). Options may stand anywhere on the
+line, before or after the command, as with systemctl. Exit status 0 on success and 1 on
 failure, with one line on stderr that names the varlink error.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import topview
+from . import faultview, topview
 from .varlink.client import VarlinkClient, VarlinkError
 
 DEFAULT_SOCKET = "/run/nsd/io.nsd.Tenant"
@@ -43,6 +44,7 @@ _MESSAGES: dict[str, str] = {
     "InvalidCommand": "invalid command: {reason}",
     "SystemdUnavailable": "systemd is unavailable: {reason}",
     "SystemdRequestFailed": "systemd could not handle {unit}: {message}",
+    "InvalidFaultQuery": "invalid {parameter}: {reason}",
     "WatcherTooSlow": "the watch fell behind and was dropped; run it again",
     "UsageUnavailable": "no usage data: {reason}",
     "PermissionDenied": "permission denied (root or the admin group needed, or ask about yourself)",
@@ -276,6 +278,19 @@ class Cli:
         if r["processes"] and any(p["reason"] != "helper" for p in r["processes"]):
             raise SystemExit(1)  # flagged processes: non-zero, for scripts and cron
 
+    def cmd_faults(self) -> None:
+        a = self.args
+        params: dict[str, Any] = {"limit": a.limit}
+        if a.user:
+            params["name"] = a.user
+        if a.since:
+            try:
+                params["sinceUSec"] = faultview.parse_since(a.since)
+            except ValueError as e:
+                raise SystemExit(f"nsctl: {e}") from None
+        r = self.call(T + "GetFaults", **params)
+        self.out(r, lambda: print(faultview.format_faults(r)))
+
     def cmd_watch(self) -> None:
         with self.client() as c:
             for reply in c.call_more(
@@ -285,8 +300,10 @@ class Cli:
                     print(json.dumps(reply, sort_keys=True), flush=True)
                 else:
                     t = reply.get("tenant")
-                    print(f"{reply['event']}" + (f" {t['name']} {t['state']}" if t else ""),
-                          flush=True)  # fmt: skip
+                    f = reply.get("fault")
+                    what = f" {f['kind']} x{f['count']}" if f else ""
+                    print(f"{reply['event']}" + (f" {t['name']} {t['state']}" if t else "")
+                          + what, flush=True)  # fmt: skip
 
 
 _LIMIT_OPTIONS = (
@@ -331,11 +348,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--socket`` and ``--json``, accepted before and after the command.
+
+    systemctl and machinectl users write ``nsctl show alice --json``. Every
+    subparser takes the options too, with ``SUPPRESS`` as its default so that an
+    option given before the command is not reset by the subparser's default.
+    """
+    sock_default = os.environ.get("NSD_SOCKET", DEFAULT_SOCKET) if defaults else argparse.SUPPRESS
+    p.add_argument("--socket", default=sock_default,
+                   help=f"varlink socket (default {DEFAULT_SOCKET}, or $NSD_SOCKET)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output",
+                   default=False if defaults else argparse.SUPPRESS)  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nsctl", description="Manage nsd tenants.")
-    p.add_argument("--socket", default=os.environ.get("NSD_SOCKET", DEFAULT_SOCKET),
-                   help=f"varlink socket (default {DEFAULT_SOCKET}, or $NSD_SOCKET)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("create", "create a tenant for an existing Unix user"),
@@ -380,8 +409,18 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("user", nargs="?")
     audit.add_argument("--helpers", action="store_true",
                        help="also list helper processes (sd-pam, su, sudo, ...)")  # fmt: skip
+    faults = sub.add_parser("faults", help="limits tenants hit, with the processes then")
+    faults.add_argument("user", nargs="?")
+    faults.add_argument(
+        "--since",
+        metavar="TIME",
+        help="an age (15min, 2h, 1d) or a date and time (2026-12-05 04:00)",
+    )
+    faults.add_argument("--limit", type=int, default=1000, help="at most this many, newest")
     w = sub.add_parser("watch", help="stream tenant events")
     w.add_argument("user", nargs="?")
+    for command in sub.choices.values():
+        _global_options(command, defaults=False)
     return p
 
 

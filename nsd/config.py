@@ -130,6 +130,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """``[faults]``: limit hits recorded with a process snapshot (nsd.faultrecord)."""
+
+    enabled: bool = True
+    #: faults kept in the store at most (the oldest go first)
+    keep: int = 10000
+    #: days a fault is kept at most
+    keep_days: float = 30.0
+    #: processes in a fault's snapshot (largest RSS first)
+    processes: int = 10
+    #: seconds: at most one record per tenant and kind in this time
+    coalesce: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
@@ -138,6 +153,7 @@ class Config:
     exec: ExecConfig = field(default_factory=ExecConfig)
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     limits: limits_mod.Limits = field(default_factory=limits_mod.Limits)
     network: netpolicy.NetworkConfig = field(default_factory=netpolicy.NetworkConfig)
     source: str = "<defaults>"
@@ -192,6 +208,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "exec": ExecConfig,
     "systemd": SystemdConfig,
     "metrics": MetricsConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -340,6 +357,7 @@ def validate(cfg: Config) -> Config:
     _check_netns(cfg.source, cfg.netns)
     _check_ipam(cfg.source, cfg)
     _check_metrics(cfg.source, cfg.metrics)
+    _check_faults(cfg.source, cfg.faults)
     return cfg
 
 
@@ -364,6 +382,17 @@ def _check_daemon(src: str, d: DaemonConfig) -> None:
             raise ConfigError(src, f"daemon.{key}", "must be at least 1")
     if not 1024 <= d.max_message_bytes <= 16 * 1024 * 1024:
         raise ConfigError(src, "daemon.max_message_bytes", "must be between 1024 and 16777216")
+
+
+def _check_faults(src: str, f: FaultsConfig) -> None:
+    if not 1 <= f.keep <= 10_000_000:
+        raise ConfigError(src, "faults.keep", "must be between 1 and 10000000 faults")
+    if not 0 < f.keep_days <= 3650:
+        raise ConfigError(src, "faults.keep_days", "must be more than 0 and at most 3650 days")
+    if not 0 <= f.processes <= 1000:
+        raise ConfigError(src, "faults.processes", "must be between 0 and 1000")
+    if not 0 <= f.coalesce <= 3600:
+        raise ConfigError(src, "faults.coalesce", "must be between 0 and 3600 seconds")
 
 
 def _check_metrics(src: str, m: MetricsConfig) -> None:

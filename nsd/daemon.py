@@ -29,12 +29,13 @@ from pathlib import Path
 from . import __version__, config, doctor, netpolicy, nft, sd
 from .api import DAEMON_INTERFACE, TENANT_INTERFACE, Api, idl
 from .cgroupstats import detect_root, slice_cgroup_path
+from .faultrecord import FaultCounter, FaultRecorder, FaultService
 from .hostnet import HostNetwork
 from .ipam import Ipam
 from .manager import TenantManager
 from .metrics import MetricsService
 from .netns import NetnsAdapter, NetnsError
-from .sampler import manager_targets
+from .sampler import Target, manager_targets
 from .slices import TenantSlices
 from .store import Store, StoreError
 from .systemd import Systemd, SystemdError
@@ -42,12 +43,18 @@ from .varlink.server import Limits, VarlinkServer
 
 log = logging.getLogger("nsd")
 
+# Exit statuses (nsd(8), EXIT STATUS). 2 and 3 name problems an operator must fix
+# (the configuration, a missing package, overlapping pools, another daemon on the
+# socket): nsd.service lists them in RestartPreventExitStatus=, so systemd does
+# not restart into the same error every few seconds. 1 is anything unexpected,
+# where a restart may help.
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-EXIT_STARTUP = 1
+EXIT_STARTUP = 3
 
 
 class StartupError(Exception):
-    """A reason the daemon cannot start, for humans; logged, exit status 1."""
+    """A reason the daemon cannot start, for humans; logged, exit status 3."""
 
 
 class Daemon:
@@ -80,14 +87,28 @@ class Daemon:
             await net.start()
             stack.push_async_callback(net.close)
             manager, degraded = await self._prepare(store, net, stack)
+            cgroup_root = detect_root()
+            faults = self._faults(store, manager, cgroup_root)
+
+            def targets() -> list[Target]:
+                found = manager_targets(manager)
+                if faults is not None:
+                    # At every sample: watch new tenants' slices, drop removed ones.
+                    faults.sync((t.uid, t.name, t.cgroup) for t in found)
+                return found
+
             metrics = MetricsService(
-                lambda: manager_targets(manager),
+                targets,
                 interval=cfg.metrics.interval,
                 listen=cfg.metrics.listen,
                 helpers=cfg.metrics.helpers,
-                cgroup_root=detect_root(),
+                cgroup_root=cgroup_root,
                 probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
             )
+            if faults is not None:
+                metrics.registry.register(FaultCounter(faults.recorder))
+                faults.start()
+                stack.push_async_callback(faults.close)
 
             sd.notify("STATUS=Reconciling tenants")
             started = time.perf_counter()
@@ -124,6 +145,18 @@ class Daemon:
             if not await manager.shutdown(cfg.daemon.shutdown_timeout):
                 log.warning("operations still running after %.0fs; reconcile finishes them",
                             cfg.daemon.shutdown_timeout)  # fmt: skip
+
+    def _faults(
+        self, store: Store, manager: TenantManager, cgroup_root: str | None
+    ) -> FaultService | None:
+        """The fault watcher, if enabled and the host has cgroup v2 to watch."""
+        if not self.cfg.faults.enabled:
+            return None
+        if cgroup_root is None:
+            log.info("no cgroup v2 hierarchy: faults are not watched")
+            return None
+        recorder = FaultRecorder(store, self.cfg.faults, manager.emit_fault)
+        return FaultService(cgroup_root, recorder)
 
     async def _prepare(
         self, store: Store, net: NetnsAdapter, stack: contextlib.AsyncExitStack
@@ -416,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         # A bug, or a host failure nothing anticipated: say so once, with the
         # traceback, and exit non-zero so systemd's Restart= policy applies.
         log.exception("nsd stopped on an unexpected error")
-        return EXIT_STARTUP
+        return EXIT_FAILURE
     return 0
 
 

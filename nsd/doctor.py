@@ -8,6 +8,7 @@ some facts - its own mount namespace - are the daemon's) and at start-up.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
@@ -249,3 +250,25 @@ def _check_pools(ipam: Ipam, routes: list[IPv4Network | IPv6Network]) -> Check:
         "address-pools", "ok",
         f"pools {ipam.ipv4_pool} and {ipam.ipv6_base} do not overlap host routes",
     )  # fmt: skip
+
+
+def escape_check(escaped: Mapping[str, int] | None) -> Check:
+    """The audit summarised: tenants with processes outside their slice or namespace
+    in the metrics sampler's last scan (``escaped``: tenant name -> count; None: no
+    scan yet or metrics off)."""
+    name = "tenant-processes"
+    if escaped is None:
+        return Check(name, "ok", "no process scan available (metrics off or not sampled yet)")
+    flagged = {t: n for t, n in escaped.items() if n}
+    if not flagged:
+        return Check(name, "ok", "every tenant process is in its tenant's slice and namespace")
+    worst = sorted(flagged.items(), key=lambda kv: (-kv[1], kv[0]))
+    listed = ", ".join(f"{t} ({n})" for t, n in worst[:5])
+    more = f" and {len(worst) - 5} more tenant(s)" if len(worst) > 5 else ""
+    return Check(
+        name,
+        "warning",
+        f"{sum(flagged.values())} process(es) outside their tenant's slice or namespace: "
+        f"{listed}{more}; their memory escapes the tenant's limits - `nsctl audit` lists "
+        "them with the fix",
+    )

@@ -43,6 +43,7 @@ from .errors import (
     UidOutOfRange,
     WatcherTooSlow,
 )
+from .faults import Fault
 from .handouts import Handouts
 from .ipam import Ipam
 from .model import (
@@ -54,7 +55,14 @@ from .model import (
     TenantView,
 )
 from .netns import FOREIGN, NetnsAdapter, NetnsError, NetworkSpec
-from .slices import RunResult, TenantSlices, caller_cgroup, wants_scope
+from .slices import (
+    MOVE_UNLESS_MAIN,
+    STAY,
+    RunResult,
+    TenantSlices,
+    caller_cgroup,
+    placement,
+)
 
 if TYPE_CHECKING:
     from .hostnet import HostNetwork
@@ -286,7 +294,11 @@ class TenantManager:
             return None  # auto or always, on a host without systemd: nothing to place into
         # The caller's cgroup matters only to the "auto" policy's own choice.
         cgroup = caller_cgroup(pid) if scope is None and policy == "auto" else None
-        if not wants_scope(policy, scope, cgroup, tenant_slice):
+        decision = placement(policy, scope, cgroup, tenant_slice, rec.uid)
+        if decision == MOVE_UNLESS_MAIN and await self.slices.is_main_process(pid):
+            log.info("tenant %s: pid %d stays in its unit (its main process)", rec.name, pid)
+            return None
+        if decision == STAY:
             return None
         unit = await self.slices.place(rec, pid, open_pidfd)
         log.info("tenant %s: pid %d placed into %s", rec.name, pid, unit)
@@ -853,15 +865,18 @@ class TenantManager:
 
     # -- watch -----------------------------------------------------------------
 
-    async def watch(self, uid: int | None) -> AsyncIterator[tuple[str, TenantView | None]]:
-        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name)."""
+    async def watch(
+        self, uid: int | None
+    ) -> AsyncIterator[tuple[str, TenantView | None, Fault | None]]:
+        """Events of all tenants, or of the tenant with ``uid`` (its identity, not its name):
+        (kind, tenant, the fault for kind "fault")."""
         queue: asyncio.Queue[TenantEvent | None] = asyncio.Queue(_WATCH_QUEUE)
         self._watchers.add(queue)
         try:
             for rec in self.store.all():
                 if uid is None or rec.uid == uid:
-                    yield "existing", self.view(rec)
-            yield "synced", None
+                    yield "existing", self.view(rec), None
+            yield "synced", None, None
             while True:
                 event = await queue.get()
                 if event is None:
@@ -869,12 +884,20 @@ class TenantManager:
                         raise ShuttingDown()
                     raise WatcherTooSlow()
                 if uid is None or event.view.record.uid == uid:
-                    yield event.kind, event.view
+                    yield event.kind, event.view, event.fault
         finally:
             self._watchers.discard(queue)
 
-    def _emit(self, kind: str, view: TenantView) -> None:
-        event = TenantEvent(kind, view)
+    def emit_fault(self, fault: Fault) -> None:
+        """A Watch event for a recorded fault (nsd.faultrecord), if the tenant is
+        still the one the fault was recorded for."""
+        rec = self.store.get(fault.uid)
+        if rec is None or rec.name != fault.tenant:
+            return
+        self._emit("fault", self.view(rec, check_identity=False), fault)
+
+    def _emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
+        event = TenantEvent(kind, view, fault)
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(event)

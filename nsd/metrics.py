@@ -154,6 +154,10 @@ CATALOGUE: tuple[MetricDef, ...] = (
     _m("nsd_tenant_escaped_processes", "gauge", "/proc/PID/{status,cgroup,ns/net,loginuid}",
        "The tenant's processes outside its slice, its namespace, or both (nsctl audit "
        "lists them).", "reason"),
+    # Live, not from the snapshot: counted as the kernel reports each event (nsd.faultrecord).
+    _h("nsd_tenant_faults_total", "counter", "memory.events, pids.events (inotify)",
+       "Limit events of the tenant's slice by fault kind: oom_kill, memory_max, "
+       "memory_high, pids_max (docs/metrics.md, Faults).", "tenant", "uid", "kind"),
     _h("nsd_tenants", "gauge", "store", "Tenants nsd manages (at the last sample)."),
     _h("nsd_helper_processes", "gauge", "/proc/PID/status",
        "Processes named like a configured helper on the whole host, tenants' or not.", "helper"),

@@ -6,6 +6,10 @@ import enum
 import functools
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .faults import Fault
 
 
 class TenantState(enum.StrEnum):
@@ -72,5 +76,6 @@ class ReconcileReport:
 
 @dataclass(frozen=True)
 class TenantEvent:
-    kind: str  # created, changed, removed
+    kind: str  # created, changed, removed, fault
     view: TenantView
+    fault: Fault | None = None  # for "fault"

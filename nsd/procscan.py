@@ -19,17 +19,20 @@ descendant, reached through helpers only, runs as the tenant).
 A tenant's own (non-helper) processes are classified by where they run:
 
 - ``contained``: inside the tenant's slice and namespace (where nsd puts work);
-- ``session``: a login session (``session-*.scope``, or an audit login UID:
-  cron without pam_systemd, hosts without systemd sessions) in the tenant's
-  namespace but not its slice - what pam_nsd makes of a login under the default
-  layout, where logind's session scopes are not in the tenant's slice
-  (docs/logins.md); not flagged;
-- ``user_manager``: the user's systemd instance (``user@UID.service``) - legitimately
-  elsewhere, not flagged;
+- ``session``: the tenant's own login (its audit login UID is the tenant's) in
+  a logind session scope (``session-*.scope``) in the tenant's namespace but not
+  its slice - what pam_nsd makes of a login under the default layout, where
+  logind's session scopes are not in the tenant's slice (docs/logins.md); not
+  flagged;
+- ``user_manager``: the tenant's systemd instance (``user@UID.service``) -
+  legitimately elsewhere, not flagged;
 - escapes, which are flagged: ``outside_slice`` (in the namespace but not the
-  slice: its memory is neither limited nor counted with the tenant),
-  ``outside_namespace`` (in the slice but another network namespace),
-  ``outside_slice_and_namespace``, and ``session_outside_namespace``: a login
+  slice: its memory is neither limited nor counted with the tenant - a unit's
+  main process with ``User=`` the tenant but no ``Slice=``, or a job of root's
+  crontab, a root supervisord's program, an administrator's ``su`` that was not
+  moved into the tenant's slice), ``outside_namespace`` (in the slice but
+  another network namespace), ``outside_slice_and_namespace``, and
+  ``session_outside_namespace``: a login of the tenant
   left in another network namespace (pam_nsd is not in that service's PAM stack,
   or skipped the login because nsd was unreachable).
 
@@ -65,12 +68,10 @@ ESCAPES: tuple[str, ...] = (
 
 DEFAULT_HELPERS: tuple[str, ...] = ("(sd-pam)", "su", "sudo", "runuser", "nsenter")
 COMM_LEN = 15  # TASK_COMM_LEN - 1: /proc/PID/status "Name:" is truncated to this
-_NO_LOGINUID = 4294967295  # (uid_t)-1: no audit login UID (services, kernel)
 _MAX_COMMAND = 512
 _HELPER_DEPTH = 4  # sudo -> sudo (pty monitor) -> command: a short chain at most
 
 _SESSION = re.compile(r"/session-[^/]+\.scope(?:/|$)")
-_USER_MANAGER = re.compile(r"/user@[0-9]+\.service(?:/|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,19 +361,20 @@ def _classify(p: _Proc, proc_root: str) -> str:
     if in_slice and in_ns:
         return CONTAINED
     cgroup = p.cgroup or ""
-    if _USER_MANAGER.search(cgroup):
+    if f"/user@{t.uid}.service/" in cgroup + "/":
         return USER_MANAGER
-    # A login: a logind session scope, or a PAM session without one (cron without
-    # pam_systemd, hosts without systemd) that set an audit login UID. In the
-    # tenant's namespace it is where pam_nsd puts it (under the default layout
-    # session scopes are not in the tenant's slice); anywhere else pam_nsd did
-    # not run for it.
-    login = _loginuid(f"{proc_root}/{p.pid}")
-    if _SESSION.search(cgroup) or (login is not None and login != _NO_LOGINUID):
+    # The tenant's own login: its audit login UID is the tenant's (ssh, su -l by
+    # the tenant, the tenant's crontab). In a logind session scope in the
+    # tenant's namespace it is where pam_nsd leaves it (under the default layout
+    # session scopes are not in the tenant's slice, docs/logins.md); in another
+    # namespace pam_nsd did not run for it. Anyone else's login running as the
+    # tenant - root's crontab calling nsd-exec (cron.service: Debian's cron jobs
+    # have no session), an administrator's su or sudo - is judged like any
+    # process below: outside the slice, the tenant's work escapes its budget.
+    own_login = _loginuid(f"{proc_root}/{p.pid}") == t.uid
+    if own_login and (not in_ns or _SESSION.search(cgroup)):
         return SESSION if in_ns else SESSION_OUTSIDE_NAMESPACE
-    if in_slice and t.cgroup is not None:
-        return OUTSIDE_NAMESPACE
-    if t.cgroup is None:
+    if in_slice:  # or no slices on this host
         return OUTSIDE_NAMESPACE
     return OUTSIDE_SLICE if in_ns else OUTSIDE_BOTH
 

@@ -404,3 +404,9 @@ def audit_reply(snap: Snapshot, uid: int | None = None, helpers: bool = False) -
         "processes": rows,
         "omitted": snap.findings_dropped,
     }
+
+
+def escaped_by_tenant(snap: Snapshot) -> dict[str, int]:
+    """Escaped processes per tenant name in ``snap`` (tenants whose /proc scan failed
+    are left out rather than reported as clean)."""
+    return {t.name: t.processes.escaped for t in snap.tenants if t.processes is not None}

@@ -31,6 +31,7 @@ from .model import TenantRecord
 from .procscan import parse_cgroup
 from .systemd import (
     INFINITY,
+    SERVICE,
     JobFailed,
     Property,
     Systemd,
@@ -81,26 +82,48 @@ def caller_cgroup(pid: int, proc: str = "/proc") -> str | None:
         return None
 
 
-def wants_scope(policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str) -> bool:
+#: What the placement policy makes of an Enter caller (``placement``).
+STAY = "stay"
+MOVE = "move"
+#: Inside a service: stays only if it is the service's main process (ask systemd).
+MOVE_UNLESS_MAIN = "move_unless_main"
+
+
+def placement(
+    policy: str, requested: bool | None, cgroup: str | None, tenant_slice: str, tenant_uid: int
+) -> str:
     """Whether Enter should move the caller into a scope in the tenant's slice.
 
-    ``auto`` keeps processes that already belong somewhere deliberate: anything
-    inside the tenant's slice (a service with ``Slice=``), and any service's
-    processes - its main process must stay in its unit, and a process
-    manager's children (supervisord) must stay where stopping the manager
-    reaches them. Sessions (cron jobs, shells) and unit-less processes move.
+    ``auto`` keeps the budget: every process that enters a tenant goes into the
+    tenant's slice, except those already there and two that must stay home:
+
+    * a unit's own main process (``ExecStart=nsd-exec ...``): moving it out of
+      its unit would leave the unit empty, and systemd would consider it gone.
+      Its unit belongs in the tenant's slice through the ``Slice=`` drop-in of a
+      template marked ``X-NSD-Tenant=yes``; the audit reports it if it is not.
+      Only systemd knows the main PID, so this returns MOVE_UNLESS_MAIN;
+    * the tenant's own user manager (``user@UID.service``), which the audit
+      counts as legitimate too.
+
+    Everything else moves, in particular a service's *other* processes: a job
+    of root's crontab (cron.service: Debian's cron jobs have no logind
+    session), a program of a root supervisord, a oneshot script's child.
+    Before, ``auto`` left those in the calling service, where the tenant's work
+    escaped its memory, CPU and task limits and counted against the service.
     """
     if requested is not None:
-        return requested
+        return MOVE if requested else STAY
     if policy != "auto":
-        return policy == "always"
+        return MOVE if policy == "always" else STAY
     if cgroup is None:
-        return True
+        return MOVE
     parts = [p for p in cgroup.split("/") if p]
-    if tenant_slice in parts:
-        return False
+    if tenant_slice in parts or f"user@{tenant_uid}.service" in parts:
+        return STAY
     units = [p for p in parts if p.endswith((".service", ".scope"))]
-    return not (units and units[-1].endswith(".service"))
+    if units and units[-1].endswith(".service"):
+        return MOVE_UNLESS_MAIN
+    return MOVE
 
 
 class TenantSlices:
@@ -268,6 +291,24 @@ class TenantSlices:
         except SystemdError as e:
             log.debug("stopping %s: %s", unit, e)
 
+    async def is_main_process(self, pid: int) -> bool:
+        """Whether ``pid`` is the main process of the service systemd says it is in.
+
+        A failed question counts as "no": the caller is then moved into the
+        tenant's slice, which keeps the budget (and if systemd is unreachable the
+        placement itself reports that).
+        """
+        bus = self._bus()
+        try:
+            unit = await bus.unit_for_pid(pid)
+            if unit is None or not unit.endswith(".service"):
+                return False
+            main = await bus.get_unit_property(unit, SERVICE, "MainPID")
+        except SystemdError as e:
+            log.debug("main process of pid %d: %s", pid, e)
+            return False
+        return int(main) == pid
+
     async def place(self, rec: TenantRecord, pid: int, open_pidfd: Callable[[], int]) -> str:
         """Move process ``pid`` into a new scope in the tenant's slice; return its name."""
         bus = self._bus()
@@ -373,5 +414,5 @@ __all__ = [
     "SystemdRequestFailed",
     "TenantSlices",
     "caller_cgroup",
-    "wants_scope",
+    "placement",
 ]

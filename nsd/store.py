@@ -1,4 +1,4 @@
-"""SQLite state: tenants, address leases and schema version.
+"""SQLite state: tenants, address leases, faults and schema version.
 
 The store is the source of truth. Every change to the host is preceded by a
 committed record of the intent (state ``creating`` or ``removing``), so a crash
@@ -11,17 +11,20 @@ thread only, so there is exactly one writer and no locking beyond SQLite's.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv6Network
 from pathlib import Path
+from typing import Any
 
+from .faults import Fault, ProcessSample
 from .model import TenantRecord, TenantState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -69,6 +72,24 @@ CREATE TABLE tenant_bandwidth (
     egress_bps  INTEGER,
     ingress_bps INTEGER
 );
+""",
+    3: """
+-- Faults: a tenant hitting a limit (nsd.faults). No foreign key: a fault outlives
+-- its tenant until retention (faults.keep, faults.keep_days) drops it.
+CREATE TABLE faults (
+    id         INTEGER PRIMARY KEY,
+    uid        INTEGER NOT NULL,
+    tenant     TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    at_us      INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    limit_value INTEGER,
+    value      INTEGER,
+    -- JSON array of [pid, comm, rss_bytes, cgroup], largest RSS first
+    processes  TEXT    NOT NULL
+);
+CREATE INDEX faults_by_time ON faults (at_us);
+CREATE INDEX faults_by_tenant ON faults (tenant, at_us);
 """,
 }
 
@@ -325,6 +346,43 @@ class Store:
             )
             return cur.rowcount
 
+    # -- faults ----------------------------------------------------------------
+
+    def add_faults(self, faults: Sequence[Fault], keep: int, keep_after_us: int) -> list[int]:
+        """Store ``faults`` in one transaction, then apply the retention: at most
+        ``keep`` faults, none older than ``keep_after_us``. Returns the new ids."""
+        ids = []
+        with _transaction(self._db):
+            for f in faults:
+                procs = json.dumps([[p.pid, p.comm, p.rss_bytes, p.cgroup] for p in f.processes])
+                cur = self._db.execute(
+                    "INSERT INTO faults (uid, tenant, kind, at_us, count, limit_value, value, "
+                    "processes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (f.uid, f.tenant, f.kind, f.at_us, f.count, f.limit, f.value, procs),
+                )
+                ids.append(int(cur.lastrowid or 0))
+            self._db.execute("DELETE FROM faults WHERE at_us < ?", (keep_after_us,))
+            # Ids only grow and only the oldest rows are deleted, so the newest
+            # ``keep`` are those above max(id) - keep: two index look-ups, where
+            # "ORDER BY id DESC OFFSET keep" would walk ``keep`` rows on every write.
+            self._db.execute(
+                "DELETE FROM faults WHERE id <= (SELECT max(id) FROM faults) - ?", (keep,)
+            )
+        return ids
+
+    def faults(
+        self, tenant: str | None = None, since_us: int = 0, limit: int = 1000
+    ) -> list[Fault]:
+        """Stored faults, oldest first: the newest ``limit`` of those at or after
+        ``since_us`` (of ``tenant`` only, if given)."""
+        rows = self._db.execute(
+            "SELECT id, uid, tenant, kind, at_us, count, limit_value, value, processes "
+            "FROM faults WHERE at_us >= ? AND (? IS NULL OR tenant = ?) "
+            "ORDER BY id DESC LIMIT ?",
+            (since_us, tenant, tenant, limit),
+        ).fetchall()
+        return [_fault(r) for r in reversed(rows)]
+
     def lease_rows(self) -> list[tuple[int, str, int, int | None]]:
         """Every lease row (family, address, uid, released_us): for tests and audits."""
         return [
@@ -382,6 +440,17 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _fault(row: tuple[Any, ...]) -> Fault:
+    fid, uid, tenant, kind, at_us, count, limit, value, procs = row
+    return Fault(
+        uid=int(uid), tenant=str(tenant), kind=str(kind), at_us=int(at_us), count=int(count),
+        limit=None if limit is None else int(limit), value=None if value is None else int(value),
+        processes=tuple(ProcessSample(int(p), str(c), int(r), str(g))
+                        for p, c, r, g in json.loads(procs)),
+        id=int(fid),
+    )  # fmt: skip
 
 
 def _record(row: tuple[object, ...]) -> TenantRecord:

@@ -24,9 +24,14 @@ _REASONS = {
 }
 REASON_HELP = {
     "helper": "launches or babysits the tenant's work (sd-pam, su, sudo, ...)",
-    "outsideSlice": "in the tenant's namespace but not its slice: not limited or counted with it",
-    "outsideNamespace": "in the tenant's slice but another network namespace",
-    "outsideSliceAndNamespace": "neither in the tenant's slice nor in its namespace",
+    "outsideSlice": "in the tenant's namespace but not its slice: not limited or counted with "
+    "it. A unit's main process: give the unit Slice= (a template with X-NSD-Tenant=yes, "
+    "docs/systemd.md); anything else: start it through nsd-exec without --no-scope "
+    "(docs/nsd-exec.md), or end it",
+    "outsideNamespace": "in the tenant's slice but another network namespace: restart it "
+    "through nsd-exec, or give its unit NetworkNamespacePath= (docs/systemd.md)",
+    "outsideSliceAndNamespace": "neither in the tenant's slice nor in its namespace: run it "
+    "through nsd-exec, or as a unit of a template with X-NSD-Tenant=yes (docs/systemd.md)",
     "sessionOutsideNamespace": "a login (ssh, cron, su) in another network namespace: add "
     "pam_nsd to that service's PAM stack (docs/logins.md), or end the session if nsd was "
     "down when it began",

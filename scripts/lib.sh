@@ -20,8 +20,12 @@ ensure_packages() {
     if [ ${#missing[@]} -gt 0 ]; then
         [ "$(id -u)" -eq 0 ] || { echo "need root to install: ${missing[*]}" >&2; exit 1; }
         log "installing Debian packages: ${missing[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # Wait for another apt or unattended-upgrades instead of failing on
+        # "Could not get lock /var/lib/dpkg/lock-frontend" (10 minutes at most).
+        local lock=(-o DPkg::Lock::Timeout=600)
+        DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
     fi
 }
 

@@ -99,6 +99,8 @@ def test_metrics_usage_and_audit(env: tuple[Daemon, TestUsers]) -> None:
         assert top.returncode == 0 and name in top.stdout and "MEMORY" in top.stdout
         out = d.nsctl("audit", name, check=False)
         assert out.returncode == 1 and str(sleeper.pid) in out.stdout  # 1: something is flagged
+        doctor = d.nsctl("doctor", check=False).stdout  # the audit summarised
+        assert "tenant-processes" in doctor and f"{name} (1)" in doctor, doctor
     finally:
         sleeper.kill()
         sleeper.wait()

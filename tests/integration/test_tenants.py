@@ -259,7 +259,7 @@ def test_watch_streams_events(env: tuple[Daemon, TestUsers]) -> None:
 def test_second_instance_refused_before_touching_host(env: tuple[Daemon, TestUsers]) -> None:
     d, _ = env
     res = run(*d.command(), check=False)
-    assert res.returncode == 1
+    assert res.returncode == 3  # EXIT_STARTUP: a refused start (nsd(8))
     assert "another nsd is running" in res.stderr
     assert d.call(T + "List")["tenants"] == []  # the first one still serves
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from nsd import limits as L
-from nsd.slices import wants_scope
+from nsd.slices import MOVE, MOVE_UNLESS_MAIN, STAY, placement
 
 
 @pytest.mark.parametrize(
@@ -60,21 +60,29 @@ T = "tenant-1001.slice"
 @pytest.mark.parametrize(
     ("cgroup", "expected"),
     [
-        ("/user.slice/user-0.slice/session-3.scope", True),  # a root shell or cron session
-        ("/system.slice/cron.service", False),  # a service's processes stay in their unit
-        ("/system.slice/supervisor.service", False),  # a manager's children stay with it
-        ("/tenant.slice/tenant-1001.slice/php-fpm@alice.service", False),  # already there
-        ("/tenant.slice/tenant-1001.slice/nsd-enter-1001-5-ab.scope", False),
-        ("/", True),  # in no unit
-        (None, True),
+        ("/user.slice/user-0.slice/session-3.scope", MOVE),  # a root shell
+        # A service's other processes move, or the tenant's work escapes its budget:
+        # root's crontab (no logind session for cron jobs on Debian), a root
+        # supervisord's programs, a oneshot script's child. Its main process stays.
+        ("/system.slice/cron.service", MOVE_UNLESS_MAIN),
+        ("/system.slice/supervisor.service", MOVE_UNLESS_MAIN),
+        ("/system.slice/cron.service/nested", MOVE_UNLESS_MAIN),
+        ("/tenant.slice/tenant-1001.slice/php-fpm@alice.service", STAY),  # already there
+        ("/tenant.slice/tenant-1001.slice/nsd-enter-1001-5-ab.scope", STAY),
+        ("/user.slice/user-1001.slice/user@1001.service/app.slice/x.service", STAY),
+        ("/user.slice/user-0.slice/user@0.service/app.slice/x.service", MOVE_UNLESS_MAIN),
+        ("/system.slice/x.service/sub.scope", MOVE),
+        ("/", MOVE),  # in no unit
+        (None, MOVE),
     ],
 )
-def test_auto_scope_policy(cgroup: str | None, expected: bool) -> None:
-    assert wants_scope("auto", None, cgroup, T) is expected
+def test_auto_scope_policy(cgroup: str | None, expected: str) -> None:
+    assert placement("auto", None, cgroup, T, 1001) == expected
 
 
 def test_explicit_scope_request_wins() -> None:
-    assert wants_scope("never", True, "/system.slice/x.service", T) is True
-    assert wants_scope("always", False, "/", T) is False
-    assert wants_scope("always", None, "/system.slice/x.service", T) is True
-    assert wants_scope("never", None, "/", T) is False
+    assert placement("never", True, "/system.slice/x.service", T, 1001) == MOVE
+    assert placement("always", False, "/", T, 1001) == STAY
+    assert placement("auto", False, "/system.slice/x.service", T, 1001) == STAY
+    assert placement("always", None, "/system.slice/x.service", T, 1001) == MOVE
+    assert placement("never", None, "/", T, 1001) == STAY

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,13 +20,14 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from nsd import doctor, topview
 from nsd import metrics as M
-from nsd import topview
 from nsd.api import idl as installed_idl
 from nsd.limits import Limits
 from nsd.model import ReconcileAction
-from nsd.sampler import Snapshot, Target, audit_reply, collect, usage_reply
+from nsd.sampler import Snapshot, Target, audit_reply, collect, escaped_by_tenant, usage_reply
 from nsd.varlink import idl
+from tests.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -103,7 +102,7 @@ def test_tenant_values(snap: Snapshot) -> None:
     assert value(text, "nsd_tenant_helper_processes", **a) == 2
     assert value(text, "nsd_tenant_processes", **a, **{"class": "session"}) == 1
     assert value(text, "nsd_tenant_escaped_processes", **a, reason="session_outside_namespace") == 1
-    assert value(text, "nsd_tenant_escaped_processes", **a, reason="outside_slice") == 1
+    assert value(text, "nsd_tenant_escaped_processes", **a, reason="outside_slice") == 2
     assert value(text, "nsd_helper_processes", helper="sudo") == 3
     assert value(text, "nsd_tenants") == 3
     assert value(text, "nsd_metrics_source_available", source="smaps_rollup") == 0
@@ -160,19 +159,6 @@ def test_openmetrics_parses_and_ends_once(snap: Snapshot) -> None:
     assert families["nsd_api_call_duration_seconds"].type == "histogram"
     text = exp.render(openmetrics=False, use_gzip=False).decode()
     assert {f.name for f in parse_text(text)} >= {"nsd_tenant_memory_current_bytes"}
-
-
-def promtool() -> str | None:
-    found = os.environ.get("NSD_PROMTOOL") or shutil.which("promtool")
-    if found:
-        return found
-    script = ROOT / "scripts" / "promtool"
-    try:
-        done = subprocess.run([str(script), "--print-path"], capture_output=True, text=True,
-                              timeout=300, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
 
 
 def test_promtool_check_metrics(snap: Snapshot) -> None:
@@ -422,9 +408,20 @@ def test_top_and_audit_tables(snap: Snapshot) -> None:
     assert topview.top_rows(reply["tenants"], "helpers")[0][0] == "alice"
     audit = topview.format_audit(audit_reply(snap, helpers=True))
     assert "outside slice+namespace" in audit and "sudo -iu bob true" in audit
+    assert "/root/bin/backup.sh" in audit  # root's crontab, left in cron.service
+    assert "give the unit Slice= (a template with X-NSD-Tenant=yes" in audit  # the fix
     assert topview.format_audit({"processes": [], "omitted": 3}).startswith("no flagged")
     assert topview.human_bytes(None) == "-" and topview.human_bytes(1536) == "1.5K"
     assert topview.human_bytes(5 << 40) == "5.0T" and topview.human_bytes(12) == "12B"
+
+
+def test_doctor_summarises_the_audit(snap: Snapshot) -> None:
+    check = doctor.escape_check(escaped_by_tenant(snap))
+    assert check.severity == "warning"
+    assert check.message.startswith("7 process(es) outside their tenant's slice or namespace")
+    assert "alice (5), bob (2);" in check.message and "`nsctl audit`" in check.message
+    assert doctor.escape_check({"carol": 0}).severity == "ok"
+    assert doctor.escape_check(None).severity == "ok"
 
 
 def test_nsctl_does_not_import_the_exporter() -> None:

@@ -143,6 +143,7 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
     con = sqlite3.connect(tmp_path / "nsd.db")
     con.execute("DROP TABLE tenant_limits")  # what version 1 did not have
     con.execute("DROP TABLE tenant_bandwidth")
+    con.execute("DROP TABLE faults")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     con.commit()
     con.close()

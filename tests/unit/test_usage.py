@@ -181,12 +181,14 @@ def test_scan_classifies_alice() -> None:
         "contained": 1,  # php-fpm worker 101 (the root master 99 is not hers; 150 is a zombie)
         "session": 1,  # 102 in session-4.scope, joined to her namespace (pam_nsd)
         "user_manager": 1,  # systemd --user
-        "outside_slice": 1,  # 104: a system service joined her namespace, not her slice
+        # 104: a system service's main process joined her namespace, not her slice;
+        # 107: a job of root's crontab (login UID 0) that nsd-exec left in cron.service
+        "outside_slice": 2,
         "outside_namespace": 1,  # 105: in her slice, host namespace
         "outside_slice_and_namespace": 1,  # 106: a plain system service with User=alice
         "session_outside_namespace": 1,  # 103: a cron job (login UID set) in the host's
     }
-    assert alice.escaped == 4
+    assert alice.escaped == 5
     # (sd-pam) of the PAMName= service (in her slice) and of user@1001.service (her UID).
     assert alice.helpers == 2
     assert alice.helper_rss_bytes == (21328 + 5000) * 1024
@@ -202,19 +204,19 @@ def test_scan_attributes_root_helpers_through_the_process_tree() -> None:
     assert bob.helper_rss_bytes == (4000 + 6000 + 2000) * 1024
     assert bob.helper_pss_bytes == (800 + 1500 + 500) * 1024
     assert bob.classes["contained"] == 1
-    # java under su runs in a system service, outside bob's slice and namespace; true
-    # under sudo runs in the admin's login session, in the host's namespace: a login
-    # that pam_nsd did not put into bob's namespace.
-    assert bob.classes["outside_slice_and_namespace"] == 1
+    # java under su runs in a system service, outside bob's slice and namespace; so
+    # does true under sudo in the admin's login session: the admin's login (login
+    # UID 0), not bob's, so it is bob's work outside his budget, not his session.
+    assert bob.classes["outside_slice_and_namespace"] == 2
     assert bob.classes["session"] == 0
-    assert bob.classes["session_outside_namespace"] == 1
+    assert bob.classes["session_outside_namespace"] == 0
     assert result.tenants[1003].helpers == 0 and sum(result.tenants[1003].classes.values()) == 0
     assert result.helpers["sudo"] == ps.HelperTotal(3, (6000 + 2000 + 6000) * 1024)
     assert result.helpers["(sd-pam)"].processes == 2
     assert result.helpers["nsenter"] == ps.HelperTotal(0, 0)
-    # 1, 99-106, 110-111, 119-123, 130-131, 140-141, 200: kthread 2, zombie 150 and 160
+    # 1, 99-107, 110-111, 119-123, 130-131, 140-141, 200: kthread 2, zombie 150 and 160
     # (gone before its namespace could be read) are skipped.
-    assert result.processes == 21
+    assert result.processes == 22
 
 
 def test_scan_findings_for_audit() -> None:
@@ -225,8 +227,9 @@ def test_scan_findings_for_audit() -> None:
         (1001, 104, "outside_slice"),
         (1001, 105, "outside_namespace"),
         (1001, 106, "outside_slice_and_namespace"),
+        (1001, 107, "outside_slice"),
         (1002, 111, "outside_slice_and_namespace"),
-        (1002, 122, "session_outside_namespace"),
+        (1002, 122, "outside_slice_and_namespace"),
     ]
     helpers = [(f.tenant_uid, f.pid) for f in result.findings if f.reason == "helper"]
     assert helpers == [(1001, 100), (1001, 130), (1002, 110), (1002, 120), (1002, 121)]
@@ -241,8 +244,8 @@ def test_scan_findings_for_audit() -> None:
 def test_scan_keeps_at_most_max_findings() -> None:
     result = scan_fixture(max_findings=2)
     assert [f.pid for f in result.findings] == [103, 104]
-    assert result.findings_dropped == 9
-    assert result.tenants[1001].escaped == 4  # counts stay exact
+    assert result.findings_dropped == 10
+    assert result.tenants[1001].escaped == 5  # counts stay exact
 
 
 def test_scan_without_slices_judges_the_namespace_only() -> None:
@@ -250,9 +253,9 @@ def test_scan_without_slices_judges_the_namespace_only() -> None:
     result = ps.scan(tenants, ps.DEFAULT_HELPERS, PROC)
     assert result is not None
     classes = result.tenants[1001].classes
-    # 101, 102 (a login) and 104 are in her namespace; 105 and 106 are not and are
-    # no sessions; 103 is a login in the host's namespace.
-    assert classes["contained"] == 3 and classes["outside_namespace"] == 2
+    # 101, 102 (a login), 104 and 107 are in her namespace; 105 and 106 are not and
+    # are no logins; 103 is her login in the host's namespace.
+    assert classes["contained"] == 4 and classes["outside_namespace"] == 2
     assert classes["outside_slice"] == classes["outside_slice_and_namespace"] == 0
     assert classes["session"] == 0 and classes["session_outside_namespace"] == 1
     assert classes["user_manager"] == 1
@@ -263,7 +266,9 @@ def test_scan_with_unmounted_namespace_judges_the_slice_only() -> None:
     assert result is not None
     classes = result.tenants[1001].classes
     assert classes["contained"] == 3  # 101, 105 and, with no helpers configured, sd-pam 100
-    assert classes["outside_slice"] == 2  # 104, 106
+    # 104, 106, 107 and 103: her own cron job, but in cron.service, not a session
+    # scope - outside her budget.
+    assert classes["outside_slice"] == 4
     assert classes["outside_namespace"] == 0
 
 
@@ -323,7 +328,7 @@ def test_collect() -> None:
     assert all(snap.sources.values()) is False
     assert snap.sources["memory.peak"] and snap.sources["proc"] and snap.sources["net_dev"]
     assert not snap.sources["smaps_rollup"]  # alice's user-manager sd-pam has none
-    assert snap.processes == 21 and len(snap.findings) == 11
+    assert snap.processes == 22 and len(snap.findings) == 12
     assert snap.tenant(1002) is bob and snap.tenant(4) is None
 
 
@@ -346,7 +351,7 @@ def test_api_replies() -> None:
     assert alice["memoryCurrentBytes"] == 1 << 30 and alice["memoryMaxBytes"] == 2 << 30
     assert alice["memoryHighBytes"] is None  # infinity
     assert alice["oomKills"] == 1 and alice["helperProcesses"] == 2
-    assert alice["escapedProcesses"] == 4 and alice["cpuUsageUSec"] == 123456789
+    assert alice["escapedProcesses"] == 5 and alice["cpuUsageUSec"] == 123456789
     assert reply["tenants"][2]["memoryCurrentBytes"] is None
     assert [t["uid"] for t in usage_reply(snap, 1002)["tenants"]] == [1002]
     audit = audit_reply(snap)
