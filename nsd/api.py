@@ -219,7 +219,6 @@ class Api:
             call.parameters.get("scope"),
             peer_pid,
             open_pidfd,
-            # Returned below, so the server queues the reply in this loop turn.
             unread=call.unread_output,
         )
         limits = [

@@ -20,9 +20,10 @@ the scan of namespaces *and* open descriptors in ``procs`` sees the first two.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .procs import start_time
 
@@ -48,16 +49,29 @@ class Handout:
     # it has exited nothing it received can still be used. The start time tells a
     # reused PID apart; no pidfd is kept, so records cost no descriptors.
     peer: tuple[int, int] | None
-    # False while nsd itself still holds the descriptor (the Enter call is running).
-    returned: bool = field(default=False)
+    # nsd's own descriptor and what it refers to, (st_dev, st_ino) of the namespace.
+    fd: int
+    target: tuple[int, int]
 
     def landed(self) -> bool:
-        if not self.returned:
+        if self._held():
+            # nsd still holds it: Enter is running, or the reply is queued. The server
+            # closes it once sendmsg() put it in the socket, where ``unread`` sees it:
+            # at every moment one of the two says "on its way".
             return False
         unread = self.unread()
         if unread is not None:
             return unread == 0
         return self.peer is None or start_time(self.peer[0]) != self.peer[1]
+
+    def _held(self) -> bool:
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return False
+        # A number reused since for the same namespace is taken as still held:
+        # that only makes Remove wait, never proceed too early.
+        return (st.st_dev, st.st_ino) == self.target
 
 
 class Handouts:
@@ -66,17 +80,18 @@ class Handouts:
     def __init__(self) -> None:
         self._by_uid: dict[int, list[Handout]] = {}
 
-    def add(self, uid: int, unread: Callable[[], int | None], pid: int | None) -> Handout:
-        """Record a descriptor being handed out to process ``pid``."""
+    def add(self, uid: int, fd: int, unread: Callable[[], int | None], pid: int | None) -> Handout:
+        """Record descriptor ``fd`` being handed out to process ``pid``."""
         self._prune(uid)
         started = None if pid is None else start_time(pid)
         peer = None if pid is None or started is None else (pid, started)
-        handout = Handout(uid, unread, peer)
+        st = os.fstat(fd)
+        handout = Handout(uid, unread, peer, fd, (st.st_dev, st.st_ino))
         self._by_uid.setdefault(uid, []).append(handout)
         return handout
 
     def discard(self, handout: Handout) -> None:
-        """The descriptor was closed without being sent."""
+        """The descriptor is being closed without being sent."""
         pending = self._by_uid.get(handout.uid, [])
         if handout in pending:
             pending.remove(handout)

@@ -225,9 +225,8 @@ class TenantManager:
         scope the caller was moved into, if the placement policy moved it.
 
         ``unread``: how much of the reply carrying the descriptor the process
-        ``caller_pid`` has not read yet (see ``handouts``); the caller must queue
-        that reply in the loop turn in which this returns. Until then Remove of the
-        tenant waits.
+        ``caller_pid`` has not read yet (see ``handouts``). While the descriptor is
+        open in nsd or unread, a Remove of the tenant waits.
         """
         if self._closing:
             raise ShuttingDown()
@@ -241,7 +240,7 @@ class TenantManager:
             # after this waits for it to land (handouts).
             nonlocal handout
             opened = self.net.open_namespace(path)
-            handout = self._handouts.add(user.uid, unread or (lambda: 0), caller_pid)
+            handout = self._handouts.add(user.uid, opened, unread or (lambda: 0), caller_pid)
             return opened
 
         if (
@@ -279,10 +278,9 @@ class TenantManager:
             if caller_pid is not None and open_pidfd is not None:
                 placed = await self._place(rec, scope, caller_pid, open_pidfd)
         except BaseException:
-            os.close(fd)
             self._handouts.discard(handout)
+            os.close(fd)
             raise
-        handout.returned = True
         return view, fd, placed
 
     async def _place(

@@ -127,8 +127,7 @@ class Call:
     def unread_output(self) -> int | None:
         """What the server sent on this connection that the peer has not read yet
         (0: everything, descriptors included, reached the peer or was dropped; None:
-        unknown, see ``Connection.unread_output``). A reply the handler returns is
-        queued in the same loop turn."""
+        unknown, see ``Connection.unread_output``)."""
         return 0 if self._conn is None else self._conn.unread_output()
 
 
