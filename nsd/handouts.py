@@ -20,7 +20,6 @@ the scan of namespaces *and* open descriptors in ``procs`` sees the first two.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,37 +40,21 @@ class Handout:
     """One descriptor on its way to a process."""
 
     uid: int
-    # What was sent to the peer that it has not read: 0 once the reply was read (or
-    # dropped with the connection); None when that can no longer be observed (nsd
-    # closed the connection with the reply unread).
+    # What of the reply the peer has not read, nsd's own hold on the descriptor
+    # (the call running, the reply not yet queued) counting as unread: 0 once the
+    # reply was read (or dropped with the connection); None when that can no
+    # longer be observed (nsd closed the connection with the reply unread).
     unread: Callable[[], int | None]
     # The peer as (pid, start time), asked only when ``unread`` cannot tell: once
     # it has exited nothing it received can still be used. The start time tells a
     # reused PID apart; no pidfd is kept, so records cost no descriptors.
     peer: tuple[int, int] | None
-    # nsd's own descriptor and what it refers to, (st_dev, st_ino) of the namespace.
-    fd: int
-    target: tuple[int, int]
 
     def landed(self) -> bool:
-        if self._held():
-            # nsd still holds it: Enter is running, or the reply is queued. The server
-            # closes it once sendmsg() put it in the socket, where ``unread`` sees it:
-            # at every moment one of the two says "on its way".
-            return False
         unread = self.unread()
         if unread is not None:
             return unread == 0
         return self.peer is None or start_time(self.peer[0]) != self.peer[1]
-
-    def _held(self) -> bool:
-        try:
-            st = os.fstat(self.fd)
-        except OSError:
-            return False
-        # A number reused since for the same namespace is taken as still held:
-        # that only makes Remove wait, never proceed too early.
-        return (st.st_dev, st.st_ino) == self.target
 
 
 class Handouts:
@@ -80,13 +63,14 @@ class Handouts:
     def __init__(self) -> None:
         self._by_uid: dict[int, list[Handout]] = {}
 
-    def add(self, uid: int, fd: int, unread: Callable[[], int | None], pid: int | None) -> Handout:
-        """Record descriptor ``fd`` being handed out to process ``pid``."""
+    def add(self, uid: int, unread: Callable[[], int | None], pid: int | None) -> Handout:
+        """Record a descriptor being handed out to process ``pid``. ``unread`` must
+        count nsd's own hold on it too (the call still running, the reply not yet
+        given to the server's connection)."""
         self._prune(uid)
         started = None if pid is None else start_time(pid)
         peer = None if pid is None or started is None else (pid, started)
-        st = os.fstat(fd)
-        handout = Handout(uid, unread, peer, fd, (st.st_dev, st.st_ino))
+        handout = Handout(uid, unread, peer)
         self._by_uid.setdefault(uid, []).append(handout)
         return handout
 

@@ -225,8 +225,9 @@ class TenantManager:
         scope the caller was moved into, if the placement policy moved it.
 
         ``unread``: how much of the reply carrying the descriptor the process
-        ``caller_pid`` has not read yet (see ``handouts``). While the descriptor is
-        open in nsd or unread, a Remove of the tenant waits.
+        ``caller_pid`` has not read yet, counting the descriptor as unread while nsd
+        itself still holds it (see ``handouts``); until it says 0, a Remove of the
+        tenant waits.
         """
         if self._closing:
             raise ShuttingDown()
@@ -240,7 +241,7 @@ class TenantManager:
             # after this waits for it to land (handouts).
             nonlocal handout
             opened = self.net.open_namespace(path)
-            handout = self._handouts.add(user.uid, opened, unread or (lambda: 0), caller_pid)
+            handout = self._handouts.add(user.uid, unread or (lambda: 0), caller_pid)
             return opened
 
         if (

@@ -148,6 +148,10 @@ class Reply:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     fds: Sequence[int] = ()
     continues: bool | None = None
+    # Called once the server let go of ``fds``: handed to the socket or queued in
+    # the connection's output (``Call.unread_output`` counts it from then on), or
+    # closed because the reply was dropped.
+    released: Callable[[], None] | None = field(default=None, compare=False)
 
 
 ReplyValue: TypeAlias = Reply | Mapping[str, Any] | None
@@ -433,7 +437,7 @@ class VarlinkServer:
             return
         reply = _as_reply(await result)
         if call.oneway:
-            close_fds(reply.fds)
+            _drop(reply)
         else:
             self._send_reply(conn, entry, reply, continues=False)
 
@@ -496,9 +500,11 @@ class VarlinkServer:
             except (TypeError, ValueError) as e:
                 raise _InternalError(f"reply is not JSON: {e}") from e
         except BaseException:
-            close_fds(reply.fds)
+            _drop(reply)
             raise
         conn.send(data, reply.fds)
+        if reply.released is not None:
+            reply.released()
 
     def _send_error(self, conn: Connection, error: VarlinkError) -> None:
         conn.send(wire.encode({"error": error.name, "parameters": error.parameters}))
@@ -663,7 +669,13 @@ class _StreamSender:
     def discard(self) -> None:
         held, self._pending = self._pending, None
         if held is not None:
-            close_fds(held.fds)
+            _drop(held)
+
+
+def _drop(reply: Reply) -> None:
+    close_fds(reply.fds)
+    if reply.released is not None:
+        reply.released()
 
 
 def _as_reply(value: Any) -> Reply:

@@ -24,12 +24,18 @@ def send_with_fd(sock: socket.socket, fd: int) -> None:
 def test_held_then_unread_then_landed() -> None:
     h = Handouts()
     ours, peer = socket.socketpair()
+    queued = False  # as the API layer tracks it: the server took the reply
+
+    def unread() -> int:
+        return _send_queue(ours) if queued else 1
+
     with ours, peer:
         fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-        handout = h.add(UID, fd, lambda: _send_queue(ours), os.getpid())
+        handout = h.add(UID, unread, os.getpid())
         assert h.in_flight(UID) == 1  # nsd holds it (Enter is running)
         send_with_fd(ours, fd)
         os.close(fd)  # what the server does once sendmsg() took it
+        queued = True
         assert not handout.landed() and h.in_flight(UID) == 1  # in the socket, unread
         _, ancdata, _, _ = peer.recvmsg(16, socket.CMSG_SPACE(4))
         for _, _, raw in ancdata:
@@ -43,9 +49,7 @@ def test_unobservable_reply_lands_when_its_peer_exits() -> None:
     h = Handouts()
     child = subprocess.Popen(["sleep", "60"])
     try:
-        fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-        h.add(UID, fd, lambda: None, child.pid)
-        os.close(fd)
+        h.add(UID, lambda: None, child.pid)
         assert h.in_flight(UID) == 1
     finally:
         child.kill()
@@ -55,8 +59,6 @@ def test_unobservable_reply_lands_when_its_peer_exits() -> None:
 
 def test_a_descriptor_closed_unsent_is_forgotten() -> None:
     h = Handouts()
-    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-    handout = h.add(UID, fd, lambda: 0, None)
+    handout = h.add(UID, lambda: 1, None)
     h.discard(handout)
-    os.close(fd)
     assert h.in_flight(UID) == 0
