@@ -45,16 +45,24 @@ class Handout:
     # reply was read (or dropped with the connection); None when that can no
     # longer be observed (nsd closed the connection with the reply unread).
     unread: Callable[[], int | None]
-    # The peer as (pid, start time), asked only when ``unread`` cannot tell: once
-    # it has exited nothing it received can still be used. The start time tells a
-    # reused PID apart; no pidfd is kept, so records cost no descriptors.
-    peer: tuple[int, int] | None
+    # The receiving process, asked only when ``unread`` cannot tell: once it has
+    # exited nothing it received can still be used. Its start time, read at the
+    # first such look, tells a reused PID apart (a PID reused before that look
+    # only makes Remove wait longer); no pidfd is kept, so records cost no
+    # descriptors, and the common path reads nothing from /proc.
+    pid: int | None
+    started: int | None = None
 
     def landed(self) -> bool:
         unread = self.unread()
         if unread is not None:
             return unread == 0
-        return self.peer is None or start_time(self.peer[0]) != self.peer[1]
+        if self.pid is None:
+            return True
+        now = start_time(self.pid)
+        if self.started is None:
+            self.started = now
+        return now is None or now != self.started
 
 
 class Handouts:
@@ -68,9 +76,7 @@ class Handouts:
         count nsd's own hold on it too (the call still running, the reply not yet
         given to the server's connection)."""
         self._prune(uid)
-        started = None if pid is None else start_time(pid)
-        peer = None if pid is None or started is None else (pid, started)
-        handout = Handout(uid, unread, peer)
+        handout = Handout(uid, unread, pid)
         self._by_uid.setdefault(uid, []).append(handout)
         return handout
 
