@@ -154,10 +154,17 @@ class Call:
     oneway: bool
     # The connection's socket, kept private: handlers reply by returning.
     _sock: socket.socket | None = field(default=None, repr=False, compare=False)
+    _conn: Connection | None = field(default=None, repr=False, compare=False)
 
     def open_peer_pidfd(self) -> int | None:
         """A pidfd of the calling process (Linux >= 6.5) owned by the caller, else None."""
         return None if self._sock is None else open_peer_pidfd(self._sock)
+
+    def unread_output(self) -> int | None:
+        """What the server sent on this connection that the peer has not read yet
+        (0: everything, descriptors included, reached the peer or was dropped; None:
+        unknown, see ``Connection.unread_output``)."""
+        return 0 if self._conn is None else self._conn.unread_output()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +184,10 @@ class Reply:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     fds: Sequence[int] = ()
     continues: bool | None = None
+    # Called once the server let go of ``fds``: handed to the socket or queued in
+    # the connection's output (``Call.unread_output`` counts it from then on), or
+    # closed because the reply was dropped.
+    released: Callable[[], None] | None = field(default=None, compare=False)
 
 
 ReplyValue: TypeAlias = Reply | Mapping[str, Any] | None
@@ -440,7 +451,7 @@ class VarlinkServer:
         await self._call(
             conn,
             entry,
-            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock),
+            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock, conn),
             upgrade,
         )
         return not conn.closed
@@ -490,7 +501,7 @@ class VarlinkServer:
                 raise VarlinkError(f"{self._errors}.CallTimedOut", {"seconds": seconds}) from None
         reply = _as_reply(value)
         if call.oneway:
-            close_fds(reply.fds)
+            _drop(reply)
         else:
             self._send_reply(conn, entry, reply, continues=False)
 
@@ -562,9 +573,11 @@ class VarlinkServer:
             except (TypeError, ValueError) as e:
                 raise _InternalError(f"reply is not JSON: {e}") from e
         except BaseException:
-            close_fds(reply.fds)
+            _drop(reply)
             raise
         conn.send(data, reply.fds)
+        if reply.released is not None:
+            reply.released()
 
     def _send_error(self, conn: Connection, error: VarlinkError) -> None:
         conn.send(wire.encode({"error": error.name, "parameters": error.parameters}))
@@ -742,7 +755,13 @@ class _StreamSender:
     def discard(self) -> None:
         held, self._pending = self._pending, None
         if held is not None:
-            close_fds(held.fds)
+            _drop(held)
+
+
+def _drop(reply: Reply) -> None:
+    close_fds(reply.fds)
+    if reply.released is not None:
+        reply.released()
 
 
 def _as_reply(value: Any) -> Reply:
