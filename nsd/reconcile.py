@@ -6,6 +6,8 @@ under its own lock (TenantManager.operation), so reconcile and API calls interle
 safely; interrupted creations and removals, recorded as intent before acting, are
 finished here. Then, once for all tenants: adoption of unrecorded namespaces, the
 network policy, stray links, and the systemd side (template drop-ins, stray slices).
+Those listings are taken without a lock; each stray is removed, and each namespace
+adopted, under that UID's lock and only while the UID still has no tenant.
 """
 
 from __future__ import annotations

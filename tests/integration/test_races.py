@@ -16,7 +16,6 @@ import re
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import pytest
 
 from nsd.varlink.protocol import VarlinkError
 from tests.harness import Daemon, TestUsers, netns_inode, running_daemon
+from tests.native import native_program
 
 pytestmark = [
     pytest.mark.root,
@@ -167,7 +167,7 @@ def test_enter_without_create_never_brings_a_removed_tenant_back(
 
 # -- Remove against a descriptor Enter handed out ----------------------------------
 
-NSD_EXEC = [sys.executable, "-m", "nsd.exec"]
+NSD_EXEC = [str(native_program("nsd-exec"))]
 EXEC_ROUNDS = int(os.environ.get("NSD_EXEC_RACE_ROUNDS", "40"))
 
 
