@@ -37,7 +37,8 @@ _MESSAGES: dict[str, str] = {
     "AddressConflict": "{family} address {address} derived for this uid is already leased "
     "to another tenant",
     "NamespaceExists": "namespace {path} exists and was not made by nsd (adopt_existing is off)",
-    "TenantBusy": "tenant {name} still has {processes} process(es); use --force to stop them",
+    "TenantBusy": "tenant {name} still has {processes} process(es) using its namespace; "
+    "use --force to stop them",
     "TenantLocked": "another operation on tenant {name} did not finish in time",
     "NetworkSetupFailed": "network set-up of {name} failed at {step}: {message}",
     "ShuttingDown": "nsd is shutting down",

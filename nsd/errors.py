@@ -114,7 +114,7 @@ class TenantBusy(NsdError):
 
     def __init__(self, name: str, processes: int) -> None:
         super().__init__(
-            f"tenant {name!r} still has {processes} process(es) in its namespace "
+            f"tenant {name!r} still has {processes} process(es) using its namespace "
             "(stop them, or remove with force)",
             name=name,
             processes=processes,

@@ -227,15 +227,34 @@ class Api:
             fd = call.open_peer_pidfd()
             return fd if fd is not None else os.pidfd_open(peer_pid)
 
+        # The descriptor is on its way from here until the caller read the reply:
+        # first in nsd's hands (this call, then the server until it queued the
+        # reply), then in the connection's output (Call.unread_output).
+        queued = False
+
+        def unread() -> int | None:
+            return call.unread_output() if queued else 1
+
+        def release() -> None:
+            nonlocal queued
+            queued = True
+
         view, fd, scope = await self.manager.enter(
             call.parameters["name"],
             call.parameters.get("create"),
             call.parameters.get("scope"),
             peer_pid,
             open_pidfd,
+            unread=unread,
         )
-        exec_cfg = self.manager.cfg.exec
-        return Reply(views.enter_reply(view, exec_cfg.umask, exec_cfg.rlimits, scope), fds=(fd,))
+        try:
+            exec_cfg = self.manager.cfg.exec
+            params = views.enter_reply(view, exec_cfg.umask, exec_cfg.rlimits, scope)
+        except BaseException:
+            os.close(fd)
+            release()
+            raise
+        return Reply(params, fds=(fd,), released=release)
 
     async def get_limits(self, call: Call) -> dict[str, Any]:
         name = call.parameters["name"]

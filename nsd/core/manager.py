@@ -34,6 +34,7 @@ from nsd import names, users
 from nsd.config import Config
 from nsd.core import doctor
 from nsd.core.events import TenantEvents
+from nsd.core.handouts import Handouts
 from nsd.core.ipam import Ipam
 from nsd.core.reconcile import Reconciler
 from nsd.errors import (
@@ -59,7 +60,7 @@ from nsd.model import (
     TenantView,
 )
 from nsd.net import procs
-from nsd.net.netns import NetnsAdapter, NetnsError, NetworkSpec
+from nsd.net.netns import FOREIGN, NetnsAdapter, NetnsError, NetworkSpec
 from nsd.observe.cgroupstats import slice_cgroup_path
 from nsd.observe.sampler import Target
 from nsd.systemd import cgroup
@@ -100,6 +101,9 @@ class TenantManager:
         # their namespace while their processes are being stopped.
         self._removing: set[int] = set()
         self._events = TenantEvents()
+        # Namespace descriptors Enter handed out that may not have reached their
+        # process yet: Remove waits for them before it looks for users.
+        self._handouts = Handouts()
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
         self._reconciler = Reconciler(self)
 
@@ -241,14 +245,32 @@ class TenantManager:
         scope: bool | None = None,
         caller_pid: int | None = None,
         open_pidfd: Callable[[], int] | None = None,
+        *,
+        unread: Callable[[], int | None] | None = None,
     ) -> tuple[TenantView, int, str | None]:
         """The tenant's namespace as an open descriptor (the caller owns it), and the
-        scope the caller was moved into, if the placement policy moved it."""
+        scope the caller was moved into, if the placement policy moved it.
+
+        ``unread``: how much of the reply carrying the descriptor the process
+        ``caller_pid`` has not read yet, counting the descriptor as unread while nsd
+        itself still holds it (see ``handouts``); until it says 0, a Remove of the
+        tenant waits.
+        """
         if self._closing:
             raise ShuttingDown()
         user = self.resolve_user(name)
         rec = self.store.get(user.uid)
         fd = None
+        handout = None
+
+        def hand_out(path: str) -> int:
+            # Recorded in the loop turn in which it is opened: a Remove that starts
+            # after this waits for it to land (handouts).
+            nonlocal handout
+            opened = self.net.open_namespace(path)
+            handout = self._handouts.add(user.uid, unread or (lambda: 0), caller_pid)
+            return opened
+
         if (
             rec is not None
             and rec.state is TenantState.READY
@@ -258,7 +280,7 @@ class TenantManager:
             # The fast path opens the namespace straight away (it checks that a
             # network namespace is mounted there); failing that, the slow path repairs.
             with contextlib.suppress(NetnsError):
-                fd = self.net.open_namespace(self.netns_path(rec.netns_name))
+                fd = hand_out(self.netns_path(rec.netns_name))
         if fd is None:
             # Whether this call may create is decided under the tenant's lock, from
             # the state any running operation (a Remove) left: deciding here, from a
@@ -267,17 +289,17 @@ class TenantManager:
             # Creates, finishes or repairs under the tenant's lock; 64 callers
             # racing for a new tenant queue here and all get the one namespace.
             async with self.operation(user.uid, name):
-                view, _ = await self._ensure_held(
+                view, _ = await self.ensure_held(
                     user, name, allow_existing=True, may_create=may_create
                 )
                 rec = view.record
                 try:
-                    fd = self.net.open_namespace(view.namespace_path)
+                    fd = hand_out(view.namespace_path)
                 except NetnsError as e:
                     raise NetworkSetupFailed(name, e.step, e.message, e.errno) from e
                 except OSError as e:
                     raise NetworkSetupFailed(name, "open", e.strerror or str(e), e.errno) from e
-        if rec is None:  # the fast path had one, the slow path took one: never true
+        if rec is None or handout is None:  # the fast or the slow path set both: never true
             raise NoSuchTenant(name)
         placed = None
         try:
@@ -285,6 +307,7 @@ class TenantManager:
             if caller_pid is not None and open_pidfd is not None:
                 placed = await self.slices.place_caller(rec, scope, caller_pid, open_pidfd)
         except BaseException:
+            self._handouts.discard(handout)
             os.close(fd)
             raise
         return view, fd, placed
@@ -292,9 +315,9 @@ class TenantManager:
     async def _ensure(self, name: str, *, allow_existing: bool) -> tuple[TenantView, bool]:
         user = self.resolve_user(name)
         async with self.operation(user.uid, name):
-            return await self._ensure_held(user, name, allow_existing=allow_existing)
+            return await self.ensure_held(user, name, allow_existing=allow_existing)
 
-    async def _ensure_held(
+    async def ensure_held(
         self, user: users.User, name: str, *, allow_existing: bool, may_create: bool = True
     ) -> tuple[TenantView, bool]:
         """Create, finish or repair tenant ``user``; the caller holds its lock.
@@ -315,7 +338,8 @@ class TenantManager:
             if rec.state is TenantState.REMOVING:
                 if not may_create:
                     raise NoSuchTenant(name)
-                # A removal was interrupted; finish it before creating anew.
+                # A removal was interrupted; finish it before creating anew (what
+                # someone left at the namespace path then fails the creation itself).
                 await self.teardown(rec)
                 rec = None
         if rec is None:
@@ -448,7 +472,7 @@ class TenantManager:
         async with self.operation(rec.uid, name):
             rec = self.held_record(rec.uid, name)
             if rec.state is not TenantState.READY:  # finish an interrupted creation
-                view, _ = await self._ensure_held(user, name, allow_existing=True, may_create=False)
+                view, _ = await self.ensure_held(user, name, allow_existing=True, may_create=False)
                 rec = view.record
             unit = await self.slices.start_run(
                 rec, self.netns_path(rec.netns_name), user.home, argv, wait
@@ -493,7 +517,14 @@ class TenantManager:
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
         try:
             if remove_network and not rec.adopted:
-                await self.net.remove(self.spec(rec))
+                try:
+                    await self.net.remove(self.spec(rec))
+                except NetnsError as e:
+                    if e.step != FOREIGN:
+                        raise
+                    # All of nsd's is gone; the rest is not nsd's to remove, and the
+                    # creation's own error already says what is in the way.
+                    log.warning("tenant %s: %s", rec.name, e.message)
             self.store.delete(rec.uid, quarantine=False)
             # its elements, if the host table got them before the failure
             await self.networks.remove_tenant(rec)
@@ -509,10 +540,11 @@ class TenantManager:
             rec = self.held_record(uid, name, removing=True)
             self._removing.add(rec.uid)
             try:
+                await self._await_handouts(rec)
                 await self._stop_processes(rec, force)
                 self.store.set_state(rec.uid, TenantState.REMOVING)
                 view = self.view(rec, check_identity=False)
-                await self.teardown(rec)
+                left = await self.teardown(rec)
             finally:
                 self._removing.discard(rec.uid)
             self.emit("removed", view)
@@ -520,11 +552,33 @@ class TenantManager:
                 await self.slices.sync_dropins([], prune_users={rec.name})
                 await self.slices.stop_ensure_unit(rec.name)
                 await self.limits.protect_parent()
+            if left is not None:
+                raise left
+
+    async def _await_handouts(self, rec: TenantRecord) -> None:
+        """Wait until every namespace descriptor Enter handed out for ``rec`` reached
+        its process; TenantBusy if one has not within ``stop_timeout``.
+
+        Why Remove may then trust its scan: the caller put the UID in ``_removing``
+        and holds the tenant's lock, so no Enter hands out another descriptor (the
+        fast path checks ``_removing`` and records its descriptor in the same loop
+        turn it opens it; the slow path needs the lock). Each descriptor handed out
+        before is now in some process's descriptor table, or that process joined
+        the namespace with it, or it was closed; ``_stop_processes`` looks for
+        both the members and the holders. A process that passes its descriptor on
+        (SCM_RIGHTS) while that scan runs can escape it: nsd-exec never does.
+        """
+        left = await self._handouts.wait_landed(rec.uid, self.cfg.tenants.stop_timeout)
+        if left:
+            log.warning("tenant %s: %d namespace descriptor(s) handed out by Enter not "
+                        "yet received; not removing", rec.name, left)  # fmt: skip
+            raise TenantBusy(rec.name, left)
 
     async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
-        """Refuse (or with force, stop) while processes run in the tenant's namespace."""
+        """Refuse (or with force, stop) while processes run in the tenant's namespace
+        or hold a descriptor of it (they may join it at any time)."""
         inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
-        pids = await asyncio.to_thread(procs.processes_in_namespace, inode) if inode else []
+        pids = await asyncio.to_thread(_users_of, inode) if inode else []
         # Processes in the tenant's slice count too (a service with Slice= but
         # no namespace): stopping the slice at removal would kill them.
         in_slice = await asyncio.to_thread(cgroup.pids_in, self._slice_path(rec.uid))
@@ -537,26 +591,35 @@ class TenantManager:
         # netns_inode: a PID is only signalled if it is still in this namespace
         # after its pidfd is open, so a PID reused since the scan is left alone.
         await procs.stop_processes(
-            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode
+            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode, holders=True
         )
-        left = await asyncio.to_thread(procs.processes_in_namespace, inode)
+        left = await asyncio.to_thread(_users_of, inode)
         if left:
             raise TenantBusy(rec.name, len(left))
 
     def _slice_path(self, uid: int) -> str:
         return slice_cgroup_path(self.slices.slice_of(uid))
 
-    async def teardown(self, rec: TenantRecord) -> tuple[str, ...]:
+    async def teardown(self, rec: TenantRecord) -> NetworkSetupFailed | None:
+        """Remove the tenant's slice, network and record. Returns (does not raise)
+        the error that names what someone else left at the namespace path: all of
+        nsd's objects are gone then, so the record goes too and nothing is stuck;
+        the caller finishes its own work and then reports it."""
         if self.slices.available:
             await self.slices.remove(rec.uid)
+        left = None
         try:
-            actions = await self.net.remove(self.spec(rec))
+            await self.net.remove(self.spec(rec))
         except NetnsError as e:
-            raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+            if e.step != FOREIGN:
+                raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
+            left = NetworkSetupFailed(rec.name, e.step, f"tenant removed, but {e.message}",
+                                      e.errno)  # fmt: skip
+            log.warning("tenant %s: %s", rec.name, left.message)
         self.store.delete(rec.uid, quarantine=True)
         log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
         await self.networks.remove_tenant(rec)
-        return actions
+        return left
 
     async def checks(self, routes: Sequence[IPv4Network | IPv6Network]) -> tuple[Check, ...]:
         """``nsctl doctor``: host prerequisites, what of the configured limits is in
@@ -633,3 +696,8 @@ class TenantManager:
         """Refuse new work, wait for running operations; True if all finished."""
         self._events.close()
         return await self._locks.close(timeout)
+
+
+def _users_of(inode: int) -> list[int]:
+    """Processes in the namespace or holding a descriptor of it (they may join it)."""
+    return procs.processes_in_namespace(inode, holders=True)

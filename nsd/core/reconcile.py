@@ -6,6 +6,8 @@ under its own lock (TenantManager.operation), so reconcile and API calls interle
 safely; interrupted creations and removals, recorded as intent before acting, are
 finished here. Then, once for all tenants: adoption of unrecorded namespaces, the
 network policy, stray links, and the systemd side (template drop-ins, stray slices).
+Those listings are taken without a lock; each stray is removed, and each namespace
+adopted, under that UID's lock and only while the UID still has no tenant.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from nsd import names, users
-from nsd.errors import NsdError
+from nsd.errors import NoSuchTenant, NsdError
 from nsd.model import ReconcileReport, TenantRecord, TenantState
 from nsd.net.netns import NetnsError
 
@@ -85,9 +87,15 @@ class Reconciler:
                 report.add("remove-template-dropin", None, f"{unit}: no tenant or template")
             report.problems.extend(f"{p.unit}: {p.reason}" for p in changes.problems)
             known = {r.uid for r in records}
-            for unit in await mgr.slices.stray_slices(known):
-                if await mgr.slices.has_settings(unit):
+            for uid, unit in await mgr.slices.stray_slices(known):
+
+                async def forget(unit: str = unit) -> bool:
+                    if not await mgr.slices.has_settings(unit):
+                        return False
                     await mgr.slices.forget(unit)
+                    return True
+
+                if await self._while_unrecorded(uid, unit, forget):
                     report.add("forget-stray-slice", None,
                                f"dropped the settings of {unit}: no tenant owns it")  # fmt: skip
             await mgr.limits.protect_parent()
@@ -105,12 +113,32 @@ class Reconciler:
         for link in links:
             if link in known:
                 continue
-            try:
+
+            async def delete(link: str = link) -> bool:
                 await mgr.net.delete_link(link)
-            except NetnsError as e:
+                return True
+
+            uid = int(link.removeprefix(mgr.cfg.netns.link_prefix))
+            try:
+                deleted = await self._while_unrecorded(uid, link, delete)
+            except (NetnsError, NsdError) as e:
                 report.problems.append(f"cannot remove stray link {link}: {e}")
             else:
-                report.add("remove-stray-link", None, f"removed link {link}: no tenant owns it")
+                if deleted:
+                    report.add("remove-stray-link", None,
+                               f"removed link {link}: no tenant owns it")  # fmt: skip
+
+    async def _while_unrecorded(
+        self, uid: int, what: str, act: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """``act()`` under ``uid``'s lock if nsd still has no tenant with that UID; its
+        answer, False if there is one. Strays are found in a listing taken without
+        the lock: a Create that ran meanwhile made them a tenant's."""
+        mgr = self.manager
+        async with mgr.operation(uid, what):
+            if mgr.store.get(uid) is not None:
+                return False
+            return await act()
 
     async def _reconcile_one(self, rec: TenantRecord, report: ReconcileReport) -> None:
         mgr = self.manager
@@ -118,8 +146,10 @@ class Reconciler:
         if current is None:
             return
         if current.state is TenantState.REMOVING:
-            await mgr.teardown(current)
+            left = await mgr.teardown(current)
             report.add("finish-removal", rec.name, "finished an interrupted removal")
+            if left is not None:
+                report.problems.append(left.message)
             mgr.emit("removed", mgr.view(current, check_identity=False))
             return
         actions = await mgr.build(current, rollback=False, dropins=False, network=False)
@@ -155,12 +185,22 @@ class Reconciler:
             if not t.uid_min <= user.uid <= t.uid_max:
                 log.debug("not adopting %s: uid %d is outside the managed range", entry, user.uid)
                 continue
+            path = mgr.netns_path(entry)
+
+            async def adopt(user: users.User = user, path: str = path) -> bool:
+                # Looked at without the lock: gone since, it is nothing to adopt,
+                # and creating a fresh tenant here is what nobody asked for.
+                if mgr.net.namespace_inode(path) is None:
+                    return False
+                _, created = await mgr.ensure_held(user, user.name, allow_existing=True)
+                return created
+
             try:
-                _, created = await mgr.ensure(user.name)
+                adopted = await self._while_unrecorded(user.uid, user.name, adopt)
             except NsdError as e:
                 report.problems.append(f"cannot adopt {entry}: {e.message}")
                 continue
-            if created:
+            if adopted:
                 report.add("adopt-namespace", user.name, f"adopted existing namespace {entry}")
 
     async def apply_config(self) -> ReconcileReport:
@@ -173,13 +213,27 @@ class Reconciler:
             return report
         for rec in mgr.store.all():
             try:
-                await mgr.slices.ensure(rec.uid, mgr.limits.of(rec.uid))
+                # Under the lock, from the record as it is then: a Remove that ran
+                # meanwhile must not get its slice re-created.
+                async with mgr.operation(rec.uid, rec.name):
+                    if not _still(mgr, rec):
+                        continue
+                    await mgr.slices.ensure(rec.uid, mgr.limits.of(rec.uid))
             except NsdError as e:
                 report.problems.append(f"tenant {rec.name}: {e.message}")
             else:
                 report.add("apply-limits", rec.name, str(mgr.limits.of(rec.uid).items()))
         await self._reconcile_slices(report)
         return report
+
+
+def _still(mgr: TenantManager, rec: TenantRecord) -> bool:
+    """Whether ``rec``'s tenant still exists and is not being removed."""
+    try:
+        mgr.held_record(rec.uid, rec.name)
+    except NoSuchTenant:
+        return False
+    return True
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

@@ -8,6 +8,7 @@ no-op and GetNetwork reports the policy as disabled.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -44,6 +45,10 @@ class TenantNetworks:
         self._cfg = cfg
         self._store = store
         self._netns_path = netns_path
+        # Changes of the host's nft table. The whole-table load of reconcile and
+        # reload computes it from the store; a tenant's removal or addition that
+        # completed while that load was on its way would be undone by it.
+        self._lock = asyncio.Lock()
 
     def reconfigure(self, cfg: netpolicy.NetworkConfig) -> None:
         """A reloaded ``[network]`` section; reconcile() applies it."""
@@ -67,7 +72,8 @@ class TenantNetworks:
         """Load the host table before any tenant veth is touched (fail closed)."""
         if self._hostnet is None:
             return
-        rep = await self._hostnet.apply_host(self.tenants())
+        async with self._lock:
+            rep = await self._hostnet.apply_host(self.tenants())
         for a in rep.actions:
             log.info("network: %s", a)
         for p in rep.problems:
@@ -81,8 +87,9 @@ class TenantNetworks:
         # The host table must name this veth before traffic through it is allowed: one
         # element transaction (the full table only when the incremental path fails).
         net = self.tenant_net(rec)
-        rep = await self._hostnet.set_tenant(net, self.tenants)
-        rep.extend(await self._hostnet.apply_tenant(net, self._netns_path(rec.netns_name)))
+        async with self._lock:
+            rep = await self._hostnet.set_tenant(net, self.tenants)
+            rep.extend(await self._hostnet.apply_tenant(net, self._netns_path(rec.netns_name)))
         for p in rep.problems:
             log.warning("tenant %s: %s", rec.name, p)
         return tuple(rep.actions)
@@ -91,7 +98,8 @@ class TenantNetworks:
         """Take the tenant's elements out of the host table (after its record is gone)."""
         if self._hostnet is None:
             return
-        rep = await self._hostnet.remove_tenant(rec.uid, self.tenants)
+        async with self._lock:
+            rep = await self._hostnet.remove_tenant(rec.uid, self.tenants)
         for p in rep.problems:
             log.warning("tenant %s: %s", rec.name, p)
 
@@ -110,10 +118,11 @@ class TenantNetworks:
             return
         try:
             await self._hostnet.refresh_site()
-            rep = await self._hostnet.apply(
-                self.tenants(),
-                {r.uid: self._netns_path(r.netns_name) for r in self._store.all()},
-            )
+            async with self._lock:  # the store read and the load, as one
+                rep = await self._hostnet.apply(
+                    self.tenants(),
+                    {r.uid: self._netns_path(r.netns_name) for r in self._store.all()},
+                )
             report.actions += [ReconcileAction("network", None, a) for a in rep.actions]
             report.problems += rep.problems
             report.problems += await self._hostnet.foreign_drop_policies()

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from nsd.names import valid_ifname
 from nsd.net.netns_mount import NamespaceFiles
 from nsd.net.netns_spec import (
+    FOREIGN,
     EnsureResult,
     NetnsError,
     NetworkRef,
@@ -33,6 +34,7 @@ from nsd.net.netns_spec import (
 from nsd.net.netns_worker import Worker
 
 __all__ = [
+    "FOREIGN",
     "EnsureResult",
     "NetnsAdapter",
     "NetnsError",

@@ -26,12 +26,29 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from nsd.net import linux
-from nsd.net.netns_spec import NetnsError, kernel_step
+from nsd.net.netns_spec import FOREIGN, NetnsError, kernel_step
 
 log = logging.getLogger(__name__)
 
 #: how long ensure() waits for another process (``ip netns add``) to drop the run dir lock
 LOCK_TIMEOUT = 10.0
+
+
+def _not_ours(st: os.stat_result) -> str | None:
+    """What the object at a namespace path is, if it cannot be the empty regular file
+    nsd creates as a mount point (None if it can)."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None if st.st_size == 0 else "a file with content"
+    kinds = {
+        stat.S_ISLNK: "a symbolic link",
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "an unknown kind of file")
 
 
 class NamespaceFiles:
@@ -141,6 +158,7 @@ class NamespaceFiles:
             if st is not None and st.st_dev == self.nsfs_dev:
                 return self.adopt(path, adopt), True
             created_file = False
+            foreign = _not_ours(st) if st is not None else None
             if st is None:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
@@ -154,8 +172,11 @@ class NamespaceFiles:
                     raise NetnsError("mount", f"create {path}: {e.strerror}", e.errno) from e
                 os.close(fd)
                 created_file = True
-            elif not stat.S_ISREG(st.st_mode):
-                raise NetnsError("mount", f"{path} is not a regular file", errno.EEXIST)
+            elif foreign is not None:
+                raise NetnsError(
+                    FOREIGN, f"{path} is {foreign} that nsd did not make; left in place "
+                    "(remove it, or choose another netns.name_template)", errno.EEXIST,
+                )  # fmt: skip
             else:
                 # A plain file where a namespace should be mounted: left over from a
                 # namespace whose mount is gone (e.g. /run persisted, or someone
@@ -179,16 +200,48 @@ class NamespaceFiles:
         return self.open_namespace(path)
 
     def remove(self, path: str, actions: list[str]) -> None:
-        """Detach every mount on ``path`` and unlink it; missing is fine."""
+        """Detach every mount on ``path`` and unlink it; missing is fine.
+
+        Only what nsd makes is removed: network namespace bind mounts, and then the
+        empty regular file nsd created as their mount point. Anything else at the
+        path (a symbolic link, FIFO, directory, a file with content, another mount)
+        was put there by someone else: it is left alone, and after everything of
+        nsd's is gone a NetnsError with step ``FOREIGN`` says what it is.
+        """
         with kernel_step("remove", f"unmount {path}"):
             for _ in range(64):  # also undoes mounts stacked by old bugs
                 if self.namespace_inode(path) is None:
                     break
+                if not self.is_network_namespace(path):
+                    raise NetnsError(
+                        FOREIGN, f"{path} is a mount of another kind of namespace that "
+                        "nsd did not make; left in place", errno.EEXIST,
+                    )  # fmt: skip
                 linux.umount2(path, linux.MNT_DETACH)
                 actions.append(f"unmounted {path}")
         with kernel_step("remove", f"unlink {path}"):
             try:
-                os.unlink(path)
-                actions.append(f"removed {path}")
+                st = os.lstat(path)
             except FileNotFoundError:
-                pass
+                return
+            foreign = _not_ours(st)
+            if foreign is None:
+                try:
+                    os.unlink(path)
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise
+                    foreign = "a mount point of something else"
+            if foreign is not None:
+                raise NetnsError(
+                    FOREIGN, f"{path} is {foreign} that nsd did not make; left in place",
+                    errno.EEXIST,
+                )  # fmt: skip
+            actions.append(f"removed {path}")
+
+    def is_network_namespace(self, path: str) -> bool:
+        try:
+            os.close(self.open_namespace(path))
+        except NetnsError:
+            return False
+        return True

@@ -66,6 +66,10 @@ class EnsureResult:
     actions: tuple[str, ...]
 
 
+# NetnsError.step when something nsd did not make is where a namespace file belongs.
+FOREIGN = "foreign"
+
+
 class NetnsError(Exception):
     """A namespace or netlink operation failed.
 

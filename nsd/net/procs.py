@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from nsd import kerneltext
 
-__all__ = ["StopResult", "processes_in_namespace", "stop_processes"]
+__all__ = ["StopResult", "processes_in_namespace", "start_time", "stop_processes"]
 
 # include/linux/sched.h: the task is a kernel thread.
 _PF_KTHREAD = 0x00200000
@@ -38,27 +39,85 @@ def _netns_link(proc_root: str, pid: int) -> str | None:
         return None
 
 
-def _is_kernel_thread(proc_root: str, pid: int) -> bool:
+def _stat_fields(proc_root: str, pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat`` from field 3 (the state) on; None if there is no such process."""
     try:
         with open(f"{proc_root}/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
-        return False
-    # Field 3 is the state and field 9 the flags.
-    fields = kerneltext.stat_fields(data)
-    try:
+        return None
+    return kerneltext.stat_fields(data)
+
+
+def _is_kernel_thread(proc_root: str, pid: int) -> bool:
+    fields = _stat_fields(proc_root, pid) or []
+    try:  # field 9: the flags
         return bool(int(fields[6]) & _PF_KTHREAD)
     except (IndexError, ValueError):
         return False
 
 
-def processes_in_namespace(inode: int, proc_root: str = "/proc") -> list[int]:
+def start_time(pid: int, proc_root: str = "/proc") -> int | None:
+    """When process ``pid`` started (clock ticks after boot); None if there is none.
+    With the PID it names one process for good: a reused PID starts later."""
+    fields = _stat_fields(proc_root, pid) or []
+    try:  # field 22
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _holds(proc_root: str, pid: int, inode: int) -> bool:
+    """Whether process ``pid`` has a descriptor open on the namespace with ``inode``.
+
+    The link text does not say: a descriptor opened through a bind mount reads as
+    that path (``/run/netns/NAME``), one opened through ``/proc`` as ``net:[INODE]``.
+    So every descriptor that is not a socket, pipe or anonymous inode is stat()-ed
+    (through the magic link: the namespace's own inode on nsfs).
+    """
+    fd_dir = f"{proc_root}/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        path = f"{fd_dir}/{fd}"
+        try:
+            if os.readlink(path).startswith(_NOT_A_NAMESPACE):
+                continue
+            st = os.stat(path)
+        except OSError:
+            continue  # closed meanwhile
+        if st.st_ino == inode and st.st_dev == _nsfs_dev():
+            return True
+    return False
+
+
+# What the links of descriptors that cannot be a namespace start with.
+_NOT_A_NAMESPACE = ("socket:[", "pipe:[", "anon_inode:")
+
+
+@functools.cache
+def _nsfs_dev() -> int:
+    """The device of nsfs, where every namespace inode lives."""
+    return os.stat("/proc/self/ns/net").st_dev
+
+
+def _uses(proc_root: str, pid: int, inode: int, holders: bool) -> bool:
+    in_it = _netns_link(proc_root, pid) == f"net:[{inode}]"
+    return in_it or (holders and _holds(proc_root, pid, inode))
+
+
+def processes_in_namespace(
+    inode: int, proc_root: str = "/proc", *, holders: bool = False
+) -> list[int]:
     """PIDs of the processes whose network namespace has inode ``inode``, sorted.
 
-    Vanished processes, zombies and kernel threads are skipped; the calling process
-    itself is never listed (nsd must not stop itself).
+    With ``holders``, also those with a descriptor open on it: they can join it
+    with setns() at any time (nsd-exec between receiving Enter's descriptor and
+    joining). Vanished processes, zombies and kernel threads are skipped; the
+    calling process itself is never listed (nsd must not stop itself).
     """
-    wanted = f"net:[{inode}]"
     self_pid = os.getpid()
     found: list[int] = []
     try:
@@ -73,7 +132,7 @@ def processes_in_namespace(inode: int, proc_root: str = "/proc") -> list[int]:
             pid = int(name)
             if pid == self_pid:
                 continue
-            if _netns_link(proc_root, pid) != wanted:
+            if not _uses(proc_root, pid, inode, holders):
                 continue
             if _is_kernel_thread(proc_root, pid):
                 continue
@@ -102,17 +161,19 @@ def _pidfd_exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _open_pidfd(pid: int, netns_inode: int | None, proc_root: str) -> int | None:
+def _open_pidfd(
+    pid: int, netns_inode: int | None, proc_root: str, holders: bool = False
+) -> int | None:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
     if netns_inode is None:
         return pidfd
-    link = _netns_link(proc_root, pid)
-    # Check liveness *after* reading the link: if the pinned process is still alive now,
-    # the PID was its own during the readlink, so the link describes that process.
-    if link != f"net:[{netns_inode}]" or _pidfd_exited(pidfd):
+    uses = _uses(proc_root, pid, netns_inode, holders)
+    # Check liveness *after* reading the links: if the pinned process is still alive
+    # now, the PID was its own during the readlink, so the link describes that process.
+    if not uses or _pidfd_exited(pidfd):
         os.close(pidfd)
         return None
     return pidfd
@@ -157,6 +218,7 @@ async def stop_processes(
     *,
     kill_timeout: float = 5.0,
     netns_inode: int | None = None,
+    holders: bool = False,
     proc_root: str = "/proc",
 ) -> StopResult:
     """SIGTERM ``pids``, wait up to ``term_timeout`` s, SIGKILL the rest, wait up to
@@ -164,7 +226,8 @@ async def stop_processes(
 
     With ``netns_inode``, a PID is only signalled if it is (still) inside that network
     namespace, which makes a list from :func:`processes_in_namespace` safe to act on
-    even if some of its PIDs have been reused since.
+    even if some of its PIDs have been reused since; with ``holders``, a process
+    with a descriptor open on that namespace counts as inside.
     """
     pidfds: dict[int, int] = {}
     skipped: list[int] = []
@@ -172,7 +235,7 @@ async def stop_processes(
         for pid in dict.fromkeys(pids):
             if pid <= 0 or pid == os.getpid():
                 raise ValueError(f"refusing to stop PID {pid}")
-            fd = _open_pidfd(pid, netns_inode, proc_root)
+            fd = _open_pidfd(pid, netns_inode, proc_root, holders)
             if fd is None:
                 skipped.append(pid)
             else:

@@ -190,8 +190,9 @@ class TenantSlices:
         except SystemdError as e:
             raise _request_failed(unit, e) from e
 
-    async def stray_slices(self, known_uids: set[int]) -> list[str]:
-        """Tenant slices systemd knows whose tenant nsd does not (e.g. after a crash).
+    async def stray_slices(self, known_uids: set[int]) -> list[tuple[int, str]]:
+        """(UID, slice) of tenant slices systemd knows whose tenant nsd does not (e.g.
+        after a crash).
 
         Only UIDs in the tenant range count: ``user-0.slice`` (root's logins) or a
         system account's slice is never a tenant's. Under a shared parent
@@ -215,7 +216,7 @@ class TenantSlices:
                 continue
             uid = int(m[1])
             if uid not in known_uids and t.uid_min <= uid <= t.uid_max:
-                out.append(u.name)
+                out.append((uid, u.name))
         return out
 
     async def forget(self, unit: str) -> None:

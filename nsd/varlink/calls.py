@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from .connection import Connection
 from .peer import Peer, open_peer_pidfd
 
 
@@ -95,10 +96,17 @@ class Call:
     oneway: bool
     # The connection's socket, kept private: handlers reply by returning.
     _sock: socket.socket | None = field(default=None, repr=False, compare=False)
+    _conn: Connection | None = field(default=None, repr=False, compare=False)
 
     def open_peer_pidfd(self) -> int | None:
         """A pidfd of the calling process (Linux >= 6.5) owned by the caller, else None."""
         return None if self._sock is None else open_peer_pidfd(self._sock)
+
+    def unread_output(self) -> int | None:
+        """What the server sent on this connection that the peer has not read yet
+        (0: everything, descriptors included, reached the peer or was dropped; None:
+        unknown, see ``Connection.unread_output``)."""
+        return 0 if self._conn is None else self._conn.unread_output()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,10 @@ class Reply:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     fds: Sequence[int] = ()
     continues: bool | None = None
+    # Called once the server let go of ``fds``: handed to the socket or queued in
+    # the connection's output (``Call.unread_output`` counts it from then on), or
+    # closed because the reply was dropped.
+    released: Callable[[], None] | None = field(default=None, compare=False)
 
 
 ReplyValue: TypeAlias = Reply | Mapping[str, Any] | None

@@ -14,9 +14,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -34,6 +37,14 @@ def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _send_queue(sock: socket.socket) -> int:
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)  # == SIOCOUTQ
+    except OSError:
+        return 0  # the socket is gone: nothing of it can still be read
+    return int(struct.unpack("i", raw)[0])
 
 
 class _Outgoing:
@@ -67,6 +78,7 @@ class Connection:
         "_partial_timer",
         "_rbuf",
         "_reading",
+        "_unread_at_close",
         "_waiter",
         "_writing",
         "close_kind",
@@ -109,6 +121,7 @@ class Connection:
         self._waiter: asyncio.Future[None] | None = None
         self._out: deque[_Outgoing] = deque()
         self._out_bytes = 0
+        self._unread_at_close = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading = False
         self._writing = False
@@ -285,6 +298,17 @@ class Connection:
     def pending_output(self) -> int:
         return self._out_bytes
 
+    def unread_output(self) -> int | None:
+        """How much of what was sent the peer has not read yet: bytes still queued
+        here plus the socket's send queue, which for an AF_UNIX stream holds each
+        message (and the descriptors it carries) until the peer has read it
+        (SIOCOUTQ counts buffer space, not bytes: only zero is exact). None when
+        this side closed with output unread: the peer can still read it, and it
+        can no longer be observed."""
+        if self.closed:
+            return None if self._unread_at_close else 0
+        return self._out_bytes + _send_queue(self.sock)
+
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Queues one encoded message; takes ownership of ``fds`` (closed once sent)."""
         if self.closed:
@@ -410,6 +434,7 @@ class Connection:
         self._out_bytes = 0
         self._frames.clear()
         self._frame_bytes = 0
+        self._unread_at_close = _send_queue(self.sock)
         self.sock.close()
         self._wake()
         waiter = self._drain_waiter

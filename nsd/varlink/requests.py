@@ -100,7 +100,14 @@ class StreamSender:
     def discard(self) -> None:
         held, self._pending = self._pending, None
         if held is not None:
-            close_fds(held.fds)
+            drop(held)
+
+
+def drop(reply: Reply) -> None:
+    """A reply that will not be sent: close its descriptors, tell who handed them out."""
+    close_fds(reply.fds)
+    if reply.released is not None:
+        reply.released()
 
 
 def bind_unix_socket(path: str, mode: int = 0o666, backlog: int = 4096) -> socket.socket:

@@ -43,7 +43,7 @@ from typing import Any
 
 from . import idl, wire
 from .calls import Call, CallDoneHook, Handler, Limits, Reply
-from .connection import Connection, close_fds
+from .connection import Connection
 from .peer import Peer, peer_of
 from .policy import Admission, PeerClass
 from .protocol import (
@@ -53,7 +53,7 @@ from .protocol import (
     METHOD_NOT_FOUND,
     VarlinkError,
 )
-from .requests import HandlerBug, StreamSender, bind_unix_socket, parse_request, refuse
+from .requests import HandlerBug, StreamSender, bind_unix_socket, drop, parse_request, refuse
 
 __all__ = [
     "Call",
@@ -323,7 +323,7 @@ class VarlinkServer:
         await self._call(
             conn,
             entry,
-            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock),
+            Call(entry.interface, entry.name, parameters, conn.peer, more, oneway, conn.sock, conn),
             upgrade,
         )
         return not conn.closed
@@ -373,7 +373,7 @@ class VarlinkServer:
                 raise VarlinkError(f"{self._errors}.CallTimedOut", {"seconds": seconds}) from None
         reply = _as_reply(value)
         if call.oneway:
-            close_fds(reply.fds)
+            drop(reply)
         else:
             self._send_reply(conn, entry, reply, continues=False)
 
@@ -446,9 +446,11 @@ class VarlinkServer:
             except (TypeError, ValueError) as e:
                 raise HandlerBug(f"reply is not JSON: {e}") from e
         except BaseException:
-            close_fds(reply.fds)
+            drop(reply)
             raise
         conn.send(data, reply.fds)
+        if reply.released is not None:
+            reply.released()
 
     def _send_error(self, conn: Connection, error: VarlinkError) -> None:
         conn.send(wire.encode({"error": error.name, "parameters": error.parameters}))

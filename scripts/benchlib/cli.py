@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--tenants", type=int, help="N tenants per side (default 1000, --quick 5)")
     p.add_argument(
+        "--races",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: the race tests of tests/integration/test_races.py with ROUNDS rounds "
+        "each (the test suite runs 200 and 40), with their figures",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench-results",
@@ -329,6 +336,16 @@ def render_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_races(rounds: int) -> int:
+    """The suite's race tests, longer: Enter(create=false) against Create/Remove/Get,
+    and nsd-exec launches against Remove. Each prints what it counted."""
+    env = dict(os.environ, NSD_RACE_ROUNDS=str(rounds), NSD_EXEC_RACE_ROUNDS=str(rounds))
+    tests = "enter_without_create or joining_nsd_exec"
+    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-k", tests,
+            "tests/integration/test_races.py"]  # fmt: skip
+    return subprocess.run(argv, cwd=ROOT, env=env, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
@@ -348,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         log(f"results: {write_hostile(args.out, results)}")
         return 0
+    if args.races is not None:
+        return run_races(args.races)
     t_start = time.monotonic()
     run = Run(args)
     log(f"run prefix {run.prefix}; {run.n} tenants per side{' (quick)' if args.quick else ''}")

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import varlink  # the PyPI reference implementation: a client nobody on this project wrote
@@ -158,3 +159,44 @@ def test_hostile_input_closes_only_that_connection(
             assert b"error" in data
     still_serving(d)
     assert d.proc is not None and d.proc.poll() is None
+
+
+# Every method that takes a tenant name, with the least else it needs.
+_NAMED_CALLS: list[tuple[str, dict[str, object]]] = [
+    ("Create", {}),
+    ("Ensure", {}),
+    ("Remove", {}),
+    ("Get", {}),
+    ("Enter", {}),
+    ("Enter", {"create": False}),
+    ("GetLimits", {}),
+    ("SetLimits", {"limits": {}}),
+    ("GetNetwork", {}),
+    ("SetBandwidth", {}),
+    ("Run", {"command": ["/bin/true"]}),
+    ("GetUsage", {}),
+    ("GetUsage", {"more": True}),
+    ("Watch", {"more": True}),
+    ("Audit", {}),
+]
+
+
+@pytest.mark.parametrize("name", ["\ud800", "a\udfffb", "\udc80x"])
+def test_unencodable_names_are_invalid_tenant_names(
+    env: tuple[Daemon, TestUsers], name: str
+) -> None:
+    """Lone surrogates are valid JSON (``"\\ud800"``) but no UTF-8 can carry them to
+    NSS, SQLite or a file name: every method answers InvalidTenantName."""
+    d, _ = env
+    for method, extra in _NAMED_CALLS:
+        params = {k: v for k, v in extra.items() if k != "more"}
+        message: dict[str, Any] = {
+            "method": "io.nsd.Tenant." + method,
+            "parameters": {"name": name, **params},
+        }
+        if extra.get("more"):
+            message["more"] = True
+        reply = json.loads(raw(d, json.dumps(message).encode() + b"\0")[:-1])
+        assert reply.get("error") == "io.nsd.Tenant.InvalidTenantName", (method, reply)
+    assert "Traceback" not in d.log_text()
+    still_serving(d)

@@ -14,7 +14,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -340,11 +340,19 @@ def big_request(size: int) -> bytes:
 
 def count_becomes(st: ServerThread, want: Any, timeout: float = 5.0) -> int:
     """Waits until the server's connection count satisfies ``want``; returns it."""
-    assert st.server is not None
-    deadline = time.monotonic() + timeout
-    while not want(n := st.server.connection_count) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    server = st.server
+    assert server is not None
+    n: int = becomes(lambda: server.connection_count, want, timeout)
     return n
+
+
+def becomes(read: Callable[[], Any], want: Any, timeout: float = 5.0) -> Any:
+    """Waits until ``read()`` satisfies ``want`` (the server runs in another thread);
+    returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not want(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
 
 
 def test_queued_output_is_bounded_per_connection(sockdir: Path) -> None:
@@ -355,8 +363,12 @@ def test_queued_output_is_bounded_per_connection(sockdir: Path) -> None:
         small, large = raw(st.path), raw(st.path)
         small.sendall(big_request(300_000) + b"\0")  # fits: kernel buffer + queue
         large.sendall(big_request(2_000_000) + b"\0")  # does not: closed
+        # The close itself first: the count is 1 too while the server has accepted
+        # only one of the two connections.
+        server = st.server
+        assert server is not None
+        assert becomes(lambda: dict(server.closes), lambda c: c) == {"output": 1}
         assert count_becomes(st, lambda n: n == 1) == 1
-        assert st.server is not None and st.server.closes == {"output": 1}
         reply = b""
         while not reply.endswith(b"\0"):
             reply += small.recv(1 << 20)
