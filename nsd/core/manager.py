@@ -33,20 +33,18 @@ from nsd import limits as limits_mod
 from nsd import names, users
 from nsd.config import Config
 from nsd.core import doctor
+from nsd.core.creation import TenantCreation
 from nsd.core.events import TenantEvents
 from nsd.core.handouts import Handouts
 from nsd.core.ipam import Ipam
 from nsd.core.reconcile import Reconciler
+from nsd.core.removal import TenantRemoval
 from nsd.errors import (
     InvalidTenantName,
-    NamespaceExists,
     NetworkSetupFailed,
     NoSuchTenant,
     NoSuchUser,
-    NsdError,
     ShuttingDown,
-    TenantBusy,
-    TenantExists,
     TenantIdentityChanged,
     UidOutOfRange,
 )
@@ -59,16 +57,14 @@ from nsd.model import (
     TenantState,
     TenantView,
 )
-from nsd.net import procs
-from nsd.net.netns import FOREIGN, NetnsAdapter, NetnsError, NetworkSpec
+from nsd.net.netns import NetnsAdapter, NetnsError, NetworkSpec
 from nsd.observe.cgroupstats import slice_cgroup_path
 from nsd.observe.sampler import Target
-from nsd.systemd import cgroup
 from nsd.systemd.slices import RunResult, TenantSlices
 
 if TYPE_CHECKING:
     from nsd.net.hostnet import HostNetwork
-from nsd.core.store import Store, now_us
+from nsd.core.store import Store
 from nsd.core.tenant_limits import TenantLimits
 from nsd.core.tenant_locks import TenantLocks
 from nsd.core.tenant_network import TenantNetworks
@@ -104,6 +100,8 @@ class TenantManager:
         # Namespace descriptors Enter handed out that may not have reached their
         # process yet: Remove waits for them before it looks for users.
         self._handouts = Handouts()
+        self._removal = TenantRemoval(self)
+        self._creation = TenantCreation(self)
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
         self._reconciler = Reconciler(self)
 
@@ -320,75 +318,11 @@ class TenantManager:
     async def ensure_held(
         self, user: users.User, name: str, *, allow_existing: bool, may_create: bool = True
     ) -> tuple[TenantView, bool]:
-        """Create, finish or repair tenant ``user``; the caller holds its lock.
-
-        ``may_create`` false: a tenant that is absent or being removed is
-        ``NoSuchTenant`` and nothing changes (an interrupted creation is finished:
-        somebody asked for it).
-        """
-        rec = self.store.get(user.uid)
-        if rec is not None:
-            if rec.name != name:
-                raise TenantIdentityChanged(
-                    name, rec.uid, rec.name,
-                    f"uid {rec.uid} was recorded as {rec.name} and is now {name}",
-                )  # fmt: skip
-            if not allow_existing and rec.state is not TenantState.CREATING:
-                raise TenantExists(name)
-            if rec.state is TenantState.REMOVING:
-                if not may_create:
-                    raise NoSuchTenant(name)
-                # A removal was interrupted; finish it before creating anew (what
-                # someone left at the namespace path then fails the creation itself).
-                await self.teardown(rec)
-                rec = None
-        if rec is None:
-            if not may_create:
-                raise NoSuchTenant(name)
-            stale = self.store.get_by_name(name)
-            if stale is not None:
-                raise TenantIdentityChanged(
-                    name, stale.uid, stale.name,
-                    f"user {name} now has uid {user.uid}, recorded uid {stale.uid}",
-                )  # fmt: skip
-            rec = self._record_intent(user)
-            # A namespace that appeared since the intent was recorded is not
-            # adopted behind the operator's back.
-            await self.build(rec, rollback=True, adopt=rec.adopted)
-            created, actions = True, tuple[str, ...]()
-        else:
-            actions = await self.build(rec, rollback=False)
-            created = False
-        rec = self.held_record(user.uid, name)
-        view = self.view(rec, check_identity=False)
-        if created or actions:
-            self.emit("created" if created else "changed", view)
-        return view, created
-
-    def _record_intent(self, user: users.User) -> TenantRecord:
-        netns_name = names.netns_name(self.cfg.netns.name_template, user.name, user.uid)
-        path = self.netns_path(netns_name)
-        adopted = self.net.namespace_inode(path) is not None
-        if adopted and not self.cfg.tenants.adopt_existing:
-            raise NamespaceExists(path)
-        # No await between allocation and insert: the loop cannot run another
-        # allocation in between, so two tenants never get the same address.
-        v4, v6 = self.ipam.allocate(user.uid)
-        rec = TenantRecord(
-            uid=user.uid,
-            name=user.name,
-            state=TenantState.CREATING,
-            netns_name=netns_name,
-            host_ifname=names.host_ifname(self.cfg.netns.link_prefix, user.uid),
-            ipv4_address=v4,
-            ipv6_prefix=v6,
-            adopted=adopted,
-            created_us=now_us(),
+        """Create, finish or repair tenant ``user``; the caller holds its lock
+        (nsd.core.creation)."""
+        return await self._creation.ensure_held(
+            user, name, allow_existing=allow_existing, may_create=may_create
         )
-        self.store.insert(rec)
-        log.info("tenant %s (uid %d): recorded, ipv4 %s, ipv6 %s%s", rec.name, rec.uid, v4, v6,
-                 ", adopting existing namespace" if adopted else "")  # fmt: skip
-        return rec
 
     async def build(
         self,
@@ -399,33 +333,10 @@ class TenantManager:
         dropins: bool = True,
         network: bool = True,
     ) -> tuple[str, ...]:
-        try:
-            result = await self.net.ensure(self.spec(rec), adopt=adopt)
-            # Reconcile applies the policy once for all tenants instead: the host
-            # table lists every tenant, so per-tenant re-applies would be O(n^2).
-            actions = result.actions + (await self.networks.apply_tenant(rec) if network else ())
-        except NetnsError as e:
-            if rollback:
-                # "exists": a namespace appeared at the path after the intent was
-                # recorded. It is not ours, so the rollback must leave it alone.
-                await self._rollback(rec, remove_network=e.step != "exists")
-            raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
-        if self.slices.available:
-            try:
-                await self.slices.ensure(rec.uid, self.limits.of(rec.uid))
-                if dropins:  # reconcile writes all tenants' drop-ins at once
-                    await self.slices.sync_dropins([rec], prune_users={rec.name})
-            except NsdError:
-                if rollback:
-                    await self._rollback(rec, remove_network=True)
-                raise
-        if rec.state is not TenantState.READY:
-            self.store.set_state(rec.uid, TenantState.READY)
-        for action in actions:
-            log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
-        return actions
-
-    # -- network policy --------------------------------------------------------
+        """Make the host match ``rec`` (nsd.core.creation)."""
+        return await self._creation.build(
+            rec, rollback=rollback, adopt=adopt, dropins=dropins, network=network
+        )
 
     async def apply_network_host(self) -> None:
         """Load the host table before any tenant veth is touched (fail closed)."""
@@ -514,112 +425,13 @@ class TenantManager:
             raise TenantIdentityChanged(name, rec.uid, rec.name, problem)
         return rec
 
-    async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:
-        try:
-            if remove_network and not rec.adopted:
-                try:
-                    await self.net.remove(self.spec(rec))
-                except NetnsError as e:
-                    if e.step != FOREIGN:
-                        raise
-                    # All of nsd's is gone; the rest is not nsd's to remove, and the
-                    # creation's own error already says what is in the way.
-                    log.warning("tenant %s: %s", rec.name, e.message)
-            self.store.delete(rec.uid, quarantine=False)
-            # its elements, if the host table got them before the failure
-            await self.networks.remove_tenant(rec)
-        except (NetnsError, OSError) as e:
-            # Leave the 'creating' row: reconcile will finish or retry it.
-            log.error("tenant %s: rollback failed, reconcile will retry: %s", rec.name, e)
-
     async def remove(self, name: str, force: bool) -> None:
-        uid = self._existing(name).uid
-        async with self.operation(uid, name):
-            # Again under the lock: a queued operation may have changed it (a
-            # record left "removing" by a crash is finished here).
-            rec = self.held_record(uid, name, removing=True)
-            self._removing.add(rec.uid)
-            try:
-                await self._await_handouts(rec)
-                await self._stop_processes(rec, force)
-                self.store.set_state(rec.uid, TenantState.REMOVING)
-                view = self.view(rec, check_identity=False)
-                left = await self.teardown(rec)
-            finally:
-                self._removing.discard(rec.uid)
-            self.emit("removed", view)
-            if self.slices.available:
-                await self.slices.sync_dropins([], prune_users={rec.name})
-                await self.slices.stop_ensure_unit(rec.name)
-                await self.limits.protect_parent()
-            if left is not None:
-                raise left
-
-    async def _await_handouts(self, rec: TenantRecord) -> None:
-        """Wait until every namespace descriptor Enter handed out for ``rec`` reached
-        its process; TenantBusy if one has not within ``stop_timeout``.
-
-        Why Remove may then trust its scan: the caller put the UID in ``_removing``
-        and holds the tenant's lock, so no Enter hands out another descriptor (the
-        fast path checks ``_removing`` and records its descriptor in the same loop
-        turn it opens it; the slow path needs the lock). Each descriptor handed out
-        before is now in some process's descriptor table, or that process joined
-        the namespace with it, or it was closed; ``_stop_processes`` looks for
-        both the members and the holders. A process that passes its descriptor on
-        (SCM_RIGHTS) while that scan runs can escape it: nsd-exec never does.
-        """
-        left = await self._handouts.wait_landed(rec.uid, self.cfg.tenants.stop_timeout)
-        if left:
-            log.warning("tenant %s: %d namespace descriptor(s) handed out by Enter not "
-                        "yet received; not removing", rec.name, left)  # fmt: skip
-            raise TenantBusy(rec.name, left)
-
-    async def _stop_processes(self, rec: TenantRecord, force: bool) -> None:
-        """Refuse (or with force, stop) while processes run in the tenant's namespace
-        or hold a descriptor of it (they may join it at any time)."""
-        inode = self.net.namespace_inode(self.netns_path(rec.netns_name))
-        pids = await asyncio.to_thread(_users_of, inode) if inode else []
-        # Processes in the tenant's slice count too (a service with Slice= but
-        # no namespace): stopping the slice at removal would kill them.
-        in_slice = await asyncio.to_thread(cgroup.pids_in, self._slice_path(rec.uid))
-        busy = set(pids) | set(in_slice)
-        if busy and not force:
-            raise TenantBusy(rec.name, len(busy))
-        if not pids or inode is None:
-            return  # the slice's own processes end when the slice is stopped
-        log.info("tenant %s: stopping %d process(es) before removal", rec.name, len(pids))
-        # netns_inode: a PID is only signalled if it is still in this namespace
-        # after its pidfd is open, so a PID reused since the scan is left alone.
-        await procs.stop_processes(
-            pids, term_timeout=self.cfg.tenants.stop_timeout, netns_inode=inode, holders=True
-        )
-        left = await asyncio.to_thread(_users_of, inode)
-        if left:
-            raise TenantBusy(rec.name, len(left))
-
-    def _slice_path(self, uid: int) -> str:
-        return slice_cgroup_path(self.slices.slice_of(uid))
+        """Remove a tenant (nsd.core.removal): refused while it is busy, unless forced."""
+        await self._removal.remove(name, force)
 
     async def teardown(self, rec: TenantRecord) -> NetworkSetupFailed | None:
-        """Remove the tenant's slice, network and record. Returns (does not raise)
-        the error that names what someone else left at the namespace path: all of
-        nsd's objects are gone then, so the record goes too and nothing is stuck;
-        the caller finishes its own work and then reports it."""
-        if self.slices.available:
-            await self.slices.remove(rec.uid)
-        left = None
-        try:
-            await self.net.remove(self.spec(rec))
-        except NetnsError as e:
-            if e.step != FOREIGN:
-                raise NetworkSetupFailed(rec.name, e.step, e.message, e.errno) from e
-            left = NetworkSetupFailed(rec.name, e.step, f"tenant removed, but {e.message}",
-                                      e.errno)  # fmt: skip
-            log.warning("tenant %s: %s", rec.name, left.message)
-        self.store.delete(rec.uid, quarantine=True)
-        log.info("tenant %s (uid %d): removed; addresses quarantined", rec.name, rec.uid)
-        await self.networks.remove_tenant(rec)
-        return left
+        """Remove the tenant's slice, network and record (nsd.core.removal)."""
+        return await self._removal.teardown(rec)
 
     async def checks(self, routes: Sequence[IPv4Network | IPv6Network]) -> tuple[Check, ...]:
         """``nsctl doctor``: host prerequisites, what of the configured limits is in
@@ -696,8 +508,3 @@ class TenantManager:
         """Refuse new work, wait for running operations; True if all finished."""
         self._events.close()
         return await self._locks.close(timeout)
-
-
-def _users_of(inode: int) -> list[int]:
-    """Processes in the namespace or holding a descriptor of it (they may join it)."""
-    return procs.processes_in_namespace(inode, holders=True)
