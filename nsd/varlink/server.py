@@ -31,7 +31,6 @@ Design, and why:
 from __future__ import annotations
 
 import asyncio
-import errno
 import inspect
 import logging
 import socket
@@ -42,9 +41,10 @@ from importlib.resources import files
 from typing import Any
 
 from . import idl, wire
+from .acceptor import Acceptor
 from .calls import Call, CallDoneHook, Handler, Limits, Reply
 from .connection import Connection
-from .peer import Peer, peer_of
+from .peer import Peer
 from .policy import Admission, PeerClass
 from .protocol import (
     EXPECTED_MORE,
@@ -53,7 +53,7 @@ from .protocol import (
     METHOD_NOT_FOUND,
     VarlinkError,
 )
-from .requests import HandlerBug, StreamSender, bind_unix_socket, drop, parse_request, refuse
+from .requests import HandlerBug, StreamSender, bind_unix_socket, drop, parse_request
 
 __all__ = [
     "Call",
@@ -67,10 +67,6 @@ __all__ = [
     "VarlinkServer",
     "bind_unix_socket",
 ]
-
-_ACCEPT_BATCH = 32  # accept() calls per wake-up, so a connect storm cannot starve calls
-_ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE and friends
-_REFUSAL_LOG_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,22 +104,27 @@ class VarlinkServer:
         self._internal_error_name = internal_error_name
         # The server's own errors (limits, timeouts) live in the same interface.
         self._errors = internal_error_name.rpartition(".")[0]
-        self._classify = classify or self._default_class
         self._on_call_done = on_call_done
         self._log = logger or logging.getLogger("nsd.varlink")
         self._interfaces: dict[str, idl.Interface] = {}
         self._validators: dict[str, idl.InterfaceValidator] = {}
         self._methods: dict[str, _Method] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listener: socket.socket | None = None
-        self._accepting = False
         self._closing = False
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._admission = Admission(self._limits)
         # Connections the server closed, by Connection.close_kind, and refused.
         self.closes: dict[str, int] = {}
         self._streaming: set[Connection] = set()
-        self._last_refusal_log = 0.0
+        self._acceptor = Acceptor(
+            self._admission,
+            classify,
+            self._limits.uid_limit_exempt,
+            self._log,
+            errors=self._errors,
+            closes=self.closes,
+            on_admitted=self._connect,
+        )
         self.add_interface(
             _service_idl(),
             {"GetInfo": self._get_info, "GetInterfaceDescription": self._get_description},
@@ -157,92 +158,24 @@ class VarlinkServer:
 
     async def start(self, sock: socket.socket) -> None:
         """Serves on a bound, listening AF_UNIX stream socket (e.g. from socket activation)."""
-        if self._listener is not None:
-            raise RuntimeError("server already started")
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             raise ValueError("varlink needs an AF_UNIX SOCK_STREAM socket")
         self._loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._listener = sock
-        self._resume_accepting()
+        self._acceptor.listen(sock, self._loop)
 
     def adopt(self, sock: socket.socket) -> None:
         """Serves a connected socket as if accepted (one end of a socketpair: fuzzing)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self._admit(sock)
+        self._acceptor.admit(sock, self._loop)
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def _default_class(self, peer: Peer) -> PeerClass:
-        exempt = peer.uid in self._limits.uid_limit_exempt
-        return PeerClass.PRIVILEGED if exempt else PeerClass.TENANT
-
-    def _peer_class(self, peer: Peer) -> PeerClass:
-        try:
-            return self._classify(peer)
-        except Exception:
-            # Fail towards the smallest allowance, never towards privilege.
-            self._log.exception("varlink: classifying uid %d failed", peer.uid)
-            return PeerClass.OTHER
-
-    # ---------------------------------------------------------------- accepting
-
-    def _resume_accepting(self) -> None:
-        if self._listener is not None and not self._accepting and not self._closing:
-            self._running_loop().add_reader(self._listener.fileno(), self._on_acceptable)
-            self._accepting = True
-
-    def _pause_accepting(self) -> None:
-        if self._accepting and self._listener is not None:
-            self._running_loop().remove_reader(self._listener.fileno())
-            self._accepting = False
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("the varlink server is not serving")
-        return self._loop
-
-    def _on_acceptable(self) -> None:
-        listener, loop = self._listener, self._running_loop()
-        if listener is None:
-            raise RuntimeError("the varlink server accepts without a listening socket")
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno == errno.ECONNABORTED:
-                    continue
-                # Out of descriptors or memory: the listener stays readable, so
-                # back off instead of spinning; pending clients wait in the backlog.
-                self._log.warning("varlink: accept failed: %s; pausing %.1f s", e, _ACCEPT_RETRY)
-                self._pause_accepting()
-                loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
-                return
-            self._admit(sock)
-
-    def _admit(self, sock: socket.socket) -> None:
+    def _connect(self, sock: socket.socket, peer: Peer, cls: PeerClass) -> None:
+        """Serves an admitted connection (the acceptor's ``on_admitted``)."""
         loop = self._running_loop()
-        try:
-            sock.setblocking(False)
-            peer = peer_of(sock)
-        except OSError as e:
-            self._log.debug("varlink: dropping connection without credentials: %s", e)
-            sock.close()
-            return
-        cls = self._peer_class(peer)
-        refusal = self._admission.admit(peer, cls)
-        if refusal is not None:
-            self.closes["refused"] = self.closes.get("refused", 0) + 1
-            self._log_refusal(peer, refusal)
-            refuse(
-                sock, VarlinkError(f"{self._errors}.ConnectionLimitReached", {"reason": refusal})
-            )
-            return
         unprivileged = cls is not PeerClass.PRIVILEGED
         conn = Connection(
             loop,
@@ -258,21 +191,10 @@ class VarlinkServer:
         self._connections[conn] = loop.create_task(self._serve(conn))
         conn.start_reading()
 
-    def _log_refusal(self, peer: Peer, refusal: str) -> None:
-        # Info once per interval, debug otherwise: a client hammering the cap
-        # must not flood the journal.
-        now = time.monotonic()
-        level = logging.DEBUG
-        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
-            self._last_refusal_log = now
-            level = logging.INFO
-        self._log.log(
-            level,
-            "varlink: refusing connection of uid %d pid %d: %s",
-            peer.uid,
-            peer.pid,
-            refusal,
-        )
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the varlink server is not serving")
+        return self._loop
 
     def _on_connection_closed(self, conn: Connection) -> None:
         self._admission.release(conn.peer, conn.peer_class)
@@ -526,9 +448,7 @@ class VarlinkServer:
         never finish by themselves. Requests queued behind a call are dropped.
         """
         self._closing = True
-        self._pause_accepting()
-        if self._listener is not None:
-            self._listener.close()
+        self._acceptor.close()
         for conn in list(self._connections):
             conn.shutdown_input()
             if conn in self._streaming:
