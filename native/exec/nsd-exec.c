@@ -39,7 +39,7 @@
 #define EXIT_CANNOT_EXECUTE 126
 #define EXIT_NOT_FOUND 127
 #define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin"
-#define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_TIMEOUT_MS 90000 /* a unit's default start timeout: at boot nsd may still be reconciling */
 #define SD_LISTEN_FDS_START 3
 #define MAX_LISTEN_FDS 4096
 #define MAX_SETENV 256
@@ -60,7 +60,7 @@ static const char usage_text[] =
     "                         unit (default: nsd's policy, systemd.enter_scope)\n"
     "  --setenv NAME=VALUE    add NAME=VALUE to the workload's environment\n"
     "  --setenv NAME          copy NAME from nsd-exec's environment (repeatable)\n"
-    "  --timeout SECONDS      how long to wait for nsd (default 30)\n"
+    "  --timeout SECONDS      how long to wait for nsd (default 90)\n"
     "  -h, --help             show this help and exit\n"
     "\n"
     "The workload's environment is HOME, USER, LOGNAME, SHELL, PATH plus a fixed\n"

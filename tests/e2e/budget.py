@@ -28,8 +28,19 @@ exec "$@"
 HOG = ("/usr/bin/python3", "-c", "x = b'x' * (300 * 1024 * 1024)")
 
 
+# Scripts live outside /run: the guest's /run refuses to execute files
+# ("Unable to locate executable ...: Permission denied" from systemd).
+BIN = Path("/var/lib/nsd-e2e-bin")
+
+
+def _bin() -> Path:
+    BIN.mkdir(mode=0o755, exist_ok=True)
+    BIN.chmod(0o755)  # tenants run report.sh through nsd-exec
+    return BIN
+
+
 def report_script() -> Path:
-    path = SCRATCH / "report.sh"
+    path = _bin() / "report.sh"
     path.write_text(REPORT)
     path.chmod(0o755)
     return path
@@ -99,7 +110,7 @@ def fault_count(user: str, kind: str) -> float:
 def oom_in_oneshot(user: str, name: str) -> subprocess.CompletedProcess[str]:
     """A oneshot service whose script (its main process) calls nsd-exec for ``user``
     with HOG: the issue's reproduction. Waits for the service to end."""
-    script = SCRATCH / f"{name}.sh"
+    script = _bin() / f"{name}.sh"
     line = " ".join(reporting(user, name, *HOG[:2], f'"{HOG[2]}"'))
     script.write_text(f"#!/bin/sh\n{line}\necho $? > /run/nsd-e2e/{name}.rc\n")
     script.chmod(0o755)
