@@ -2,13 +2,13 @@
 
 nsd at /opt/nsd
 ---------------
-The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec,nsd-ensure}. The container lays two
-read-only layers over /opt/nsd: the project's own venv, whose bin/ holds the console
-scripts pip generated for nsd's entry points (nsd.daemon:main, nsd.cli:main) running
-this checkout's code (an editable install; the checkout is bound at its own path
-inside, so the scripts' ``#!/work/main/.venv/bin/python`` resolves), and on top
-``make -C native install DESTDIR=.cache/native-install PREFIX=/opt/nsd``: nsd-exec and
-nsd-ensure as an operator installs them. So the binaries are the real ones, with no
+The units name /opt/nsd/bin/{nsd,nsctl,nsd-exec,nsd-ensure}. The container binds
+read-only at /opt/nsd what ``make -C native install DESTDIR=.cache/native-install
+PREFIX=/opt/nsd`` made (nsd-exec and nsd-ensure as an operator installs them) plus
+copies of the console scripts pip generated in the project's venv for nsd's entry
+points (nsd.daemon:main, nsd.cli:main), which run this checkout's code (an editable
+install; the checkout is bound at its own path inside, so the scripts'
+``#!/work/main/.venv/bin/python`` resolves). So the binaries are the real ones, with no
 network. An operator's ``pip install`` into /opt/nsd is exercised by the VM tier.
 
 php-fpm
@@ -40,17 +40,22 @@ NATIVE_STAGE = ROOT / ".cache" / "native-install"
 
 
 def _install_native() -> Path:
-    """native/'s programs, installed as `make install` puts them under PREFIX=/opt/nsd."""
+    """/opt/nsd as the container sees it: native/'s programs as `make install` puts them
+    under PREFIX=/opt/nsd, next to the venv's console scripts for nsd and nsctl."""
     subprocess.run(
         ["make", "-s", "-C", str(ROOT / "native"), "install", f"DESTDIR={NATIVE_STAGE}",
          "PREFIX=/opt/nsd", "PAMDIR=/opt/nsd/lib/security"],
         check=True, capture_output=True,
     )  # fmt: skip
-    return NATIVE_STAGE / "opt" / "nsd"
+    opt = NATIVE_STAGE / "opt" / "nsd"
+    for script in ("nsd", "nsctl"):
+        shutil.copy2(ROOT / ".venv" / "bin" / script, opt / "bin" / script)
+    return opt
 
 
-# The leftmost layer is the lowest: native/'s programs over the venv's scripts.
-VENV_AT_OPT = f"--overlay-ro={ROOT / '.venv'}:{_install_native()}:/opt/nsd"
+# A bind, not an overlay: nspawn creates a bind's mount point in the volatile root
+# (it has no /opt), but not an overlay's.
+VENV_AT_OPT = f"--bind-ro={_install_native()}:/opt/nsd"
 _PHP_FPM = re.compile(r"/usr/sbin/php-fpm(\d+\.\d+)\b")
 
 
