@@ -101,7 +101,8 @@ class TenantManager:
         # process yet: Remove waits for them before it looks for users.
         self._handouts = Handouts()
         self._removal = TenantRemoval(self)
-        self._creation = TenantCreation(self)
+        # Building a tenant on the host; reconcile repairs through it too.
+        self.creation = TenantCreation(self)
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
         self._reconciler = Reconciler(self)
 
@@ -320,22 +321,8 @@ class TenantManager:
     ) -> tuple[TenantView, bool]:
         """Create, finish or repair tenant ``user``; the caller holds its lock
         (nsd.core.creation)."""
-        return await self._creation.ensure_held(
+        return await self.creation.ensure_held(
             user, name, allow_existing=allow_existing, may_create=may_create
-        )
-
-    async def build(
-        self,
-        rec: TenantRecord,
-        *,
-        rollback: bool,
-        adopt: bool = True,
-        dropins: bool = True,
-        network: bool = True,
-    ) -> tuple[str, ...]:
-        """Make the host match ``rec`` (nsd.core.creation)."""
-        return await self._creation.build(
-            rec, rollback=rollback, adopt=adopt, dropins=dropins, network=network
         )
 
     async def apply_network_host(self) -> None:

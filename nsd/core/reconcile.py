@@ -152,7 +152,7 @@ class Reconciler:
                 report.problems.append(left.message)
             mgr.emit("removed", mgr.view(current, check_identity=False))
             return
-        actions = await mgr.build(current, rollback=False, dropins=False, network=False)
+        actions = await mgr.creation.build(current, rollback=False, dropins=False, network=False)
         if current.state is TenantState.CREATING:
             report.add("finish-creation", rec.name, "finished an interrupted creation")
         for action in actions:
