@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,6 +38,7 @@ def process_in(root: bytes, path: bytes) -> Iterator[int]:
     made: list[bytes] = []
     proc = subprocess.Popen(["setpriv", f"--reuid={TENANT_UID}", "sleep", "600"])
     try:
+        wait_for_exec(proc.pid, b"sleep")
         directory = root
         for part in parts:
             directory += b"/" + part
@@ -57,6 +59,18 @@ def process_in(root: bytes, path: bytes) -> Iterator[int]:
                     break
                 except OSError:
                     os.sched_yield()
+
+
+def wait_for_exec(pid: int, comm: bytes) -> None:
+    """Until setpriv has dropped to TENANT_UID and exec'd ``comm``: a scan before that
+    sees a root-owned `setpriv`, neither a helper nor the tenant's process."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            if f.read().rstrip(b"\n") == comm:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} did not exec {comm!r} within 30 s")
 
 
 def scan_with_deadline(tenants: list[procscan.ScanTenant], helpers: tuple[str, ...]) -> object:
