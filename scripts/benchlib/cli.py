@@ -26,6 +26,7 @@ from bench_metrics import bench_metrics
 
 from . import report
 from .api import run_api
+from .boot import run_boot
 from .env import (
     BenchDaemon,
     Cleanup,
@@ -101,6 +102,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-seconds", type=float, help="measured seconds per API cell and rep")
     p.add_argument("--restarts", type=int, help="timed restarts with N tenants")
     p.add_argument(
+        "--boot-rounds",
+        type=int,
+        help="warm restarts, cold starts and floor runs of the boot section (default 3, "
+        "--quick 1; 0 skips it)",
+    )
+    p.add_argument(
+        "--boot-only",
+        action="store_true",
+        help="only the users and the boot section (development: profiles, quick figures); "
+        "results JSON, no docs",
+    )
+    p.add_argument(
         "--policy-tenants",
         type=int,
         help="tenants for the network-policy-on section (default 100, --quick 3; 0 skips it)",
@@ -136,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-calls", type=int, default=100_000, help="default 100,000")
     p.add_argument("--soak-cycles", type=int, default=1_000, help="default 1,000")
     args = p.parse_args(argv)
+    _defaults(p, args)
+    return args
+
+
+def _defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the options not given default to (some depend on --quick)."""
     q = args.quick
     args.tenants = args.tenants or (5 if q else 1000)
     args.launcher_rounds = args.launcher_rounds or (5 if q else 200)
@@ -145,6 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.api_warmup = 0.1 if q else 0.5
     args.api_reps = 1 if q else 3
     args.restarts = args.restarts or (1 if q else 3)
+    if args.boot_rounds is None:
+        args.boot_rounds = 1 if q else 3
+    if args.boot_only:
+        args.no_docs = True
     if args.policy_tenants is None:
         args.policy_tenants = 3 if q else 100
     if args.metrics_processes is None:
@@ -161,7 +184,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if candidate.exists():
                 args.vm_figures = candidate
                 break
-    return args
 
 
 def meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +242,10 @@ class Run:
         add_host_netns(cleanup, f"{prefix}-sh")
         self.phase("setup: users and host namespaces", t)
 
+        if args.boot_only:
+            self._boot(users)
+            return
+
         t = time.monotonic()
         d = start_daemon(cleanup, prefix, nsd_host, pythonpath=args.daemon_pythonpath)
         log(f"tenant creation: {n} via nsd's API and {n} via tenant-add.sh, interleaved")
@@ -265,6 +291,9 @@ class Run:
         (args.out / "nsd-latest.log").write_text(d.log_text())
         d.kill()  # idle from here on; the policy section runs a daemon of its own
 
+        if args.boot_rounds:
+            self._boot(users)
+
         if args.policy_tenants:
             t = time.monotonic()
             k = min(args.policy_tenants, n)
@@ -279,8 +308,23 @@ class Run:
             self.results["metrics"] = bench_metrics(n, p, 3 if args.quick else 5)
             self.phase("metrics", t)
 
+    def _boot(self, users: list[str]) -> None:
+        t = time.monotonic()
+        log(f"boot: {self.n} tenants, {self.args.boot_rounds} round(s) of warm and cold "
+            "starts and of the floors, through a daemon of its own")  # fmt: skip
+        self.results["boot"] = run_boot(
+            self.cleanup,
+            self.prefix,
+            users,
+            rounds=self.args.boot_rounds,
+            pythonpath=self.args.daemon_pythonpath,
+        )
+        self.phase("boot", t)
+
     def _remove_namespaces(self) -> None:
-        removed = remove_namespace_files((f"usr_{self.prefix}", f"{self.prefix}s"))
+        removed = remove_namespace_files(
+            (f"usr_{self.prefix}", f"{self.prefix}s", f"{self.prefix}fb", f"{self.prefix}fc")
+        )
         log(f"removed {removed} namespace files")
 
     def _memory_of(self, d: BenchDaemon) -> Callable[[int], None]:
@@ -308,10 +352,16 @@ class Run:
         results["meta"]["phases_s"] = self.phases
         results["meta"]["loadavg"] = self.loads
         results["meta"]["total_s"] = round(time.monotonic() - t_start, 1)
-        results["vm"] = report.load_vm_figures(args.vm_figures)
-        report.derive(results)
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = results["meta"]["date"].replace(":", "").replace("-", "")
+        if args.boot_only:  # a partial run: no table, and latest.json stays a full one
+            path = args.out / f"boot-{stamp}.json"
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            print(report.boot_text(results["boot"]))
+            log(f"results: {path}")
+            return
+        results["vm"] = report.load_vm_figures(args.vm_figures)
+        report.derive(results)
         path = args.out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
         text = json.dumps(results, indent=2) + "\n"
         path.write_text(text)

@@ -101,6 +101,8 @@ def derive(r: dict[str, Any]) -> None:
     )
     if r.get("policy"):
         _policy_rows(t, r)
+    if r.get("boot"):
+        _boot_rows(t, r, full)
     _metrics_rows(t, r)
     _resident_rows(t, r)
     r["summary"] = t.rows
@@ -335,6 +337,94 @@ def _policy_rows(t: _Rows, r: dict[str, Any]) -> None:
         f"RSS after {mem['rss_kib'] / MIB:.1f} MiB",
         target="≤ 5 s at 1,000",
     )
+
+
+def boot_figures(b: dict[str, Any], create: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The boot section's medians and their ratios to the floors of the same run."""
+    n = b["tenants"]
+    f: dict[str, Any] = {
+        "n": n,
+        "cold_s": _median(b["cold_ready_s"]),
+        "warm_s": _median(b["warm_ready_s"]),
+        "ip_batch_s": _median(b["ip_batch_s"]),
+        "floor_create_s": _median(b["floor_create_s"]),
+        "floor_check_s": _median(b["floor_check_s"]),
+        "cold_actions": max((x["actions"] for x in b["cold_reconcile"] if x), default=0),
+        "warm_repairs": max((x["actions"] for x in b["warm_reconcile"] if x), default=0),
+        "concurrent_per_s": n / b["concurrent_create_s"],
+    }
+    f["floor_create_ms_per_tenant"] = f["floor_create_s"] / n * 1000
+    f["floor_per_s"] = n / f["floor_create_s"]
+    f["cold_vs_batch"] = f["cold_s"] / f["ip_batch_s"]
+    f["cold_vs_floor"] = f["cold_s"] / f["floor_create_s"]
+    f["warm_vs_floor"] = f["warm_s"] / f["floor_check_s"]
+    f["concurrent_vs_floor"] = f["concurrent_per_s"] / f["floor_per_s"]
+    if create is not None:
+        f["serial_ms_per_tenant"] = create["nsd_total_s"] / create["tenants"] * 1000
+        f["serial_vs_floor"] = f["serial_ms_per_tenant"] / f["floor_create_ms_per_tenant"]
+    return f
+
+
+def _boot_rows(t: _Rows, r: dict[str, Any], full: bool) -> None:
+    f = boot_figures(r["boot"], r.get("create"))
+    n = f["n"]
+    cold = r["boot"]["cold_ready_s"]
+    t.add(
+        "8 boot",
+        f"cold start (no namespace, no veth) → READY=1, {n} tenants",
+        f"{f['cold_s']:.2f} s [{min(cold):.2f}\u2013{max(cold):.2f}], {f['cold_actions']} actions",
+        f"ip -batch floor {f['ip_batch_s']:.2f} s",
+        f"{f['cold_vs_batch']:.1f}\u00d7 the floor",
+        "≤ 2.5\u00d7 the ip -batch floor",
+        f["cold_vs_batch"] <= 2.5 if full else None,
+        key="cold",
+    )
+    t.add(
+        "8 boot",
+        "cold start, against nsd's own per-tenant work in C",
+        f"{f['cold_s']:.2f} s",
+        f"nsd-floor create {f['floor_create_s']:.2f} s",
+        f"{f['cold_vs_floor']:.1f}\u00d7 the floor",
+    )
+    warm = r["boot"]["warm_ready_s"]
+    t.add(
+        "8 boot",
+        f"warm restart (all present) → READY=1, {n} tenants",
+        f"{f['warm_s']:.2f} s [{min(warm):.2f}\u2013{max(warm):.2f}], {f['warm_repairs']} repairs",
+        f"nsd-floor check {f['floor_check_s']:.2f} s",
+        f"{f['warm_vs_floor']:.1f}\u00d7 the floor",
+        "≤ 1.5 s, 0 repairs",
+        (f["warm_s"] <= 1.5 and f["warm_repairs"] == 0) if full else None,
+        key="warm",
+    )
+    if "serial_ms_per_tenant" in f:
+        t.add(
+            "8 boot",
+            f"serial Create, {n} tenants (section 2, end to end / N)",
+            f"{f['serial_ms_per_tenant']:.1f} ms per tenant",
+            f"nsd-floor create {f['floor_create_ms_per_tenant']:.2f} ms per tenant",
+            f"{f['serial_vs_floor']:.1f}\u00d7 the floor",
+            "≤ 5 ms per tenant",
+            f["serial_ms_per_tenant"] <= 5 if full else None,
+            key="serial",
+        )
+    t.add(
+        "8 boot",
+        f"{r['boot']['concurrent_clients']} concurrent clients, Create of {n} distinct tenants",
+        f"{f['concurrent_per_s']:.0f} tenants/s",
+        f"nsd-floor create {f['floor_per_s']:.0f} tenants/s (one thread)",
+        f"{f['concurrent_vs_floor']:.2f}\u00d7 the floor's rate",
+        "≥ 300 tenants/s",
+        f["concurrent_per_s"] >= 300 if full else None,
+        key="concurrent",
+    )
+
+
+def boot_text(b: dict[str, Any]) -> str:
+    """The boot section alone (scripts/bench --boot-only)."""
+    t = _Rows()
+    _boot_rows(t, {"boot": b}, b["tenants"] >= 1000)
+    return "\n".join(f"{x['metric']}: {x['nsd']} | {x['anchor']} | {x['ratio']}" for x in t.rows)
 
 
 def _faster(anchor: float, nsd: float) -> str:
