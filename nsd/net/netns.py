@@ -165,6 +165,23 @@ class NetnsAdapter:
         self.validate(spec)
         return await self._call(functools.partial(self._worker.ensure, spec, adopt))
 
+    async def ensure_many(
+        self, specs: list[NetworkSpec], *, adopt: bool = True
+    ) -> list[EnsureResult | NetnsError]:
+        """``ensure`` for each of ``specs``, in one job on the worker (reconcile's
+        batches): each result, or the NetnsError of that tenant, in the order given."""
+        invalid: list[NetnsError | None] = []
+        for spec in specs:
+            try:
+                self.validate(spec)
+            except NetnsError as e:
+                invalid.append(e)
+            else:
+                invalid.append(None)
+        valid = [s for s, e in zip(specs, invalid, strict=True) if e is None]
+        done = iter(await self._call(functools.partial(self._worker.ensure_many, valid, adopt)))
+        return [e if e is not None else next(done) for e in invalid]
+
     async def remove(self, target: NetworkSpec | NetworkRef) -> tuple[str, ...]:
         """Delete the host veth (its peer goes with it), detach and unlink the namespace
         file; idempotent. Processes still inside keep the namespace alive, unreachable."""

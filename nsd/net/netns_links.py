@@ -2,17 +2,16 @@
 
 Plain functions over netlink sockets (nsd/rtnl.py), run on the netns worker thread
 (nsd/netns_worker.py), which hands them the sockets: ``host_nl`` (an :class:`Rtnl` in the
-host namespace), ``host_ipr`` (pyroute2's ``IPRoute``, only for creating veth pairs) and
-``tenant`` (an :class:`Rtnl` opened inside the tenant's namespace). Each step compares
-what is with what should be and changes only the difference, appending what it did to
-``actions``.
+host namespace) and ``tenant`` (an :class:`Rtnl` opened inside the tenant's namespace).
+Each step compares what is with what should be and changes only the difference,
+appending what it did to ``actions``.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -22,8 +21,6 @@ from ipaddress import (
     ip_network,
 )
 from typing import Any
-
-from pyroute2.netlink.exceptions import NetlinkError
 
 from nsd.net.netns_spec import NetnsError, NetworkSpec, kernel_step
 from nsd.net.rtnl import (
@@ -38,7 +35,39 @@ from nsd.net.rtnl import (
     route_dst,
     route_table,
 )
-from nsd.net.rtnl_wire import IFA_F_DADFAILED, RT_SCOPE_LINK, RT_TABLE_MAIN
+from nsd.net.rtnl_wire import IFA_F_DADFAILED, RT_SCOPE_LINK, RT_TABLE_MAIN, NetlinkError
+
+
+class HostView:
+    """One listing of the host namespace's links, addresses and main-table routes, for
+    a batch of tenants checked in one job on the worker (reconcile).
+
+    A route dump walks every route of the namespace even when the kernel filters it by
+    output link, so one per tenant made checking N tenants O(N²) (at 1,000 tenants,
+    half the worker's time in a restart). Only links present when the listing was
+    taken are answered from it; nothing else changes the host's links meanwhile but the
+    job itself, which changes only the tenant it is at, after reading its part.
+    """
+
+    def __init__(self, ipr: Rtnl) -> None:
+        self.links: set[int] = set()
+        self.addrs: dict[int, list[Any]] = {}
+        self.routes: dict[int, list[Any]] = {}
+        with kernel_step("link", "list host links, addresses and routes"):
+            self.links = {int(link["index"]) for link in ipr.link_dump()}
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for a in dump_addrs(ipr, family, 0):
+                    self.addrs.setdefault(int(a["index"]), []).append(a)
+                for r in dump_routes(ipr, family):
+                    oif = r.get_attr("RTA_OIF")
+                    if oif is not None:
+                        self.routes.setdefault(int(oif), []).append(r)
+
+    def addresses_of(self, index: int) -> list[Any] | None:
+        return self.addrs.get(index, []) if index in self.links else None
+
+    def routes_via(self, index: int) -> list[Any] | None:
+        return self.routes.get(index, []) if index in self.links else None
 
 
 def find_pair(host_nl: Rtnl, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tuple[Any, Any]:
@@ -72,7 +101,6 @@ def clear_name(tenant: Rtnl, name: str, where: str, actions: list[str]) -> None:
 
 def create_pair(
     host_nl: Rtnl,
-    host_ipr: Any,
     spec: NetworkSpec,
     ns_fd: int,
     tenant: Rtnl,
@@ -81,14 +109,10 @@ def create_pair(
 ) -> tuple[Any, Any]:
     host_name, peer_name = spec.host_ifname, spec.peer_ifname
     clear_name(tenant, peer_name, spec.netns_path, actions)
-    peer_args: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": ns_fd}
-    host_args: dict[str, Any] = {}
-    if spec.mtu is not None:
-        peer_args["mtu"] = host_args["mtu"] = spec.mtu
     with kernel_step("veth", f"create {host_name}"):
         # The peer is created directly in the namespace (IFLA_NET_NS_FD inside the
         # peer's attributes): there is never a half-moved pair.
-        host_ipr.link("add", ifname=host_name, kind="veth", peer=peer_args, **host_args)
+        host_nl.veth_add(host_name, peer_name, ns_fd, spec.mtu)
         host = get_link(host_nl, ifname=host_name)
         peer = get_link(tenant, ifname=peer_name)
     if host is None or peer is None:
@@ -99,15 +123,16 @@ def create_pair(
 
 def ensure_veth(
     host_nl: Rtnl,
-    host_ipr: Any,
     spec: NetworkSpec,
     ns_fd: int,
     tenant: Rtnl,
     *,
     actions: list[str],
-) -> tuple[Any, Any]:
-    """Return the (host, peer) link messages, current after any change made here."""
+) -> tuple[Any, Any, bool]:
+    """Return the (host, peer) link messages, current after any change made here, and
+    whether the pair was created here (then it has no addresses or routes yet)."""
     ipr = host_nl
+    created = False
     host, peer = find_pair(host_nl, spec, ns_fd, tenant)
     if host is not None and peer is None:
         # Not a veth, or its peer lives elsewhere (e.g. the namespace was recreated
@@ -122,7 +147,8 @@ def ensure_veth(
                     raise
         actions.append(f"deleted {spec.host_ifname}: its peer was not in {spec.netns_path}")
     if peer is None:
-        host, peer = create_pair(host_nl, host_ipr, spec, ns_fd, tenant, actions=actions)
+        host, peer = create_pair(host_nl, spec, ns_fd, tenant, actions=actions)
+        created = True
     peer_idx = int(peer["index"])
     old = peer.get_attr("IFLA_IFNAME")
     if old != spec.peer_ifname:
@@ -142,7 +168,7 @@ def ensure_veth(
                 with kernel_step("link", f"set mtu of {name}"):
                     ipr_.link_set(int(link["index"]), mtu=spec.mtu)
                 actions.append(f"set mtu {spec.mtu} on {name} ({where})")
-    return host, peer
+    return host, peer, created
 
 
 def ensure_up(ipr: Rtnl, link: Any, where: str, actions: list[str]) -> None:
@@ -161,16 +187,21 @@ def ensure_addresses(
     where: str,
     want: list[tuple[IPv4Address | IPv6Address, int]],
     actions: list[str],
+    fresh: bool = False,
+    known: Sequence[Any] | None = None,
 ) -> None:
     """Make ``want`` the addresses of link ``index``, besides the kernel's own
-    IPv6 link-local ones (which are regenerated anyway and harm nobody)."""
+    IPv6 link-local ones (which are regenerated anyway and harm nobody). ``fresh``: the
+    link was created by this call and has none of its own, so nothing is listed;
+    ``known``: its addresses as a :class:`HostView` listed them."""
     with kernel_step("address", f"list addresses of {ifname}"):
-        have = [
-            a
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for a in dump_addrs(ipr, family, index)
-            if a["index"] == index
-        ]
+        if fresh:
+            known = ()
+        elif known is None:
+            known = [
+                a for f in (socket.AF_INET, socket.AF_INET6) for a in dump_addrs(ipr, f, index)
+            ]
+        have = [a for a in known if a["index"] == index]
     present: set[tuple[IPv4Address | IPv6Address, int]] = set()
     for a in have:
         addr = ip_address(a.get_attr("IFA_ADDRESS"))
@@ -207,17 +238,25 @@ def ensure_routes(
     want: list[RouteSpec],
     actions: list[str],
     on_conflict: Callable[[RouteSpec], None] | None = None,
+    fresh: bool = False,
+    known: Sequence[Any] | None = None,
 ) -> None:
     """Make the main table hold each route in ``want``, replacing routes to the same
     destination that differ. With ``oif``, only routes through that link are looked
-    at (the kernel filters the dump, so this stays cheap with thousands of tenants);
+    at (the kernel filters the dump, but walks every route of the namespace for it);
     a clash with a route elsewhere then surfaces as EEXIST and goes to
-    ``on_conflict``."""
+    ``on_conflict``. ``fresh``: nothing routed through ``oif`` (or, without ``oif``, in
+    the namespace) can be one of ``want`` yet, so nothing is listed: a dump walks every
+    route of the namespace, which made each tenant's build O(tenants) on the host.
+    ``known``: the routes via ``oif`` as a :class:`HostView` listed them."""
     with kernel_step("route", f"list routes via {ifname}"):
+        if fresh:
+            known = ()
+        elif known is None:
+            known = [r for f in (socket.AF_INET, socket.AF_INET6) for r in dump_routes(ipr, f, oif)]
         have = [
             r
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for r in dump_routes(ipr, family, oif)
+            for r in known
             if route_table(r) == RT_TABLE_MAIN and (oif is None or r.get_attr("RTA_OIF") == oif)
         ]
     have_dst = [(route_dst(r), r) for r in have]
@@ -242,7 +281,11 @@ def ensure_routes(
         actions.append(f"added route {w} dev {ifname} ({where})")
 
 
-def ensure_tenant_side(spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list[str]) -> None:
+def ensure_tenant_side(
+    spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list[str], *, fresh: bool = False
+) -> None:
+    """``fresh``: the namespace and the pair were both created by this call, so the
+    namespace holds no address or route yet that could be one nsd wants."""
     where = spec.netns_path
     peer_idx = int(peer["index"])
     with kernel_step("link", f"inspect lo in {where}"):
@@ -259,6 +302,7 @@ def ensure_tenant_side(spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list
         where=where,
         want=[(spec.ipv4_address, 32), (spec.ipv6_address, spec.ipv6_prefix.prefixlen)],
         actions=actions,
+        fresh=fresh,
     )
     gw4 = ip_network(f"{spec.ipv4_gateway}/32")
     ensure_routes(
@@ -277,6 +321,7 @@ def ensure_tenant_side(spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list
             RouteSpec(dst=IPv6Network("::/0"), oif=peer_idx, gateway=spec.ipv6_gateway),
         ],
         actions=actions,
+        fresh=fresh,
     )
 
 
@@ -286,8 +331,13 @@ def ensure_host_side(
     host: Any,
     actions: list[str],
     our_links: Callable[[], set[int]],
+    *,
+    fresh: bool = False,
+    view: HostView | None = None,
 ) -> None:
-    """``our_links()``: the ifindexes of nsd's links in the host namespace."""
+    """``our_links()``: the ifindexes of nsd's links in the host namespace. ``fresh``:
+    the host link was created by this call (no address or route of its own yet);
+    ``view``: a listing of the host taken for a batch of tenants, used for links it saw."""
     name = spec.host_ifname
     host_idx = int(host["index"])
     ensure_up(ipr, host, "host", actions)
@@ -298,6 +348,8 @@ def ensure_host_side(
         where="host",
         want=[(spec.ipv4_gateway, 32), (spec.ipv6_gateway, 64)],
         actions=actions,
+        fresh=fresh,
+        known=view.addresses_of(host_idx) if view is not None else None,
     )
 
     def on_conflict(w: RouteSpec) -> None:
@@ -334,6 +386,8 @@ def ensure_host_side(
         ],
         actions=actions,
         on_conflict=on_conflict,
+        fresh=fresh,
+        known=view.routes_via(host_idx) if view is not None else None,
     )
 
 

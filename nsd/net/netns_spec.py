@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from nsd.names import SYSCTL_KEY, SYSCTL_VALUE
+from nsd.net.rtnl_wire import netlink_errors
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class NetnsError(Exception):
 
     ``step`` names what failed ("validate", "exists", "lock", "mount", "unshare", "open",
     "veth", "link", "address", "route", "sysctl", "remove"); ``errno`` is the kernel's
-    error number when there is one (pyroute2's ``NetlinkError.code`` or ``OSError.errno``).
+    error number when there is one (``NetlinkError.code`` or ``OSError.errno``).
     """
 
     def __init__(self, step: str, message: str, errno: int | None = None) -> None:
@@ -118,7 +117,8 @@ def kernel_step(step: str, what: str) -> Iterator[None]:
         yield
     except NetnsError:
         raise
-    except NetlinkError as e:
-        raise NetnsError(step, f"{what}: {e.args[1] if len(e.args) > 1 else e}", e.code) from e
+    except netlink_errors() as e:
+        code = getattr(e, "code", None)
+        raise NetnsError(step, f"{what}: {e.args[1] if len(e.args) > 1 else e}", code) from e
     except OSError as e:
         raise NetnsError(step, f"{what}: {e.strerror or e}", e.errno) from e

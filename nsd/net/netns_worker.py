@@ -26,9 +26,6 @@ from contextlib import contextmanager
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from nsd.net import linux, netns_links
 from nsd.net.netns_mount import NamespaceFiles
 from nsd.net.netns_spec import (
@@ -41,6 +38,7 @@ from nsd.net.netns_spec import (
     sysctl_tokens,
 )
 from nsd.net.rtnl import Rtnl, dump_routes, get_link, route_dst
+from nsd.net.rtnl_wire import NetlinkError, netlink_errors
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +53,18 @@ class WrongThread(RuntimeError):
 
 
 def new_ipr() -> Any:
-    """A sync IPRoute bound to the calling thread's current network namespace: for the
-    creation of veth pairs (a nested request pyroute2 builds for us, once per tenant)
-    and for ``run_in_namespace`` callers; nsd's own reads and changes go through
-    :class:`Rtnl`.
+    """A sync IPRoute bound to the calling thread's current network namespace, for
+    ``run_in_namespace`` callers (tc); nsd's own reads and changes go through
+    :class:`Rtnl`. pyroute2 is imported here, on first use: importing it costs
+    0.3-0.5 s that a start without tc need not pay (nsd/rtnl_wire.py).
 
     groups=0: no multicast subscriptions. pyroute2's default (RTMGRP_DEFAULTS) would
     queue every link/address/route event of the namespace on a socket nobody reads.
     strict_check: NETLINK_GET_STRICT_CHK, so that the kernel itself filters dumps by
     ifindex/oif/table (see nsd.net.rtnl.dump_addrs/dump_routes).
     """
+    from pyroute2 import IPRoute  # noqa: PLC0415 -- see above
+
     ipr = IPRoute(groups=0, strict_check=True)
     # pyroute2 0.9.7: the sync nlm_request() reads status['nlm_generator'], which its
     # constructor never sets (KeyError). False = return a tuple.
@@ -83,7 +83,7 @@ class Worker:
         self.ident: int | None = None
         self.host_fd = -1
         self.host_inode = 0
-        self._ipr: Any | None = None  # pyroute2 IPRoute: veth creation, run_in()
+        self._ipr: Any | None = None  # pyroute2 IPRoute: run_in(), made when first asked
         self._nl: Rtnl | None = None  # everything else
 
     # -- lifecycle ----------------------------------------------------------------
@@ -101,7 +101,6 @@ class Worker:
         # host_netns_path they differ.
         self.host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.host_inode = os.fstat(self.host_fd).st_ino
-        self.host_ipr()
         self.host_nl()
 
     def close(self) -> None:
@@ -145,7 +144,7 @@ class Worker:
         except NetnsError as e:
             # A refusal by the kernel (NetlinkError) leaves the socket fine; anything
             # else (a socket error, a pyroute2 hiccup) may have left it out of step.
-            if e.__cause__ is not None and not isinstance(e.__cause__, NetlinkError):
+            if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
                 self.reset_host_ipr()
             raise
         except Exception:
@@ -203,7 +202,28 @@ class Worker:
 
     # -- ensure -------------------------------------------------------------------------
 
-    def ensure(self, spec: NetworkSpec, adopt: bool) -> EnsureResult:
+    def ensure_many(self, specs: list[NetworkSpec], adopt: bool) -> list[EnsureResult | NetnsError]:
+        """``ensure`` for each of ``specs`` in one job: one listing of the host
+        (:class:`netns_links.HostView`) for all of them, and no hand-over to the event
+        loop between tenants. A tenant that fails gets its NetnsError in its place;
+        the others go on."""
+        view: netns_links.HostView | None = netns_links.HostView(self.host_nl())
+        out: list[EnsureResult | NetnsError] = []
+        for spec in specs:
+            try:
+                out.append(self.ensure(spec, adopt, view))
+            except NetnsError as e:
+                out.append(e)
+                if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
+                    # as run() does: the host socket may be out of step, and what the
+                    # listing says may no longer hold
+                    self.reset_host_ipr()
+                    view = None
+        return out
+
+    def ensure(
+        self, spec: NetworkSpec, adopt: bool, view: netns_links.HostView | None = None
+    ) -> EnsureResult:
         actions: list[str] = []
         ns_fd, adopted = self.files.ensure(
             spec.netns_path, adopt, actions, self.mount_new_namespace
@@ -212,13 +232,23 @@ class Worker:
         try:
             inode = os.fstat(ns_fd).st_ino
             tenant = self.open_nl_in(ns_fd, spec.netns_path)
-            host, peer = netns_links.ensure_veth(
-                self.host_nl(), self.host_ipr(), spec, ns_fd, tenant, actions=actions
+            host, peer, created = netns_links.ensure_veth(
+                self.host_nl(), spec, ns_fd, tenant, actions=actions
             )
             self.ensure_sysctls(spec, ns_fd, actions)
-            netns_links.ensure_tenant_side(spec, tenant, peer, actions)
+            # A pair made just now has no addresses or routes, and a namespace made just
+            # now has nothing else: nothing to list (Create, and reconcile after a reboot).
+            netns_links.ensure_tenant_side(
+                spec, tenant, peer, actions, fresh=created and not adopted
+            )
             netns_links.ensure_host_side(
-                self.host_nl(), spec, host, actions, lambda: {i for i, _ in self.prefixed_links()}
+                self.host_nl(),
+                spec,
+                host,
+                actions,
+                lambda: {i for i, _ in self.prefixed_links()},
+                fresh=created,
+                view=view,
             )
         finally:
             if tenant is not None:

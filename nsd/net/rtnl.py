@@ -3,11 +3,11 @@
 nsd's own netlink reads and changes (the netns worker thread in nsd/netns_worker.py, the qdisc
 reads in nsd/shaping.py) go through plain blocking sockets (:class:`Rtnl`); requests are
 packed and replies unpacked with ``struct`` (the wire format is nsd/rtnl_wire.py), only the
-fields nsd reads, under pyroute2's names for fields and attributes, with pyroute2's
-``NetlinkError`` for failures.
+fields nsd reads, under pyroute2's names for fields and attributes, with a
+``NetlinkError`` like pyroute2's for failures (nsd/rtnl_wire.py).
 :class:`Rtnl` says why this is not pyroute2's synchronous ``IPRoute``, which runs an event
-loop per request; ``IPRoute`` is kept for the requests it builds for us: the creation of a
-veth pair (netns_links.py) and the tc changes (shaping.py).
+loop per request; ``IPRoute`` is kept only for the tc changes (shaping.py), whose options
+it builds for us.
 
 Like every netlink socket, an :class:`Rtnl` belongs to the network namespace it was
 created in, for its whole life: a socket for another namespace is made by entering that
@@ -30,7 +30,21 @@ from ipaddress import (
 )
 from typing import Any
 
-from pyroute2.netlink import (
+from nsd.net.rtnl_wire import (
+    IFA_ADDRESS,
+    IFA_F_NODAD,
+    IFA_LOCAL,
+    IFADDRMSG,
+    IFF_UP,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_LINKINFO,
+    IFLA_MTU,
+    IFLA_NET_NS_FD,
+    NETLINK_EXT_ACK,
+    NETLINK_GET_STRICT_CHK,
+    NETNSA_FD,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
@@ -39,32 +53,6 @@ from pyroute2.netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
-)
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELADDR,
-    RTM_DELLINK,
-    RTM_DELROUTE,
-    RTM_GETADDR,
-    RTM_GETLINK,
-    RTM_GETNSID,
-    RTM_GETROUTE,
-    RTM_NEWADDR,
-    RTM_NEWLINK,
-    RTM_NEWROUTE,
-)
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
-
-from nsd.net.rtnl_wire import (
-    IFA_ADDRESS,
-    IFA_LOCAL,
-    IFADDRMSG,
-    IFF_UP,
-    IFLA_IFNAME,
-    IFLA_MTU,
-    NETLINK_EXT_ACK,
-    NETLINK_GET_STRICT_CHK,
-    NETNSA_FD,
     NLMSGHDR,
     NSID_NOT_ASSIGNED,
     RT_SCOPE_NOWHERE,
@@ -78,12 +66,24 @@ from nsd.net.rtnl_wire import (
     RTA_PRIORITY,
     RTA_TABLE,
     RTGENMSG,
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETNSID,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
     RTMSG,
     RTN_UNICAST,
     RTNH_F_ONLINK,
     RTPROT_STATIC,
     S32,
     SOL_NETLINK,
+    VETH_INFO_PEER,
+    NetlinkError,
     NlMsg,
     attr_ip,
     attr_text,
@@ -94,6 +94,7 @@ from nsd.net.rtnl_wire import (
     decode_route,
     ifinfomsg,
     netlink_error,
+    nlattr,
 )
 
 #: turns one reply message (its body, after the netlink header: ``data[offset:end]``)
@@ -211,6 +212,18 @@ class Rtnl:
         if mtu is not None:
             body += attr_u32(IFLA_MTU, mtu)
         self._change(RTM_NEWLINK, body)
+
+    def veth_add(self, name: str, peer: str, peer_ns_fd: int, mtu: int | None = None) -> None:
+        """Create the veth pair ``name`` <-> ``peer`` with the peer made directly in the
+        namespace ``peer_ns_fd`` (IFLA_NET_NS_FD inside the peer's attributes, as
+        ``ip link add NAME type veth peer name PEER netns NS``): never a half-moved pair."""
+        mtu_attr = attr_u32(IFLA_MTU, mtu) if mtu is not None else b""
+        peer_msg = ifinfomsg() + attr_text(IFLA_IFNAME, peer) + mtu_attr
+        peer_msg += attr_u32(IFLA_NET_NS_FD, peer_ns_fd)
+        info = attr_text(IFLA_INFO_KIND, "veth")
+        info += nlattr(IFLA_INFO_DATA, nlattr(VETH_INFO_PEER, peer_msg))
+        body = ifinfomsg() + attr_text(IFLA_IFNAME, name) + mtu_attr + nlattr(IFLA_LINKINFO, info)
+        self._change(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
 
     def link_del(self, index: int) -> None:
         self._change(RTM_DELLINK, ifinfomsg(index))

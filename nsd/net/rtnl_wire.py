@@ -1,17 +1,45 @@
 """The rtnetlink wire format nsd reads and writes: constants (linux/netlink.h,
 linux/rtnetlink.h, linux/if_link.h), the ``struct`` layouts, decoding of the replies nsd
 reads into :class:`NlMsg` (under pyroute2's names) and encoding of request attributes.
-The socket that sends and receives them is nsd/rtnl.py."""
+The socket that sends and receives them is nsd/rtnl.py.
+
+Nothing here imports pyroute2: importing any part of it runs its package's
+``__init__``, which loads all of pyroute2 (NDB, IPDB, every message class), 0.3-0.5 s of
+every daemon start on a 2-CPU host. Only the tc changes of nsd/shaping.py and
+``NetnsAdapter.run_in_namespace`` still use pyroute2, and import it when first used."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-from pyroute2.netlink import NLMSG_ERROR
-from pyroute2.netlink.exceptions import NetlinkError
+# linux/netlink.h
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_ECHO = 0x8
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+# linux/rtnetlink.h
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_GETADDR = 22
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTM_GETQDISC = 38
+RTM_GETNSID = 90
+IFA_F_NODAD = 0x02
 
 IFF_UP = 0x1
 IFA_F_DADFAILED = 0x08
@@ -45,8 +73,11 @@ IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_LINK = 5
 IFLA_LINKINFO = 18
+IFLA_NET_NS_FD = 28
 IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+VETH_INFO_PEER = 1
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_FLAGS = 8
@@ -58,6 +89,24 @@ RTA_PREFSRC = 7
 RTA_TABLE = 15
 NETNSA_NSID = 1
 NETNSA_FD = 3
+
+
+class NetlinkError(Exception):
+    """A request the kernel refused, as pyroute2's exception of that name: ``code`` is
+    the errno, ``args`` are (code, message)."""
+
+    def __init__(self, code: int, msg: str | None = None) -> None:
+        super().__init__(code, msg or os.strerror(code))
+        self.code = code
+        self.extra_code = 0
+
+
+def netlink_errors() -> tuple[type[Exception], ...]:
+    """The exceptions of a refused netlink request: nsd's own, and pyroute2's once
+    something loaded pyroute2 (tc through ``IPRoute``; ``run_in_namespace`` callers).
+    Checking ``sys.modules`` keeps pyroute2 out of a start that does not need it."""
+    mod = sys.modules.get("pyroute2.netlink.exceptions")
+    return (NetlinkError,) if mod is None else (NetlinkError, mod.NetlinkError)
 
 
 # --------------------------------------------------------------------------------------

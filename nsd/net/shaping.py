@@ -25,13 +25,19 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_ECHO, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_GETQDISC
-
 from nsd.net.policy_plan import HTB_HANDLE, HTB_LIMITED
 from nsd.net.rtnl import Rtnl, get_link
-from nsd.net.rtnl_wire import NlMsg, cstr, nlattrs
+from nsd.net.rtnl_wire import (
+    NLM_F_ACK,
+    NLM_F_ECHO,
+    NLM_F_REQUEST,
+    RTM_GETQDISC,
+    NetlinkError,
+    NlMsg,
+    cstr,
+    netlink_errors,
+    nlattrs,
+)
 
 TC_H_ROOT = 0xFFFFFFFF
 DEFAULT_LIMITED = HTB_LIMITED & 0xFFFF
@@ -188,8 +194,8 @@ def ensure(ipr: Any, ifname: str, rate_bps: int | None, *, default_limited: bool
             quantum=_quantum(rate_bps),
         )
         actions.append(f"limited {ifname} to {rate_bps / 1e6:g} Mbit/s")
-    except NetlinkError as e:
-        raise ShapingError(f"tc on {ifname}: {e}", e.code) from e
+    except netlink_errors() as e:  # Rtnl's reads or pyroute2's tc changes
+        raise ShapingError(f"tc on {ifname}: {e}", getattr(e, "code", None)) from e
     finally:
         nl.close()
     return actions
