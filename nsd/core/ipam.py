@@ -17,14 +17,40 @@ one gets its old address back if it returns within that time.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Generic, TypeVar
 
 from nsd.config import IpamConfig, TenantsConfig
 from nsd.core.store import Store, now_us
 from nsd.errors import AddressConflict, AddressPoolExhausted
 
 ULA_META_KEY = "ipv6_ula_prefix"
+
+T = TypeVar("T")
+
+
+class _Candidates(Generic[T]):
+    """A pool's candidates in allocation order, each with its text as the store keeps
+    it, formatted once. The lowest free one is searched from the start of the pool on
+    every allocation; formatting each candidate anew with ``ipaddress`` (~20 µs for an
+    IPv6 network) made that 20-40 ms per Create at 1,000 tenants, on the event loop,
+    where it also held the GIL that the netns worker needs after each system call."""
+
+    def __init__(self, source: Iterator[T]) -> None:
+        self._source: Iterator[T] = source
+        self._known: list[tuple[str, T]] = []
+
+    def first_not_in(self, taken: set[str]) -> T | None:
+        for text, item in self._known:
+            if text not in taken:
+                return item
+        for item in self._source:
+            text = str(item)
+            self._known.append((text, item))
+            if text not in taken:
+                return item
+        return None
 
 
 def ula_prefix(cfg: IpamConfig, store: Store) -> IPv6Network:
@@ -53,6 +79,11 @@ class Ipam:
         self.ipv4_gateway: IPv4Address = cfg.ipv4_gateway_address
         self.ipv6_base: IPv6Network = ula_prefix(cfg, store)
         self.ipv6_gateway = IPv6Address(cfg.ipv6_gateway)
+        gateway = self.ipv4_gateway
+        self._free4 = _Candidates(a for a in self.ipv4_pool.hosts() if a != gateway)
+        # /64 number 0 is left out: it would be the base prefix itself, which
+        # operators tend to use for the host.
+        self._free6 = _Candidates(iter(_subnets64(self.ipv6_base, start=1)))
 
     def purge_expired(self) -> int:
         """Delete released leases whose quarantine has ended; how many went.
@@ -80,18 +111,16 @@ class Ipam:
         return v4, v6
 
     def _first_free4(self, taken: set[str]) -> IPv4Address:
-        for addr in self.ipv4_pool.hosts():
-            if addr != self.ipv4_gateway and str(addr) not in taken:
-                return addr
-        raise AddressPoolExhausted("ipv4", str(self.ipv4_pool))
+        addr = self._free4.first_not_in(taken)
+        if addr is None:
+            raise AddressPoolExhausted("ipv4", str(self.ipv4_pool))
+        return addr
 
     def _first_free6(self, taken: set[str]) -> IPv6Network:
-        # /64 number 0 is left out: it would be the base prefix itself, which
-        # operators tend to use for the host.
-        for net in _subnets64(self.ipv6_base, start=1):
-            if str(net) not in taken:
-                return net
-        raise AddressPoolExhausted("ipv6", str(self.ipv6_base))
+        net = self._free6.first_not_in(taken)
+        if net is None:
+            raise AddressPoolExhausted("ipv6", str(self.ipv6_base))
+        return net
 
     def _by_uid(self, uid: int, since: int) -> tuple[IPv4Address, IPv6Network]:
         offset = uid - self.cfg.uid_offset

@@ -181,3 +181,50 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
     assert s.limit_overrides(1001) == {"memory_max": "536870912"}
     s.delete(1001, quarantine=True)
     assert s.limit_overrides(1001) == {}  # removed with the tenant
+
+
+def test_lease_cache_matches_the_database(tmp_path: Path) -> None:
+    """The leases the store keeps in memory (for allocation) say what SQL says, through
+    inserts, removals with and without quarantine, take-overs and purges."""
+    s, ipam = make(tmp_path, quarantine_seconds=3600)
+    recs = {uid: add(s, ipam, uid) for uid in range(1001, 1011)}
+    s.delete(1002, quarantine=True)
+    s.delete(1003, quarantine=False)
+    s.delete(1004, quarantine=True)
+    add(s, ipam, 1002)  # gets its quarantined addresses back
+    add(s, ipam, 1020)  # the lowest free: 1003's, never quarantined
+    assert s.get(1020).ipv4_address == recs[1003].ipv4_address  # type: ignore[union-attr]
+    purge_cut = store.now_us()
+    s.delete(1005, quarantine=True)
+
+    def from_sql(family: int, since: int) -> tuple[set[str], dict[int, str | None]]:
+        db = sqlite3.connect(tmp_path / "nsd.db")
+        taken = {
+            str(a)
+            for (a,) in db.execute(
+                "SELECT address FROM leases WHERE family = ? AND "
+                "(released_us IS NULL OR released_us > ?)",
+                (family, since),
+            )
+        }
+        prev: dict[int, str | None] = {}
+        for uid in (1002, 1004, 1005, 1099):
+            row = db.execute(
+                "SELECT address FROM leases WHERE family = ? AND uid = ? AND released_us > ? "
+                "ORDER BY released_us DESC LIMIT 1",
+                (family, uid, since),
+            ).fetchone()
+            prev[uid] = None if row is None else str(row[0])
+        db.close()
+        return taken, prev
+
+    for since in (0, purge_cut):
+        for family in (4, 6):
+            taken, prev = from_sql(family, since)
+            assert s.taken_addresses(family, since) == taken
+            assert {u: s.previous_address(family, u, since) for u in prev} == prev
+    assert s.purge_quarantine(purge_cut) == 2  # 1004's two; 1005's are newer
+    for family in (4, 6):
+        taken, prev = from_sql(family, 0)
+        assert s.taken_addresses(family, 0) == taken
+        assert {u: s.previous_address(family, u, 0) for u in prev} == prev
