@@ -145,6 +145,28 @@ class TenantCreation:
             log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
         return actions
 
+    async def repair_many(self, recs: list[TenantRecord]) -> list[tuple[str, ...] | NsdError]:
+        """Reconcile's check and repair of tenants recorded ready, whose locks the
+        caller holds: ``build(rec, rollback=False, dropins=False, network=False)`` for
+        each, with the network of all of them in one job on the netns worker
+        (``NetnsAdapter.ensure_many``). Each tenant's actions, or its error."""
+        results = await self.m.net.ensure_many([self.m.spec(r) for r in recs])
+        out: list[tuple[str, ...] | NsdError] = []
+        for rec, result in zip(recs, results, strict=True):
+            if isinstance(result, NetnsError):
+                out.append(NetworkSetupFailed(rec.name, result.step, result.message, result.errno))
+                continue
+            if self.m.slices.available:
+                try:
+                    await self.m.slices.ensure(rec.uid, self.m.limits.of(rec.uid))
+                except NsdError as e:
+                    out.append(e)
+                    continue
+            for action in result.actions:
+                log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
+            out.append(result.actions)
+        return out
+
     # -- network policy --------------------------------------------------------
 
     async def _rollback(self, rec: TenantRecord, *, remove_network: bool) -> None:

@@ -478,6 +478,11 @@ class TenantManager:
         """The tenant's lock, for one operation (nsd.core.tenant_locks)."""
         return self._locks.hold(uid, name, self.cfg.tenants.lock_timeout)
 
+    def busy(self, uid: int) -> bool:
+        """Whether an operation on tenant ``uid`` runs or waits (reconcile's batches
+        leave such tenants for later rather than wait for them holding other locks)."""
+        return self._locks.busy(uid)
+
     async def reconcile(
         self, progress: Callable[[int, int], None] | None = None
     ) -> ReconcileReport:

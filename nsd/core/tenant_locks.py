@@ -29,6 +29,10 @@ class TenantLocks:
         """UIDs with a lock held or awaited."""
         return len(self._locks)
 
+    def busy(self, uid: int) -> bool:
+        """Whether an operation holds or awaits ``uid``'s lock."""
+        return uid in self._locks
+
     @contextlib.asynccontextmanager
     async def hold(self, uid: int, name: str, timeout: float) -> AsyncIterator[None]:
         """The lock of tenant ``uid``; TenantLocked after ``timeout`` seconds."""

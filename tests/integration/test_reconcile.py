@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -171,6 +172,61 @@ def test_crash_during_create_converges(env: tuple[Daemon, TestUsers], syscall: s
     assert d.db_rows(f"SELECT count(*) FROM leases WHERE uid = {uid} AND released_us IS NULL") == [
         (0,)
     ]
+    assert d.stop() == 0
+
+
+# SIGKILL inside the start-up reconcile's batched path (reconcile.BATCH tenants checked
+# in one job on the worker, after one listing of the host), as after a reboot: every
+# namespace and veth gone. Counts are per thread; mounts, unshare and netlink are the
+# worker's: mount 2 and 5 are the first tenant's bind mount and the third tenant's
+# run-dir mount, unshare 2 the second namespace; sendto 1-3 are the pool check's dumps
+# before the reconcile, 6 one of the host listing's, 30 a change in the middle of the
+# batch.
+BATCHED_CRASH_POINTS = [("mount", 2), ("mount", 5), ("unshare", 2), ("sendto", 6), ("sendto", 30)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("syscall", "n"), BATCHED_CRASH_POINTS)
+def test_crash_during_batched_reconcile_converges(
+    env: tuple[Daemon, TestUsers], syscall: str, n: int
+) -> None:
+    d, users = env
+    d.start()
+    names = [users.add() for _ in range(3)]
+    before = {nm: d.call(T + "Create", name=nm)["tenant"] for nm in names}
+    assert d.stop() == 0
+    for t in before.values():  # a reboot: every namespace, and with it every veth, gone
+        run("umount", t["namespacePath"])
+        os.unlink(t["namespacePath"])
+    deadline = time.monotonic() + 30
+    while any(t["hostInterface"] in d.host_links() for t in before.values()):
+        assert time.monotonic() < deadline, d.host_links()
+        time.sleep(0.1)
+    strace = ["strace", "-qq", "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
+              "-e", f"inject={syscall}:signal=KILL:when={n}"]  # fmt: skip
+    logged = len(d.log_text())
+    d.start(prefix=strace, wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(60) != 0, f"nsd never reached {syscall} #{n}:\n{d.log_text()}"
+    # It died inside the reconcile: the tenants' build had begun, the summary not come.
+    crashed_log = d.log_text()[logged:]
+    assert "reconcile: " not in crashed_log, crashed_log
+    d.start()  # reconcile runs at start
+    for nm, t in before.items():
+        after = d.call(T + "Get", name=nm)["tenant"]
+        assert after["ipv4Address"] == t["ipv4Address"], d.log_text()
+        assert after["state"] == "ready" and after["namespaceInode"] is not None
+        assert len([m for m in mounts_under("/run/netns") if m == t["namespacePath"]]) == 1
+        run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
+    assert d.call("io.nsd.Daemon.Reconcile")["actions"] == [], d.log_text()
+    for nm in names:
+        d.call(T + "Remove", name=nm)
+    for t in before.values():
+        path = t["namespacePath"]
+        assert netns_inode(path) is None and not os.path.exists(path)
+        assert t["hostInterface"] not in d.host_links()
+        assert [m for m in mounts_under("/run/netns") if m == path] == []
+    assert d.db_rows("SELECT count(*) FROM leases WHERE released_us IS NULL") == [(0,)]
     assert d.stop() == 0
 
 
