@@ -141,8 +141,10 @@ class TenantCreation:
                 raise
         if rec.state is not TenantState.READY:
             self.m.store.set_state(rec.uid, TenantState.READY)
-        for action in actions:
-            log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
+        if actions:
+            # One line per tenant: a reboot's reconcile makes 15 changes per tenant,
+            # and a line each was ~5% of a 1,000-tenant cold start on the event loop.
+            log.info("tenant %s (uid %d): %s", rec.name, rec.uid, "; ".join(actions))
         return actions
 
     async def repair_many(self, recs: list[TenantRecord]) -> list[tuple[str, ...] | NsdError]:
@@ -162,8 +164,8 @@ class TenantCreation:
                 except NsdError as e:
                     out.append(e)
                     continue
-            for action in result.actions:
-                log.info("tenant %s (uid %d): %s", rec.name, rec.uid, action)
+            if result.actions:  # one line per tenant, as build() logs
+                log.info("tenant %s (uid %d): %s", rec.name, rec.uid, "; ".join(result.actions))
             out.append(result.actions)
         return out
 
