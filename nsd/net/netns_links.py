@@ -39,22 +39,23 @@ from nsd.net.rtnl_wire import IFA_F_DADFAILED, RT_SCOPE_LINK, RT_TABLE_MAIN, Net
 
 
 class HostView:
-    """One listing of the host namespace's links, addresses and main-table routes, for
-    a batch of tenants checked in one job on the worker (reconcile).
+    """One listing of the host namespace's addresses and main-table routes, for batches
+    of tenants checked on the worker (reconcile).
 
     A route dump walks every route of the namespace even when the kernel filters it by
     output link, so one per tenant made checking N tenants O(N²) (at 1,000 tenants,
-    half the worker's time in a restart). Only links present when the listing was
-    taken are answered from it; nothing else changes the host's links meanwhile but the
-    job itself, which changes only the tenant it is at, after reading its part.
+    half the worker's time in a restart). The worker keeps a view only while nothing
+    but batch jobs run (Worker.ensure_many), and a tenant's link is forgotten once its
+    check has used (and maybe changed) it. Links the listing did not see (no address
+    and no route then, or made since: ifindexes are not reused) are not answered from
+    it.
     """
 
     def __init__(self, ipr: Rtnl) -> None:
         self.links: set[int] = set()
         self.addrs: dict[int, list[Any]] = {}
         self.routes: dict[int, list[Any]] = {}
-        with kernel_step("link", "list host links, addresses and routes"):
-            self.links = {int(link["index"]) for link in ipr.link_dump()}
+        with kernel_step("route", "list host addresses and routes"):
             for family in (socket.AF_INET, socket.AF_INET6):
                 for a in dump_addrs(ipr, family, 0):
                     self.addrs.setdefault(int(a["index"]), []).append(a)
@@ -62,12 +63,18 @@ class HostView:
                     oif = r.get_attr("RTA_OIF")
                     if oif is not None:
                         self.routes.setdefault(int(oif), []).append(r)
+        self.links = set(self.addrs) | set(self.routes)
 
     def addresses_of(self, index: int) -> list[Any] | None:
         return self.addrs.get(index, []) if index in self.links else None
 
     def routes_via(self, index: int) -> list[Any] | None:
         return self.routes.get(index, []) if index in self.links else None
+
+    def forget(self, index: int) -> None:
+        self.links.discard(index)
+        self.addrs.pop(index, None)
+        self.routes.pop(index, None)
 
 
 def find_pair(host_nl: Rtnl, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tuple[Any, Any]:
@@ -389,6 +396,8 @@ def ensure_host_side(
         fresh=fresh,
         known=view.routes_via(host_idx) if view is not None else None,
     )
+    if view is not None:
+        view.forget(host_idx)
 
 
 # -- running foreign work inside a namespace ---------------------------------------

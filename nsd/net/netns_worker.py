@@ -85,6 +85,12 @@ class Worker:
         self.host_inode = 0
         self._ipr: Any | None = None  # pyroute2 IPRoute: run_in(), made when first asked
         self._nl: Rtnl | None = None  # everything else
+        #: jobs run so far, and the listing of the host kept for consecutive batches
+        #: (ensure_many) with the job that last used it: any other job may change the
+        #: host, so the listing is kept only while nothing but batches run
+        self.jobs = 0
+        self._view: netns_links.HostView | None = None
+        self._view_job = -1
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -139,6 +145,7 @@ class Worker:
         """Run a job; any failure that is not a clean kernel refusal resets the host socket."""
         if threading.get_ident() != self.ident:
             raise WrongThread("netns job off the worker thread")
+        self.jobs += 1
         try:
             return fn()
         except NetnsError as e:
@@ -150,6 +157,9 @@ class Worker:
         except Exception:
             self.reset_host_ipr()
             raise
+        finally:
+            if self._view_job != self.jobs:
+                self._view = None  # another job ran: what it listed may not hold
 
     # -- namespace switching --------------------------------------------------------
 
@@ -207,7 +217,10 @@ class Worker:
         (:class:`netns_links.HostView`) for all of them, and no hand-over to the event
         loop between tenants. A tenant that fails gets its NetnsError in its place;
         the others go on."""
-        view: netns_links.HostView | None = netns_links.HostView(self.host_nl())
+        view = self._view if self._view_job == self.jobs - 1 else None
+        if view is None:
+            view = netns_links.HostView(self.host_nl())
+        self._view, self._view_job = view, self.jobs
         out: list[EnsureResult | NetnsError] = []
         for spec in specs:
             try:
@@ -218,7 +231,7 @@ class Worker:
                     # as run() does: the host socket may be out of step, and what the
                     # listing says may no longer hold
                     self.reset_host_ipr()
-                    view = None
+                    view = self._view = None
         return out
 
     def ensure(
