@@ -1,9 +1,10 @@
 """Section 8: boot and bulk creation against the kernel's floor.
 
 A daemon of its own (network policy off, namespaces in a private run dir) in a host
-namespace of its own: N tenants created by 64 concurrent clients, then warm restarts
-(every namespace present) and cold starts (every namespace and veth gone, as after a
-reboot), each to READY=1. Interleaved with the cold starts, in rotating order, two
+namespace of its own: N tenants created one after the other over one connection, then
+warm restarts (every namespace present) and cold starts (every namespace and veth gone,
+as after a reboot), each to READY=1; then all N removed, and created again by 64
+concurrent clients. Interleaved with the cold starts, in rotating order, two
 floors measured in the same run, each in a fresh bench-made host namespace:
 
 * ``ip -batch``: N x (``netns add`` + a veth pair into it), the issue's kernel floor;
@@ -53,6 +54,18 @@ def wait_torn_down(host: str, timeout: float = 300.0) -> float:
         time.sleep(0.1)
     time.sleep(0.5)  # what the kernel's cleanup does after unlinking the devices
     return time.monotonic() - t0
+
+
+def call_serially(socket_path: str, method: str, users: list[str]) -> float:
+    """``method`` for every user, one call after the other on one connection; seconds."""
+    c = VarlinkClient(socket_path)
+    try:
+        t0 = time.perf_counter()
+        for name in users:
+            c.call(method, {"name": name})
+        return time.perf_counter() - t0
+    finally:
+        c.close()
 
 
 def create_concurrently(socket_path: str, users: list[str], clients: int) -> float:
@@ -158,8 +171,8 @@ def run_boot(
     host = add_host_netns(cleanup, host_name)
     d = start_daemon(cleanup, prefix, host, private_run_dir=True, pythonpath=pythonpath)
     run_dir = str(d.tmp / "netns")
-    log(f"  {n} tenants by {clients} concurrent clients")
-    concurrent_s = create_concurrently(str(d.socket), users, clients)
+    serial_s = call_serially(d.socket, "io.nsd.Tenant.Create", users)
+    log(f"  {n} tenants created one after the other: {serial_s:.1f} s")
     floors = Floors(cleanup, prefix, n, d.tmp)
 
     warm: list[float] = []
@@ -196,10 +209,16 @@ def run_boot(
             steps[(j + k) % len(steps)]()
         log(f"  round {k + 1}: cold start {cold[-1]:.2f} s, ip -batch {batch[-1]:.2f} s, "
             f"nsd-floor {minimal[-1]['create']['total_s']:.2f} s")  # fmt: skip
+    remove_s = call_serially(d.socket, "io.nsd.Tenant.Remove", users)
+    concurrent_s = create_concurrently(d.socket, users, clients)
+    log(f"  removed one after the other: {remove_s:.1f} s; created again by {clients} "
+        f"concurrent clients: {concurrent_s:.1f} s")  # fmt: skip
     d.kill()
     return {
         "tenants": n,
         "rounds": rounds,
+        "serial_create_s": serial_s,
+        "serial_remove_s": remove_s,
         "concurrent_clients": clients,
         "concurrent_create_s": concurrent_s,
         "warm_ready_s": warm,
