@@ -4,7 +4,9 @@ Runs at start-up (after a reboot cleared /run, every namespace is rebuilt before
 reports ready), on ``nsctl reconcile`` and after a reload. Every tenant is repaired
 under its own lock (TenantManager.operation), so reconcile and API calls interleave
 safely; interrupted creations and removals, recorded as intent before acting, are
-finished here. Then, once for all tenants: adoption of unrecorded namespaces, the
+finished here, one by one. Tenants recorded ready are checked in batches (``BATCH``
+tenants under their locks, one job on the netns worker, one listing of the host).
+Then, once for all tenants: adoption of unrecorded namespaces, the
 network policy, stray links, and the systemd side (template drop-ins, stray slices).
 Those listings are taken without a lock; each stray is removed, and each namespace
 adopted, under that UID's lock and only while the UID still has no tenant.

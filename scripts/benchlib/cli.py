@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick 1; 0 skips it)",
     )
     p.add_argument(
+        "--boot-before",
+        type=Path,
+        metavar="JSON",
+        help="results of an earlier run (e.g. --boot-only with --daemon-pythonpath of the "
+        "code before a change) whose boot section the docs show as 'before'",
+    )
+    p.add_argument(
         "--boot-only",
         action="store_true",
         help="only the users and the boot section (development: profiles, quick figures); "
@@ -361,6 +368,7 @@ class Run:
             log(f"results: {path}")
             return
         results["vm"] = report.load_vm_figures(args.vm_figures)
+        _boot_before(args, results)
         report.derive(results)
         path = args.out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
         text = json.dumps(results, indent=2) + "\n"
@@ -378,12 +386,19 @@ def render_only(args: argparse.Namespace) -> int:
     results: dict[str, Any] = json.loads(args.render.read_text())
     if args.vm_figures_given:  # newer VM figures for an earlier run's results
         results["vm"] = report.load_vm_figures(args.vm_figures)
+    _boot_before(args, results)
     report.derive(results)
     print(report.table_text(results))
     if args.docs_dir is not None:
         written = report.render_docs(results, args.docs_dir)
         log("rendered " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _boot_before(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if args.boot_before is not None:
+        before = json.loads(args.boot_before.read_text())
+        results["boot_before"] = {"meta": before["meta"], "boot": before["boot"]}
 
 
 def run_races(rounds: int) -> int:
