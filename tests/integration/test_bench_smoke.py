@@ -93,6 +93,17 @@ def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
     assert m["tenants"] == n and m["processes_spawned"] > 0
     assert positive(m["sampler_total"]["median_ms"]) and positive(m["scrape_text"]["median_ms"])
 
+    # 8. boot: cold and warm starts, serial and concurrent Create, beside both floors
+    b = r["boot"]
+    assert b["tenants"] == n
+    for key in ("cold_ready_s", "warm_ready_s", "ip_batch_s", "floor_create_s", "floor_check_s"):
+        assert b[key] and all(positive(x) for x in b[key]), key
+    assert positive(b["serial_create_s"]) and positive(b["concurrent_create_s"])
+    starts = b["cold_reconcile"] + b["warm_reconcile"]
+    assert all(x is not None and x["tenants"] == n for x in starts), starts
+    assert all(x["actions"] == 0 for x in b["warm_reconcile"])  # everything was there
+    assert all(x["actions"] > 0 for x in b["cold_reconcile"])  # everything was rebuilt
+
     # the table has a row for every comparison, placeholders included
     sections = {row["comparison"] for row in r["summary"]}
     for s in (
@@ -103,12 +114,14 @@ def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
         "5 restart",
         "6 metrics",
         "7 resident helpers",
+        "8 boot",
     ):
         assert s in sections, s
 
     # the docs: Markdown with the table, and well-formed SVG charts
     md = (docs / "benchmarks.md").read_text()
     assert "| 2 create |" in md and "benchmarks/launcher.svg" in md
+    assert "| 8 boot |" in md and "## 8. Boot and bulk creation" in md
     charts = sorted(p.name for p in (docs / "benchmarks").glob("*.svg"))
     assert charts == ["api.svg", "launcher.svg", "memory.svg", "tenant-create.svg"]
     for chart in charts:
