@@ -148,6 +148,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "proposed patch applied (the bench itself stays on this checkout)",
     )
     p.add_argument(
+        "--daemon-commit",
+        help="with --daemon-pythonpath: the commit that tree is a copy of (for the docs)",
+    )
+    p.add_argument(
         "--soak",
         action="store_true",
         help="only the soak: --soak-calls mixed API calls and --soak-cycles create/remove "
@@ -218,6 +222,8 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "sudo": cmd("sudo", "-V").splitlines()[0] if os.path.exists("/usr/bin/sudo") else "",
         "iproute2": cmd("ip", "-V"),
         "daemon_pythonpath": args.daemon_pythonpath,
+        # what the daemons ran, if not this checkout (--daemon-pythonpath, --daemon-commit)
+        "daemon_commit": args.daemon_commit,
     }
 
 

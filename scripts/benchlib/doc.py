@@ -540,10 +540,10 @@ def _before_after(r: dict[str, Any]) -> str:
     )
     return f"""### Before and after
 
-"Before" is nsd at `{m["commit"]}` (the code before this work), measured by the same
-boot section on the same machine on {m["date"]} (`scripts/bench --boot-only
---daemon-pythonpath` with a copy of that tree; N = {fb["n"]}, its own floors in brackets
-as ratios); "after" is this run. The machine's load differs between the two runs, so
+"Before" is nsd at `{m.get("daemon_commit") or m["commit"]}` (the code before this work),
+measured by the same boot section on the same machine on {m["date"]} (`scripts/bench
+--boot-only --daemon-pythonpath` with a copy of that tree; N = {fb["n"]}, its own floors
+in brackets as ratios); "after" is this run. The machine's load differs between the two runs, so
 compare the ratios to each run's own floors.
 
 {chr(10).join(rows)}
