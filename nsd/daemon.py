@@ -133,7 +133,7 @@ class Daemon:
             found = manager.sampler_targets()
             if faults is not None:
                 # At every sample: watch new tenants' slices, drop removed ones.
-                faults.sync((t.uid, t.name, t.cgroup) for t in found)
+                faults.sync((t.uid, t.name, t.cgroup, t.host_ifname) for t in found)
             return found
 
         metrics = MetricsService(
@@ -189,14 +189,20 @@ class Daemon:
     def _faults(
         self, store: Store, manager: TenantManager, cgroup_root: str | None
     ) -> FaultService | None:
-        """The fault watcher, if enabled and the host has cgroup v2 to watch."""
+        """The fault service, if enabled: cgroup events if the host has cgroup v2 to
+        watch, conntrack drops if a network policy is on."""
         if not self.cfg.faults.enabled:
             return None
         if cgroup_root is None:
-            log.info("no cgroup v2 hierarchy: faults are not watched")
-            return None
+            log.info("no cgroup v2 hierarchy: memory and pids faults are not watched")
         recorder = FaultRecorder(store, self.cfg.faults, manager.emit_fault)
-        return FaultService(cgroup_root, recorder)
+        networks = manager.networks
+        return FaultService(
+            cgroup_root,
+            recorder,
+            conntrack_drops=networks.conntrack_drops if self.cfg.network.enabled else None,
+            conntrack_limit=lambda: networks.conntrack_limit,
+        )
 
     async def _prepare(
         self, store: Store, net: NetnsAdapter, stack: contextlib.AsyncExitStack

@@ -33,7 +33,7 @@ def parse_since(text: str, now: float | None = None) -> int:
 def _amount(kind: str, n: int | None) -> str:
     if n is None:
         return "max"  # no limit
-    return str(n) if kind == "pids_max" else human_bytes(n)
+    return str(n) if kind in ("pids_max", "conntrack") else human_bytes(n)
 
 
 def fault_rows(faults: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:

@@ -131,7 +131,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                  journal=Journal(str(state / "no-journald")))  # fmt: skip
         service = FaultService(str(tmp), recorder)
         service.start()
-        service.sync((u, n, slice_path(u)) for u, n in zip(uids, names, strict=True))
+        service.sync((u, n, slice_path(u), None) for u, n in zip(uids, names, strict=True))
+        assert service.watcher is not None
         watches = service.watcher.watches
 
         # Idle: everything watched, nothing happens.

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily
@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from nsd.config import FaultsConfig
 from nsd.core.store import Store
 from nsd.model import Fault, ProcessSample
-from nsd.observe.faults import limit_and_value, snapshot_processes
+from nsd.observe.faults import CONNTRACK, DropTracker, limit_and_value, snapshot_processes
 from nsd.observe.faultwatch import STEP, FaultWatcher
 from nsd.systemd.journal import WARNING, Journal
 
@@ -40,10 +40,12 @@ log = logging.getLogger("nsd.faults")
 class _Pending:
     uid: int
     name: str
-    slice_dir: str
+    slice_dir: str  # "" when the tenant has no slice (no process snapshot then)
     kind: str
     count: int
     due: float
+    #: (limit, value) known when the fault was seen; None: read from the slice's files
+    measured: tuple[int | None, int | None] | None = None
 
 
 class FaultRecorder:
@@ -74,7 +76,16 @@ class FaultRecorder:
         self._timer: asyncio.TimerHandle | None = None
         self.recorded = 0
 
-    def on_faults(self, uid: int, name: str, slice_dir: str, new: list[tuple[str, int]]) -> None:
+    def on_faults(
+        self,
+        uid: int,
+        name: str,
+        slice_dir: str,
+        new: list[tuple[str, int]],
+        measured: tuple[int | None, int | None] | None = None,
+    ) -> None:
+        """New events of ``uid``; ``measured``: their (limit, value) when the caller knows
+        them (conntrack), else they are read from the slice when the record is made."""
         now = self._clock()
         for kind, n in new:
             key = (name, uid, kind)
@@ -84,7 +95,7 @@ class FaultRecorder:
                 pending.count += n
                 continue
             due = max(now, self._last.get((uid, kind), -self.cfg.coalesce) + self.cfg.coalesce)
-            self._pending[(uid, kind)] = _Pending(uid, name, slice_dir, kind, n, due)
+            self._pending[(uid, kind)] = _Pending(uid, name, slice_dir, kind, n, due, measured)
             if due <= now:
                 self._wake.set()
             else:
@@ -136,9 +147,13 @@ class FaultRecorder:
         for i, p in enumerate(due):
             procs = snapshots.get(p.slice_dir)
             if procs is None:
-                procs = snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
+                procs = (
+                    snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
+                    if p.slice_dir
+                    else ()
+                )
                 snapshots[p.slice_dir] = procs
-            limit, value = limit_and_value(p.slice_dir, p.kind)
+            limit, value = p.measured or limit_and_value(p.slice_dir, p.kind)
             batch.append(Fault(p.uid, p.name, p.kind, at_us, p.count, limit, value, procs))
             if time.perf_counter() > step_end or i == len(due) - 1:
                 ids = self.store.add_faults(batch, self.cfg.keep, keep_after)
@@ -183,8 +198,9 @@ class FaultCounter(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         fam = CounterMetricFamily(
             "nsd_tenant_faults_total",
-            "Limit events of the tenant's slice as the kernel reported them (inotify on "
-            "memory.events, pids.events), by fault kind.",
+            "Limit events of the tenant as the kernel reported them (inotify on "
+            "memory.events, pids.events; packets dropped by the conntrack limit), by "
+            "fault kind.",
             labels=["tenant", "uid", "kind"],
         )
         for (name, uid, kind), n in sorted(self._recorder.counts.items()):
@@ -192,27 +208,89 @@ class FaultCounter(Collector):
         yield fam
 
 
-class FaultService:
-    """Watcher + recorder, started and stopped with the daemon."""
+#: a tenant as the fault service watches it: (uid, name, slice cgroup path or None,
+#: host veth or None)
+Watched = tuple[int, str, str | None, str | None]
 
-    def __init__(self, cgroup_root: str, recorder: FaultRecorder) -> None:
+
+class FaultService:
+    """Watcher + recorder, started and stopped with the daemon.
+
+    Two sources: the cgroup event files (inotify, as they change; none without a cgroup
+    v2 hierarchy) and, with a conntrack limit in force, the per-tenant drop counters of
+    the host's nft table (``conntrack_drops``), read at every :meth:`sync` - nftables
+    signals no counter change, and sync runs once per metrics sample."""
+
+    def __init__(
+        self,
+        cgroup_root: str | None,
+        recorder: FaultRecorder,
+        *,
+        conntrack_drops: Callable[[], Awaitable[dict[str, int] | None]] | None = None,
+        conntrack_limit: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.recorder = recorder
-        self.watcher = FaultWatcher(cgroup_root, recorder.on_faults)
+        self.cgroup_root = cgroup_root.rstrip("/") if cgroup_root is not None else None
+        self.watcher = (
+            FaultWatcher(cgroup_root, recorder.on_faults) if cgroup_root is not None else None
+        )
+        self._conntrack = conntrack_drops
+        self._limit = conntrack_limit
+        self._drops = DropTracker()
+        #: host veth -> (uid, name, slice directory or "")
+        self._by_ifname: dict[str, tuple[int, str, str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._poll: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.watcher.start()
+        if self.watcher is not None:
+            self.watcher.start()
         self._task = asyncio.create_task(self.recorder.run(), name="nsd-faults")
 
-    def sync(self, tenants: Iterable[tuple[int, str, str | None]]) -> None:
+    def sync(self, tenants: Iterable[Watched]) -> None:
+        """Watch exactly these tenants; read the conntrack drops (in the background)."""
         listed = list(tenants)
-        self.watcher.sync(listed)
-        self.recorder.forget({uid for uid, _, _ in listed})
+        if self.watcher is not None:
+            self.watcher.sync((uid, name, cg) for uid, name, cg, _ in listed)
+        self.recorder.forget({uid for uid, _, _, _ in listed})
+        if self._conntrack is None:
+            return
+        self._by_ifname = {
+            ifname: (uid, name, self._slice_dir(cg))
+            for uid, name, cg, ifname in listed
+            if ifname is not None
+        }
+        if self._poll is None or self._poll.done():
+            self._poll = asyncio.create_task(self.poll_conntrack(), name="nsd-faults-conntrack")
+
+    def _slice_dir(self, cgroup: str | None) -> str:
+        return self.cgroup_root + cgroup if self.cgroup_root is not None and cgroup else ""
+
+    async def poll_conntrack(self) -> None:
+        """One reading of the drop counters; new drops become ``conntrack`` faults."""
+        if self._conntrack is None:
+            return
+        try:
+            counts = await self._conntrack()
+        except Exception:
+            log.exception("reading the conntrack drops failed")
+            return
+        if counts is None:  # unreadable this time: the next reading counts them
+            return
+        limit = self._limit() or None
+        for ifname, n in self._drops.update(counts).items():
+            found = self._by_ifname.get(ifname)
+            if found is None:
+                continue  # a veth of a tenant that is gone
+            uid, name, slice_dir = found
+            self.recorder.on_faults(uid, name, slice_dir, [(CONNTRACK, n)], (limit, None))
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.watcher.close()
+        for task in (self._poll, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._poll = self._task = None
+        if self.watcher is not None:
+            self.watcher.close()

@@ -68,6 +68,16 @@ class TenantNetworks:
         records = self._store.all()
         return [self.tenant_net(r) for r in records if r.state is not TenantState.REMOVING]
 
+    @property
+    def conntrack_limit(self) -> int:
+        """Connections per tenant in force (0: no limit, or no network policy)."""
+        return self._cfg.conntrack_limit if self._hostnet is not None and self._cfg.enabled else 0
+
+    async def conntrack_drops(self) -> dict[str, int] | None:
+        """Packets refused by the conntrack limit so far, per host veth ({} without a
+        limit in force); None if they could not be read (HostNetwork.conntrack_drops)."""
+        return {} if self._hostnet is None else await self._hostnet.conntrack_drops()
+
     async def apply_host(self) -> None:
         """Load the host table before any tenant veth is touched (fail closed)."""
         if self._hostnet is None:

@@ -507,3 +507,21 @@ class HostNetwork:
     async def foreign_drop_policies(self) -> list[str]:
         ruleset = await self._in(None, lambda _i: nft.list_ruleset())
         return npol.forward_drop_policies(ruleset)
+
+    async def conntrack_drops(self) -> dict[str, int] | None:
+        """Packets refused by the conntrack limit so far, per host veth (the counters of
+        ``npol.CTDROPS_SET``); {} when no limit is in force; None if the set cannot be
+        read.
+
+        nftables has no change notification for counters, so the fault service calls
+        this once per metrics sample: one netlink dump of one set on the netns worker
+        (its elements are the veths that ever had a connection refused, not every
+        tenant)."""
+        if not self.cfg.enabled or self.cfg.conntrack_limit <= 0:
+            return {}
+        try:
+            listing = await self._in(None, lambda _i: nft.list_set(npol.CTDROPS_SET))
+        except (nft.NftError, NetnsError) as e:
+            log.warning("cannot read the conntrack drops: %s", e)
+            return None
+        return {} if listing is None else npol.element_counters(listing)

@@ -24,7 +24,7 @@ from typing import Any
 
 from nsd.net.policy_rules import FAMILY, TABLE
 
-__all__ = ["NftError", "apply", "available", "list_ruleset", "list_table", "run"]
+__all__ = ["NftError", "apply", "available", "list_ruleset", "list_set", "list_table", "run"]
 
 _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -133,6 +133,19 @@ def list_table(family: str = FAMILY, name: str = TABLE) -> dict[str, Any] | None
     """The table as libnftables' JSON, or None if there is no such table."""
     try:
         out = run({"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
+    except NftError as e:
+        if "No such file or directory" in e.message or "does not exist" in e.message:
+            return None
+        raise
+    return out if isinstance(out, dict) else None
+
+
+def list_set(name: str, family: str = FAMILY, table: str = TABLE) -> dict[str, Any] | None:
+    """One set of the table with its elements (libnftables fetches that set only, not
+    the whole ruleset), or None if there is no such set or table."""
+    try:
+        out = run({"nftables": [{"list": {"set": {"family": family, "table": table,
+                                                  "name": name}}}]})  # fmt: skip
     except NftError as e:
         if "No such file or directory" in e.message or "does not exist" in e.message:
             return None

@@ -27,7 +27,13 @@ from nsd.net.policy_host import (
     host_document,
     tenant_elements,
 )
-from nsd.net.policy_live import forward_drop_policies, replacement, rules_of, summary
+from nsd.net.policy_live import (
+    element_counters,
+    forward_drop_policies,
+    replacement,
+    rules_of,
+    summary,
+)
 from nsd.net.policy_plan import (
     ForwardingPlan,
     ShapingPlan,
@@ -36,7 +42,7 @@ from nsd.net.policy_plan import (
     shaping_plan,
     tenant_sysctls,
 )
-from nsd.net.policy_rules import FAMILY, TABLE
+from nsd.net.policy_rules import CTDROPS_SET, FAMILY, TABLE
 from nsd.net.policy_site import (
     ResolvedService,
     Site,
@@ -57,6 +63,7 @@ from nsd.network_config import (
 )
 
 __all__ = [
+    "CTDROPS_SET",
     "FAMILY",
     "TABLE",
     "Bandwidth",
@@ -73,6 +80,7 @@ __all__ = [
     "check_config",
     "config_from_mapping",
     "element_changes",
+    "element_counters",
     "format_rate",
     "forward_drop_policies",
     "forwarding_plan",

@@ -18,6 +18,7 @@ from nsd.net.policy_plan import DSCP_UPLINK, PRIO_LIMITED
 from nsd.net.policy_rules import (
     ACCEPT,
     COUNTER,
+    CTDROPS_SET,
     DROP,
     FAMILY,
     PRIO_DSTNAT,
@@ -203,8 +204,12 @@ def _guard(doc: Document, cfg: NetworkConfig, site: Site) -> None:
     if cfg.conntrack_limit > 0:
         # One element per tenant interface, created by the first new connection, each
         # counting that interface's connections: no per-tenant rule or chain.
+        # The packets over the limit also land in CTDROPS_SET, whose element per
+        # interface counts them: the drops of each tenant (the rule's own counter is
+        # every tenant's together).
         counts = ctcount_set(cfg.conntrack_limit)
         doc.set(counts, "ifname", [], dynamic_size=CTCOUNT_SIZE)
+        doc.set(CTDROPS_SET, "ifname", [], dynamic_size=CTCOUNT_SIZE, counter=True)
         doc.rule(
             "guard",
             match(meta("iifname"), wild),
@@ -217,6 +222,7 @@ def _guard(doc: Document, cfg: NetworkConfig, site: Site) -> None:
                     "stmt": [{"ct count": {"val": cfg.conntrack_limit, "inv": True}}],
                 }
             },
+            {"set": {"op": "add", "elem": meta("iifname"), "set": set_ref(CTDROPS_SET)}},
             COUNTER,
             DROP,
             comment=f"more than {cfg.conntrack_limit} connections of one tenant",

@@ -8,12 +8,32 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from nsd.net.policy_rules import FAMILY, TABLE, element_key
+from nsd.net.policy_rules import CTDROPS_SET, FAMILY, TABLE, element_key
 
 
 def is_stateful(set_name: str) -> bool:
-    """A set the kernel fills (conntrack counts): its elements are state, not policy."""
-    return set_name.startswith("ctcount_")
+    """A set the kernel fills (conntrack counts, the drops over the limit per tenant):
+    its elements are state, not policy."""
+    return set_name.startswith("ctcount_") or set_name == CTDROPS_SET
+
+
+def element_counters(listing: Mapping[str, Any]) -> dict[str, int]:
+    """Packets per element of a listed set whose elements carry counters
+    (``nft -j list set``: ``{"elem": {"val": "nsd1001", "counter": {"packets": 4, ...}}}``)."""
+    out: dict[str, int] = {}
+    for item in listing.get("nftables", []):
+        body = item.get("set") if isinstance(item, dict) else None
+        if not isinstance(body, dict):
+            continue
+        for e in body.get("elem", []):
+            elem = e.get("elem") if isinstance(e, dict) else None
+            if not isinstance(elem, dict) or not isinstance(elem.get("val"), str):
+                continue
+            counter = elem.get("counter")
+            packets = counter.get("packets") if isinstance(counter, dict) else None
+            if isinstance(packets, int):
+                out[elem["val"]] = packets
+    return out
 
 
 def _objects(document: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -17,6 +17,13 @@ from typing import Any
 TABLE = "nsd"
 FAMILY = "inet"
 
+#: the host table's dynamic set whose elements (one per tenant veth that had a
+#: connection refused by the conntrack limit) each carry a counter of that veth's
+#: refused packets: drops are attributed to tenants without a rule or a named counter
+#: per tenant, and the elements need no element transaction of nsd's (the kernel adds
+#: them; nsd.net.hostnet reads them for the ``conntrack`` fault)
+CTDROPS_SET = "ctdrops"
+
 # Chain priorities (nft's named priorities as numbers: valid for every hook in nft 1.0.6)
 PRIO_RAW_MANGLE = -150
 PRIO_DSTNAT = -100
@@ -113,9 +120,11 @@ class Document:
         interval: bool = False,
         map_: str | None = None,
         dynamic_size: int | None = None,
+        counter: bool = False,
     ) -> None:
         """A named set (a map with ``map_``, the data type). ``dynamic_size``: a set the
-        kernel fills from the packet path (``add @set``), holding state of its own."""
+        kernel fills from the packet path (``add @set``), holding state of its own.
+        ``counter``: every element carries a packet and byte counter of its own."""
         body: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name, "type": type_}
         flags = ["interval"] if interval else []
         if dynamic_size is not None:
@@ -124,6 +133,8 @@ class Document:
             body["size"] = dynamic_size
         if flags:
             body["flags"] = flags
+        if counter:
+            body["stmt"] = [{"counter": None}]
         if map_ is not None:
             body["map"] = map_
         elems = list(elements)

@@ -121,9 +121,10 @@ CATALOGUE: tuple[MetricDef, ...] = (
        "The tenant's processes outside its slice, its namespace, or both (nsctl audit "
        "lists them).", "reason"),
     # Live, not from the snapshot: counted as the kernel reports each event (nsd.core.faultrecord).
-    _h("nsd_tenant_faults_total", "counter", "memory.events, pids.events (inotify)",
-       "Limit events of the tenant's slice by fault kind: oom_kill, memory_max, "
-       "memory_high, pids_max (docs/metrics.md, Faults).", "tenant", "uid", "kind"),
+    _h("nsd_tenant_faults_total", "counter",
+       "memory.events, pids.events (inotify); nft set ctdrops (each sample)",
+       "Limit events of the tenant by fault kind: oom_kill, memory_max, memory_high, "
+       "pids_max, conntrack (docs/metrics.md, Faults).", "tenant", "uid", "kind"),
     _h("nsd_tenants", "gauge", "store", "Tenants nsd manages (at the last sample)."),
     _h("nsd_helper_processes", "gauge", "/proc/PID/status",
        "Processes named like a configured helper on the whole host, tenants' or not.", "helper"),

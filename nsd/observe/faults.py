@@ -17,10 +17,18 @@ kind            file, key              meaning
 ``memory_max``  memory.events max       usage reached MemoryMax (reclaim forced; may OOM)
 ``memory_high`` memory.events high      usage went over MemoryHigh (the slice throttled)
 ``pids_max``    pids.events max         a fork or clone failed at TasksMax
+``conntrack``   nft set ``ctdrops``     a new connection refused by network.conntrack_limit
 ==============  =====================  ==================================================
 
 ``memory.events`` counts events of the slice and everything below it (the
 scopes and services in it), so one watch per tenant sees them all.
+
+``conntrack`` counts packets, not cgroup events: each packet that would have
+opened a connection over the tenant's limit and was dropped (a client's SYN
+retransmissions are counted each). They are counted per tenant veth in the host
+table's dynamic set ``ctdrops`` (nsd.net.policy_host), whose per-element counters
+nftables cannot signal a change of: they are read once per metrics sample
+(:class:`DropTracker` turns the readings into new events).
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ FAULT_KEYS: tuple[tuple[str, str, str], ...] = (
     ("memory.events", "high", "memory_high"),
     ("pids.events", "max", "pids_max"),
 )
-FAULT_KINDS: tuple[str, ...] = tuple(k for _, _, k in FAULT_KEYS)
+#: refused connections (nft counters, not a cgroup file)
+CONNTRACK = "conntrack"
+FAULT_KINDS: tuple[str, ...] = (*(k for _, _, k in FAULT_KEYS), CONNTRACK)
 WATCHED_FILES: tuple[str, ...] = ("memory.events", "pids.events")
 #: kind -> (the limit's file, the current value's file) read when the fault is recorded
 _LIMIT_FILES: dict[str, tuple[str, str]] = {
@@ -69,6 +79,32 @@ def increases(
         if delta > 0:
             out.append((kind, delta))
     return out
+
+
+class DropTracker:
+    """New conntrack drops per interface from successive readings of the counters.
+
+    The first reading is the baseline (drops from before nsd read them, e.g. before a
+    restart: the set outlives the daemon, are not new faults). After it, an interface
+    seen for the first time is entirely new (the kernel added its element at its
+    first drop), and a counter that went down was reset (the element was deleted
+    and made again): its whole value is new.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] | None = None
+
+    def update(self, counts: Mapping[str, int]) -> dict[str, int]:
+        last, self._last = self._last, dict(counts)
+        if last is None:
+            return {}
+        out = {}
+        for ifname, n in counts.items():
+            old = last.get(ifname, 0)
+            delta = n - old if n >= old else n
+            if delta > 0:
+                out[ifname] = delta
+        return out
 
 
 def read_counters(path: str) -> dict[str, int] | None:

@@ -10,6 +10,7 @@ table untouched, a flushed table repaired by reconcile, `nsctl net`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,8 +54,18 @@ def connect(netns: str, address: str, port: int) -> str:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[tuple[Daemon, TestUsers, str]]:
+    with uplinked_daemon() as found:
+        yield found
+
+
+@contextlib.contextmanager
+def uplinked_daemon(network: str = "", extra: str = "") -> Iterator[tuple[Daemon, TestUsers, str]]:
+    """The daemon in its host namespace with an uplink to an "internet" namespace, whose
+    path is yielded too, where a server answers on 10.99.0.2:8080 with the client's
+    address. ``network``: more lines of ``[network]``; ``extra``: more sections."""
     internet = unique("nsdt-inet-")
-    with daemon_env(extra='[network]\nuplinks = ["up0"]\n') as (d, users):
+    config = '[network]\nuplinks = ["up0"]\n' + network + extra
+    with daemon_env(extra=config) as (d, users):
         run("ip", "netns", "add", internet)
         inet = f"/run/netns/{internet}"
         servers: list[subprocess.Popen[bytes]] = []

@@ -23,11 +23,12 @@ from nsd import config, faultview
 from nsd.api import faults as faultapi
 from nsd.config import FaultsConfig
 from nsd.core import store
-from nsd.core.faultrecord import FaultCounter, FaultRecorder
+from nsd.core.faultrecord import FaultCounter, FaultRecorder, FaultService
 from nsd.core.ipam import Ipam
 from nsd.core.manager import TenantManager
 from nsd.model import Fault, ProcessSample, TenantRecord, TenantState
-from nsd.observe.faults import increases, snapshot_processes
+from nsd.net import policy as npol
+from nsd.observe.faults import DropTracker, increases, snapshot_processes
 from nsd.observe.faultwatch import FaultWatcher
 from nsd.systemd import journal
 
@@ -75,6 +76,56 @@ def test_increases() -> None:
     # A counter that went down is a new cgroup (slice restarted): all of it is new.
     assert increases({"oom_kill": 5}, {"oom_kill": 2}, "memory.events") == [("oom_kill", 2)]
     assert increases({}, {}, "memory.events") == []
+
+
+def test_drop_tracker() -> None:
+    t = DropTracker()
+    assert t.update({"nsd1001": 7}) == {}  # the baseline: drops from before nsd read them
+    assert t.update({"nsd1001": 7}) == {}
+    assert t.update({"nsd1001": 9, "nsd1002": 3}) == {"nsd1001": 2, "nsd1002": 3}
+    # a counter that went down: the element was made again, all of it is new
+    assert t.update({"nsd1001": 1, "nsd1002": 3}) == {"nsd1001": 1}
+    assert t.update({}) == {} and t.update({"nsd1002": 2}) == {"nsd1002": 2}
+
+
+def test_element_counters_of_a_listed_set() -> None:
+    listing = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"set": {"family": "inet", "name": "ctdrops", "table": "nsd", "type": "ifname",
+                 "stmt": [{"counter": None}],
+                 "elem": [{"elem": {"val": "nsd1001", "counter": {"packets": 4, "bytes": 240}}},
+                          {"elem": {"val": "nsd1002"}}, "junk"]}},
+    ]}  # fmt: skip
+    assert npol.element_counters(listing) == {"nsd1001": 4}
+    assert npol.element_counters({"nftables": []}) == {}
+
+
+async def test_conntrack_drops_become_faults(tmp_path: Path) -> None:
+    db = store.Store(tmp_path / "nsd.db")
+    emitted: list[Fault] = []
+    rec = FaultRecorder(db, FaultsConfig(coalesce=10.0), emitted.append,
+                        journal=journal.Journal(str(tmp_path / "absent.sock")))  # fmt: skip
+    readings: list[dict[str, int] | None] = [{"nsd1001": 5}, None, {"nsd1001": 8, "nsd9": 2}]
+
+    async def drops() -> dict[str, int] | None:
+        return readings.pop(0)
+
+    svc = FaultService(None, rec, conntrack_drops=drops, conntrack_limit=lambda: 20)
+    assert svc.watcher is None  # no cgroup v2 here: conntrack faults only
+    tenants = [(1001, "alice", None, "nsd1001"), (1002, "bob", None, None)]
+    for _ in readings[:]:  # the baseline; unreadable (nothing lost); 3 new drops
+        svc.sync(tenants)  # each sample reads the counters in the background
+        assert svc._poll is not None
+        await svc._poll
+    # alice's 3 new drops; nsd9 belongs to no tenant
+    assert rec.counts == {("alice", 1001, "conntrack"): 3}
+    got = await rec.record_due()
+    assert [(f.tenant, f.kind, f.count, f.limit, f.value, f.processes) for f in got] == [
+        ("alice", "conntrack", 3, 20, None, ())
+    ]
+    assert emitted == got
+    await svc.close()
+    db.close()
 
 
 def test_process_snapshot_reads_the_slice_and_below(cgroot: Path) -> None:
