@@ -146,6 +146,7 @@ class Daemon:
             probe_cgroup=slice_cgroup_path(cfg.systemd.parent_slice),
         )
         if faults is not None:
+            metrics.sampled.append(faults.sampled)
             metrics.registry.register(FaultCounter(faults.recorder))
             faults.start()
             stack.push_async_callback(faults.close)
@@ -350,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("nsd must run as root (it mounts namespaces and creates links)")
         return EXIT_STARTUP
+    # The event loop shares the interpreter lock with worker threads (the metrics
+    # sample, rendering, reads on the netns worker); a thread running Python keeps it
+    # for the switch interval, 5 ms by default, before the loop gets it back - every
+    # time the loop wants it, several times per API call. 1 ms bounds that wait: `Get`
+    # stays within a few milliseconds while a sample runs (scripts/bench-faults).
+    sys.setswitchinterval(0.001)
     try:
         asyncio.run(Daemon(cfg, args.config).run())
     except StartupError as e:

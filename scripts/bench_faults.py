@@ -1,21 +1,32 @@
-"""Benchmark of the fault path: idle cost with N watched tenants, and a burst of N
-faults in one second.
+"""Benchmark of the fault path, in two parts (``scripts/bench-faults``; prints JSON).
 
-Run ``scripts/bench-faults``. The tenants' slices are files in a tmpfs in the
-cgroup v2 formats (this host's cgroup v2 has no memory controller; tmpfs signals
-IN_MODIFY like cgroupfs does), watched by nsd's own FaultService with a real
-SQLite store. What it measures, in this one process (as in the daemon, where the
-watcher and the recorder share the API's event loop):
+**daemon** (default; root): the real daemon, as an operator runs it - network policy
+on (the default), a conntrack limit, ``log_level = "info"``, the default metrics
+interval - in a host namespace of the bench's own with an uplink, and N tenants
+created through the API (N test users, made and deleted by the bench).
 
-* idle: the process's CPU time over ``--idle`` seconds with every tenant watched
-  and nothing happening, as a percentage of one core;
-* burst: a thread bumps ``oom_kill`` in every tenant's ``memory.events`` within one
-  second; meanwhile a probe on the event loop does what ``Get`` does on the loop
-  (a store lookup and building the reply) every 2 ms and records how late it ran
-  plus how long it took. Reported: p50/p99/max of that latency during the burst,
-  the same without a burst, and the time until every fault was stored.
+* idle: the daemon's CPU time (``/proc/PID/stat`` utime + stime) over ``--idle``
+  seconds with the N tenants and nothing happening, as a percentage of one core;
+* burst: every tenant opens one connection more than its limit within one second
+  (two UDP datagrams to two ports behind the uplink; ``conntrack_limit = 1``), so
+  the kernel drops one packet per tenant: N ``conntrack`` faults, read at the next
+  sample and recorded by the daemon. Meanwhile a probe process calls the real
+  ``io.nsd.Tenant.Get`` over the varlink socket every 2 ms and records each call's
+  round-trip; a ``Watch`` client counts the fault events (one per stored record).
+  Reported: p50/p99/max of ``Get`` in the same run without the burst (``--quiet``
+  seconds before it) and during it (from its first packet to 1 s after the last
+  record), and the time until every fault was stored.
 
-Prints JSON.
+This host has no systemd as PID 1 and no memory controller, so cgroup faults cannot
+be made for the real daemon here; conntrack faults take the same recording path
+(counter, journal, Watch event, store), without the process snapshot (no slices).
+
+**inprocess** (``--mode inprocess``): nsd's FaultService in this process on tmpfs
+files in the cgroup v2 formats (tmpfs signals IN_MODIFY like cgroupfs does) with a
+real SQLite store: the inotify watcher and the snapshots, which the daemon part cannot
+reach here. Idle CPU of the process; a burst bumps ``oom_kill`` in every tenant's
+``memory.events`` within one second while a probe on the event loop does what
+``Get`` does there (a store lookup and a reply) every 2 ms.
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_faults_daemon import bench_daemon  # noqa: E402
 
 from nsd.config import FaultsConfig  # noqa: E402
 from nsd.core.faultrecord import FaultRecorder, FaultService  # noqa: E402
@@ -117,7 +131,7 @@ async def measure_burst(
     return seconds, busy
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+async def inprocess(args: argparse.Namespace) -> dict[str, Any]:
     uids = list(range(70000, 70000 + args.tenants))
     names = [f"bench{u}" for u in uids]
     tmp = Path(tempfile.mkdtemp(prefix="nsd-bench-faults-", dir="/dev/shm"))
@@ -170,12 +184,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("daemon", "inprocess"), default="daemon")
     p.add_argument("--tenants", type=int, default=1000)
     p.add_argument("--idle", type=float, default=300.0, help="seconds of idle measurement")
-    p.add_argument("--window", type=float, default=2.0, help="seconds of quiet probing")
+    p.add_argument("--window", type=float, default=2.0, help="inprocess: seconds of quiet probing")
+    p.add_argument("--quiet", type=float, default=30.0,
+                   help="daemon: seconds of probing before the burst")  # fmt: skip
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # no journald here: fault lines would go to stderr
-    print(json.dumps(asyncio.run(main_async(args)), indent=2))
+    if args.mode == "inprocess":
+        sys.setswitchinterval(0.001)  # as the daemon does (nsd.daemon.main)
+        result = asyncio.run(inprocess(args))
+    else:
+        result = bench_daemon(args.tenants, args.idle, args.quiet)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ from nsd.systemd.journal import WARNING, Journal
 
 log = logging.getLogger("nsd.faults")
 
+#: faults stored in one transaction at most
+COMMIT_BATCH = 64
+#: journal records and Watch events sent per step (each about 40 us)
+ANNOUNCE_STEP = 16
+
 
 @dataclass
 class _Pending:
@@ -136,33 +141,50 @@ class FaultRecorder:
             return []
         at_us = int(now * 1e6)
         keep_after = at_us - int(self.cfg.keep_days * 86400e6)
-        # On the loop, in steps of STEP seconds with a yield in between: a worker
-        # thread would fight the loop for the GIL for the whole burst, steps bound
-        # how long an API call waits. One snapshot per tenant per batch (an OOM
-        # kill comes with "max" events of the same moment).
+        # On the loop, in steps of about STEP seconds with a yield in between: a
+        # worker thread would fight the loop for the GIL for the whole burst (the
+        # loop waits up to the interpreter's switch interval each time it wants the
+        # GIL back), steps bound how long an API call waits. Every part is stepped:
+        # the snapshots and limits (a snapshot of many processes takes a millisecond,
+        # a fault without one - a conntrack drop of a tenant with no slice - a
+        # hundredth of that), the store's transactions, and the journal records and
+        # Watch events; a step that bounded only the snapshots held the loop for
+        # 100 ms storing and announcing 1,000 cheap faults at once. The faults built
+        # in a few steps are stored in one transaction (COMMIT_BATCH): a commit
+        # costs about the same for 1 or 64 rows, and each is a chance for the disk
+        # to stall the loop. One snapshot per tenant per call (an OOM kill comes with
+        # "max" events of the same moment).
         snapshots: dict[str, tuple[ProcessSample, ...]] = {}
         stored: list[Fault] = []
-        batch: list[Fault] = []
-        step_end = time.perf_counter() + STEP
-        for i, p in enumerate(due):
-            procs = snapshots.get(p.slice_dir)
-            if procs is None:
-                procs = (
-                    snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
-                    if p.slice_dir
-                    else ()
-                )
-                snapshots[p.slice_dir] = procs
-            limit, value = p.measured or limit_and_value(p.slice_dir, p.kind)
-            batch.append(Fault(p.uid, p.name, p.kind, at_us, p.count, limit, value, procs))
-            if time.perf_counter() > step_end or i == len(due) - 1:
-                ids = self.store.add_faults(batch, self.cfg.keep, keep_after)
-                for f, fault_id in zip(batch, ids, strict=True):
-                    stored.append(_with_id(f, fault_id))
-                    self._announce(stored[-1])
-                batch = []
-                await asyncio.sleep(0)
-                step_end = time.perf_counter() + STEP
+        built: list[Fault] = []
+        i = 0
+        while i < len(due) or built:
+            started = time.perf_counter()
+            while i < len(due) and len(built) < COMMIT_BATCH:
+                p = due[i]
+                i += 1
+                procs = snapshots.get(p.slice_dir)
+                if procs is None:
+                    procs = (
+                        snapshot_processes(p.slice_dir, self.cfg.processes, self._proc_root)
+                        if p.slice_dir
+                        else ()
+                    )
+                    snapshots[p.slice_dir] = procs
+                limit, value = p.measured or limit_and_value(p.slice_dir, p.kind)
+                built.append(Fault(p.uid, p.name, p.kind, at_us, p.count, limit, value, procs))
+                if time.perf_counter() - started > STEP:
+                    break
+            if built and (i == len(due) or len(built) >= COMMIT_BATCH):
+                ids = self.store.add_faults(built, self.cfg.keep, keep_after)
+                done = [_with_id(f, fault_id) for f, fault_id in zip(built, ids, strict=True)]
+                built = []
+                for k, f in enumerate(done):
+                    if k % ANNOUNCE_STEP == 0:
+                        await asyncio.sleep(0)
+                    self._announce(f)
+                stored += done
+            await asyncio.sleep(0)
         self.recorded += len(stored)
         return stored
 
@@ -170,8 +192,9 @@ class FaultRecorder:
         top = ", ".join(f"{p.comm} (pid {p.pid}, {p.rss_bytes >> 20} MiB)" for p in f.processes[:3])
         message = (
             f"tenant {f.tenant} (uid {f.uid}): {f.kind} x{f.count}, limit "
-            f"{'max' if f.limit is None else f.limit}, value {f.value}; "
-            f"largest: {top or 'no process left'}"
+            f"{'max' if f.limit is None else f.limit}"
+            + ("" if f.value is None else f", value {f.value}")
+            + f"; largest: {top or 'no process left'}"
         )
         fields = {
             "NSD_TENANT": f.tenant, "NSD_UID": f.uid, "NSD_FAULT": f.kind,
@@ -218,8 +241,9 @@ class FaultService:
 
     Two sources: the cgroup event files (inotify, as they change; none without a cgroup
     v2 hierarchy) and, with a conntrack limit in force, the per-tenant drop counters of
-    the host's nft table (``conntrack_drops``), read at every :meth:`sync` - nftables
-    signals no counter change, and sync runs once per metrics sample."""
+    the host's nft table (``conntrack_drops``), read after every sample - nftables
+    signals no counter change, and the metrics sampler calls :meth:`sampled` after each
+    sample."""
 
     def __init__(
         self,
@@ -248,19 +272,23 @@ class FaultService:
         self._task = asyncio.create_task(self.recorder.run(), name="nsd-faults")
 
     def sync(self, tenants: Iterable[Watched]) -> None:
-        """Watch exactly these tenants; read the conntrack drops (in the background)."""
+        """Watch exactly these tenants (called with every sample's targets)."""
         listed = list(tenants)
         if self.watcher is not None:
             self.watcher.sync((uid, name, cg) for uid, name, cg, _ in listed)
         self.recorder.forget({uid for uid, _, _, _ in listed})
-        if self._conntrack is None:
-            return
         self._by_ifname = {
             ifname: (uid, name, self._slice_dir(cg))
             for uid, name, cg, ifname in listed
             if ifname is not None
         }
-        if self._poll is None or self._poll.done():
+
+    def sampled(self) -> None:
+        """After a sample: read the conntrack drops in the background. After it, not
+        with the targets: a burst of drops is then recorded while the sampler's
+        thread is idle, not while it holds the interpreter lock in turns with the
+        event loop."""
+        if self._conntrack is not None and (self._poll is None or self._poll.done()):
             self._poll = asyncio.create_task(self.poll_conntrack(), name="nsd-faults-conntrack")
 
     def _slice_dir(self, cgroup: str | None) -> str:

@@ -68,38 +68,77 @@ class SnapshotCollector(Collector):
         snap = self._source()
         if snap is None:
             return
-        fam: dict[str, Family] = {d.name: family(d.name) for d in CATALOGUE if d.per_tenant}
-        for t in snap.tenants:
-            _tenant_samples(fam, t.name, str(t.uid), t)
-        for f in fam.values():
-            if f.samples:
-                yield f
-        yield from self._host(snap)
+        yield from tenant_families(snap.tenants)
+        yield from host_families(snap)
 
-    def _host(self, snap: Snapshot) -> Iterator[Metric]:
-        tenants = family("nsd_tenants")
-        tenants.add_metric([], len(snap.tenants))
-        yield tenants
-        procs, rss = family("nsd_helper_processes"), family("nsd_helper_rss_bytes")
-        for name, total in sorted(snap.helpers.items()):
-            procs.add_metric([name], total.processes)
-            rss.add_metric([name], total.rss_bytes)
-        yield procs
-        yield rss
-        sources = family("nsd_metrics_source_available")
-        for name in SOURCES:
-            sources.add_metric([name], 1 if snap.sources.get(name) else 0)
-        yield sources
-        ts = family("nsd_sampler_snapshot_timestamp_seconds")
-        ts.add_metric([], snap.taken_at)
-        yield ts
-        if snap.processes is not None:
-            scanned = family("nsd_sampler_processes")
-            scanned.add_metric([], snap.processes)
-            yield scanned
-        omitted = family("nsd_audit_omitted_processes")
-        omitted.add_metric([], snap.findings_dropped)
-        yield omitted
+
+class TenantCollector(Collector):
+    """The per-tenant families of the given tenants only (exposition renders each
+    tenant apart and keeps the result while the tenant's readings do not change)."""
+
+    def __init__(self, tenants: Iterable[TenantUsage]) -> None:
+        self._tenants = tuple(tenants)
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from tenant_families(self._tenants)
+
+
+class HostCollector(Collector):
+    """The snapshot's families that are not per tenant."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from host_families(self._snap)
+
+
+#: per-tenant family names in the order they are exposed
+TENANT_FAMILIES: tuple[str, ...] = tuple(d.name for d in CATALOGUE if d.per_tenant)
+
+
+def tenant_families(tenants: Iterable[TenantUsage]) -> Iterator[Family]:
+    """The per-tenant families with a sample of any of ``tenants``, in TENANT_FAMILIES
+    order, each tenant's samples in ``tenants`` order."""
+    fam: dict[str, Family] = {name: family(name) for name in TENANT_FAMILIES}
+    for t in tenants:
+        _tenant_samples(fam, t.name, str(t.uid), t)
+    for f in fam.values():
+        if f.samples:
+            yield f
+
+
+def host_families(snap: Snapshot) -> Iterator[Metric]:
+    """The snapshot's families that are not per tenant."""
+    tenants = family("nsd_tenants")
+    tenants.add_metric([], len(snap.tenants))
+    yield tenants
+    procs, rss = family("nsd_helper_processes"), family("nsd_helper_rss_bytes")
+    for name, total in sorted(snap.helpers.items()):
+        procs.add_metric([name], total.processes)
+        rss.add_metric([name], total.rss_bytes)
+    yield procs
+    yield rss
+    sources = family("nsd_metrics_source_available")
+    for name in SOURCES:
+        sources.add_metric([name], 1 if snap.sources.get(name) else 0)
+    yield sources
+    ts = family("nsd_sampler_snapshot_timestamp_seconds")
+    ts.add_metric([], snap.taken_at)
+    yield ts
+    if snap.processes is not None:
+        scanned = family("nsd_sampler_processes")
+        scanned.add_metric([], snap.processes)
+        yield scanned
+    omitted = family("nsd_audit_omitted_processes")
+    omitted.add_metric([], snap.findings_dropped)
+    yield omitted
 
 
 def _tenant_samples(fam: Mapping[str, Family], name: str, uid: str, t: TenantUsage) -> None:

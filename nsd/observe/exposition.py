@@ -6,6 +6,15 @@ serialises. The snapshot's part of the body is rendered once per snapshot and fo
 the sampler's thread right after the sample, or on a worker thread by the first scrape
 that wants another format) and then reused, so N scrapers cost about what one does; only
 the daemon's own few hundred series are rendered per scrape.
+
+Rendering is incremental per tenant: each tenant's series are rendered apart and kept
+with the readings they came from; a tenant whose readings are equal to the last
+sample's (an idle tenant: same memory, same CPU time, same counters) is not rendered
+again, its lines are reused. Rendering every tenant anew after every sample was most
+of the daemon's CPU time with 1,000 idle tenants (about 200 ms per 15 s sample,
+1.4 % of a core, with prometheus_client formatting 30,000 lines that had not
+changed). The body is the same bytes either way: families in the catalogue's order,
+each tenant's samples in UID order (tests/unit/test_metrics.py compares them).
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from prometheus_client.exposition import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from nsd.observe.collectors import SnapshotCollector
-from nsd.observe.sampler import Snapshot
+from nsd.observe.collectors import TENANT_FAMILIES, HostCollector, TenantCollector
+from nsd.observe.sampler import Snapshot, TenantUsage
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -54,6 +63,61 @@ def wants_gzip(accept_encoding: str | None) -> bool:
 
 
 _EOF = b"# EOF\n"
+_HELP = b"# HELP "
+
+#: a rendered family name (with or without ``_total``: the text format adds it to
+#: counters, OpenMetrics does not) -> its place in the exposition
+_ORDER: dict[bytes, int] = {}
+for _i, _name in enumerate(TENANT_FAMILIES):
+    _ORDER[_name.encode()] = _ORDER[_name.removesuffix("_total").encode()] = _i
+
+
+def _families(body: bytes) -> dict[bytes, tuple[bytes, bytes]]:
+    """A rendered body by family: name -> (its comment lines, its samples)."""
+    out: dict[bytes, tuple[bytes, bytes]] = {}
+    for block in body.split(_HELP)[1:]:
+        name = block[: block.index(b" ")]
+        lines = (_HELP + block).splitlines(keepends=True)
+        k = next((i for i, line in enumerate(lines) if not line.startswith(b"#")), len(lines))
+        out[name] = (b"".join(lines[:k]), b"".join(lines[k:]))
+    return out
+
+
+class _TenantLines:
+    """Per format: each tenant's rendered samples by family, with the readings they
+    were rendered from."""
+
+    def __init__(self, om: bool) -> None:
+        self.om = om
+        self.render = generate_openmetrics if om else generate_text
+        self.tenants: dict[int, tuple[TenantUsage, dict[bytes, bytes]]] = {}
+        self.headers: dict[bytes, bytes] = {}
+        self.rendered = 0  # tenants rendered (not reused) by the last call
+
+    def body(self, snap: Snapshot) -> bytes:
+        kept: dict[int, tuple[TenantUsage, dict[bytes, bytes]]] = {}
+        rendered = 0
+        for t in snap.tenants:
+            hit = self.tenants.get(t.uid)
+            if hit is None or hit[0] != t:
+                rendered += 1
+                fams = _families(self.render(TenantCollector((t,))).removesuffix(_EOF))
+                for name, (header, _) in fams.items():
+                    self.headers.setdefault(name, header)
+                hit = (t, {name: samples for name, (_, samples) in fams.items()})
+            kept[t.uid] = hit
+        self.tenants = kept  # tenants that are gone are dropped
+        self.rendered = rendered
+        by_family: dict[bytes, list[bytes]] = {}
+        for t in snap.tenants:
+            for name, samples in kept[t.uid][1].items():
+                by_family.setdefault(name, []).append(samples)
+        out: list[bytes] = []
+        for name in sorted(by_family, key=lambda n: _ORDER.get(n, len(_ORDER))):
+            out.append(self.headers[name])
+            out.extend(by_family[name])
+        out.append(self.render(HostCollector(snap)).removesuffix(_EOF))
+        return b"".join(out)
 
 
 class Exposition:
@@ -67,6 +131,7 @@ class Exposition:
         # (generation, openmetrics) -> (plain, gzip member or None)
         self._cache: dict[tuple[int, bool], tuple[bytes, bytes | None]] = {}
         self._formats_wanted = {False}
+        self._lines = {False: _TenantLines(False), True: _TenantLines(True)}
 
     def prerender(self, snap: Snapshot) -> None:
         """Render the formats scrapers asked for recently; called on the sampler's thread."""
@@ -83,11 +148,11 @@ class Exposition:
             hit = self._cache.get(key)
             if hit is not None and (hit[1] is not None or not want_gzip):
                 return hit
-            render = generate_openmetrics if om else generate_text
-            plain = hit[0] if hit is not None else render(SnapshotCollector(lambda: snap))
-            if om:
-                plain = plain.removesuffix(_EOF)
-            packed = gzip.compress(plain, compresslevel=6, mtime=0) if want_gzip else None
+            plain = hit[0] if hit is not None else self._lines[om].body(snap)
+            # Level 1: with 1,000 tenants (5 MB of text) it takes 29 ms against 101 ms
+            # at level 6 for 5 % more bytes (328 against 311 KB), and it runs after
+            # every sample, scraped or not.
+            packed = gzip.compress(plain, compresslevel=1, mtime=0) if want_gzip else None
             # Keep only the current generation: a cache, not a history.
             for k in [k for k in self._cache if k[0] != snap.generation]:
                 del self._cache[k]

@@ -35,7 +35,7 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
 #: seconds of work on the event loop before yielding to other callbacks (API calls)
-STEP = 0.002
+STEP = 0.001
 
 #: (uid, name, slice directory, [(kind, new events)]) - called on the event loop
 OnFaults = Callable[[int, str, str, list[tuple[str, int]]], None]

@@ -20,7 +20,7 @@ from nsd.names import DEFAULT_HELPERS
 from nsd.observe.collectors import DaemonMetrics
 from nsd.observe.exposition import Exposition
 from nsd.observe.http import MetricsServer
-from nsd.observe.sampler import Sampler, Target
+from nsd.observe.sampler import Sampler, Snapshot, Target
 
 log = logging.getLogger("nsd.metrics")
 
@@ -56,7 +56,7 @@ class MetricsService:
             helpers=helpers,
             probe_cgroup=probe_cgroup,
             after_sample=self.exposition.prerender,
-            on_sample=self.daemon.on_sample,
+            on_sample=self._on_sample,
             on_error=self.daemon.on_sample_error,
         )
         address = parse_listen(listen)
@@ -67,6 +67,13 @@ class MetricsService:
         )
         #: why the HTTP endpoint is not serving (e.g. the port is taken); "" if it is
         self.listen_error = ""
+        #: called on the event loop after each sample, once the sampler's thread is done
+        self.sampled: list[Callable[[], None]] = []
+
+    def _on_sample(self, snap: Snapshot) -> None:
+        self.daemon.on_sample(snap)
+        for fn in self.sampled:
+            fn()
 
     async def start(self) -> None:
         """Start sampling (the first sample begins at once, in the background) and serving.

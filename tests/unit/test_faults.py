@@ -22,7 +22,7 @@ from prometheus_client.registry import CollectorRegistry
 from nsd import config, faultview
 from nsd.api import faults as faultapi
 from nsd.config import FaultsConfig
-from nsd.core import store
+from nsd.core import faultrecord, store
 from nsd.core.faultrecord import FaultCounter, FaultRecorder, FaultService
 from nsd.core.ipam import Ipam
 from nsd.core.manager import TenantManager
@@ -114,7 +114,8 @@ async def test_conntrack_drops_become_faults(tmp_path: Path) -> None:
     assert svc.watcher is None  # no cgroup v2 here: conntrack faults only
     tenants = [(1001, "alice", None, "nsd1001"), (1002, "bob", None, None)]
     for _ in readings[:]:  # the baseline; unreadable (nothing lost); 3 new drops
-        svc.sync(tenants)  # each sample reads the counters in the background
+        svc.sync(tenants)  # each sample's targets, then the counters read after it
+        svc.sampled()
         assert svc._poll is not None
         await svc._poll
     # alice's 3 new drops; nsd9 belongs to no tenant
@@ -125,6 +126,43 @@ async def test_conntrack_drops_become_faults(tmp_path: Path) -> None:
     ]
     assert emitted == got
     await svc.close()
+    db.close()
+
+
+async def test_a_burst_is_recorded_in_steps(tmp_path: Path) -> None:
+    """1,000 faults due at once: stored in transactions of COMMIT_BATCH, with the event
+    loop free between steps (another task runs at least once per ANNOUNCE_STEP
+    faults) - not one long callback that holds every API call up."""
+    db = store.Store(tmp_path / "nsd.db")
+    emitted: list[Fault] = []
+    rec = FaultRecorder(db, FaultsConfig(), emitted.append,
+                        journal=journal.Journal(str(tmp_path / "absent.sock")))  # fmt: skip
+    for u in range(1000):
+        rec.on_faults(70000 + u, f"t{u}", "", [("conntrack", 1)], (1, None))
+    commits: list[int] = []
+    add_faults = db.add_faults
+
+    def counting(faults: Any, keep: int, keep_after_us: int) -> list[int]:
+        commits.append(len(faults))
+        return add_faults(faults, keep, keep_after_us)
+
+    db.add_faults = counting  # type: ignore[method-assign]
+    turns = 0
+    stop = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not stop:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    got = await rec.record_due()
+    stop = True
+    await task
+    assert len(got) == len(emitted) == 1000 and len(db.faults(limit=2000)) == 1000
+    assert max(commits) <= faultrecord.COMMIT_BATCH and len(commits) < 1000 / 8
+    assert turns >= 1000 // faultrecord.ANNOUNCE_STEP
     db.close()
 
 

@@ -5,6 +5,7 @@ proposed varlink replies and the nsctl tables."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -216,7 +218,7 @@ def test_exposition_renders_a_snapshot_once(
     real_text = generate_latest
 
     def count_text(c: Collector) -> bytes:
-        rendered.append(isinstance(c, collectors.SnapshotCollector))
+        rendered.append(isinstance(c, collectors.TenantCollector))
         return real_text(c)
 
     monkeypatch.setattr(exposition, "generate_text", count_text)
@@ -228,12 +230,39 @@ def test_exposition_renders_a_snapshot_once(
     exp.prerender(snap)  # the sampler's thread does this after each sample
     for _ in range(5):
         body = exp.render(openmetrics=False, use_gzip=False)
-    assert rendered.count(True) == 1 and b"nsd_tenant_memory_current_bytes" in body
+    # each tenant once (incremental rendering), then never again for this snapshot
+    assert rendered.count(True) == len(snap.tenants) and b"nsd_tenant_memory_current_bytes" in body
     plain = exp.render(openmetrics=False, use_gzip=False)
     packed = exp.render(openmetrics=False, use_gzip=True)
-    assert rendered.count(True) == 1
+    assert rendered.count(True) == len(snap.tenants)
     # Two gzip members (cached snapshot part + live part) decode to the plain body.
     assert gzip.decompress(packed) == plain
+
+
+@pytest.mark.parametrize("om", [False, True])
+def test_incremental_rendering_is_the_full_rendering(snap: Snapshot, om: bool) -> None:
+    """Per-tenant rendering with reuse gives the bytes one pass over the snapshot
+    gives, as tenants change, come and go; an unchanged tenant is not rendered again."""
+    full = generate_openmetrics if om else generate_latest
+
+    def whole(s: Snapshot) -> bytes:
+        return full(collectors.SnapshotCollector(lambda: s)).removesuffix(b"# EOF\n")
+
+    lines = exposition._TenantLines(om)
+    assert lines.body(snap) == whole(snap) and lines.rendered == len(snap.tenants)
+    again = dataclasses.replace(snap, generation=2, taken_at=snap.taken_at + 15)
+    assert lines.body(again) == whole(again) and lines.rendered == 0
+    first, *rest = snap.tenants
+    busier = dataclasses.replace(
+        first, cgroup=dataclasses.replace(first.cgroup, memory_current=123456789)
+    )
+    changed = dataclasses.replace(snap, generation=3, tenants=(*rest, busier)[::-1])
+    changed = dataclasses.replace(changed, tenants=tuple(sorted(changed.tenants,
+                                                                key=lambda t: t.uid)))  # fmt: skip
+    assert lines.body(changed) == whole(changed) and lines.rendered == 1
+    fewer = dataclasses.replace(snap, generation=4, tenants=tuple(rest))
+    assert lines.body(fewer) == whole(fewer) and lines.rendered == 0
+    assert set(lines.tenants) == {t.uid for t in rest}
 
 
 @pytest.mark.parametrize(
