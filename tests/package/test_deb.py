@@ -4,6 +4,8 @@ upgrades keeping configuration and state, removes keeping them, purges them."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,36 @@ def install(root: Root, deb: Path) -> None:
 def test_lintian_reports_no_error_or_warning(debs: dict[str, Path]) -> None:
     report = (debs["dir"] / "lintian-base.txt").read_text().splitlines()
     assert [line for line in report if line[:2] in ("E:", "W:")] == []
+
+
+def maintainer_scripts(deb: Path, tmp: Path) -> dict[str, str]:
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp)], check=True)
+    names = ("preinst", "postinst", "prerm", "postrm")
+    return {n: (tmp / n).read_text() for n in names if (tmp / n).exists()}
+
+
+def test_maintainer_scripts_never_stop_tenants_or_the_socket_on_upgrade(
+    debs: dict[str, Path], tmp_path: Path
+) -> None:
+    """An upgrade restarts nsd.service and nothing else: stopping tenant.slice would
+    stop every tenant's services below it (debhelper's default for --no-start units
+    did exactly that in the preinst), and restarting nsd.socket would drop the
+    listening socket and restart nsd twice. Removal stops nsd and its socket only."""
+    scripts = maintainer_scripts(debs["base"], tmp_path)
+    text = "\n".join(scripts.values())
+    actions = re.findall(r"deb-systemd-invoke (\S+) (.*?) >", text)
+    assert "preinst" not in scripts or "deb-systemd-invoke" not in scripts["preinst"]
+    for action, units in actions:
+        named = set(re.findall(r"'([^']+)'", units))
+        assert not named & {"tenant.slice", "nsd-tenant@.service"}, (action, units)
+        if action in ("restart", "$_dh_action"):
+            assert named <= {"nsd.service", "nsd.socket"}, units
+    # The socket: started (a no-op when listening), not restarted on upgrade.
+    post = scripts["postinst"]
+    assert re.search(r"deb-systemd-invoke start 'nsd.socket'", post), post
+    assert re.search(r"deb-systemd-invoke \$_dh_action 'nsd.service' >", post), post
+    assert "pam-auth-update --package\n" in post
+    assert "pam-auth-update --package --remove nsd" in scripts["prerm"]
 
 
 def test_install_upgrade_remove_purge(root: Root, debs: dict[str, Path]) -> None:
