@@ -25,39 +25,59 @@ BOOT_TIMEOUT = 60.0
 class Container:
     """One booted container; ``run`` executes a command inside all its namespaces."""
 
-    def __init__(self, binds: Sequence[str] = ()) -> None:
+    def __init__(
+        self, binds: Sequence[str] = (), *, directory: Path | None = None, setup: str = ""
+    ) -> None:
+        """``directory``: boot that OS tree (as it is, writable) instead of this host's
+        /usr on a volatile root; ``setup``: shell commands run first in a private mount
+        namespace that nspawn then runs in (e.g. mounting an overlay at ``directory``)."""
         self.name = "nsdt-" + secrets.token_hex(4)
         self.binds = list(binds)
+        self.directory = directory
+        self.setup = setup
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0  # PID (on the host) of the container's systemd
         self.boot_seconds = 0.0
         self.log = Path(f"/tmp/{self.name}.log")
 
-    def boot(self) -> Container:
-        started = time.monotonic()
+    def _args(self) -> list[str]:
+        if self.directory is None:
+            root = [
+                "--directory=/",
+                "--volatile=yes",  # tmpfs root + the host's /usr read-only
+                f"--bind-ro={ROOT}",
+                # PAM for the logind tests (su creates a session); read-only, harmless.
+                "--bind-ro=/etc/pam.d",
+                "--bind-ro=/etc/security",
+                "--bind-ro=/etc/login.defs",
+            ]
+        else:
+            root = [f"--directory={self.directory}"]
         args = [
             "systemd-nspawn",
             "--quiet",
-            "--directory=/",
-            "--volatile=yes",  # tmpfs root + the host's /usr read-only
             f"--machine={self.name}",
             "--boot",
             "--register=no",  # no systemd on the host to register with
             "--keep-unit",
             "--console=passive",
             "--private-network",
-            f"--bind-ro={ROOT}",
-            # PAM for the logind tests (su creates a session); read-only, harmless.
-            "--bind-ro=/etc/pam.d",
-            "--bind-ro=/etc/security",
-            "--bind-ro=/etc/login.defs",
+            *root,
             *self.binds,
             "--",
             "systemd.firstboot=off",
         ]
+        if self.setup:
+            # exec: nspawn keeps the PID Popen knows (its children are the container).
+            args = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                    self.setup + '\nexec "$@"', "sh", *args]  # fmt: skip
+        return args
+
+    def boot(self) -> Container:
+        started = time.monotonic()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                args,
+                self._args(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
