@@ -1,8 +1,9 @@
 """End-to-end tests: run INSIDE the Debian 13 VM that ``scripts/vm-test`` boots.
 
-The VM has systemd 257 as PID 1, a pure cgroup v2 hierarchy, nsd pip-installed
-into /opt/nsd, the unit files of contrib/systemd enabled, and the test users
-alice, bob and web-shop. Tests run as root and use real commands.
+The VM has systemd 257 as PID 1, a pure cgroup v2 hierarchy, nsd installed from
+its Debian package with apt (test_00_package.py checks how), and the test users
+alice, bob and web-shop (and upg01..upg20 for test_99_package.py). Tests run as
+root and use real commands.
 
 Phases. A test is marked ``phase1`` (first boot) or ``phase2`` (after a
 reboot of the same disk); the guest runner runs ``pytest -m phaseN``. Phase 1

@@ -18,10 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Where scripts/vm/prepare-guest installs nsd (pip, as an operator would).
-NSD_BIN = Path("/opt/nsd/bin")
-NSCTL = str(NSD_BIN / "nsctl")
-NSD_EXEC = str(NSD_BIN / "nsd-exec")
+# Where nsd's Debian package puts its programs (test_00_package.py installs it
+# with apt; the pip/venv install under /opt/nsd is for development only).
+NSD = "/usr/sbin/nsd"
+NSCTL = "/usr/bin/nsctl"
+NSD_EXEC = "/usr/bin/nsd-exec"
+NSD_ENSURE = "/usr/bin/nsd-ensure"
+# The operator's copy of the packages (version N and N+1) and the local apt
+# repository of what they depend on (scripts/vm/prepare-guest, build-repo).
+DEBS = Path("/var/local/nsd-e2e/debs")
 SOCKET = "/run/nsd/io.nsd.Tenant"
 NETNS_DIR = Path("/run/netns")
 # Test users made by scripts/vm/prepare-guest; web-shop has a dash, which in a
@@ -52,6 +57,35 @@ def run(
             f"--- stdout\n{p.stdout}--- stderr\n{p.stderr}"
         )
     return p
+
+
+def apt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``apt-get -y ARGS`` in the directory of the packages, non-interactively, keeping
+    the operator's configuration files (``--force-confold``) as an upgrade by hand would."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LANG="C.UTF-8")
+    return run("apt-get", "-y", "-o", "Dpkg::Options::=--force-confold", *args,
+               timeout=timeout, cwd=DEBS, env=env)  # fmt: skip
+
+
+def package_files() -> tuple[Path, Path]:
+    """nsd's .deb, version N and N+1 (scripts/build-deb and its --version)."""
+    debs = sorted(DEBS.glob("nsd_*.deb"))
+    assert len(debs) == 2, debs
+    a, b = debs
+    older = run("dpkg", "--compare-versions", version_of(a), "lt", version_of(b), check=False)
+    return (a, b) if older.returncode == 0 else (b, a)
+
+
+def version_of(deb: Path) -> str:
+    return run("dpkg-deb", "-f", str(deb), "Version").stdout.strip()
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package``, None unless it is installed (not just
+    configuration files left after a remove)."""
+    p = run("dpkg-query", "-W", "-f", "${db:Status-Abbrev} ${Version}", package, check=False)
+    status, _, version = p.stdout.partition(" ")
+    return version.strip() if p.returncode == 0 and status.strip() == "ii" else None
 
 
 def nsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

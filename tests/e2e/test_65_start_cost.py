@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.guest import NSCTL, NSD_BIN, NSD_EXEC, run
+from tests.e2e.guest import NSCTL, NSD_ENSURE, NSD_EXEC, run
 
 pytestmark = pytest.mark.phase1
 
@@ -30,7 +30,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "native": (("NetworkNamespacePath=/run/netns/alice", "User=alice"), ("/bin/true",)),
     "nsd-exec": ((), (NSD_EXEC, "alice", "--", "/bin/true")),
     "pamname": (("PAMName=su-l", "User=alice"), ("/bin/true",)),
-    "ensure": ((), (str(NSD_BIN / "nsd-ensure"), "alice")),
+    "ensure": ((), (NSD_ENSURE, "alice")),
     "nsctl-ensure": ((), (NSCTL, "ensure", "alice")),
 }
 

@@ -1,13 +1,15 @@
 """Logins and cron jobs of a tenant through pam_nsd (phase 1).
 
-scripts/vm/prepare-guest installs the VM the way docs/logins.md tells an
-operator: ``pam_nsd.so`` (native/, ``make install``) in the PAM module directory, its line after
-``@include common-session`` (pam_systemd) in /etc/pam.d/sshd and at the end of
-/etc/pam.d/cron, and nsd with ``systemd.parent_slice = "user.slice"`` (one
-budget per tenant). The tests log in as alice with key authentication, run
-cron jobs as alice, and compare with the module's line taken out: the same
-processes, in the host's namespace. Figures (process counts, RSS of the
-privileged sshd-session, login latency, OOM count) go to the results.
+PAM is configured the way docs/logins.md tells an operator of the package:
+``pam-auth-update --enable nsd`` (the package's profile puts ``pam_nsd.so``
+into common-session after pam_systemd, so sshd and su get it) and, since cron's
+stack includes common-session-noninteractive instead, the documented line at
+the end of /etc/pam.d/cron by hand. nsd runs with ``systemd.parent_slice =
+"user.slice"`` (one budget per tenant, test_00_package.py). The tests log in as
+alice with key authentication and through su, run cron jobs as alice, and
+compare with the profile disabled or the line taken out: the same processes, in
+the host's namespace. Figures (process counts, RSS of the privileged
+sshd-session, login latency, OOM count) go to the results.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from tests.e2e.guest import (
 pytestmark = pytest.mark.phase1
 
 MODULE = "pam_nsd.so"
+# The line docs/logins.md gives for /etc/pam.d/cron (and for stacks that
+# pam-auth-update does not manage).
 PAM_LINE = f"session required {MODULE}"
 SSHD_PAM = Path("/etc/pam.d/sshd")
 CRON_PAM = Path("/etc/pam.d/cron")
+COMMON_SESSION = Path("/etc/pam.d/common-session")
 SSH = ("ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
        "-i", "/root/.ssh/id_ed25519")  # fmt: skip
@@ -91,8 +96,10 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module", autouse=True)
 def setup(tenants_ready: dict[str, Any]) -> Iterator[None]:
-    """The probe, alice's backend and her crontab (cron runs it from the next minute
-    on, while the ssh tests run)."""
+    """PAM as the operator configures it, the probe, alice's backend and her
+    crontab (cron runs it from the next minute on, while the ssh tests run)."""
+    pam_profile(enabled=True)
+    set_pam(CRON_PAM, PAM_LINE)
     PROBE.write_text(PROBE_SOURCE)
     PROBE.chmod(0o644)
     CRON_DIR.mkdir(exist_ok=True)
@@ -110,12 +117,35 @@ def setup(tenants_ready: dict[str, Any]) -> Iterator[None]:
     finally:
         run("crontab", "-u", "alice", "-r", check=False)
         stop_unit(BACKEND)
-        set_pam(SSHD_PAM, PAM_LINE)
+        # Left on, as an operator leaves it (later tests and phase 2 run with it).
+        set_pam(SSHD_PAM, None)
+        pam_profile(enabled=True)
         set_pam(CRON_PAM, PAM_LINE)
 
 
+def pam_profile(*, enabled: bool) -> None:
+    """``pam-auth-update --enable/--disable nsd``: the package's profile
+    (/usr/share/pam-configs/nsd) in or out of common-session."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run("pam-auth-update", "--enable" if enabled else "--disable", "nsd", env=env)
+    modules = [line.split()[2] for line in session_lines(COMMON_SESSION)]
+    if enabled:
+        # After pam_systemd (docs/logins.md: it must see the session scope).
+        assert MODULE in modules and "pam_systemd.so" in modules, modules
+        assert modules.index("pam_systemd.so") < modules.index(MODULE), modules
+    else:
+        assert MODULE not in modules, modules
+    # Interactive only: cron's common-session-noninteractive never gets it.
+    assert MODULE not in Path("/etc/pam.d/common-session-noninteractive").read_text()
+
+
+def session_lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.split()[:1] == ["session"]]
+
+
 def set_pam(path: Path, line: str | None) -> None:
-    """Put pam_nsd's line (or none) where prepare-guest put it."""
+    """Put a pam_nsd line by hand (or none): at the end of cron's stack, right
+    after ``@include common-session`` in sshd's (docs/logins.md)."""
     lines = [x for x in path.read_text().splitlines() if MODULE not in x]
     if line is not None:
         if path == SSHD_PAM:
@@ -127,12 +157,21 @@ def set_pam(path: Path, line: str | None) -> None:
 
 
 @contextmanager
+def without_profile() -> Iterator[None]:
+    pam_profile(enabled=False)
+    try:
+        yield
+    finally:
+        pam_profile(enabled=True)
+
+
+@contextmanager
 def pam_line(path: Path, line: str | None) -> Iterator[None]:
     set_pam(path, line)
     try:
         yield
     finally:
-        set_pam(path, PAM_LINE)
+        set_pam(path, PAM_LINE if path == CRON_PAM else None)
 
 
 def ssh(user: str, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -179,7 +218,7 @@ def test_ssh_login_joins_the_tenants_namespace_and_slice(figures: dict[str, Any]
     assert report["reach"] == {t["ipv4Address"]: True, "127.0.0.1": True}, report
     assert "sshd: alice: joined namespace /run/netns/alice" in journal()
 
-    with pam_line(SSHD_PAM, None):
+    with without_profile():
         plain = [probe_login("alice", t["ipv4Address"], "127.0.0.1") for _ in range(3)]
     bare = plain[-1][0]
     assert bare["netns"] == host_netns()
@@ -208,6 +247,30 @@ def test_ssh_login_joins_the_tenants_namespace_and_slice(figures: dict[str, Any]
     # No process added: the same chain of processes, the same session scope.
     assert [p["comm"] for p in with_module] == [p["comm"] for p in without]
     assert report["cgroupProcs"] == bare["cgroupProcs"]
+
+
+def su_probe(user: str) -> dict[str, Any]:
+    """``su - USER`` from root (this payload is a system service, not a login),
+    running the probe."""
+    out = run("su", "-", user, "-c", f"/usr/bin/python3 {PROBE} {BACKEND_PORT} 127.0.0.1",
+              timeout=120).stdout  # fmt: skip
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def test_su_joins_the_tenants_namespace(figures: dict[str, Any]) -> None:
+    """su's stack includes common-session: the profile reaches it too."""
+    assert "@include common-session" in Path("/etc/pam.d/su").read_text().splitlines()
+    report = su_probe("alice")
+    assert report["netns"] == inode(NETNS_DIR / "alice"), report
+    assert report["reach"] == {"127.0.0.1": True}, report  # alice's backend, on her lo
+    assert "su-l: alice: joined namespace /run/netns/alice" in journal()
+    with without_profile():
+        bare = su_probe("alice")
+    assert bare["netns"] == host_netns(), bare
+    assert bare["reach"] == {"127.0.0.1": False}, bare
+    figures["su_login"] = {"cgroup_with_profile": report["cgroup"],
+                           "cgroup_without_profile": bare["cgroup"]}  # fmt: skip
 
 
 def test_login_allocation_past_the_tenants_limit_is_oom_killed(figures: dict[str, Any]) -> None:
@@ -292,7 +355,9 @@ def test_nsd_stopped_skip_then_deny(figures: dict[str, Any]) -> None:
         assert report["netns"] == host_netns()  # unreachable=skip (the default)
         assert "alice: nsd unavailable" in journal()
         assert "login continues OUTSIDE the tenant's namespace (unreachable=skip)" in journal()
-        with pam_line(SSHD_PAM, PAM_LINE + " unreachable=deny"):
+        # The profile takes no arguments: a host that wants deny writes the line
+        # itself (docs/logins.md) instead of the profile.
+        with without_profile(), pam_line(SSHD_PAM, PAM_LINE + " unreachable=deny"):
             res = ssh("alice", "echo logged-in", check=False)
             assert res.returncode != 0 and "logged-in" not in res.stdout, res
             assert "login denied (unreachable=deny)" in journal()

@@ -46,7 +46,7 @@ Wants=nsd.socket
 After=nsd.socket
 
 [Service]
-ExecStart=/opt/nsd/bin/nsd-exec bob -- /bin/sleep infinity
+ExecStart=/usr/bin/nsd-exec bob -- /bin/sleep infinity
 
 [Install]
 WantedBy=multi-user.target

@@ -3,8 +3,8 @@
 TenantOOMKilled firing for alice, and TenantMemoryNearLimit firing for bob, held
 at 95 % of his MemoryMax.
 
-Time is compressed: scripts/vm/prepare-guest installs the rules as an operator
-would (/etc/prometheus/nsd-rules.yml); this test loads a copy whose `for: 5m`
+Time is compressed: nsd's package ships the rules
+(/usr/share/nsd/prometheus/nsd-rules.yml); this test loads a copy whose `for: 5m`
 are `for: 30s` (and scrapes and evaluates every 5 s), or it would wait 5 minutes
 under TCG. The expressions are the shipped ones; promtool's unit tests
 (tests/unit/test_prometheus_rules.py) cover the real durations.
@@ -28,7 +28,7 @@ from tests.e2e.guest import SCRATCH, run, stop_unit, wait_for
 
 pytestmark = pytest.mark.phase2
 
-RULES = Path("/etc/prometheus/nsd-rules.yml")
+RULES = Path("/usr/share/nsd/prometheus/nsd-rules.yml")
 PORT = 19090
 API = f"http://127.0.0.1:{PORT}/api/v1"
 UNIT = "nsd-e2e-prometheus.service"
