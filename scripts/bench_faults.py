@@ -198,13 +198,16 @@ def main() -> None:
     p.add_argument("--window", type=float, default=2.0, help="inprocess: seconds of quiet probing")
     p.add_argument("--quiet", type=float, default=30.0,
                    help="daemon: seconds of probing before the burst")  # fmt: skip
+    p.add_argument("--settle", type=float, default=35.0,
+                   help="daemon: seconds after creating the tenants before measuring "
+                        "(the first samples with every tenant)")  # fmt: skip
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # no journald here: fault lines would go to stderr
     if args.mode == "inprocess":
         sys.setswitchinterval(0.001)  # as the daemon does (nsd.daemon.main)
         result = asyncio.run(inprocess(args))
     else:
-        result = bench_daemon(args.tenants, args.idle, args.quiet)
+        result = bench_daemon(args.tenants, args.idle, args.quiet, args.settle)
     print(json.dumps(result, indent=2))
 
 

@@ -177,13 +177,13 @@ def create_tenants(socket_path: str, users: list[str], host: str) -> list[str]:
     return [t["namespacePath"] for t in made]
 
 
-def bench_daemon(tenants: int, idle: float, quiet: float) -> dict[str, Any]:
+def bench_daemon(tenants: int, idle: float, quiet: float, settle: float = 35.0) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("bench-faults: the daemon part needs root (namespaces, users)")
     cleanup = Cleanup()
     with cleanup.active():
         prefix = new_prefix()
-        log(f"{tenants} users")
+        log(f"run prefix {prefix}; {tenants} users")
         users = add_users(cleanup, prefix, tenants)
         host = add_host_netns(cleanup, f"{prefix}-nsd")
         add_uplink(cleanup, prefix, host)
@@ -195,7 +195,7 @@ def bench_daemon(tenants: int, idle: float, quiet: float) -> dict[str, Any]:
         created_s = time.monotonic() - t0
         # Let the first samples with every tenant pass (the sampler and the fault
         # service's first reading of the counters).
-        time.sleep(35)
+        time.sleep(settle)
         log(f"idle for {idle:.0f} s")
         # The whole process, and its main thread (the event loop) apart from the
         # worker threads (the sampler's, the netns worker).

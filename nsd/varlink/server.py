@@ -331,6 +331,12 @@ class VarlinkServer:
                     break
                 if conn.pending_output > high_water:
                     await conn.drain(high_water // 4)
+                else:
+                    # One item per turn of the loop: a stream whose items are ready
+                    # (a Watch client's queue after a burst of 1,000 fault events)
+                    # would otherwise encode and send all of them in one callback,
+                    # and every other call waits (10 ms per 16 events, measured).
+                    await asyncio.sleep(0)
         except Exception:
             # The handler failed after yielding: deliver what it produced, then
             # the error reply (sent by our caller) ends the call.

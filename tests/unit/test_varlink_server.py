@@ -7,6 +7,7 @@ so blocking clients can talk to it from the test.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -157,6 +158,9 @@ class Demo:
         self.sleep_cancelled = threading.Event()
         self.calls_done: list[tuple[str, str, str | None, float]] = []
         self._done = threading.Condition()
+        #: turns of the server's loop (counted by a task of a test), seen by Count
+        self.loop_turns = 0
+        self.count_seen_turns: list[int] = []
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -197,6 +201,7 @@ class Demo:
     async def count(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         n = call.parameters["n"]
         for i in range(abs(n)):
+            self.count_seen_turns.append(self.loop_turns)
             yield {"item": {"i": i}}
         if n < 0:
             raise VarlinkError("org.example.demo.Failed", {"reason": "negative"})
@@ -478,6 +483,35 @@ def test_streaming_marks_only_the_last_reply_final(served: tuple[str, Demo]) -> 
         ]
         # more on a plain method: one reply, continues false.
         assert list(client.call_more("org.example.demo.Ping", {"text": "x"})) == [{"pong": "x"}]
+
+
+def test_a_stream_of_ready_items_lets_the_loop_turn_between_items(sockdir: Path) -> None:
+    """A stream whose items are all ready (a Watch client's queue after a burst of
+    1,000 fault events) must not encode and send them all in one callback: every
+    other task and call waits for it. The server gives the loop a turn per item."""
+    st, demo = start(sockdir)
+    with st:
+
+        async def count_turns() -> None:
+            while True:
+                demo.loop_turns += 1
+                await asyncio.sleep(0)
+
+        tasks: list[asyncio.Task[None]] = []
+        st.call_soon(lambda: tasks.append(asyncio.get_running_loop().create_task(count_turns())))
+        with VarlinkClient(st.path) as client:
+            items = list(client.call_more("org.example.demo.Count", {"n": 50}))
+        assert len(items) == 50
+        seen = demo.count_seen_turns
+        # The counting task ran between any two items (before: all 50 in one turn).
+        assert all(b > a for a, b in itertools.pairwise(seen)), seen
+
+        async def stop_counting() -> None:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        st.run(stop_counting())
 
 
 def test_stream_failing_midway_delivers_its_items_then_the_error(
