@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -95,6 +96,19 @@ def host_netns(name: str | None = None) -> Iterator[str]:
         yield path
     finally:
         run("ip", "netns", "del", name, check=False)
+
+
+def assert_bench_left_nothing(stderr: str) -> None:
+    """A bench run (its log on ``stderr`` names its run prefix) left no user,
+    namespace file, host namespace or mount of its own behind."""
+    found = re.search(r"run prefix (nsdb[0-9a-f]{4})", stderr)
+    assert found is not None, stderr[-2000:]
+    tag = found.group(1)
+    with open("/etc/passwd", encoding="utf-8") as f:
+        assert not [line for line in f if line.startswith(tag)]
+    assert not [e for e in os.listdir("/run/netns") if tag in e]
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        assert tag not in f.read()
 
 
 def netns_inode(path: str) -> int | None:

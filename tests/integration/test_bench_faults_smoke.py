@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 from typing import Any
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, assert_bench_left_nothing
 
 pytestmark = [
     pytest.mark.root,
@@ -73,14 +72,7 @@ def test_daemon_part_records_every_fault_of_the_burst_and_cleans_up() -> None:
     # The daemon's own log says what it recorded: the journal line's fallback.
     assert any("conntrack x1, limit 1" in line for line in r["daemon_log_tail"]), r
 
-    prefix = re.search(r"run prefix (nsdb[0-9a-f]{4})", stderr)
-    assert prefix is not None, stderr[-2000:]
-    tag = prefix.group(1)
-    with open("/etc/passwd", encoding="utf-8") as f:
-        assert not [line for line in f if line.startswith(tag)]
-    assert not [e for e in os.listdir("/run/netns") if tag in e]
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        assert tag not in f.read()
+    assert_bench_left_nothing(stderr)
 
 
 def test_inprocess_part_stores_a_record_per_tenant() -> None:

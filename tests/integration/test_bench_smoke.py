@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, assert_bench_left_nothing
 
 pytestmark = [
     pytest.mark.root,
@@ -128,12 +127,4 @@ def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
         root = ET.parse(docs / "benchmarks" / chart).getroot()  # noqa: S314 -- our own output
         assert root.tag.endswith("svg")
 
-    # nothing left behind: users, namespace files, host namespaces of this run
-    prefix = re.search(r"run prefix (nsdb[0-9a-f]{4})", res.stderr)
-    assert prefix is not None, res.stderr[-2000:]
-    tag = prefix.group(1)
-    with open("/etc/passwd", encoding="utf-8") as f:
-        assert not [line for line in f if line.startswith(tag)]
-    assert not [e for e in os.listdir("/run/netns") if tag in e]
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        assert tag not in f.read()
+    assert_bench_left_nothing(res.stderr)
