@@ -196,7 +196,9 @@ class Daemon:
             return None
         if cgroup_root is None:
             log.info("no cgroup v2 hierarchy: memory and pids faults are not watched")
-        recorder = FaultRecorder(store, self.cfg.faults, manager.emit_fault)
+        recorder = FaultRecorder(
+            store, self.cfg.faults, manager.emit_fault, backlog=manager.watch_backlog
+        )
         networks = manager.networks
         return FaultService(
             cgroup_root,

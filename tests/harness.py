@@ -98,6 +98,24 @@ def host_netns(name: str | None = None) -> Iterator[str]:
         run("ip", "netns", "del", name, check=False)
 
 
+def run_bench(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Runs a bench script. On timeout it gets SIGTERM, so that its cleanup removes
+    the users, namespaces and daemon it made (SIGKILL would leave them), and two
+    minutes for that before SIGKILL; the test then fails with its log."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"{cmd[0]} ran out of its {timeout:.0f} s: {err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def assert_bench_left_nothing(stderr: str) -> None:
     """A bench run (its log on ``stderr`` names its run prefix) left no user,
     namespace file, host namespace or mount of its own behind."""

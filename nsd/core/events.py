@@ -42,6 +42,10 @@ class TenantEvents:
                 raise WatcherTooSlow()
             yield event
 
+    def backlog(self) -> int:
+        """Events queued for the watcher furthest behind (0 without watchers)."""
+        return max((q.qsize() for q in self._watchers), default=0)
+
     def emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
         event = TenantEvent(kind, view, fault)
         for queue in list(self._watchers):

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from nsd.config import FaultsConfig
+from nsd.core.events import WATCH_QUEUE
 from nsd.core.store import Store
 from nsd.model import Fault, ProcessSample
 from nsd.observe.faults import CONNTRACK, DropTracker, limit_and_value, snapshot_processes
@@ -40,6 +41,10 @@ COMMIT_BATCH = 64
 #: journal records and Watch events sent per step: each costs about 0.25 ms of the
 #: loop with its Watch reply (1,000 tenants); 16 per step held the loop for 5 ms
 ANNOUNCE_STEP = 4
+#: a burst waits while a Watch client is this many events behind ...
+PACE_BACKLOG = WATCH_QUEUE // 4
+#: ... for this many seconds at most per burst
+PACE_WAIT = 2.0
 
 
 @dataclass
@@ -67,8 +72,10 @@ class FaultRecorder:
         journal: Journal | None = None,
         proc_root: str = "/proc",
         clock: Callable[[], float] = time.time,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
+        self._backlog = backlog
         self.cfg = cfg
         self._emit = emit
         self._journal = journal if journal is not None else Journal()
@@ -156,6 +163,7 @@ class FaultRecorder:
         # to stall the loop. One snapshot per tenant per call (an OOM kill comes with
         # "max" events of the same moment).
         snapshots: dict[str, tuple[ProcessSample, ...]] = {}
+        pacer = _Pacer(self._backlog)
         stored: list[Fault] = []
         built: list[Fault] = []
         i = 0
@@ -182,7 +190,7 @@ class FaultRecorder:
                 built = []
                 for k, f in enumerate(done):
                     if k % ANNOUNCE_STEP == 0:
-                        await asyncio.sleep(0)
+                        await pacer.turn()
                     self._announce(f)
                 stored += done
             await asyncio.sleep(0)
@@ -206,6 +214,28 @@ class FaultRecorder:
         if not self._journal.send(message, WARNING, fields):
             log.warning("fault: %s", message)
         self._emit(f)
+
+
+class _Pacer:
+    """Turns of the loop between announcements, waiting for Watch clients.
+
+    Each Watch client has a queue of WATCH_QUEUE events and is dropped as too slow
+    when it overflows. A burst of 2,000 faults (1,000 tenants' OOM kills with their
+    ``max`` events) announced faster than a client's stream sends them would drop
+    every client that keeps up. So while one is more than PACE_BACKLOG events
+    behind, the burst waits for it: PACE_WAIT seconds at most in all, after which a
+    client that does not read at all is dropped by its full queue, as before."""
+
+    def __init__(self, backlog: Callable[[], int]) -> None:
+        self._backlog = backlog
+        self._left = PACE_WAIT
+
+    async def turn(self) -> None:
+        await asyncio.sleep(0)
+        while self._left > 0 and self._backlog() > PACE_BACKLOG:
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self._left -= time.perf_counter() - started
 
 
 def _with_id(f: Fault, fault_id: int) -> Fault:

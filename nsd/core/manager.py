@@ -464,6 +464,11 @@ class TenantManager:
     def emit(self, kind: str, view: TenantView, fault: Fault | None = None) -> None:
         self._events.emit(kind, view, fault)
 
+    def watch_backlog(self) -> int:
+        """Events queued for the Watch stream furthest behind (the fault recorder
+        paces a burst by it)."""
+        return self._events.backlog()
+
     def faults(self, name: str | None, since_us: int, limit: int) -> Sequence[Fault]:
         """Recorded faults (GetFaults), newest last."""
         return self.store.faults(name, since_us, limit)

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Where nsd's Debian package puts its programs (test_00_package.py installs it
-# with apt; the pip/venv install under /opt/nsd is for development only).
+# Where nsd's Debian package puts its programs (scripts/vm/prepare-guest installs
+# it with apt, test_00_package.py checks it; the pip/venv install under /opt/nsd
+# is for development only).
 NSD = "/usr/sbin/nsd"
 NSCTL = "/usr/bin/nsctl"
 NSD_EXEC = "/usr/bin/nsd-exec"
@@ -32,8 +33,8 @@ NETNS_DIR = Path("/run/netns")
 # Test users made by scripts/vm/prepare-guest; web-shop has a dash, which in a
 # slice name would mean nesting.
 TENANTS = ("alice", "bob", "web-shop")
-# The VM's nsd runs with systemd.parent_slice = "user.slice" (written by
-# scripts/vm/prepare-guest): one budget per tenant, shared with its logins
+# The VM's nsd runs with systemd.parent_slice = "user.slice" (written into the
+# packaged /etc/nsd/nsd.toml by test_00_package.py): one budget per tenant, shared with its logins
 # (docs/logins.md). The nspawn tier (tests/systemd) covers the default tenant.slice.
 PARENT_SLICE = "user.slice"
 # Scratch space of one boot, readable by the test users.

@@ -12,12 +12,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, assert_bench_left_nothing
+from tests.harness import ROOT, assert_bench_left_nothing, run_bench
 
 pytestmark = [
     pytest.mark.root,
@@ -39,13 +38,15 @@ def number(value: Any) -> bool:
 
 def latencies(figures: dict[str, Any]) -> bool:
     """Percentiles of a non-empty sample (the in-process probe's lateness may be 0)."""
-    return figures["samples"] > 0 and all(
-        number(figures[k]) and figures[k] >= 0 for k in ("p50_ms", "p99_ms", "max_ms")
+    return (
+        bool(figures)
+        and figures["samples"] > 0
+        and all(number(figures[k]) and figures[k] >= 0 for k in ("p50_ms", "p99_ms", "max_ms"))
     )
 
 
-def run_bench(*args: str) -> tuple[dict[str, Any], str]:
-    res = subprocess.run([BENCH, *args], capture_output=True, text=True, timeout=600, check=False)
+def bench_faults(*args: str) -> tuple[dict[str, Any], str]:
+    res = run_bench([BENCH, *args], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     try:
         result: dict[str, Any] = json.loads(res.stdout)
@@ -57,7 +58,7 @@ def run_bench(*args: str) -> tuple[dict[str, Any], str]:
 def test_daemon_part_records_every_fault_of_the_burst_and_cleans_up() -> None:
     # --settle 16: one metrics sample (15 s) with every tenant before the burst, so
     # the burst's drops are new at the next one.
-    r, stderr = run_bench(
+    r, stderr = bench_faults(
         "--tenants", str(TENANTS), "--idle", "2", "--quiet", "2", "--settle", "16"
     )
     assert r["mode"] == "daemon" and r["tenants"] == TENANTS
@@ -77,7 +78,7 @@ def test_daemon_part_records_every_fault_of_the_burst_and_cleans_up() -> None:
 
 def test_inprocess_part_stores_a_record_per_tenant() -> None:
     n = 50
-    r, _ = run_bench("--mode", "inprocess", "--tenants", str(n), "--idle", "1", "--window", "1")
+    r, _ = bench_faults("--mode", "inprocess", "--tenants", str(n), "--idle", "1", "--window", "1")
     assert r["tenants"] == n and r["watches"] >= n
     assert r["burst_faults_written"] == n
     # oom_kill and max of the same moment: two records per tenant.

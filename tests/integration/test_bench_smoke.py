@@ -10,14 +10,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, assert_bench_left_nothing
+from tests.harness import ROOT, assert_bench_left_nothing, run_bench
 
 pytestmark = [
     pytest.mark.root,
@@ -40,12 +39,9 @@ def positive(value: Any) -> bool:
 
 def test_bench_quick_has_every_comparison_and_cleans_up(tmp_path: Path) -> None:
     out, docs = tmp_path / "out", tmp_path / "docs"
-    res = subprocess.run(
+    res = run_bench(
         [str(ROOT / "scripts" / "bench"), "--quick", "--out", str(out), "--docs-dir", str(docs)],
-        capture_output=True,
-        text=True,
         timeout=900,
-        check=False,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     r = json.loads((out / "latest.json").read_text())

@@ -12,6 +12,7 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,18 @@ from nsd import config, faultview
 from nsd.api import faults as faultapi
 from nsd.config import FaultsConfig
 from nsd.core import faultrecord, store
+from nsd.core.events import WATCH_QUEUE, TenantEvents
 from nsd.core.faultrecord import FaultCounter, FaultRecorder, FaultService
 from nsd.core.ipam import Ipam
 from nsd.core.manager import TenantManager
-from nsd.model import Fault, ProcessSample, TenantRecord, TenantState
+from nsd.model import (
+    Fault,
+    ProcessSample,
+    TenantEvent,
+    TenantRecord,
+    TenantState,
+    TenantView,
+)
 from nsd.net import policy as npol
 from nsd.observe.faults import DropTracker, increases, snapshot_processes
 from nsd.observe.faultwatch import FaultWatcher
@@ -163,6 +172,45 @@ async def test_a_burst_is_recorded_in_steps(tmp_path: Path) -> None:
     assert len(got) == len(emitted) == 1000 and len(db.faults(limit=2000)) == 1000
     assert max(commits) <= faultrecord.COMMIT_BATCH and len(commits) < 1000 / 8
     assert turns >= 1000 // faultrecord.ANNOUNCE_STEP
+    db.close()
+
+
+async def test_a_burst_waits_for_a_watch_client_that_keeps_up(tmp_path: Path) -> None:
+    """2,000 faults at once (1,000 tenants' OOM kills and their max events) and a Watch
+    client whose stream takes one event per turn of the loop, slower than the recorder
+    announces them: the burst waits for it, and it gets every event rather than being
+    dropped as too slow when its queue (WATCH_QUEUE) overflows."""
+    db = store.Store(tmp_path / "nsd.db")
+    events = TenantEvents()
+    view = TenantView(
+        TenantRecord(1001, "alice", TenantState.READY, "alice", "nsd1001",
+                     IPv4Address("100.64.0.2"), IPv6Network("fd00:1:2:3::/64"), False, 0),
+        "/run/netns/alice", 4026532301, "eth0", IPv4Address("100.64.0.1"),
+        IPv6Address("fe80::1"),
+    )  # fmt: skip
+    rec = FaultRecorder(db, FaultsConfig(), lambda f: events.emit("fault", view, f),
+                        journal=journal.Journal(str(tmp_path / "absent.sock")),
+                        backlog=events.backlog)  # fmt: skip
+    n = 2 * WATCH_QUEUE - 48
+    for u in range(n // 2):
+        rec.on_faults(70000 + u, f"t{u}", "", [("oom_kill", 1), ("memory_max", 1)], (1, 2))
+    got: list[TenantEvent] = []
+    subscribed = asyncio.Event()
+
+    async def watcher() -> None:
+        async with events.subscribe() as stream:
+            subscribed.set()
+            async for event in stream:
+                got.append(event)
+                if len(got) == n:
+                    return
+                await asyncio.sleep(0)  # one event per turn, as a slow stream sends
+
+    task = asyncio.create_task(watcher())
+    await subscribed.wait()
+    stored = await rec.record_due()
+    await asyncio.wait_for(task, 30)  # WatcherTooSlow would end it with an error
+    assert len(stored) == len(got) == n
     db.close()
 
 

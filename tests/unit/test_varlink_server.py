@@ -29,7 +29,14 @@ import varlink
 from nsd.varlink import idl
 from nsd.varlink.client import VarlinkClient
 from nsd.varlink.protocol import ServiceUnavailable, VarlinkConnectionError, VarlinkError
-from nsd.varlink.server import Call, Limits, Reply, VarlinkServer, bind_unix_socket
+from nsd.varlink.server import (
+    STREAM_TURN,
+    Call,
+    Limits,
+    Reply,
+    VarlinkServer,
+    bind_unix_socket,
+)
 from nsd.varlink.testing import ServerThread
 from tests.samples import tenant_record
 
@@ -161,6 +168,8 @@ class Demo:
         #: turns of the server's loop (counted by a task of a test), seen by Count
         self.loop_turns = 0
         self.count_seen_turns: list[int] = []
+        #: seconds of work per item of Count (busy, holding the loop)
+        self.count_item_cost = 0.0
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -202,6 +211,9 @@ class Demo:
         n = call.parameters["n"]
         for i in range(abs(n)):
             self.count_seen_turns.append(self.loop_turns)
+            busy_until = time.perf_counter() + self.count_item_cost
+            while time.perf_counter() < busy_until:
+                pass
             yield {"item": {"i": i}}
         if n < 0:
             raise VarlinkError("org.example.demo.Failed", {"reason": "negative"})
@@ -485,11 +497,11 @@ def test_streaming_marks_only_the_last_reply_final(served: tuple[str, Demo]) -> 
         assert list(client.call_more("org.example.demo.Ping", {"text": "x"})) == [{"pong": "x"}]
 
 
-def test_a_stream_of_ready_items_lets_the_loop_turn_between_items(sockdir: Path) -> None:
-    """A stream whose items are all ready (a Watch client's queue after a burst of
-    1,000 fault events) must not encode and send them all in one callback: every
-    other task and call waits for it. The server gives the loop a turn per item."""
+def stream_turns(sockdir: Path, n: int, item_cost: float) -> list[int]:
+    """Count streams ``n`` items costing ``item_cost`` seconds each; for every item,
+    how often the server's loop had turned (a task counting turns) when it was made."""
     st, demo = start(sockdir)
+    demo.count_item_cost = item_cost
     with st:
 
         async def count_turns() -> None:
@@ -498,20 +510,36 @@ def test_a_stream_of_ready_items_lets_the_loop_turn_between_items(sockdir: Path)
                 await asyncio.sleep(0)
 
         tasks: list[asyncio.Task[None]] = []
-        st.call_soon(lambda: tasks.append(asyncio.get_running_loop().create_task(count_turns())))
-        with VarlinkClient(st.path) as client:
-            items = list(client.call_more("org.example.demo.Count", {"n": 50}))
-        assert len(items) == 50
-        seen = demo.count_seen_turns
-        # The counting task ran between any two items (before: all 50 in one turn).
-        assert all(b > a for a, b in itertools.pairwise(seen)), seen
 
         async def stop_counting() -> None:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        st.run(stop_counting())
+        st.call_soon(lambda: tasks.append(asyncio.get_running_loop().create_task(count_turns())))
+        try:
+            with VarlinkClient(st.path) as client:
+                items = list(client.call_more("org.example.demo.Count", {"n": n}))
+        finally:
+            st.run(stop_counting())
+        assert len(items) == n
+        return demo.count_seen_turns
+
+
+def test_a_stream_of_ready_items_lets_the_loop_turn(sockdir: Path) -> None:
+    """A stream whose items are all ready (a Watch client's queue after a burst of
+    1,000 fault events) must not encode and send them all in one callback: every
+    other task and call would wait. Items that take longer than the server's
+    STREAM_TURN each: the loop turns between any two (before: all in one turn)."""
+    seen = stream_turns(sockdir, 10, STREAM_TURN * 1.5)
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen
+
+
+def test_a_stream_of_cheap_items_sends_several_per_turn(sockdir: Path) -> None:
+    """Not one item per turn either: a Watch client would fall behind a burst that
+    queues several events per turn (nsd.core.faultrecord.ANNOUNCE_STEP)."""
+    seen = stream_turns(sockdir, 50, 0.0)
+    assert len(set(seen)) < 25, seen
 
 
 def test_stream_failing_midway_delivers_its_items_then_the_error(
