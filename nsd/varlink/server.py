@@ -75,7 +75,7 @@ __all__ = [
 #: every other call waits (stalls of up to 10 ms, measured). Not one item per turn
 #: either: the fault recorder queues 4 events per turn, and a watcher that sends
 #: fewer falls behind (the recorder then waits for it, nsd.core.faultrecord._Pacer).
-STREAM_TURN = 0.002
+STREAM_TURN = 0.001
 
 
 @dataclass(frozen=True, slots=True)
