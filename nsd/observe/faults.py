@@ -62,20 +62,23 @@ _LIMIT_FILES: dict[str, tuple[str, str]] = {
 }
 
 
+def counter_delta(old: int, new: int) -> int:
+    """New events between two readings of a kernel counter. A counter that went down
+    was made anew (a slice stopped and started, a set element deleted and added
+    again): its whole value is new."""
+    return new - old if new >= old else new
+
+
 def increases(
     before: Mapping[str, int], after: Mapping[str, int], file: str
 ) -> list[tuple[str, int]]:
-    """(kind, how many new events) for ``file``'s counters that grew.
-
-    A counter that went down belongs to a new cgroup (the slice was stopped and
-    started again): its whole value is new.
-    """
+    """(kind, how many new events) for ``file``'s counters that grew (a counter that
+    went down belongs to a new cgroup: counter_delta)."""
     out = []
     for f, key, kind in FAULT_KEYS:
         if f != file:
             continue
-        new, old = after.get(key, 0), before.get(key, 0)
-        delta = new - old if new >= old else new
+        delta = counter_delta(before.get(key, 0), after.get(key, 0))
         if delta > 0:
             out.append((kind, delta))
     return out
@@ -100,8 +103,7 @@ class DropTracker:
             return {}
         out = {}
         for ifname, n in counts.items():
-            old = last.get(ifname, 0)
-            delta = n - old if n >= old else n
+            delta = counter_delta(last.get(ifname, 0), n)
             if delta > 0:
                 out[ifname] = delta
         return out
