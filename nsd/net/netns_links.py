@@ -17,7 +17,6 @@ from ipaddress import (
     IPv4Network,
     IPv6Address,
     IPv6Network,
-    ip_address,
     ip_network,
 )
 from typing import Any
@@ -26,6 +25,7 @@ from nsd.net.netns_spec import NetnsError, NetworkSpec, kernel_step
 from nsd.net.rtnl import (
     RouteSpec,
     Rtnl,
+    address,
     dump_addrs,
     dump_routes,
     get_link,
@@ -36,6 +36,9 @@ from nsd.net.rtnl import (
     route_table,
 )
 from nsd.net.rtnl_wire import IFA_F_DADFAILED, RT_SCOPE_LINK, RT_TABLE_MAIN, NetlinkError
+
+#: every network namespace's loopback device has this index (it is registered first)
+LOOPBACK_INDEX = 1
 
 
 class HostView:
@@ -56,13 +59,12 @@ class HostView:
         self.addrs: dict[int, list[Any]] = {}
         self.routes: dict[int, list[Any]] = {}
         with kernel_step("route", "list host addresses and routes"):
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for a in dump_addrs(ipr, family, 0):
-                    self.addrs.setdefault(int(a["index"]), []).append(a)
-                for r in dump_routes(ipr, family):
-                    oif = r.get_attr("RTA_OIF")
-                    if oif is not None:
-                        self.routes.setdefault(int(oif), []).append(r)
+            for a in dump_addrs(ipr, socket.AF_UNSPEC, 0):
+                self.addrs.setdefault(int(a["index"]), []).append(a)
+            for r in dump_routes(ipr, socket.AF_UNSPEC):
+                oif = r.get_attr("RTA_OIF")
+                if oif is not None:
+                    self.routes.setdefault(int(oif), []).append(r)
         self.links = set(self.addrs) | set(self.routes)
 
     def addresses_of(self, index: int) -> list[Any] | None:
@@ -77,8 +79,23 @@ class HostView:
         self.routes.pop(index, None)
 
 
-def find_pair(host_nl: Rtnl, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tuple[Any, Any]:
-    """(host link or None, its peer if that peer is a veth inside ``ns_fd`` or None)."""
+def links_of(tenant: Rtnl) -> dict[int, Any]:
+    """Every link of a tenant's namespace by index: one request for what the checks
+    of its pair and of lo would otherwise ask one by one."""
+    with kernel_step("link", "list links"):
+        return {int(link["index"]): link for link in tenant.links()}
+
+
+def find_pair(
+    host_nl: Rtnl,
+    spec: NetworkSpec,
+    ns_fd: int,
+    tenant: Rtnl,
+    *,
+    tenant_links: dict[int, Any] | None = None,
+) -> tuple[Any, Any]:
+    """(host link or None, its peer if that peer is a veth inside ``ns_fd`` or None).
+    ``tenant_links``: the namespace's links as listed just before."""
     ipr = host_nl
     with kernel_step("veth", f"inspect {spec.host_ifname}"):
         host = get_link(ipr, ifname=spec.host_ifname)
@@ -90,7 +107,10 @@ def find_pair(host_nl: Rtnl, spec: NetworkSpec, ns_fd: int, tenant: Rtnl) -> tup
         peer_index = host.get_attr("IFLA_LINK")
         if nsid is None or host.get_attr("IFLA_LINK_NETNSID") != nsid or not peer_index:
             return host, None
-        peer = get_link(tenant, index=peer_index)
+        if tenant_links is not None:
+            peer = tenant_links.get(peer_index)
+        else:
+            peer = get_link(tenant, index=peer_index)
         if peer is None or link_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != host["index"]:
             return host, None
         return host, peer
@@ -135,12 +155,13 @@ def ensure_veth(
     tenant: Rtnl,
     *,
     actions: list[str],
+    tenant_links: dict[int, Any] | None = None,
 ) -> tuple[Any, Any, bool]:
     """Return the (host, peer) link messages, current after any change made here, and
     whether the pair was created here (then it has no addresses or routes yet)."""
     ipr = host_nl
     created = False
-    host, peer = find_pair(host_nl, spec, ns_fd, tenant)
+    host, peer = find_pair(host_nl, spec, ns_fd, tenant, tenant_links=tenant_links)
     if host is not None and peer is None:
         # Not a veth, or its peer lives elsewhere (e.g. the namespace was recreated
         # while the old one was still pinned): the name is ours, start over.
@@ -205,13 +226,11 @@ def ensure_addresses(
         if fresh:
             known = ()
         elif known is None:
-            known = [
-                a for f in (socket.AF_INET, socket.AF_INET6) for a in dump_addrs(ipr, f, index)
-            ]
+            known = dump_addrs(ipr, socket.AF_UNSPEC, index)
         have = [a for a in known if a["index"] == index]
     present: set[tuple[IPv4Address | IPv6Address, int]] = set()
     for a in have:
-        addr = ip_address(a.get_attr("IFA_ADDRESS"))
+        addr = address(a.get_attr("IFA_ADDRESS"))
         key = (addr, int(a["prefixlen"]))
         flags = a.get_attr("IFA_FLAGS")
         flags = int(flags if flags is not None else a["flags"])
@@ -260,7 +279,7 @@ def ensure_routes(
         if fresh:
             known = ()
         elif known is None:
-            known = [r for f in (socket.AF_INET, socket.AF_INET6) for r in dump_routes(ipr, f, oif)]
+            known = dump_routes(ipr, socket.AF_UNSPEC, oif)
         have = [
             r
             for r in known
@@ -289,14 +308,24 @@ def ensure_routes(
 
 
 def ensure_tenant_side(
-    spec: NetworkSpec, tenant: Rtnl, peer: Any, actions: list[str], *, fresh: bool = False
+    spec: NetworkSpec,
+    tenant: Rtnl,
+    peer: Any,
+    actions: list[str],
+    *,
+    fresh: bool = False,
+    tenant_links: dict[int, Any] | None = None,
 ) -> None:
     """``fresh``: the namespace and the pair were both created by this call, so the
-    namespace holds no address or route yet that could be one nsd wants."""
+    namespace holds no address or route yet that could be one nsd wants.
+    ``tenant_links``: the namespace's links as listed before the pair was checked
+    (lo is among them)."""
     where = spec.netns_path
     peer_idx = int(peer["index"])
     with kernel_step("link", f"inspect lo in {where}"):
-        lo = get_link(tenant, ifname="lo")
+        lo = tenant_links.get(LOOPBACK_INDEX) if tenant_links is not None else None
+        if lo is None or lo.get_attr("IFLA_IFNAME") != "lo":
+            lo = get_link(tenant, ifname="lo")
     if lo is None:
         raise NetnsError("link", f"no lo in {where}", errno.ENODEV)
     ensure_up(tenant, lo, where, actions)

@@ -193,10 +193,6 @@ class Worker:
         finally:
             self.go_home()
 
-    def open_nl_in(self, fd: int, what: str) -> Rtnl:
-        with self.entered(fd, what), kernel_step("open", f"netlink socket in {what}"):
-            return Rtnl()
-
     # -- namespace files --------------------------------------------------------------
 
     def mount_new_namespace(self, path: str) -> None:
@@ -244,15 +240,26 @@ class Worker:
         tenant: Rtnl | None = None
         try:
             inode = os.fstat(ns_fd).st_ino
-            tenant = self.open_nl_in(ns_fd, spec.netns_path)
-            host, peer, created = netns_links.ensure_veth(
-                self.host_nl(), spec, ns_fd, tenant, actions=actions
-            )
-            self.ensure_sysctls(spec, ns_fd, actions)
+            # Taken before entering: a socket made inside would belong to the tenant.
+            host_nl = self.host_nl()
+            # One visit to the namespace per tenant, not one per task (a restart visits
+            # every namespace): its socket, which stays there for its life; the pair,
+            # through the host's socket; then its sysctls, some of which (route_localnet)
+            # are the peer's.
+            with self.entered(ns_fd, spec.netns_path):
+                with kernel_step("open", f"netlink socket in {spec.netns_path}"):
+                    tenant = Rtnl()
+                links = netns_links.links_of(tenant)
+                host, peer, created = netns_links.ensure_veth(
+                    host_nl, spec, ns_fd, tenant, actions=actions, tenant_links=links
+                )
+                for key, value in spec.sysctls:
+                    if self.set_sysctl(key, value):
+                        actions.append(f"set {key}={value} in {spec.netns_path}")
             # A pair made just now has no addresses or routes, and a namespace made just
             # now has nothing else: nothing to list (Create, and reconcile after a reboot).
             netns_links.ensure_tenant_side(
-                spec, tenant, peer, actions, fresh=created and not adopted
+                spec, tenant, peer, actions, fresh=created and not adopted, tenant_links=links
             )
             netns_links.ensure_host_side(
                 self.host_nl(),
@@ -269,23 +276,25 @@ class Worker:
             os.close(ns_fd)
         return EnsureResult(inode=inode, adopted_existing=adopted, actions=tuple(actions))
 
-    def ensure_sysctls(self, spec: NetworkSpec, ns_fd: int, actions: list[str]) -> None:
-        if not spec.sysctls:
-            return
-        with self.entered(ns_fd, spec.netns_path):
-            for key, value in spec.sysctls:
-                path = sysctl_path(key)
-                with kernel_step("sysctl", key):
-                    with open(path, encoding="ascii") as f:
-                        current = f.read()
-                    if sysctl_tokens(current) == sysctl_tokens(value):
-                        continue
-                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.write(fd, value.encode("ascii"))
-                    finally:
-                        os.close(fd)
-                actions.append(f"set {key}={value} in {spec.netns_path}")
+    @staticmethod
+    def set_sysctl(key: str, value: str) -> bool:
+        """Write ``value`` to sysctl ``key`` of the thread's current namespace unless it
+        holds that already; whether it wrote."""
+        path = sysctl_path(key)
+        with kernel_step("sysctl", key):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                current = os.read(fd, 4096).decode("ascii")
+            finally:
+                os.close(fd)
+            if sysctl_tokens(current) == sysctl_tokens(value):
+                return False
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, value.encode("ascii"))
+            finally:
+                os.close(fd)
+        return True
 
     # -- running foreign work inside a namespace ---------------------------------------
 
@@ -329,12 +338,7 @@ class Worker:
 
     def prefixed_links(self) -> list[tuple[int, str]]:
         with kernel_step("link", "list host links"):
-            links = self.host_nl().link_dump()
-            return [
-                (int(link["index"]), str(name))
-                for link in links
-                if (name := link.get_attr("IFLA_IFNAME")) and self.link_re.fullmatch(name)
-            ]
+            return [(i, n) for i, n in self.host_nl().link_names() if self.link_re.fullmatch(n)]
 
     def host_routes(self) -> list[IPv4Network | IPv6Network]:
         ours = {i for i, _ in self.prefixed_links()}

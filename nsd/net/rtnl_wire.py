@@ -74,6 +74,9 @@ IFLA_MTU = 4
 IFLA_LINK = 5
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
+IFLA_EXT_MASK = 29
+#: IFLA_EXT_MASK: leave the counters out of link messages
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
@@ -167,6 +170,19 @@ def decode_link(data: memoryview, offset: int, end: int) -> NlMsg:
             for sub, subvalue in nlattrs(value, 0, len(value)):
                 if sub == IFLA_INFO_KIND:
                     attrs["IFLA_INFO_KIND"] = cstr(subvalue)
+    return NlMsg({"family": family, "index": index, "flags": flags, "change": change}, attrs)
+
+
+def decode_link_name(data: memoryview, offset: int, end: int) -> NlMsg:
+    """A link's index and name only: the kernel puts IFLA_IFNAME first, so listing a
+    host's thousands of links stops there instead of walking each link's ~40
+    attributes."""
+    family, _type, index, flags, change = IFINFOMSG.unpack_from(data, offset)
+    attrs: dict[str, Any] = {}
+    for kind, value in nlattrs(data, offset + IFINFOMSG.size, end):
+        if kind == IFLA_IFNAME:
+            attrs["IFLA_IFNAME"] = cstr(value)
+            break
     return NlMsg({"family": family, "index": index, "flags": flags, "change": change}, attrs)
 
 
