@@ -85,6 +85,12 @@ def uid_of(name: str) -> int:
 # -- namespaces --------------------------------------------------------------
 
 
+def close_notify(notify: socket.socket) -> None:
+    path = notify.getsockname()
+    notify.close()
+    os.unlink(path)
+
+
 @contextlib.contextmanager
 def host_netns(name: str | None = None) -> Iterator[str]:
     """A test-made network namespace that plays the host; yields its /run/netns path."""
@@ -209,24 +215,33 @@ class Daemon:
         ]
 
     def start(self, prefix: list[str] | None = None, wait: bool = True) -> None:
+        notify = self.spawn(prefix)
+        try:
+            if wait:
+                self.wait_ready(notify)
+        finally:
+            close_notify(notify)
+
+    def spawn(self, prefix: list[str] | None = None) -> socket.socket:
+        """Start nsd and return the datagram socket its NOTIFY_SOCKET names, for
+        :meth:`wait_ready` (the caller closes it with :func:`close_notify`)."""
         assert self.proc is None or self.proc.poll() is not None
         notify_path = str(self.tmp / f"notify{self.starts}")
         self.starts += 1
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*(prefix or []), *self.command()], stdout=log, stderr=log, env=env, cwd=ROOT
-            )
         try:
-            if wait:
-                self._wait_ready(notify)
-        finally:
-            notify.close()
-            os.unlink(notify_path)
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [*(prefix or []), *self.command()], stdout=log, stderr=log, env=env, cwd=ROOT
+                )
+        except BaseException:
+            close_notify(notify)
+            raise
+        return notify
 
-    def _wait_ready(self, notify: socket.socket, timeout: float = 60.0) -> None:
+    def wait_ready(self, notify: socket.socket, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         notify.settimeout(0.2)
         while time.monotonic() < deadline:

@@ -105,6 +105,9 @@ class TenantManager:
         self.creation = TenantCreation(self)
         self._sysctls = tuple(sorted(cfg.netns.sysctls.items()))
         self._reconciler = Reconciler(self)
+        # One reconcile at a time: nsd serves while its start-up reconcile runs, and
+        # an operator's Reconcile (or a reload) then waits for it to finish.
+        self._reconciling = asyncio.Lock()
 
     # -- resolution and identity ----------------------------------------------
 
@@ -492,14 +495,16 @@ class TenantManager:
         self, progress: Callable[[int, int], None] | None = None
     ) -> ReconcileReport:
         """Bring the host in line with the store (nsd.core.reconcile); report what changed."""
-        return await self._reconciler.run(progress)
+        async with self._reconciling:
+            return await self._reconciler.run(progress)
 
     async def apply_config(self, cfg: Config) -> ReconcileReport:
         """Take a reloaded configuration; re-apply every tenant's limits and the policy."""
-        self.cfg = cfg
-        self.slices.reconfigure(cfg)
-        self.networks.reconfigure(cfg.network)
-        return await self._reconciler.apply_config()
+        async with self._reconciling:
+            self.cfg = cfg
+            self.slices.reconfigure(cfg)
+            self.networks.reconfigure(cfg.network)
+            return await self._reconciler.apply_config()
 
     async def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait for running operations; True if all finished."""

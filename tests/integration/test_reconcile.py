@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.harness import (
     Daemon,
     TestUsers,
+    close_notify,
     crash_at,
     daemon_env,
     derive_crash_points,
@@ -175,14 +180,90 @@ def test_crash_during_create_converges(env: tuple[Daemon, TestUsers], syscall: s
     assert d.stop() == 0
 
 
+def reboot(d: Daemon, tenants: list[dict[str, Any]]) -> None:
+    """What a reboot leaves of nsd's tenants (nsd stopped): every namespace, and with
+    it every veth, gone; the store as it was."""
+    for t in tenants:
+        run("umount", t["namespacePath"])
+        os.unlink(t["namespacePath"])
+    deadline = time.monotonic() + 30
+    while any(t["hostInterface"] in d.host_links() for t in tenants):
+        assert time.monotonic() < deadline, d.host_links()
+        time.sleep(0.1)
+
+
+#: enough tenants that the start-up reconcile after a reboot takes a while (two
+#: batches and more, ~0.5 s here)
+EARLY_TENANTS = 100
+
+
+@pytest.mark.slow
+def test_served_while_the_startup_reconcile_runs(env: tuple[Daemon, TestUsers]) -> None:
+    """After a reboot nsd answers at once, before READY=1: an Enter gets its tenant
+    built ahead of the others; an operator's Reconcile waits for the start-up one."""
+    d, users = env
+    d.start()
+    names = [users.add() for _ in range(EARLY_TENANTS)]
+    before = {nm: d.call(T + "Create", name=nm)["tenant"] for nm in names}
+    assert d.stop() == 0
+    reboot(d, list(before.values()))
+    last = names[-1]  # the reconcile's order is the store's: this one comes last
+    logged = len(d.log_text())
+    notify = d.spawn()
+    try:
+        client = None
+        deadline = time.monotonic() + 30
+        while client is None:  # connect as soon as nsd listens
+            try:
+                client = d.client().__enter__()
+            except OSError:
+                assert time.monotonic() < deadline, d.log_text()[logged:]
+                time.sleep(0.005)
+        reconciled: list[dict[str, Any]] = []
+
+        def reconcile() -> None:
+            reconciled.append(d.call("io.nsd.Daemon.Reconcile"))
+
+        operator = threading.Thread(target=reconcile)
+        operator.start()
+        try:
+            reply, fds = client.call_with_fds(T + "Enter", {"name": last})
+            # Answered while the start-up reconcile still ran: no summary line, no READY.
+            during = d.log_text()[logged:]
+            assert not re.search(r"reconcile: \d+ tenant", during), during
+            notify.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert "READY=1" not in notify.recv(4096).decode().split("\n")
+        finally:
+            client.__exit__(None, None, None)
+        notify.setblocking(True)
+        d.wait_ready(notify)
+    finally:
+        close_notify(notify)
+    operator.join(30)
+    entered = os.fstat(fds[reply["namespaceFileDescriptor"]]).st_ino
+    for fd in fds:
+        os.close(fd)
+    t = d.call(T + "Get", name=last)["tenant"]
+    assert t["state"] == "ready" and t["namespaceInode"] == entered
+    assert t["ipv4Address"] == before[last]["ipv4Address"]
+    run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
+    # The operator's Reconcile ran after the start-up one had repaired everything.
+    assert reconciled == [{"actions": [], "problems": []}], reconciled
+    assert d.stop() == 0
+
+
 # SIGKILL inside the start-up reconcile's batched path (reconcile.BATCH tenants checked
 # in one job on the worker, after one listing of the host), as after a reboot: every
 # namespace and veth gone. Counts are per thread; mounts, unshare and netlink are the
 # worker's: mount 2 and 5 are the first tenant's bind mount and the third tenant's
-# run-dir mount, unshare 2 the second namespace; sendto 1-3 are the pool check's dumps
-# before the reconcile, 6 one of the host listing's, 30 a change in the middle of the
-# batch.
-BATCHED_CRASH_POINTS = [("mount", 2), ("mount", 5), ("unshare", 2), ("sendto", 6), ("sendto", 30)]
+# run-dir mount, unshare 2 the second namespace. The worker's sendto calls (counted
+# with strace on this test's start, network policy on): 2-4 the pool check's dumps,
+# 9-57 the policy's tc work (pyroute2), 62-63 the host listing (addresses, routes),
+# 64-81 the first tenant, 85 the second tenant's veth pair; the others wake the event
+# loop. So: the host listing's route dump, and a change in the middle of the batch.
+BATCHED_CRASH_POINTS = [("mount", 2), ("mount", 5), ("unshare", 2), ("sendto", 63), ("sendto", 85)]
 
 
 @pytest.mark.slow
@@ -195,13 +276,7 @@ def test_crash_during_batched_reconcile_converges(
     names = [users.add() for _ in range(3)]
     before = {nm: d.call(T + "Create", name=nm)["tenant"] for nm in names}
     assert d.stop() == 0
-    for t in before.values():  # a reboot: every namespace, and with it every veth, gone
-        run("umount", t["namespacePath"])
-        os.unlink(t["namespacePath"])
-    deadline = time.monotonic() + 30
-    while any(t["hostInterface"] in d.host_links() for t in before.values()):
-        assert time.monotonic() < deadline, d.host_links()
-        time.sleep(0.1)
+    reboot(d, list(before.values()))
     strace = ["strace", "-qq", "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
               "-e", f"inject={syscall}:signal=KILL:when={n}"]  # fmt: skip
     logged = len(d.log_text())
