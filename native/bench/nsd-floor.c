@@ -11,8 +11,10 @@
  * net.ipv4.ip_unprivileged_port_start=0 inside. It uses one netlink socket per namespace
  * (made while the thread is in the namespace), one acknowledged request per change and
  * one namespace switch there and back per tenant; it checks nothing it does not need. "check" reads back what nsd's
- * restart reconcile reads (links, the peer's namespace id, addresses and routes of both
- * ends, the sysctl) through the same sockets. Both print one JSON line of timings.
+ * restart reconcile reads, the way it reads it: one listing of the host's addresses and
+ * routes for all tenants, then per tenant the sysctl, the host link, the peer's
+ * namespace id, the namespace's links, addresses and routes (one dump each, both
+ * families). Both print one JSON line of timings.
  * Not installed: a bench tool (make bench).
  */
 #define _GNU_SOURCE
@@ -190,6 +192,13 @@ static void dump(int fd, uint16_t type, int family, int index) {
     talk(fd, &r, 0);
 }
 
+static void dump_links(int fd) {
+    struct req r;
+    struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
+    start(&r, RTM_GETLINK, NLM_F_DUMP, &ifi, sizeof ifi);
+    talk(fd, &r, 0);
+}
+
 static void veth_add(int fd, const char *host, const char *peer, int ns_fd) {
     struct req r;
     struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
@@ -278,6 +287,11 @@ int main(int argc, char **argv) {
         }
     }
     double t_all = now();
+    if (!create) {
+        /* as nsd's restart: one listing of the host's addresses and routes for all */
+        dump(host, RTM_GETADDR, AF_UNSPEC, 0);
+        dump(host, RTM_GETROUTE, AF_UNSPEC, 0);
+    }
     for (int i = 0; i < n; i++) {
         double t0 = now();
         char path[4096], hname[IFNAMSIZ];
@@ -319,17 +333,12 @@ int main(int argc, char **argv) {
             tenant = nl_open();
             sysctl_read();
             if (setns(home, CLONE_NEWNET) < 0) die("setns home");
-            int hidx = get_link(host, hname, 0);
+            if (get_link(host, hname, 0) <= 0) die(hname);
             netnsid(host, ns_fd);
-            int pidx = get_link(tenant, "eth0", 0);
-            get_link(tenant, NULL, 1);
-            for (int fam = 0; fam < 2; fam++) {
-                int family = fam ? AF_INET6 : AF_INET;
-                dump(tenant, RTM_GETADDR, family, pidx);
-                dump(tenant, RTM_GETROUTE, family, 0);
-                dump(host, RTM_GETADDR, family, hidx);
-                dump(host, RTM_GETROUTE, family, hidx);
-            }
+            dump_links(tenant);
+            int pidx = 2; /* eth0, the namespace's second link (lo is 1) */
+            dump(tenant, RTM_GETADDR, AF_UNSPEC, pidx);
+            dump(tenant, RTM_GETROUTE, AF_UNSPEC, 0);
         }
         close(tenant);
         close(ns_fd);

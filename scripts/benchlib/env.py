@@ -197,6 +197,8 @@ class BenchDaemon(Daemon):
     ) -> None:
         super().__init__(host, tmp, run_dir)
         self.pythonpath = pythonpath
+        #: perf_counter() at the last start's exec
+        self.exec_at = 0.0
         self.config.write_text(
             f'[daemon]\nsocket = "{self.socket}"\nstate_dir = "{self.state_dir}"\n'
             'log_level = "info"\nshutdown_timeout = 30\n'
@@ -221,7 +223,7 @@ class BenchDaemon(Daemon):
             env["PYTHONPATH"] = self.pythonpath
         try:
             with open(self.log, "ab") as logf:
-                t0 = time.perf_counter()
+                t0 = self.exec_at = time.perf_counter()
                 # nsenter --net execs without forking: proc.pid is nsd's own PID.
                 self.proc = subprocess.Popen(
                     self.command(), stdout=logf, stderr=logf, env=env, cwd=self.tmp
