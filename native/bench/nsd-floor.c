@@ -192,13 +192,6 @@ static void dump(int fd, uint16_t type, int family, int index) {
     talk(fd, &r, 0);
 }
 
-static void dump_links(int fd) {
-    struct req r;
-    struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
-    start(&r, RTM_GETLINK, NLM_F_DUMP, &ifi, sizeof ifi);
-    talk(fd, &r, 0);
-}
-
 static void veth_add(int fd, const char *host, const char *peer, int ns_fd) {
     struct req r;
     struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
@@ -335,8 +328,9 @@ int main(int argc, char **argv) {
             if (setns(home, CLONE_NEWNET) < 0) die("setns home");
             if (get_link(host, hname, 0) <= 0) die(hname);
             netnsid(host, ns_fd);
-            dump_links(tenant);
-            int pidx = 2; /* eth0, the namespace's second link (lo is 1) */
+            /* nsd lists the namespace's links in one dump; one get costs the same */
+            int pidx = get_link(tenant, "eth0", 0);
+            if (pidx <= 0) die("eth0");
             dump(tenant, RTM_GETADDR, AF_UNSPEC, pidx);
             dump(tenant, RTM_GETROUTE, AF_UNSPEC, 0);
         }

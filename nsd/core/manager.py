@@ -108,6 +108,10 @@ class TenantManager:
         # One reconcile at a time: nsd serves while its start-up reconcile runs, and
         # an operator's Reconcile (or a reload) then waits for it to finish.
         self._reconciling = asyncio.Lock()
+        #: set when the first (start-up) reconcile has finished: until then a namespace
+        #: found mounted may not be checked yet (or be half built by the reconcile), so
+        #: Enter takes the path that checks it under the tenant's lock
+        self.started = False
 
     # -- resolution and identity ----------------------------------------------
 
@@ -274,7 +278,8 @@ class TenantManager:
             return opened
 
         if (
-            rec is not None
+            self.started
+            and rec is not None
             and rec.state is TenantState.READY
             and rec.name == name
             and user.uid not in self._removing
@@ -496,11 +501,15 @@ class TenantManager:
     ) -> ReconcileReport:
         """Bring the host in line with the store (nsd.core.reconcile); report what changed."""
         async with self._reconciling:
-            return await self._reconciler.run(progress)
+            report = await self._reconciler.run(progress)
+            self.started = True
+            return report
 
     async def apply_config(self, cfg: Config) -> ReconcileReport:
         """Take a reloaded configuration; re-apply every tenant's limits and the policy."""
         async with self._reconciling:
+            if self._closing:  # a reload that waited for the start-up reconcile
+                return ReconcileReport()
             self.cfg = cfg
             self.slices.reconfigure(cfg)
             self.networks.reconfigure(cfg.network)

@@ -65,7 +65,8 @@ class Reconciler:
         try:
             await self._tenants(records, report, progress)
         except BaseException:
-            identities.cancel()
+            if not identities.cancel() and not identities.cancelled():
+                identities.exception()  # finished, failed or not: retrieved, not logged
             raise
         problems = await identities
         for rec, problem in zip(records, problems, strict=True):

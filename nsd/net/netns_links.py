@@ -79,10 +79,10 @@ class HostView:
         self.routes.pop(index, None)
 
 
-def links_of(tenant: Rtnl) -> dict[int, Any]:
+def links_of(tenant: Rtnl, where: str) -> dict[int, Any]:
     """Every link of a tenant's namespace by index: one request for what the checks
     of its pair and of lo would otherwise ask one by one."""
-    with kernel_step("link", "list links"):
+    with kernel_step("link", f"list links in {where}"):
         return {int(link["index"]): link for link in tenant.links()}
 
 

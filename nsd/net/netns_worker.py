@@ -249,7 +249,7 @@ class Worker:
             with self.entered(ns_fd, spec.netns_path):
                 with kernel_step("open", f"netlink socket in {spec.netns_path}"):
                     tenant = Rtnl()
-                links = netns_links.links_of(tenant)
+                links = netns_links.links_of(tenant, spec.netns_path)
                 host, peer, created = netns_links.ensure_veth(
                     host_nl, spec, ns_fd, tenant, actions=actions, tenant_links=links
                 )

@@ -240,7 +240,7 @@ class Rtnl:
         """(index, name) of every link of the socket's namespace."""
         body = ifinfomsg() + attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
         msgs = self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body, decode_link_name)
-        return [(int(m["index"]), str(m.get_attr("IFLA_IFNAME"))) for m in msgs]
+        return [(int(m["index"]), name) for m in msgs if (name := m.get_attr("IFLA_IFNAME"))]
 
     def addr_change(
         self, add: bool, index: int, address: IPv4Address | IPv6Address, prefixlen: int
@@ -333,7 +333,8 @@ def dump_routes(
 ) -> tuple[NlMsg, ...]:
     """Routes of ``table`` (0: every table; optionally only via ``oif``), filtered by
     the kernel. ``family`` AF_UNSPEC: IPv4 and IPv6 in one request (the dump of every
-    family, of which MPLS and multicast routing would answer too: left out here)."""
+    family: what MPLS or multicast routing answer is decoded without addresses and
+    left out here)."""
     body = RTMSG.pack(family, 0, 0, 0, table, 0, 0, 0, 0)
     if oif is not None:
         body += attr_u32(RTA_OIF, oif)

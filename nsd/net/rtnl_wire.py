@@ -150,7 +150,16 @@ def cstr(value: memoryview) -> str:
     return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def ip_text(family: int, value: memoryview) -> str:
+#: the payload size of an address attribute, by family
+IP_SIZE: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 16}
+
+
+def ip_text(family: int, value: memoryview) -> str | None:
+    """The address in text; None for a family other than IPv4 and IPv6 (an AF_UNSPEC
+    dump answers for every family: MPLS routes, multicast routing entries) or a
+    payload of another size."""
+    if IP_SIZE.get(family) != len(value):
+        return None
     return socket.inet_ntop(family, bytes(value))
 
 
@@ -208,10 +217,10 @@ def decode_addr(data: memoryview, offset: int, end: int) -> NlMsg:
     family, prefixlen, flags, scope, index = IFADDRMSG.unpack_from(data, offset)
     attrs: dict[str, Any] = {}
     for kind, value in nlattrs(data, offset + IFADDRMSG.size, end):
-        if kind == IFA_ADDRESS:
-            attrs["IFA_ADDRESS"] = ip_text(family, value)
-        elif kind == IFA_LOCAL:
-            attrs["IFA_LOCAL"] = ip_text(family, value)
+        if kind in (IFA_ADDRESS, IFA_LOCAL):
+            text = ip_text(family, value)
+            if text is not None:
+                attrs["IFA_ADDRESS" if kind == IFA_ADDRESS else "IFA_LOCAL"] = text
         elif kind == IFA_FLAGS:
             attrs["IFA_FLAGS"] = U32.unpack_from(value)[0]
     fields = {
@@ -237,7 +246,9 @@ def decode_route(data: memoryview, offset: int, end: int) -> NlMsg:
         if kind in ROUTE_U32:
             attrs[ROUTE_U32[kind]] = U32.unpack_from(value)[0]
         elif kind in ROUTE_IP:
-            attrs[ROUTE_IP[kind]] = ip_text(family, value)
+            text = ip_text(family, value)
+            if text is not None:
+                attrs[ROUTE_IP[kind]] = text
     return NlMsg(fields, attrs)
 
 

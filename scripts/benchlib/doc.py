@@ -719,13 +719,15 @@ First round:
 Second round:
 
 7. **nsd serves while the start-up reconcile runs.** A tenant asked for does not wait
-   for the others: `Enter` and `Ensure` build or check it at once under its lock (the
-   path they take for any namespace found missing), and the batch leaves it to be
-   checked after. One reconcile at a time: an operator's `Reconcile` or a reload waits
-   for the start-up one. `READY=1` still comes after every tenant
-   (tests/integration/test_reconcile.py: 100 tenants after a reboot, `Enter` of the last
-   one answered before the summary line and before `READY=1`, a concurrent `Reconcile`
-   finding nothing left). The row "`Enter` answered" above is that, at N tenants.
+   for the others: until the start-up reconcile is done, `Enter` and `Ensure` check,
+   build or repair it under its lock before answering (waiting at most for the batch
+   being checked), and the batch leaves it to be checked after. One reconcile at a
+   time: an operator's `Reconcile` or a reload waits for the start-up one. `READY=1`
+   still comes after every tenant (tests/integration/test_reconcile.py, 200 tenants:
+   after a reboot, `Enter` of the last one answered before the summary line and before
+   `READY=1`, a concurrent `Reconcile` finding nothing left; after a restart with the
+   last tenant's veth deleted, that veth is back when its `Enter` answers). The row
+   "`Enter` answered" above is the first, at N tenants.
 8. One visit to a tenant's namespace per check: its socket, its pair (through the
    host's socket, taken before entering), its sysctls.
 9. One dump for both families (AF_UNSPEC; other families' messages dropped) of a link's

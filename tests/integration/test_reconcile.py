@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -192,9 +192,53 @@ def reboot(d: Daemon, tenants: list[dict[str, Any]]) -> None:
         time.sleep(0.1)
 
 
-#: enough tenants that the start-up reconcile after a reboot takes a while (two
-#: batches and more, ~0.5 s here)
-EARLY_TENANTS = 100
+#: enough tenants that the start-up reconcile takes a while (four batches and more,
+#: ~1 s after a reboot here)
+EARLY_TENANTS = 200
+
+
+def enter_during_startup(
+    d: Daemon, name: str, at_reply: Callable[[], None]
+) -> tuple[int, list[dict[str, Any]]]:
+    """Start nsd; as soon as it listens, ask an operator's Reconcile (in a thread) and
+    ``Enter`` ``name``; when the Enter reply comes, assert that the start-up reconcile
+    still runs (no summary line, no READY=1) and call ``at_reply()``. Waits for READY=1.
+    Returns the inode of the namespace handed out and the Reconcile's answer."""
+    logged = len(d.log_text())
+    notify = d.spawn()
+    reconciled: list[dict[str, Any]] = []
+    operator = threading.Thread(target=lambda: reconciled.append(d.call("io.nsd.Daemon.Reconcile")))
+    try:
+        client = None
+        deadline = time.monotonic() + 30
+        while client is None:  # connect as soon as nsd listens
+            try:
+                client = d.client().__enter__()
+            except OSError:
+                assert time.monotonic() < deadline, d.log_text()[logged:]
+                time.sleep(0.005)
+        operator.start()
+        try:
+            reply, fds = client.call_with_fds(T + "Enter", {"name": name})
+            at_reply()
+            during = d.log_text()[logged:]
+            assert not re.search(r"reconcile: \d+ tenant", during), during
+            notify.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert "READY=1" not in notify.recv(4096).decode().split("\n")
+        finally:
+            client.__exit__(None, None, None)
+        notify.setblocking(True)
+        d.wait_ready(notify)
+    finally:
+        close_notify(notify)
+        if operator.ident is not None:
+            operator.join(30)
+    entered = os.fstat(fds[reply["namespaceFileDescriptor"]]).st_ino
+    for fd in fds:
+        os.close(fd)
+    return entered, reconciled
 
 
 @pytest.mark.slow
@@ -208,49 +252,36 @@ def test_served_while_the_startup_reconcile_runs(env: tuple[Daemon, TestUsers]) 
     assert d.stop() == 0
     reboot(d, list(before.values()))
     last = names[-1]  # the reconcile's order is the store's: this one comes last
-    logged = len(d.log_text())
-    notify = d.spawn()
-    try:
-        client = None
-        deadline = time.monotonic() + 30
-        while client is None:  # connect as soon as nsd listens
-            try:
-                client = d.client().__enter__()
-            except OSError:
-                assert time.monotonic() < deadline, d.log_text()[logged:]
-                time.sleep(0.005)
-        reconciled: list[dict[str, Any]] = []
-
-        def reconcile() -> None:
-            reconciled.append(d.call("io.nsd.Daemon.Reconcile"))
-
-        operator = threading.Thread(target=reconcile)
-        operator.start()
-        try:
-            reply, fds = client.call_with_fds(T + "Enter", {"name": last})
-            # Answered while the start-up reconcile still ran: no summary line, no READY.
-            during = d.log_text()[logged:]
-            assert not re.search(r"reconcile: \d+ tenant", during), during
-            notify.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    assert "READY=1" not in notify.recv(4096).decode().split("\n")
-        finally:
-            client.__exit__(None, None, None)
-        notify.setblocking(True)
-        d.wait_ready(notify)
-    finally:
-        close_notify(notify)
-    operator.join(30)
-    entered = os.fstat(fds[reply["namespaceFileDescriptor"]]).st_ino
-    for fd in fds:
-        os.close(fd)
+    entered, reconciled = enter_during_startup(d, last, lambda: None)
     t = d.call(T + "Get", name=last)["tenant"]
     assert t["state"] == "ready" and t["namespaceInode"] == entered
     assert t["ipv4Address"] == before[last]["ipv4Address"]
     run("ping", "-c1", "-W2", t["ipv4Address"], netns=d.host)
     # The operator's Reconcile ran after the start-up one had repaired everything.
     assert reconciled == [{"actions": [], "problems": []}], reconciled
+    assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_enter_during_startup_checks_a_namespace_that_exists(
+    env: tuple[Daemon, TestUsers],
+) -> None:
+    """A namespace that survived the restart is not handed out unchecked while the
+    start-up reconcile has not reached it: Enter repairs its tenant first."""
+    d, users = env
+    d.start()
+    names = [users.add() for _ in range(EARLY_TENANTS)]
+    before = {nm: d.call(T + "Create", name=nm)["tenant"] for nm in names}
+    assert d.stop() == 0
+    last = before[names[-1]]
+    run("ip", "link", "del", last["hostInterface"], netns=d.host)  # its veth pair, gone
+
+    def repaired() -> None:
+        assert last["hostInterface"] in d.host_links()
+
+    entered, _ = enter_during_startup(d, names[-1], repaired)
+    assert entered == last["namespaceInode"]
+    run("ping", "-c1", "-W2", last["ipv4Address"], netns=d.host)
     assert d.stop() == 0
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from nsd.net.rtnl import address, network
 from nsd.net.rtnl_wire import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFADDRMSG,
     IFINFOMSG,
     IFLA_IFNAME,
     IFLA_INFO_KIND,
@@ -21,8 +24,13 @@ from nsd.net.rtnl_wire import (
     IFLA_LINKINFO,
     IFLA_MTU,
     NLATTR,
+    RTA_DST,
+    RTA_OIF,
+    RTMSG,
+    decode_addr,
     decode_link,
     decode_link_name,
+    decode_route,
     nlattr,
 )
 
@@ -89,3 +97,25 @@ def test_addresses_parsed_from_their_packed_form_equal_ipaddress(text: str) -> N
     assert address(text) is address(text)  # parsed once
     plen = 64 if ":" in text else 24
     assert network(text, plen) == ip_network(f"{text}/{plen}", strict=False)
+
+
+AF_MPLS = 28
+RTNL_FAMILY_IPMR = 128
+
+
+@pytest.mark.parametrize("family", [AF_MPLS, RTNL_FAMILY_IPMR])
+def test_other_families_in_an_unspec_dump_decode_without_addresses(family: int) -> None:
+    # An AF_UNSPEC route dump also has MPLS routes (4-byte labels, 3 bytes here) and
+    # multicast routing entries: decoded without addresses, never an exception.
+    head = RTMSG.pack(family, 20, 0, 0, 254, 3, 0, 1, 0)
+    msg = memoryview(head + nlattr(RTA_DST, bytes(3)) + nlattr(RTA_OIF, struct.pack("=I", 4)))
+    route = decode_route(msg, 0, len(msg))
+    assert route["family"] == family and route.attrs == {"RTA_OIF": 4}
+
+
+def test_an_address_of_the_wrong_size_is_left_out() -> None:
+    head = IFADDRMSG.pack(socket.AF_INET, 32, 0, 0, 5)
+    msg = memoryview(
+        head + nlattr(IFA_ADDRESS, bytes(16)) + nlattr(IFA_LOCAL, bytes([100, 64, 0, 1]))
+    )
+    assert decode_addr(msg, 0, len(msg)).attrs == {"IFA_LOCAL": "100.64.0.1"}
