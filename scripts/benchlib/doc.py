@@ -578,8 +578,9 @@ measured in this run by nsd-floor (C, one thread, no store, no log):
   {f["floor_create_s"] / f["ip_batch_s"]:.1f}{TIMES} the ip -batch floor; ip -batch makes
   the namespaces and pairs only (no addresses, routes or sysctls).
 
-The warm restart target (≤ 1.5 s) is absolute and within reach on a quick day; what
-remains there is Python: ~1 ms per tenant against the kernel's ~0.3 ms. The one way
+The warm restart target (≤ 1.5 s) is absolute and within reach on a quick day (1.6-1.7 s
+in development runs); what remains there is Python: {f["warm_s"] / f["n"] * 1000:.1f} ms per
+tenant in this run against the kernel's {f["floor_check_s"] / f["n"] * 1000:.2f} ms. The one way
 left to approach the floors is moving each tenant's netlink work into C (a helper
 process or an extension module speaking nsd's requests), which this round did not
 attempt; several worker threads would not pay on this kernel (parallel floors above)."""
