@@ -58,17 +58,11 @@ class Reconciler:
         report = ReconcileReport()
         records = mgr.store.all()
         # NSS lookups for 1,000 tenants take ~0.2 s: on another thread, while the
-        # worker restores namespaces (nothing below depends on them).
-        identities = asyncio.ensure_future(
-            asyncio.to_thread(lambda: [users.identity_problem(r.uid, r.name) for r in records])
+        # worker restores namespaces (nothing there depends on them).
+        problems, _ = await asyncio.gather(
+            asyncio.to_thread(lambda: [users.identity_problem(r.uid, r.name) for r in records]),
+            self._tenants(records, report, progress),
         )
-        try:
-            await self._tenants(records, report, progress)
-        except BaseException:
-            if not identities.cancel() and not identities.cancelled():
-                identities.exception()  # finished, failed or not: retrieved, not logged
-            raise
-        problems = await identities
         for rec, problem in zip(records, problems, strict=True):
             if problem is not None:
                 report.problems.append(f"tenant {rec.name} (uid {rec.uid}): {problem}")

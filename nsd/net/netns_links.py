@@ -90,12 +90,10 @@ def find_pair(
     host_nl: Rtnl,
     spec: NetworkSpec,
     ns_fd: int,
-    tenant: Rtnl,
-    *,
-    tenant_links: dict[int, Any] | None = None,
+    tenant_links: dict[int, Any],
 ) -> tuple[Any, Any]:
     """(host link or None, its peer if that peer is a veth inside ``ns_fd`` or None).
-    ``tenant_links``: the namespace's links as listed just before."""
+    ``tenant_links``: the namespace's links as listed just before (links_of)."""
     ipr = host_nl
     with kernel_step("veth", f"inspect {spec.host_ifname}"):
         host = get_link(ipr, ifname=spec.host_ifname)
@@ -107,10 +105,7 @@ def find_pair(
         peer_index = host.get_attr("IFLA_LINK")
         if nsid is None or host.get_attr("IFLA_LINK_NETNSID") != nsid or not peer_index:
             return host, None
-        if tenant_links is not None:
-            peer = tenant_links.get(peer_index)
-        else:
-            peer = get_link(tenant, index=peer_index)
+        peer = tenant_links.get(peer_index)
         if peer is None or link_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != host["index"]:
             return host, None
         return host, peer
@@ -155,13 +150,13 @@ def ensure_veth(
     tenant: Rtnl,
     *,
     actions: list[str],
-    tenant_links: dict[int, Any] | None = None,
+    tenant_links: dict[int, Any],
 ) -> tuple[Any, Any, bool]:
     """Return the (host, peer) link messages, current after any change made here, and
     whether the pair was created here (then it has no addresses or routes yet)."""
     ipr = host_nl
     created = False
-    host, peer = find_pair(host_nl, spec, ns_fd, tenant, tenant_links=tenant_links)
+    host, peer = find_pair(host_nl, spec, ns_fd, tenant_links)
     if host is not None and peer is None:
         # Not a veth, or its peer lives elsewhere (e.g. the namespace was recreated
         # while the old one was still pinned): the name is ours, start over.
@@ -313,8 +308,8 @@ def ensure_tenant_side(
     peer: Any,
     actions: list[str],
     *,
+    tenant_links: dict[int, Any],
     fresh: bool = False,
-    tenant_links: dict[int, Any] | None = None,
 ) -> None:
     """``fresh``: the namespace and the pair were both created by this call, so the
     namespace holds no address or route yet that could be one nsd wants.
@@ -323,7 +318,7 @@ def ensure_tenant_side(
     where = spec.netns_path
     peer_idx = int(peer["index"])
     with kernel_step("link", f"inspect lo in {where}"):
-        lo = tenant_links.get(LOOPBACK_INDEX) if tenant_links is not None else None
+        lo = tenant_links.get(LOOPBACK_INDEX)
         if lo is None or lo.get_attr("IFLA_IFNAME") != "lo":
             lo = get_link(tenant, ifname="lo")
     if lo is None:

@@ -262,7 +262,7 @@ class Worker:
                 spec, tenant, peer, actions, fresh=created and not adopted, tenant_links=links
             )
             netns_links.ensure_host_side(
-                self.host_nl(),
+                host_nl,
                 spec,
                 host,
                 actions,

@@ -231,15 +231,14 @@ class Rtnl:
     def link_del(self, index: int) -> None:
         self._change(RTM_DELLINK, ifinfomsg(index))
 
-    def links(self) -> list[NlMsg]:
+    def links(self, decode: Decoder = decode_link) -> list[NlMsg]:
         """Every link of the socket's namespace, without their counters."""
         body = ifinfomsg() + attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
-        return self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body, decode_link)
+        return self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body, decode)
 
     def link_names(self) -> list[tuple[int, str]]:
         """(index, name) of every link of the socket's namespace."""
-        body = ifinfomsg() + attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
-        msgs = self.request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body, decode_link_name)
+        msgs = self.links(decode_link_name)
         return [(int(m["index"]), name) for m in msgs if (name := m.get_attr("IFLA_IFNAME"))]
 
     def addr_change(
