@@ -95,8 +95,10 @@ def test_install_socket_activation_create_and_get_on_debian_12(
     active = c.run(["systemctl", "is-active", "nsd.service"], check=False).stdout.strip()
     assert (enabled, active) == ("disabled", "inactive")
 
-    # The first call starts nsd through the socket.
+    # The first call starts nsd through the socket. nsd answers while its start-up
+    # reconcile runs; READY=1 (active) follows once that is done.
     c.run(["/usr/bin/nsctl", "create", "alice"], timeout=120)
+    c.run(["sh", "-c", "until systemctl -q is-active nsd.service; do sleep 0.1; done"])
     assert c.run(["systemctl", "is-active", "nsd.service"]).stdout.strip() == "active"
     tenant = json.loads(c.run(["/usr/bin/nsctl", "show", "alice", "--json"]).stdout)
     assert tenant["name"] == "alice" and tenant["state"] == "ready", tenant
