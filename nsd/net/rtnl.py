@@ -105,6 +105,11 @@ from nsd.net.rtnl_wire import (
 Decoder = Callable[[memoryview, int, int], NlMsg]
 
 
+#: a plain int: ``socket.MSG_TRUNC`` is an IntFlag, and ``&`` on it builds a new
+#: enum member per received datagram
+MSG_TRUNC = int(socket.MSG_TRUNC)
+
+
 class Rtnl:
     """A blocking rtnetlink socket; requests and replies are packed and unpacked here.
 
@@ -171,7 +176,7 @@ class Rtnl:
         view = memoryview(self.buf)
         while True:
             size, _, msg_flags, _ = sock.recvmsg_into([view])
-            if msg_flags & socket.MSG_TRUNC:
+            if msg_flags & MSG_TRUNC:
                 raise OSError(errno.EMSGSIZE, "netlink reply larger than the receive buffer")
             offset = 0
             while offset + NLMSGHDR.size <= size:
