@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: The longest a positive NSS answer is reused (see the module docstring).
@@ -93,7 +94,31 @@ def identity_problem(uid: int, recorded_name: str) -> str | None:
     UID reused by a new account; no user for the UID means it was deleted. nsd
     reports either and does not act on the tenant until an operator decides.
     """
-    current = by_uid(uid)
+    return _problem(uid, recorded_name, by_uid(uid))
+
+
+#: From this many tenants on, :func:`identity_problems` enumerates the user database
+#: once instead of asking for each UID.
+ENUMERATE_FROM = 32
+
+
+def identity_problems(recorded: Sequence[tuple[int, str]]) -> list[str | None]:
+    """:func:`identity_problem` for each (uid, name).
+
+    One enumeration (getpwall) answers for every UID it lists: with the files backend
+    one read of /etc/passwd, where a lookup per UID rereads it each time (1,000
+    tenants: 0.4 s of CPU, at every start). Listed in nsswitch order, the first entry of
+    a UID is the one getpwuid returns. UIDs it does not list (an LDAP or sssd backend
+    that does not enumerate) are looked up one by one, as before.
+    """
+    listed: dict[int, User] = {}
+    if len(recorded) >= ENUMERATE_FROM:
+        for pw in pwd.getpwall():
+            listed.setdefault(pw.pw_uid, _from_pw(pw))
+    return [_problem(uid, name, listed.get(uid) or by_uid(uid)) for uid, name in recorded]
+
+
+def _problem(uid: int, recorded_name: str, current: User | None) -> str | None:
     if current is None:
         return f"user deleted: uid {uid} (recorded as {recorded_name}) no longer exists"
     if current.name != recorded_name:

@@ -168,10 +168,10 @@ class TenantManager:
 
     async def list(self) -> list[TenantView]:
         records = self.store.all()
-        # One NSS lookup per tenant: on a thread, so a slow NSS backend (LDAP,
-        # sssd cache miss) cannot stall the event loop and every other caller.
+        # On a thread, so a slow NSS backend (LDAP, sssd cache miss) cannot stall the
+        # event loop and every other caller.
         problems = await asyncio.to_thread(
-            lambda: [users.identity_problem(r.uid, r.name) for r in records]
+            users.identity_problems, [(r.uid, r.name) for r in records]
         )
         views = []
         for rec, problem in zip(records, problems, strict=True):

@@ -57,10 +57,10 @@ class Reconciler:
         mgr = self.manager
         report = ReconcileReport()
         records = mgr.store.all()
-        # NSS lookups for 1,000 tenants take ~0.2 s: on another thread, while the
-        # worker restores namespaces (nothing there depends on them).
+        # NSS may be slow (LDAP): on another thread, while the worker restores
+        # namespaces (nothing there depends on the answers).
         problems, _ = await asyncio.gather(
-            asyncio.to_thread(lambda: [users.identity_problem(r.uid, r.name) for r in records]),
+            asyncio.to_thread(users.identity_problems, [(r.uid, r.name) for r in records]),
             self._tenants(records, report, progress),
         )
         for rec, problem in zip(records, problems, strict=True):

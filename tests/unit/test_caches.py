@@ -27,6 +27,8 @@ class FakeNss:
     def __init__(self, passwd: Path) -> None:
         self.passwd = passwd
         self.entries: dict[str, int] = {}
+        #: names a backend answers for but does not enumerate (LDAP without enumeration)
+        self.ldap: set[str] = set()
         self.calls = 0
         self.write()
 
@@ -47,6 +49,11 @@ class FakeNss:
             raise KeyError(name)
         return self._pw(name, self.entries[name])
 
+    def getpwall(self) -> list[pwd.struct_passwd]:
+        """Only the users of the files backend: ``ldap`` ones are not enumerated."""
+        self.calls += 1
+        return [self._pw(n, u) for n, u in self.entries.items() if n not in self.ldap]
+
     def getpwuid(self, uid: int) -> pwd.struct_passwd:
         self.calls += 1
         for name, u in self.entries.items():
@@ -61,6 +68,7 @@ def nss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNss]:
     monkeypatch.setattr(users, "ACCOUNTS_FILE", str(fake.passwd))
     monkeypatch.setattr("nsd.users.pwd.getpwnam", fake.getpwnam)
     monkeypatch.setattr("nsd.users.pwd.getpwuid", fake.getpwuid)
+    monkeypatch.setattr("nsd.users.pwd.getpwall", fake.getpwall)
     users.clear_cache()
     yield fake
     users.clear_cache()
@@ -193,3 +201,31 @@ def test_store_all_and_overrides_follow_writes(tmp_path: Path) -> None:
     s.delete(1001, quarantine=False)
     assert s.all() == []
     s.close()
+
+
+def test_many_identities_are_checked_with_one_enumeration(nss: FakeNss) -> None:
+    n = users.ENUMERATE_FROM
+    nss.entries = {f"u{i}": 3000 + i for i in range(n)}
+    nss.entries["renamed"] = nss.entries.pop("u1")
+    nss.entries["fromldap"] = 5000
+    nss.ldap = {"fromldap"}
+    nss.write()
+    recorded = [(3000 + i, f"u{i}") for i in range(n)] + [(5000, "fromldap"), (6000, "gone")]
+    problems = users.identity_problems(recorded)
+    # one getpwall; getpwuid only for the two UIDs it did not list
+    assert nss.calls == 3
+    assert [i for i, p in enumerate(problems) if p is not None] == [1, n + 1]
+    assert "renamed" in (problems[1] or "")
+    assert "deleted" in (problems[n + 1] or "")
+    # the same answers as one lookup per UID
+    assert problems == [users.identity_problem(uid, name) for uid, name in recorded]
+
+
+def test_enumeration_takes_the_first_entry_of_a_uid(
+    nss: FakeNss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # files first, then another backend with the same UID: getpwuid answers the first
+    first, second = nss._pw("alice", 2001), nss._pw("mallory", 2001)
+    monkeypatch.setattr("nsd.users.pwd.getpwall", lambda: [first, second])
+    recorded = [(2001, "alice")] * users.ENUMERATE_FROM
+    assert users.identity_problems(recorded) == [None] * users.ENUMERATE_FROM
