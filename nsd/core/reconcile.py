@@ -45,6 +45,8 @@ class Reconciler:
 
     def __init__(self, manager: TenantManager) -> None:
         self.manager = manager
+        #: held by the batch whose job is on the netns worker (see _tenants)
+        self._worker_turn = asyncio.Lock()
 
     async def run(self, progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
         """Bring the host in line with the store; report what changed.
@@ -162,9 +164,10 @@ class Reconciler:
                 done += 1
                 await self._reconcile_alone(rec, report)
         # Two batches in flight: while the worker checks one, the event loop takes the
-        # next one's locks and builds its specs, and its job waits in the worker's
-        # queue (one after the other, they share the host listing). One at a time,
-        # the worker sat idle for that part: a third of a restart's reconcile.
+        # next one's locks, and handles the results of the one before, ready to hand
+        # the worker the next job as soon as it is free (one after the other, the
+        # batches share the host listing). One at a time, the worker sat idle for
+        # those parts (~0.1 s of a 1,000-tenant restart).
         pending: list[asyncio.Task[None]] = []
         try:
             for start in range(0, len(ready), BATCH):
@@ -225,7 +228,11 @@ class Reconciler:
                     later.append(current)
                     continue
                 held.append(current)
-            results = await mgr.creation.repair_many(held) if held else []
+            # One batch on the worker at a time, the next one's job submitted only
+            # when this one's is done: a tenant asked for meanwhile (Enter during the
+            # start-up reconcile) has its job queued before the next batch, not after.
+            async with self._worker_turn:
+                results = await mgr.creation.repair_many(held) if held else []
             for rec, result in zip(held, results, strict=True):
                 if isinstance(result, NsdError):
                     report.problems.append(f"tenant {rec.name}: {result.message}")

@@ -789,9 +789,12 @@ Second round:
 
 Third round:
 
-13. Two reconcile batches in flight: the event loop takes the next batch's locks and
-    builds its specs while the worker checks one; the queued job follows at once and
-    shares the host listing. A cancelled reconcile cancels both.
+13. Two reconcile batches in flight: the event loop takes the next batch's locks
+    (and handles the last one's results) while the worker checks one, and hands the
+    worker the next job as soon as it is free; jobs of tenants asked for meanwhile
+    (`Enter` during the start-up reconcile) still go before it. A tenant of the batch
+    taken next waits for it as for the one being checked. A cancelled reconcile
+    cancels both.
 14. A free tenant lock is taken without `wait_for` (no task and no loop turn per lock;
     the timeout still applies whenever someone holds or awaits the lock).
 15. `kernel_step` is a class; `MSG_TRUNC` a plain int; the tenant's route
