@@ -588,9 +588,11 @@ measured in this run by nsd-floor (C, one thread, no store, no log):
   {f["floor_create_s"] / f["ip_batch_s"]:.1f}{TIMES} the ip -batch floor; ip -batch makes
   the namespaces and pairs only (no addresses, routes or sysctls).
 
-{warm} what remains there is Python: {f["warm_s"] / f["n"] * 1000:.2f} ms per
-tenant in this run against the kernel's {f["floor_check_s"] / f["n"] * 1000:.2f} ms, bound by the
-interpreter lock (two worker threads were slower, above). The one way left to
+{warm} the whole start took {f["warm_s"] / f["n"] * 1000:.2f} ms per tenant against the
+kernel's {f["floor_check_s"] / f["n"] * 1000:.2f} ms of checking. What remains there is Python:
+importing nsd and preparing (~0.4 s at any N) and the worker's check (~0.9 ms per
+tenant in development runs), bound by the interpreter lock (two worker threads were
+slower, above). The one way left to
 approach the floors is moving each tenant's netlink work into C (a helper process or
 an extension module speaking nsd's requests), which this work did not attempt; for the
 cold start and Create it would not be enough without a different host-side design
