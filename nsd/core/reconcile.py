@@ -178,11 +178,9 @@ class Reconciler:
                 done += len(chunk)
                 pending.append(asyncio.create_task(self._batch_then_later(chunk, report)))
                 if len(pending) > 1:
-                    await pending[0]
-                    del pending[0]
+                    await pending.pop(0)
             while pending:
-                await pending[0]
-                del pending[0]
+                await pending.pop(0)
         finally:
             # Cancelled, or a batch failed: the other one stops too; nothing of this
             # reconcile runs on after it returns.
