@@ -93,10 +93,6 @@ def validate_sysctl(key: str, value: str) -> None:
         raise NetnsError("validate", f"sysctl {key}: bad value {value!r}", errno.EINVAL)
 
 
-def sysctl_path(key: str) -> str:
-    return "/proc/sys/" + key.replace(".", "/")
-
-
 def sysctl_tokens(value: str) -> list[str]:
     """Compare sysctl values as the kernel prints them: whitespace-separated, numbers
     as numbers ("00" is written, "0" read back)."""

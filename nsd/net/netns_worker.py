@@ -34,11 +34,11 @@ from nsd.net.netns_spec import (
     NetworkRef,
     NetworkSpec,
     kernel_step,
-    sysctl_path,
     sysctl_tokens,
 )
 from nsd.net.rtnl import Rtnl, dump_routes, get_link, route_dst
 from nsd.net.rtnl_wire import NetlinkError, netlink_errors
+from nsd.net.sysctl_files import SysctlFiles
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Worker:
         self.jobs = 0
         self._view: netns_links.HostView | None = None
         self._view_job = -1
+        self.sysctl_files = SysctlFiles()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Worker:
         if self.host_fd >= 0:
             os.close(self.host_fd)
             self.host_fd = -1
+        self.sysctl_files.close()
 
     def host_ipr(self) -> Any:
         if self._ipr is None:
@@ -253,6 +255,7 @@ class Worker:
                 host, peer, created = netns_links.ensure_veth(
                     host_nl, spec, ns_fd, tenant, actions=actions, tenant_links=links
                 )
+                self.sysctl_files.next_namespace()
                 for key, value in spec.sysctls:
                     if self.set_sysctl(key, value):
                         actions.append(f"set {key}={value} in {spec.netns_path}")
@@ -276,20 +279,18 @@ class Worker:
             os.close(ns_fd)
         return EnsureResult(inode=inode, adopted_existing=adopted, actions=tuple(actions))
 
-    @staticmethod
-    def set_sysctl(key: str, value: str) -> bool:
+    def set_sysctl(self, key: str, value: str) -> bool:
         """Write ``value`` to sysctl ``key`` of the thread's current namespace unless it
         holds that already; whether it wrote."""
-        path = sysctl_path(key)
         with kernel_step("sysctl", key):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self.sysctl_files.open(key, os.O_RDONLY)
             try:
                 current = os.read(fd, 4096).decode("ascii")
             finally:
                 os.close(fd)
             if sysctl_tokens(current) == sysctl_tokens(value):
                 return False
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            fd = self.sysctl_files.open(key, os.O_WRONLY)
             try:
                 os.write(fd, value.encode("ascii"))
             finally:

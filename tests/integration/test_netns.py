@@ -99,6 +99,11 @@ def mountinfo() -> list[list[str]]:
         return [line.split() for line in f]
 
 
+def procfs_mounts() -> list[list[str]]:
+    # the filesystem type follows the "-" that ends the optional fields
+    return [m for m in mountinfo() if m[m.index("-") + 1] == "proc"]
+
+
 def mounts_at(path: str) -> list[list[str]]:
     return [m for m in mountinfo() if m[4] == path]
 
@@ -532,6 +537,91 @@ async def test_unknown_sysctl_fails_with_errno(
         await adapter.ensure(spec)
     assert info.value.step == "sysctl"
     assert info.value.errno == 2
+
+
+def port_start_specs(run_dir: str, link_prefix: str, count: int) -> list[NetworkSpec]:
+    """Specs whose sysctl value differs per tenant: a value seen in the wrong
+    namespace shows."""
+    return [
+        make_spec(
+            run_dir,
+            link_prefix,
+            n,
+            sysctls=(("net.ipv4.ip_unprivileged_port_start", str(100 + n)),),
+        )
+        for n in range(1, count + 1)
+    ]
+
+
+async def test_sysctls_go_through_a_renewed_procfs_of_the_workers_own(
+    adapter: NetnsAdapter,
+    run_dir: str,
+    link_prefix: str,
+    host_netns: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nsd/net/sysctl_files.py: the worker opens sysctls through a procfs instance of
+    its own, mounted nowhere and replaced after every ``renew_after`` namespaces; each
+    namespace still gets (and is checked against) its own value."""
+    mounted: list[int] = []
+    real = linux.detached_mount
+
+    def counted(fstype: str) -> int:
+        fd = real(fstype)
+        mounted.append(fd)
+        return fd
+
+    monkeypatch.setattr(linux, "detached_mount", counted)
+    files = adapter._worker.sysctl_files  # looking inside on purpose
+    files.renew_after = 2
+    before = procfs_mounts()
+    specs = port_start_specs(run_dir, link_prefix, 5)
+    for s in specs:
+        result = await adapter.ensure(s)
+        assert (
+            f"set net.ipv4.ip_unprivileged_port_start={s.sysctls[0][1]} in " + (s.netns_path)
+            in result.actions
+        )
+    # namespaces 1-2, 3-4 and 5, one instance each
+    assert len(mounted) == 3
+    assert files.own_procfs
+    for s in specs:
+        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == (s.sysctls[0][1])
+    assert sysctl_in(host_netns, "net.ipv4.ip_unprivileged_port_start") == "1024"
+    # a restart's check reads through it and finds nothing to change
+    for s in specs:
+        assert (await adapter.ensure(s)).actions == ()
+    # 5 and 1 (one instance still), 2-3, 4-5
+    assert len(mounted) == 5
+    # in no mount table: not the test's, not the worker's (the same mount namespace)
+    assert procfs_mounts() == before
+
+
+async def test_sysctls_fall_back_to_proc_without_the_mount_api(
+    adapter: NetnsAdapter,
+    run_dir: str,
+    link_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where fsopen() is refused (a seccomp filter without @mount), the sysctls are
+    opened through /proc: slower at many namespaces, the same result."""
+    calls: list[str] = []
+
+    def refused(fstype: str) -> int:
+        calls.append(fstype)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(linux, "detached_mount", refused)
+    specs = port_start_specs(run_dir, link_prefix, 3)
+    with caplog.at_level("INFO", logger="nsd.net.sysctl_files"):
+        for s in specs:
+            await adapter.ensure(s)
+    assert calls == ["proc"]  # asked once, then /proc for good
+    assert not adapter._worker.sysctl_files.own_procfs
+    assert "sysctls are opened through /proc" in caplog.text
+    for s in specs:
+        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == (s.sysctls[0][1])
 
 
 # ----------------------------------------------------------------------------------
