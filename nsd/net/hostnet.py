@@ -27,6 +27,7 @@ from nsd.model import Check, HostService, NetworkStatus
 from nsd.net import nft, shaping
 from nsd.net import policy as npol
 from nsd.net.netns import NetnsAdapter, NetnsError
+from nsd.net.sysctl_files import sysctl_relpath
 
 log = logging.getLogger("nsd.network")
 
@@ -45,17 +46,30 @@ class NetworkReport:
         self.problems += other.problems
 
 
-def _write_sysctls(pairs: Sequence[tuple[str, str]], where: str) -> tuple[list[str], list[str]]:
-    """Write ``pairs`` in the calling thread's namespace; (changes, problems)."""
+def _open_in_proc(key: str, flags: int) -> int:
+    return os.open("/proc/" + sysctl_relpath(key), flags | os.O_CLOEXEC)
+
+
+def _write_sysctls(
+    pairs: Sequence[tuple[str, str]],
+    where: str,
+    opener: Callable[[str, int], int] = _open_in_proc,
+) -> tuple[list[str], list[str]]:
+    """Write ``pairs`` in the calling thread's namespace; (changes, problems).
+    ``opener(key, flags)``: an fd of the sysctl (inside a tenant's namespace, the
+    worker's :class:`SysctlFiles`)."""
     changed: list[str] = []
     problems: list[str] = []
     for key, value in pairs:
-        path = "/proc/sys/" + key.replace(".", "/")
         try:
-            with open(path, encoding="ascii") as f:
-                if f.read().strip() == value:
-                    continue
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            fd = opener(key, os.O_RDONLY)
+            try:
+                current = os.read(fd, 4096).decode("ascii").strip()
+            finally:
+                os.close(fd)
+            if current == value:
+                continue
+            fd = opener(key, os.O_WRONLY)
             try:
                 os.write(fd, value.encode())
             finally:
@@ -371,7 +385,9 @@ class HostNetwork:
 
         def inside(ipr: Any) -> NetworkReport:
             r = NetworkReport()
-            changed, problems = _write_sysctls(tenant_sysctls, tenant.name)
+            files = self.net.worker_sysctl_files
+            files.next_namespace()
+            changed, problems = _write_sysctls(tenant_sysctls, tenant.name, files.open)
             r.actions += changed
             r.problems += problems
             r.actions += _apply_document(document, tenant.name)

@@ -32,6 +32,7 @@ from nsd.net.netns_spec import (
     validate_sysctl,
 )
 from nsd.net.netns_worker import Worker
+from nsd.net.sysctl_files import SysctlFiles
 
 __all__ = [
     "FOREIGN",
@@ -222,6 +223,12 @@ class NetnsAdapter:
         if netns_path is not None:
             self.check_path(netns_path)
         return await self._call(functools.partial(self._worker.run_in, netns_path, fn))
+
+    @property
+    def worker_sysctl_files(self) -> SysctlFiles:
+        """Where the worker opens per-namespace sysctls (nsd/net/sysctl_files.py says
+        why not /proc): for ``run_in_namespace`` callbacks only, which run on it."""
+        return self._worker.sysctl_files
 
     async def host_routes(self) -> list[IPv4Network | IPv6Network]:
         """Destinations of the host's routes in every table, without default routes and
