@@ -36,10 +36,23 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #define BUF 65536
+
+/* <linux/mount.h> clashes with <sys/mount.h> in glibc 2.36: the new mount API's values */
+#ifndef FSOPEN_CLOEXEC
+#define FSOPEN_CLOEXEC 0x1
+#define FSCONFIG_CMD_CREATE 6
+#define FSMOUNT_CLOEXEC 0x1
+#endif
+#ifndef SYS_fsopen
+#define SYS_fsopen 430
+#define SYS_fsconfig 431
+#define SYS_fsmount 432
+#endif
 
 struct req {
     unsigned char b[4096];
@@ -220,15 +233,40 @@ static void netnsid(int fd, int ns_fd) {
     talk(fd, &r, 0);
 }
 
+/* The sysctl is opened as nsd opens it (nsd/net/sysctl_files.py): through a procfs
+ * instance of the program's own, mounted nowhere and renewed every RENEW_AFTER
+ * namespaces. Through /proc, each open walks a dentry per namespace /proc has seen. */
+#define RENEW_AFTER 32
+#define SYSCTL "sys/net/ipv4/ip_unprivileged_port_start"
+static int procfs = -1, procfs_uses;
+
+static int sysctl_open(int flags) {
+    if (procfs >= 0 && procfs_uses >= RENEW_AFTER) {
+        close(procfs);
+        procfs = -1;
+    }
+    if (procfs < 0) {
+        int fs = (int)syscall(SYS_fsopen, "proc", FSOPEN_CLOEXEC);
+        if (fs < 0) die("fsopen proc");
+        if (syscall(SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) die("fsconfig");
+        procfs = (int)syscall(SYS_fsmount, fs, FSMOUNT_CLOEXEC, 0);
+        if (procfs < 0) die("fsmount");
+        close(fs);
+        procfs_uses = 0;
+    }
+    procfs_uses++;
+    return openat(procfs, SYSCTL, flags | O_CLOEXEC);
+}
+
 static void sysctl_write(void) {
-    int fd = open("/proc/sys/net/ipv4/ip_unprivileged_port_start", O_WRONLY | O_CLOEXEC);
+    int fd = sysctl_open(O_WRONLY);
     if (fd < 0 || write(fd, "0", 1) != 1) die("sysctl");
     close(fd);
 }
 
 static void sysctl_read(void) {
     char b[32];
-    int fd = open("/proc/sys/net/ipv4/ip_unprivileged_port_start", O_RDONLY | O_CLOEXEC);
+    int fd = sysctl_open(O_RDONLY);
     if (fd < 0 || read(fd, b, sizeof b) < 0) die("sysctl");
     close(fd);
 }
