@@ -2,7 +2,8 @@
 
 ``nsd.net.policy`` derives documents and plans (pure); this module puts them in place on
 the netns worker thread (``NetnsAdapter.run_in_namespace``): libnftables (``nsd.net.nft``)
-and /proc/sys/net writes in the right namespace, tc through pyroute2 (``nsd.net.shaping``).
+and sysctl writes in the right namespace (through the worker's own procfs), tc through
+pyroute2 (``nsd.net.shaping``).
 
 Order, so that nothing is ever open that should not be (fail closed):
 
@@ -27,7 +28,6 @@ from nsd.model import Check, HostService, NetworkStatus
 from nsd.net import nft, shaping
 from nsd.net import policy as npol
 from nsd.net.netns import NetnsAdapter, NetnsError
-from nsd.net.sysctl_files import sysctl_relpath
 
 log = logging.getLogger("nsd.network")
 
@@ -46,18 +46,13 @@ class NetworkReport:
         self.problems += other.problems
 
 
-def _open_in_proc(key: str, flags: int) -> int:
-    return os.open("/proc/" + sysctl_relpath(key), flags | os.O_CLOEXEC)
-
-
 def _write_sysctls(
     pairs: Sequence[tuple[str, str]],
     where: str,
-    opener: Callable[[str, int], int] = _open_in_proc,
+    opener: Callable[[str, int], int],
 ) -> tuple[list[str], list[str]]:
     """Write ``pairs`` in the calling thread's namespace; (changes, problems).
-    ``opener(key, flags)``: an fd of the sysctl (inside a tenant's namespace, the
-    worker's :class:`SysctlFiles`)."""
+    ``opener(key, flags)``: an fd of the sysctl (HostNetwork._sysctl_opener)."""
     changed: list[str] = []
     problems: list[str] = []
     for key, value in pairs:
@@ -251,6 +246,13 @@ class HostNetwork:
         report.extend(await self._in(None, lambda _ipr: self._forwarding(tenants, links)))
         return report
 
+    def _sysctl_opener(self) -> Callable[[str, int], int]:
+        """On the worker, once per namespace visited: how ``_write_sysctls`` opens
+        there (the worker's own procfs: nsd/net/sysctl_files.py says why)."""
+        files = self.net.worker_sysctl_files
+        files.next_namespace()
+        return files.open
+
     def _remember(self, tenants: Sequence[npol.TenantNet]) -> None:
         self._loaded = {t.uid: t for t in tenants}
         self._names = {t.name: t for t in tenants}
@@ -363,7 +365,7 @@ class HostNetwork:
             accept_ra=accept_ra,
         )
         self.forwarding_notes = plan.notes
-        changed, problems = _write_sysctls(plan.sysctls, "host")
+        changed, problems = _write_sysctls(plan.sysctls, "host", self._sysctl_opener())
         report.actions += changed
         report.problems += problems
         return report
@@ -385,9 +387,7 @@ class HostNetwork:
 
         def inside(ipr: Any) -> NetworkReport:
             r = NetworkReport()
-            files = self.net.worker_sysctl_files
-            files.next_namespace()
-            changed, problems = _write_sysctls(tenant_sysctls, tenant.name, files.open)
+            changed, problems = _write_sysctls(tenant_sysctls, tenant.name, self._sysctl_opener())
             r.actions += changed
             r.problems += problems
             r.actions += _apply_document(document, tenant.name)
@@ -398,7 +398,7 @@ class HostNetwork:
 
         def host_side(ipr: Any) -> NetworkReport:
             r = NetworkReport()
-            changed, problems = _write_sysctls(host_sysctls, "host")
+            changed, problems = _write_sysctls(host_sysctls, "host", self._sysctl_opener())
             r.actions += changed
             r.problems += problems
             r.actions += shaping.ensure(
