@@ -108,6 +108,11 @@ def mounts_at(path: str) -> list[list[str]]:
     return [m for m in mountinfo() if m[4] == path]
 
 
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def sysctl_in(netns: str, key: str) -> str:
     return run_in(netns, "cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
 
@@ -675,10 +680,16 @@ async def test_processes_found_and_stopped(adapter: NetnsAdapter, spec: NetworkS
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             found = processes_in_namespace(result.inode)
-            if found == sorted([polite.pid, stubborn.pid]):
+            # both in the namespace, and both already `sleep`: the stubborn one has
+            # set its trap (the shell execs sleep only after it), or under load TERM
+            # can reach the shell first and end it
+            if found == sorted([polite.pid, stubborn.pid]) and all(
+                comm(p) == "sleep" for p in found
+            ):
                 break
             await asyncio.sleep(0.02)
         assert found == sorted([polite.pid, stubborn.pid])
+        assert [comm(p) for p in found] == ["sleep", "sleep"]
         started = time.monotonic()
         stopped = await stop_processes(
             [*found, outsider.pid], term_timeout=0.5, kill_timeout=5, netns_inode=result.inode
