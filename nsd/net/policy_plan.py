@@ -25,6 +25,17 @@ from dataclasses import dataclass
 from nsd.net.policy_site import Site, TenantNet, resolve_services
 from nsd.network_config import NetworkConfig
 
+
+def conf_key(family: str, ifname: str, knob: str) -> str:
+    """``net.<family>.conf.<ifname>.<knob>``, spelled as sysctl(8) spells it: with '/'
+    between the parts when the interface name has a dot of its own (a VLAN such as
+    ``eth0.100``), which would otherwise read as a separator (nsd/net/sysctl_files.py
+    opens either spelling). A kernel interface name never holds a '/'."""
+    if "." in ifname:
+        return f"net/{family}/conf/{ifname}/{knob}"
+    return f"net.{family}.conf.{ifname}.{knob}"
+
+
 #: HTB handle major of nsd's qdiscs ("NS"); a root qdisc with another handle is not nsd's
 HTB_MAJOR = 0x4E53
 HTB_HANDLE = HTB_MAJOR << 16
@@ -54,14 +65,14 @@ def host_interface_sysctls(
     name = tenant.host_ifname
     services = resolve_services(cfg, site)
     out = [
-        (f"net.ipv4.conf.{name}.forwarding", "1"),
+        (conf_key("ipv4", name, "forwarding"), "1"),
         (
-            f"net.ipv4.conf.{name}.route_localnet",
+            conf_key("ipv4", name, "route_localnet"),
             "1" if any(s.host.is_loopback for s in services) else "0",
         ),
     ]
     if force_forwarding:
-        out.append((f"net.ipv6.conf.{name}.force_forwarding", "1"))
+        out.append((conf_key("ipv6", name, "force_forwarding"), "1"))
     return tuple(out)
 
 
@@ -69,7 +80,7 @@ def tenant_sysctls(cfg: NetworkConfig, site: Site) -> tuple[tuple[str, str], ...
     """Sysctls inside every tenant namespace."""
     local = [s for s in resolve_services(cfg, site) if s.tenant_side(site.ipv4_gateway)]
     loop = any(s.tenant.is_loopback for s in local)
-    return ((f"net.ipv4.conf.{site.tenant_interface}.route_localnet", "1" if loop else "0"),)
+    return ((conf_key("ipv4", site.tenant_interface, "route_localnet"), "1" if loop else "0"),)
 
 
 @dataclass(frozen=True)
@@ -102,14 +113,14 @@ def forwarding_plan(
     notes: list[str] = []
     ifnames = list(tenant_ifnames)
     for name in (*site.uplinks, *ifnames):
-        out.append((f"net.ipv4.conf.{name}.forwarding", "1"))
+        out.append((conf_key("ipv4", name, "forwarding"), "1"))
     if force_forwarding:
         for name in (*site.uplinks, *ifnames):
-            out.append((f"net.ipv6.conf.{name}.force_forwarding", "1"))
+            out.append((conf_key("ipv6", name, "force_forwarding"), "1"))
     else:
         for up in site.uplinks:
             if accept_ra.get(up) == 1:
-                out.append((f"net.ipv6.conf.{up}.accept_ra", "2"))
+                out.append((conf_key("ipv6", up, "accept_ra"), "2"))
                 notes.append(
                     f"{up}: accept_ra 1 -> 2, so that router advertisements are "
                     "still accepted with IPv6 forwarding on"

@@ -28,8 +28,10 @@ RENEW_AFTER = 32
 
 
 def sysctl_relpath(key: str) -> str:
-    """``net.ipv4.ip_forward`` -> ``sys/net/ipv4/ip_forward`` (relative to a procfs)."""
-    return "sys/" + key.replace(".", "/")
+    """``net.ipv4.ip_forward`` -> ``sys/net/ipv4/ip_forward`` (relative to a procfs). A
+    key spelled with '/' (as sysctl(8) accepts it, for an interface name with a dot:
+    ``net/ipv4/conf/eth0.100/forwarding``) is taken as it is."""
+    return "sys/" + (key if "/" in key else key.replace(".", "/"))
 
 
 class SysctlFiles:

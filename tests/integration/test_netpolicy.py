@@ -4,7 +4,7 @@ bandwidth, coexistence with other tables, repair.
 Topology, all made by the test (the machine's own network is never touched):
 
     "internet" ns            test "host" ns                        tenant namespaces
-    eth0 192.0.2.1/24 ---- up0 192.0.2.2/24 (+ .77 for SNAT)
+    eth0 192.0.2.1/24 ---- up0.7 192.0.2.2/24 (+ .77 for SNAT)
          2001:db8::1/64         2001:db8::2/64
                                 <prefix>1001 100.72.0.1/32 ---- eth0 100.72.0.11 (t1)
                                 <prefix>1002 100.72.0.1/32 ---- eth0 100.72.0.12 (t2)
@@ -43,6 +43,8 @@ PY = sys.executable
 GW4 = IPv4Address("100.72.0.1")
 POOL4 = IPv4Network("100.72.0.0/16")
 POOL6 = IPv6Network("fd00:72::/48")
+#: the uplink's name has a dot, as a VLAN's (eth0.100): sysctl keys must not split it
+UPLINK = "up0.7"
 UPLINK_V4 = "192.0.2.2"
 SNAT_V4 = "192.0.2.77"
 INET_V4 = "192.0.2.1"
@@ -170,7 +172,7 @@ class Topo:
         return self.specs[name].netns_path
 
     def network(self, **cfg: Any) -> HostNetwork:
-        config = npol.config_from_mapping({"uplinks": ["up0"], **cfg})
+        config = npol.config_from_mapping({"uplinks": [UPLINK], **cfg})
         return HostNetwork(
             config,
             self.adapter,
@@ -215,7 +217,7 @@ def internet(host: str) -> Iterator[str]:
             "ip",
             "link",
             "add",
-            "up0",
+            UPLINK,
             "netns",
             host,
             "type",
@@ -240,10 +242,10 @@ def internet(host: str) -> Iterator[str]:
                 host,
                 [
                     ["link", "set", "lo", "up"],
-                    ["link", "set", "up0", "up"],
-                    ["addr", "add", f"{UPLINK_V4}/24", "dev", "up0"],
-                    ["addr", "add", f"{SNAT_V4}/32", "dev", "up0"],
-                    ["-6", "addr", "add", "2001:db8::2/64", "dev", "up0", "nodad"],
+                    ["link", "set", UPLINK, "up"],
+                    ["addr", "add", f"{UPLINK_V4}/24", "dev", UPLINK],
+                    ["addr", "add", f"{SNAT_V4}/32", "dev", UPLINK],
+                    ["-6", "addr", "add", "2001:db8::2/64", "dev", UPLINK, "nodad"],
                     ["route", "add", "default", "via", INET_V4],
                     ["-6", "route", "add", "default", "via", INET_V6],
                 ],
@@ -322,7 +324,9 @@ async def test_egress_nat_and_isolation(topo: Topo) -> None:
     # forwarding was switched on per interface only
     assert sh(topo.host, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
     assert sh(topo.host, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "0"
-    assert sh(topo.host, "sysctl", "-n", "net.ipv6.conf.up0.forwarding").stdout.strip() == "0"
+    assert sh(topo.host, "sysctl", "-n", f"net/ipv6/conf/{UPLINK}/forwarding").stdout.strip() == "0"
+    # the uplink's name has a dot (as a VLAN's): its own switch was found and set
+    assert sh(topo.host, "sysctl", "-n", f"net/ipv4/conf/{UPLINK}/forwarding").stdout.strip() == "1"
 
 
 async def test_conntrack_limit(topo: Topo) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from nsd.net import policy as npol
+from nsd.net.sysctl_files import sysctl_relpath
 from tests import golden
 
 SITE = npol.Site(
@@ -300,6 +301,30 @@ def test_forwarding_plan_per_interface() -> None:
         ("net.ipv6.conf.nsd1001.force_forwarding", "1"),
     }
     assert not plan.notes
+
+
+def test_forwarding_plan_spells_dotted_interface_names_with_slashes() -> None:
+    """A VLAN uplink (eth0.100): in a dotted key its dot would read as a separator
+    (net.ipv4.conf.eth0.100.forwarding is net/ipv4/conf/eth0/100/forwarding, which
+    does not exist); sysctl(8)'s '/' spelling keeps the name whole."""
+    site = replace(SITE, uplinks=("eth0.100",))
+    ra = {"eth0.100": 1}
+    plan = npol.forwarding_plan(site, ["nsd1001"], force_forwarding=False, accept_ra=ra)
+    assert plan.sysctls == (
+        ("net/ipv4/conf/eth0.100/forwarding", "1"),
+        ("net.ipv4.conf.nsd1001.forwarding", "1"),
+        ("net/ipv6/conf/eth0.100/accept_ra", "2"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+    )
+    paths = [sysctl_relpath(k) for k, _ in plan.sysctls]
+    assert paths == [
+        "sys/net/ipv4/conf/eth0.100/forwarding",
+        "sys/net/ipv4/conf/nsd1001/forwarding",
+        "sys/net/ipv6/conf/eth0.100/accept_ra",
+        "sys/net/ipv6/conf/all/forwarding",
+    ]
+    inside = replace(SITE, tenant_interface="veth.1")
+    assert npol.tenant_sysctls(cfg(), inside) == (("net/ipv4/conf/veth.1/route_localnet", "1"),)
 
 
 def test_forwarding_plan_old_kernel_keeps_router_advertisements() -> None:
