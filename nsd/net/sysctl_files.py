@@ -52,8 +52,9 @@ class SysctlFiles:
             self._root = None
 
     def open(self, key: str, flags: int) -> int:
-        """An fd of sysctl ``key`` (a dotted name, already validated), opened with
-        ``flags`` (O_CLOEXEC is added). Raises OSError as ``os.open`` does."""
+        """An fd of sysctl ``key`` (spelled as :func:`sysctl_relpath` takes it; validated
+        or made by nsd), opened with ``flags`` (O_CLOEXEC is added). Raises OSError as
+        ``os.open`` does."""
         root = self._procfs()
         if root is None:
             return os.open("/proc/" + sysctl_relpath(key), flags | os.O_CLOEXEC)
