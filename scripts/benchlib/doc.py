@@ -605,11 +605,11 @@ def _boot_left(f: dict[str, Any]) -> str:
 What remains between nsd and the floors is Python: importing nsd and preparing (~0.4 s
 at any N), the worker's check (~0.8 ms per tenant in development runs, bound by the
 interpreter lock: two worker threads were slower, above), and on the create path the
-event loop's ~1.5-2 ms per tenant. The one way left to approach the floors is moving
-each tenant's netlink work into C (a helper process or an extension module speaking
-nsd's requests), which this work did not attempt. The host-side design (a gateway
-address on each of N host links) costs the kernel ~0.7 ms per tenant at 1,000 (fourth
-round, above) and was kept."""
+event loop's ~1.4 ms per tenant and the hand-offs between threads. The one way left
+to approach the floors is moving each tenant's netlink work into C (a helper process
+or an extension module speaking nsd's requests), which this work did not attempt. The
+host-side design (a gateway address on each of N host links) costs the kernel ~0.7 ms
+per tenant at 1,000 (fourth round, above) and was kept."""
 
 
 def _boot(r: dict[str, Any]) -> str:
