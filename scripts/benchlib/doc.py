@@ -767,7 +767,7 @@ Fourth round (from `ef0537e`; warm restart 1.66 s, API `Reconcile` of 1,000 tena
   0.41 ms (nsd-floor, timed per step), a new instance ~0.13 ms. nsd-floor now opens
   its sysctl that way too, so it stays the cheapest known way to do nsd's work: 2.0{TIMES}
   the ip -batch floor at c9c02a5's boot-only run this round (2.43 s against 1.19 s),
-  where it had been 2.9-3.3{TIMES}.
+  where it had been 2.8-3.3{TIMES}.
 * **The gateway addresses**, measured again: nsd-floor create without them (the host
   veth's MAC fixed, permanent neighbour entries for both gateways inside the namespace,
   the host routes without a preferred source) took 2.28 s against 2.98 s at 1,000; part
