@@ -580,8 +580,8 @@ def _boot_left(f: dict[str, Any]) -> str:
     if f["cold_vs_batch"] <= 2.5:
         cold = f"""* cold start ≤ 2.5{TIMES} the ip -batch floor: met in this run
   ({f["cold_vs_batch"]:.1f}{TIMES}), but on an ip -batch floor of {f["ip_batch_s"]:.2f} s; in the
-  boot-only runs of the fourth round, where it took 1.1-1.3 s, nsd took 4.1-4.4{TIMES}. The
-  ratio follows the machine's load more than nsd's code."""
+  boot-only runs of the fourth round, where it took 1.1-1.3 s, nsd took 4.1-4.4{TIMES}: on
+  this machine the ratio varies between runs by more than its distance to the target."""
     else:
         cold = f"""* cold start ≤ 2.5{TIMES} the ip -batch floor: missed in this run
   ({f["cold_vs_batch"]:.1f}{TIMES})."""
