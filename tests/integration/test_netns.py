@@ -583,20 +583,20 @@ async def test_sysctls_go_through_a_renewed_procfs_of_the_workers_own(
     specs = port_start_specs(run_dir, link_prefix, 5)
     for s in specs:
         result = await adapter.ensure(s)
-        assert (
-            f"set net.ipv4.ip_unprivileged_port_start={s.sysctls[0][1]} in " + (s.netns_path)
-            in result.actions
+        value = s.sysctls[0][1]
+        assert f"set net.ipv4.ip_unprivileged_port_start={value} in {s.netns_path}" in (
+            result.actions
         )
     # namespaces 1-2, 3-4 and 5, one instance each
     assert len(mounted) == 3
     assert files.own_procfs
     for s in specs:
-        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == (s.sysctls[0][1])
+        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == s.sysctls[0][1]
     assert sysctl_in(host_netns, "net.ipv4.ip_unprivileged_port_start") == "1024"
     # a restart's check reads through it and finds nothing to change
     for s in specs:
         assert (await adapter.ensure(s)).actions == ()
-    # 5 and 1 (one instance still), 2-3, 4-5
+    # the instance of namespace 5 also serves the check of 1; then 2-3 and 4-5
     assert len(mounted) == 5
     # in no mount table: not the test's, not the worker's (the same mount namespace)
     assert procfs_mounts() == before
@@ -626,7 +626,7 @@ async def test_sysctls_fall_back_to_proc_without_the_mount_api(
     assert not adapter._worker.sysctl_files.own_procfs
     assert "sysctls are opened through /proc" in caplog.text
     for s in specs:
-        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == (s.sysctls[0][1])
+        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == s.sysctls[0][1]
 
 
 # ----------------------------------------------------------------------------------
