@@ -28,6 +28,7 @@ from nsd.model import Check, HostService, NetworkStatus
 from nsd.net import nft, shaping
 from nsd.net import policy as npol
 from nsd.net.netns import NetnsAdapter, NetnsError
+from nsd.net.sysctl_files import SysctlFiles
 
 log = logging.getLogger("nsd.network")
 
@@ -47,28 +48,16 @@ class NetworkReport:
 
 
 def _write_sysctls(
-    pairs: Sequence[tuple[str, str]],
-    where: str,
-    opener: Callable[[str, int], int],
+    pairs: Sequence[tuple[str, str]], where: str, files: SysctlFiles
 ) -> tuple[list[str], list[str]]:
-    """Write ``pairs`` in the calling thread's namespace; (changes, problems).
-    ``opener(key, flags)``: an fd of the sysctl (HostNetwork._sysctl_opener)."""
+    """Write ``pairs`` in the calling thread's namespace through ``files``
+    (HostNetwork._sysctl_files); (changes, problems)."""
     changed: list[str] = []
     problems: list[str] = []
     for key, value in pairs:
         try:
-            fd = opener(key, os.O_RDONLY)
-            try:
-                current = os.read(fd, 4096).decode("ascii").strip()
-            finally:
-                os.close(fd)
-            if current == value:
+            if not files.ensure(key, value):
                 continue
-            fd = opener(key, os.O_WRONLY)
-            try:
-                os.write(fd, value.encode())
-            finally:
-                os.close(fd)
         except OSError as e:
             problems.append(f"cannot set {key}={value} ({where}): {e.strerror}")
             continue
@@ -246,12 +235,12 @@ class HostNetwork:
         report.extend(await self._in(None, lambda _ipr: self._forwarding(tenants, links)))
         return report
 
-    def _sysctl_opener(self) -> Callable[[str, int], int]:
-        """On the worker, once per namespace visited: how ``_write_sysctls`` opens
-        there (the worker's own procfs: nsd/net/sysctl_files.py says why)."""
+    def _sysctl_files(self) -> SysctlFiles:
+        """On the worker, once per namespace visited: where ``_write_sysctls`` opens
+        (the worker's own procfs: nsd/net/sysctl_files.py says why)."""
         files = self.net.worker_sysctl_files
         files.next_namespace()
-        return files.open
+        return files
 
     def _remember(self, tenants: Sequence[npol.TenantNet]) -> None:
         self._loaded = {t.uid: t for t in tenants}
@@ -365,7 +354,7 @@ class HostNetwork:
             accept_ra=accept_ra,
         )
         self.forwarding_notes = plan.notes
-        changed, problems = _write_sysctls(plan.sysctls, "host", self._sysctl_opener())
+        changed, problems = _write_sysctls(plan.sysctls, "host", self._sysctl_files())
         report.actions += changed
         report.problems += problems
         return report
@@ -387,7 +376,7 @@ class HostNetwork:
 
         def inside(ipr: Any) -> NetworkReport:
             r = NetworkReport()
-            changed, problems = _write_sysctls(tenant_sysctls, tenant.name, self._sysctl_opener())
+            changed, problems = _write_sysctls(tenant_sysctls, tenant.name, self._sysctl_files())
             r.actions += changed
             r.problems += problems
             r.actions += _apply_document(document, tenant.name)
@@ -398,7 +387,7 @@ class HostNetwork:
 
         def host_side(ipr: Any) -> NetworkReport:
             r = NetworkReport()
-            changed, problems = _write_sysctls(host_sysctls, "host", self._sysctl_opener())
+            changed, problems = _write_sysctls(host_sysctls, "host", self._sysctl_files())
             r.actions += changed
             r.problems += problems
             r.actions += shaping.ensure(

@@ -161,12 +161,8 @@ def detached_mount(fstype: str) -> int:
     if fs < 0:
         _raise_errno()
     try:
-        if (
-            lib.syscall(
-                long(_SYS_FSCONFIG), long(fs), long(FSCONFIG_CMD_CREATE), None, None, long(0)
-            )
-            < 0
-        ):
+        create = long(FSCONFIG_CMD_CREATE)
+        if lib.syscall(long(_SYS_FSCONFIG), long(fs), create, None, None, long(0)) < 0:
             _raise_errno()
         attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
         mnt = lib.syscall(long(_SYS_FSMOUNT), long(fs), long(FSMOUNT_CLOEXEC), long(attrs))

@@ -93,18 +93,6 @@ def validate_sysctl(key: str, value: str) -> None:
         raise NetnsError("validate", f"sysctl {key}: bad value {value!r}", errno.EINVAL)
 
 
-def sysctl_tokens(value: str) -> list[str]:
-    """Compare sysctl values as the kernel prints them: whitespace-separated, numbers
-    as numbers ("00" is written, "0" read back)."""
-    out = []
-    for token in value.split():
-        try:
-            out.append(str(int(token)))
-        except ValueError:
-            out.append(token)
-    return out
-
-
 class kernel_step:  # used like a function: ``with kernel_step(...)``
     """Turn pyroute2's and the kernel's errors into NetnsError(step), keeping errno.
 

@@ -34,7 +34,6 @@ from nsd.net.netns_spec import (
     NetworkRef,
     NetworkSpec,
     kernel_step,
-    sysctl_tokens,
 )
 from nsd.net.rtnl import Rtnl, dump_routes, get_link, route_dst
 from nsd.net.rtnl_wire import NetlinkError, netlink_errors
@@ -283,19 +282,7 @@ class Worker:
         """Write ``value`` to sysctl ``key`` of the thread's current namespace unless it
         holds that already; whether it wrote."""
         with kernel_step("sysctl", key):
-            fd = self.sysctl_files.open(key, os.O_RDONLY)
-            try:
-                current = os.read(fd, 4096).decode("ascii")
-            finally:
-                os.close(fd)
-            if sysctl_tokens(current) == sysctl_tokens(value):
-                return False
-            fd = self.sysctl_files.open(key, os.O_WRONLY)
-            try:
-                os.write(fd, value.encode("ascii"))
-            finally:
-                os.close(fd)
-        return True
+            return self.sysctl_files.ensure(key, value)
 
     # -- running foreign work inside a namespace ---------------------------------------
 

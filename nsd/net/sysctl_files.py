@@ -34,6 +34,18 @@ def sysctl_relpath(key: str) -> str:
     return "sys/" + (key if "/" in key else key.replace(".", "/"))
 
 
+def sysctl_tokens(value: str) -> list[str]:
+    """Compare sysctl values as the kernel prints them: whitespace-separated, numbers
+    as numbers ("00" is written, "0" read back)."""
+    out = []
+    for token in value.split():
+        try:
+            out.append(str(int(token)))
+        except ValueError:
+            out.append(token)
+    return out
+
+
 class SysctlFiles:
     """Opens sysctl files for the calling thread's current namespace."""
 
@@ -59,6 +71,24 @@ class SysctlFiles:
         if root is None:
             return os.open("/proc/" + sysctl_relpath(key), flags | os.O_CLOEXEC)
         return os.open(sysctl_relpath(key), flags | os.O_CLOEXEC, dir_fd=root)
+
+    def ensure(self, key: str, value: str) -> bool:
+        """Write ``value`` to sysctl ``key`` unless it holds that already, compared as
+        the kernel prints it (:func:`sysctl_tokens`); whether it wrote. Raises
+        OSError."""
+        fd = self.open(key, os.O_RDONLY)
+        try:
+            current = os.read(fd, 4096).decode("ascii")
+        finally:
+            os.close(fd)
+        if sysctl_tokens(current) == sysctl_tokens(value):
+            return False
+        fd = self.open(key, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode("ascii"))
+        finally:
+            os.close(fd)
+        return True
 
     def close(self) -> None:
         if self._root is not None:
