@@ -12,6 +12,7 @@ Nothing here keeps state beyond the lazily loaded C library handle.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "UMOUNT_NOFOLLOW",
     "detached_mount",
     "mount",
+    "mount_id",
     "ns_get_nstype",
     "setns",
     "umount2",
@@ -171,6 +173,16 @@ def detached_mount(fstype: str) -> int:
         return int(mnt)
     finally:
         os.close(fs)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount that ``fd`` was opened through (its ``mnt_id`` in
+    /proc/thread-self/fdinfo, as in mountinfo); Python 3.11 has no ``statx``."""
+    with open(f"/proc/thread-self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line[7:])
+    raise OSError(errno.ENOTSUP, f"no mnt_id in the fdinfo of fd {fd}")
 
 
 def ns_get_nstype(fd: int) -> int:

@@ -85,7 +85,7 @@ class HostView:
 def links_of(tenant: Rtnl, where: str) -> dict[int, Any]:
     """Every link of a tenant's namespace by index: one request for what the checks
     of its pair and of lo would otherwise ask one by one."""
-    with kernel_step("link", f"list links in {where}"):
+    with kernel_step("link", "list links in %s", where):
         return {int(link["index"]): link for link in tenant.links()}
 
 
@@ -98,7 +98,7 @@ def find_pair(
     """(host link or None, its peer if that peer is a veth inside ``ns_fd`` or None).
     ``tenant_links``: the namespace's links as listed just before (links_of)."""
     ipr = host_nl
-    with kernel_step("veth", f"inspect {spec.host_ifname}"):
+    with kernel_step("veth", "inspect %s", spec.host_ifname):
         host = get_link(ipr, ifname=spec.host_ifname)
         if host is None or link_kind(host) != "veth":
             return host, None
@@ -117,7 +117,7 @@ def find_pair(
 def clear_name(tenant: Rtnl, name: str, where: str, actions: list[str]) -> None:
     """Delete whatever link is called ``name`` inside a tenant's namespace (all of it
     is nsd's) so that the name can be given to the veth peer."""
-    with kernel_step("veth", f"clear {name} in {where}"):
+    with kernel_step("veth", "clear %s in %s", name, where):
         squatter = get_link(tenant, ifname=name)
         if squatter is not None:
             tenant.link_del(int(squatter["index"]))
@@ -134,7 +134,7 @@ def create_pair(
 ) -> tuple[Any, Any]:
     host_name, peer_name = spec.host_ifname, spec.peer_ifname
     clear_name(tenant, peer_name, spec.netns_path, actions)
-    with kernel_step("veth", f"create {host_name}"):
+    with kernel_step("veth", "create %s", host_name):
         # The peer is created directly in the namespace (IFLA_NET_NS_FD inside the
         # peer's attributes): there is never a half-moved pair.
         host_nl.veth_add(host_name, peer_name, ns_fd, spec.mtu)
@@ -163,7 +163,7 @@ def ensure_veth(
     if host is not None and peer is None:
         # Not a veth, or its peer lives elsewhere (e.g. the namespace was recreated
         # while the old one was still pinned): the name is ours, start over.
-        with kernel_step("veth", f"delete {spec.host_ifname}"):
+        with kernel_step("veth", "delete %s", spec.host_ifname):
             try:
                 ipr.link_del(int(host["index"]))
             except NetlinkError as e:
@@ -179,7 +179,7 @@ def ensure_veth(
     old = peer.get_attr("IFLA_IFNAME")
     if old != spec.peer_ifname:
         clear_name(tenant, spec.peer_ifname, spec.netns_path, actions)
-        with kernel_step("veth", f"rename {old} to {spec.peer_ifname} in {spec.netns_path}"):
+        with kernel_step("veth", "rename %s to %s in %s", old, spec.peer_ifname, spec.netns_path):
             # a link must be down to be renamed; ensure_tenant_side brings it up again
             tenant.link_set(peer_idx, up=False)
             tenant.link_set(peer_idx, ifname=spec.peer_ifname)
@@ -191,7 +191,7 @@ def ensure_veth(
         for ipr_, link, where in ((ipr, host, "host"), (tenant, peer, spec.netns_path)):
             if link.get_attr("IFLA_MTU") != spec.mtu:
                 name = link.get_attr("IFLA_IFNAME")
-                with kernel_step("link", f"set mtu of {name}"):
+                with kernel_step("link", "set mtu of %s", name):
                     ipr_.link_set(int(link["index"]), mtu=spec.mtu)
                 actions.append(f"set mtu {spec.mtu} on {name} ({where})")
     return host, peer, created
@@ -200,7 +200,7 @@ def ensure_veth(
 def ensure_up(ipr: Rtnl, link: Any, where: str, actions: list[str]) -> None:
     if not is_up(link):
         name = link.get_attr("IFLA_IFNAME")
-        with kernel_step("link", f"set {name} up"):
+        with kernel_step("link", "set %s up", name):
             ipr.link_set(int(link["index"]), up=True)
         actions.append(f"set {name} up ({where})")
 
@@ -220,7 +220,7 @@ def ensure_addresses(
     IPv6 link-local ones (which are regenerated anyway and harm nobody). ``fresh``: the
     link was created by this call and has none of its own, so nothing is listed;
     ``known``: its addresses as a :class:`HostView` listed them."""
-    with kernel_step("address", f"list addresses of {ifname}"):
+    with kernel_step("address", "list addresses of %s", ifname):
         if fresh:
             known = ()
         elif known is None:
@@ -237,7 +237,7 @@ def ensure_addresses(
             continue
         if addr.version == 6 and addr.is_link_local and all(addr != w for w, _ in want):
             continue
-        with kernel_step("address", f"delete {addr}/{key[1]} from {ifname}"):
+        with kernel_step("address", "delete %s/%s from %s", addr, key[1], ifname):
             try:
                 ipr.addr_change(False, index, addr, key[1])
             except NetlinkError as e:
@@ -248,7 +248,7 @@ def ensure_addresses(
     for addr, plen in want:
         if (addr, plen) in present:
             continue
-        with kernel_step("address", f"add {addr}/{plen} to {ifname}"):
+        with kernel_step("address", "add %s/%s to %s", addr, plen, ifname):
             ipr.addr_change(True, index, addr, plen)
         actions.append(f"added {addr}/{plen} to {ifname} ({where})")
 
@@ -273,7 +273,7 @@ def ensure_routes(
     the namespace) can be one of ``want`` yet, so nothing is listed: a dump walks every
     route of the namespace, which made each tenant's build O(tenants) on the host.
     ``known``: the routes via ``oif`` as a :class:`HostView` listed them."""
-    with kernel_step("route", f"list routes via {ifname}"):
+    with kernel_step("route", "list routes via %s", ifname):
         if fresh:
             known = ()
         elif known is None:
@@ -289,12 +289,12 @@ def ensure_routes(
         for r in same_dst:
             if w.matches(r):
                 continue
-            with kernel_step("route", f"delete a wrong route to {w.dst}"):
+            with kernel_step("route", "delete a wrong route to %s", w.dst):
                 ipr.route_del(r)
             actions.append(f"deleted a wrong route to {w.dst} ({where})")
         if any(w.matches(r) for r in same_dst):
             continue
-        with kernel_step("route", f"add route {w} dev {ifname}"):
+        with kernel_step("route", "add route %s dev %s", w, ifname):
             try:
                 ipr.route_add(w)
             except NetlinkError as e:
@@ -320,7 +320,7 @@ def ensure_tenant_side(
     (lo is among them)."""
     where = spec.netns_path
     peer_idx = int(peer["index"])
-    with kernel_step("link", f"inspect lo in {where}"):
+    with kernel_step("link", "inspect lo in %s", where):
         lo = tenant_links.get(LOOPBACK_INDEX)
         if lo is None or lo.get_attr("IFLA_IFNAME") != "lo":
             lo = get_link(tenant, ifname="lo")

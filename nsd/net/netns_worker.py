@@ -99,7 +99,7 @@ class Worker:
         if host_netns_path is not None:
             fd = self.files.open_namespace(host_netns_path)
             try:
-                with kernel_step("open", f"enter host namespace {host_netns_path}"):
+                with kernel_step("open", "enter host namespace %s", host_netns_path):
                     linux.setns(fd, linux.CLONE_NEWNET)
             finally:
                 os.close(fd)
@@ -187,7 +187,7 @@ class Worker:
 
     @contextmanager
     def entered(self, fd: int, what: str) -> Iterator[None]:
-        with kernel_step("open", f"enter {what}"):
+        with kernel_step("open", "enter %s", what):
             linux.setns(fd, linux.CLONE_NEWNET)
         try:
             yield
@@ -201,7 +201,7 @@ class Worker:
         with kernel_step("unshare", "create a network namespace"):
             linux.unshare(linux.CLONE_NEWNET)
         try:
-            with kernel_step("mount", f"bind the namespace to {path}"):
+            with kernel_step("mount", "bind the namespace to %s", path):
                 linux.mount("/proc/thread-self/ns/net", path, "none", linux.MS_BIND)
         finally:
             # Leaving drops the thread's reference; the bind mount keeps it alive.
@@ -219,16 +219,17 @@ class Worker:
             view = netns_links.HostView(self.host_nl())
         self._view, self._view_job = view, self.jobs
         out: list[EnsureResult | NetnsError] = []
-        for spec in specs:
-            try:
-                out.append(self.ensure(spec, adopt, view))
-            except NetnsError as e:
-                out.append(e)
-                if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
-                    # as run() does: the host socket may be out of step, and what the
-                    # listing says may no longer hold
-                    self.reset_host_ipr()
-                    view = self._view = None
+        with self.files.batch():
+            for spec in specs:
+                try:
+                    out.append(self.ensure(spec, adopt, view))
+                except NetnsError as e:
+                    out.append(e)
+                    if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
+                        # as run() does: the host socket may be out of step, and what the
+                        # listing says may no longer hold
+                        self.reset_host_ipr()
+                        view = self._view = None
         return out
 
     def ensure(
@@ -248,7 +249,7 @@ class Worker:
             # through the host's socket; then its sysctls, some of which (route_localnet)
             # are the peer's.
             with self.entered(ns_fd, spec.netns_path):
-                with kernel_step("open", f"netlink socket in {spec.netns_path}"):
+                with kernel_step("open", "netlink socket in %s", spec.netns_path):
                     tenant = Rtnl()
                 links = netns_links.links_of(tenant, spec.netns_path)
                 host, peer, created = netns_links.ensure_veth(
@@ -292,7 +293,7 @@ class Worker:
         fd = self.files.open_namespace(path)
         try:
             with self.entered(fd, path):
-                with kernel_step("open", f"netlink socket in {path}"):
+                with kernel_step("open", "netlink socket in %s", path):
                     ipr = new_ipr()
                 try:
                     return fn(ipr)
@@ -312,7 +313,7 @@ class Worker:
 
     def delete_link(self, name: str, actions: list[str]) -> None:
         ipr = self.host_nl()
-        with kernel_step("link", f"delete {name}"):
+        with kernel_step("link", "delete %s", name):
             link = get_link(ipr, ifname=name)
             if link is None:
                 return

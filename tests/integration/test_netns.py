@@ -385,6 +385,9 @@ async def test_run_dir_is_a_shared_mount_point_and_mounts_do_not_stack(
         ns_mounts = mounts_at(s.netns_path)
         assert len(ns_mounts) == 1, ns_mounts
         assert ns_mounts[0][8] == "nsfs"
+        # shared too, the second as well, for which the run dir was only kept shared
+        # (not walked recursively again): born under a shared mount
+        assert any(f.startswith("shared:") for f in ns_mounts[0][6 : ns_mounts[0].index("-")])
     # no copies of the namespace files anywhere else (e.g. the run dir's parent)
     for s in specs:
         inode = f"net:[{os.stat(s.netns_path).st_ino}]"
