@@ -331,6 +331,24 @@ async def test_stale_file_gets_a_fresh_namespace(
     assert ping(host_netns, "100.72.0.11")
 
 
+async def test_new_namespace_replaces_a_host_link_with_its_name(
+    adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
+) -> None:
+    """A link already holding the host end's name (here a veth whose peer is in the
+    host) when a new namespace is made is deleted, and the pair made."""
+    peer = "sq" + spec.host_ifname
+    run_in(host_netns, "ip", "link", "add", spec.host_ifname, "type", "veth", "peer", "name", peer)
+    result = await adapter.ensure(spec)
+    assert not result.adopted_existing
+    assert f"deleted {spec.host_ifname}: its peer was not in {spec.netns_path}" in result.actions
+    host_link = ip_json(host_netns, "-d", "link", "show", "dev", spec.host_ifname)[0]
+    assert host_link["linkinfo"]["info_kind"] == "veth"
+    assert links(spec.netns_path) == ["eth0", "lo"]
+    assert peer not in [link["ifname"] for link in ip_json(host_netns, "link", "show")]
+    assert (await adapter.ensure(spec)).actions == ()
+    assert ping(host_netns, "100.72.0.11")
+
+
 async def test_recreated_namespace_while_old_one_is_pinned(
     adapter: NetnsAdapter, spec: NetworkSpec, host_netns: str
 ) -> None:
