@@ -233,8 +233,15 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
         try:
             with open(self.log, "ab") as log:
+                # A process group of its own: with a wrapper in ``prefix`` (strace),
+                # killing the wrapper alone would leave nsd running (see kill()).
                 self.proc = subprocess.Popen(
-                    [*(prefix or []), *self.command()], stdout=log, stderr=log, env=env, cwd=ROOT
+                    [*(prefix or []), *self.command()],
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    cwd=ROOT,
+                    process_group=0,
                 )
         except BaseException:
             close_notify(notify)
@@ -261,17 +268,24 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise AssertionError(
                 f"nsd did not stop within {timeout}s:\n{self.log_text()}"
             ) from None
 
     def kill(self) -> None:
-        """SIGKILL it if it runs (cleanup after a failure)."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL it, and whatever else runs in the process group spawn() gave it
+        (cleanup after a failure: nsd under a wrapper such as strace)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        # A group led by the process's pid exists only if spawn() made it (subclasses
+        # may start nsd themselves, in their own group): it outlives a dead leader for
+        # as long as any member runs.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def restart(self) -> None:
         assert self.stop() == 0, self.log_text()
