@@ -607,13 +607,13 @@ N); in the worker, Python around each tenant's requests (~0.7 ms per tenant when
 creating, fifth round; ~0.8 ms when checking, bound by the interpreter lock: two
 worker threads were slower, above) and ~0.35 ms per tenant more of the kernel's time
 than nsd-floor takes (not in the reads nsd-floor leaves out: fifth round); on the
-create path the event loop's ~1.4 ms
-per tenant and the hand-offs between threads. Moving each tenant's netlink work into C
-(a helper process or an extension module speaking nsd's requests) would take the
-Python share, not the kernel's: at best nsd-floor's time plus the ~0.4 s start, which
-on this machine is still about the 2.5{TIMES} target itself; this work did not attempt
-it. The host-side design (a gateway address on each of N host links) costs the kernel
-~0.7 ms per tenant at 1,000 (fourth round, above) and was kept."""
+create path the event loop's ~1.4 ms per tenant and the hand-offs between threads.
+Moving each tenant's netlink work into C (a helper process or an extension module
+speaking nsd's requests) would take the Python share, not the kernel's: at best
+nsd-floor's time plus the ~0.4 s start, which in this round's runs would have been
+1.8-2.4{TIMES} the ip -batch floor, under the target with little to spare; this work
+did not attempt it. The host-side design (a gateway address on each of N host links)
+costs the kernel ~0.7 ms per tenant at 1,000 (fourth round, above) and was kept."""
 
 
 def _boot(r: dict[str, Any]) -> str:
