@@ -150,21 +150,28 @@ class NamespaceFiles:
             # done that on the run dir's mount, the namespaces mounted since were born
             # shared (a mount made under a shared one is), so only the run dir's own
             # mount needs to be kept shared.
-            known = linux.mount_id(lock_fd) == self._shared_mount
+            mount = self._mount_of(lock_fd)
+            known = mount != -1 and mount == self._shared_mount
             self.make_run_dir_shared(actions, recursive=not known)
             if not known:
-                self._shared_mount = self._run_dir_mount()
+                fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    self._shared_mount = self._mount_of(fd)
+                finally:
+                    os.close(fd)
         except BaseException:
             os.close(lock_fd)
             raise
         return lock_fd
 
-    def _run_dir_mount(self) -> int:
-        fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    @staticmethod
+    def _mount_of(fd: int) -> int:
+        """The mount ``fd`` was opened through, or -1 if procfs does not say (then the
+        run dir is shared recursively every time, as before)."""
         try:
             return linux.mount_id(fd)
-        finally:
-            os.close(fd)
+        except OSError:
+            return -1
 
     def make_run_dir_shared(self, actions: list[str], *, recursive: bool = True) -> None:
         run_dir = self.run_dir

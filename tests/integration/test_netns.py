@@ -9,6 +9,7 @@ to a temporary run dir instead of /run/netns.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -811,6 +812,24 @@ def test_worker_that_cannot_return_home_ends_the_process(
     assert proc.returncode == 70, proc.stderr
     assert "still running" not in proc.stdout
     assert "cannot return the netns worker to the host namespace" in proc.stderr
+
+
+async def test_run_dir_shared_recursively_when_the_mount_id_is_unknown(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a mount id from procfs the run dir is shared recursively for every new
+    namespace, as before, and every namespace mount is still shared."""
+
+    def no_mount_id(fd: int) -> int:
+        raise OSError(errno.ENOTSUP, "no mnt_id")
+
+    monkeypatch.setattr(linux, "mount_id", no_mount_id)
+    specs = [make_spec(run_dir, link_prefix, n) for n in (1, 2)]
+    for s in specs:
+        assert not (await adapter.ensure(s)).adopted_existing
+    for s in specs:
+        (m,) = mounts_at(s.netns_path)
+        assert any(f.startswith("shared:") for f in m[6 : m.index("-")])
 
 
 async def test_run_dir_inside_a_shared_mount_gets_its_own_peer_group(
