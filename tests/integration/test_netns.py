@@ -814,22 +814,37 @@ def test_worker_that_cannot_return_home_ends_the_process(
     assert "cannot return the netns worker to the host namespace" in proc.stderr
 
 
-async def test_run_dir_shared_recursively_when_the_mount_id_is_unknown(
-    adapter: NetnsAdapter, run_dir: str, link_prefix: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("mount_id_known", [True, False])
+async def test_run_dir_shared_recursively_only_while_its_mount_is_new(
+    adapter: NetnsAdapter,
+    run_dir: str,
+    link_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    mount_id_known: bool,
 ) -> None:
-    """Without a mount id from procfs the run dir is shared recursively for every new
-    namespace, as before, and every namespace mount is still shared."""
+    """The run dir is shared recursively (walking every namespace mounted below) the
+    first time; later only its own mount is kept shared, so a namespace mount made
+    private meanwhile stays private. Without a mount id from procfs every new namespace
+    shares it recursively, as before, and that mount is shared again."""
 
-    def no_mount_id(fd: int) -> int:
-        raise OSError(errno.ENOTSUP, "no mnt_id")
+    def shared(path: str) -> bool:
+        (m,) = mounts_at(path)
+        return any(f.startswith("shared:") for f in m[6 : m.index("-")])
 
-    monkeypatch.setattr(linux, "mount_id", no_mount_id)
-    specs = [make_spec(run_dir, link_prefix, n) for n in (1, 2)]
-    for s in specs:
-        assert not (await adapter.ensure(s)).adopted_existing
-    for s in specs:
-        (m,) = mounts_at(s.netns_path)
-        assert any(f.startswith("shared:") for f in m[6 : m.index("-")])
+    if not mount_id_known:
+
+        def no_mount_id(fd: int) -> int:
+            raise OSError(errno.ENOTSUP, "no mnt_id")
+
+        monkeypatch.setattr(linux, "mount_id", no_mount_id)
+    first, second = (make_spec(run_dir, link_prefix, n) for n in (1, 2))
+    await adapter.ensure(first)
+    assert shared(first.netns_path)
+    linux.mount("", first.netns_path, None, linux.MS_PRIVATE)
+    assert not shared(first.netns_path)
+    assert not (await adapter.ensure(second)).adopted_existing
+    assert shared(second.netns_path)
+    assert shared(first.netns_path) is not mount_id_known
 
 
 async def test_run_dir_inside_a_shared_mount_gets_its_own_peer_group(
