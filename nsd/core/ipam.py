@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Generic, TypeVar
 
 from nsd.config import IpamConfig, TenantsConfig
-from nsd.core.store import Store, now_us
+from nsd.core.store import LeaseIndex, Store, now_us
 from nsd.errors import AddressConflict, AddressPoolExhausted
 
 ULA_META_KEY = "ipv6_ula_prefix"
@@ -32,25 +32,51 @@ T = TypeVar("T")
 
 class _Candidates(Generic[T]):
     """A pool's candidates in allocation order, each with its text as the store keeps
-    it, formatted once. The lowest free one is searched from the start of the pool on
-    every allocation; formatting each candidate anew with ``ipaddress`` (~20 µs for an
-    IPv6 network) made that 20-40 ms per Create at 1,000 tenants, on the event loop,
-    where it also held the GIL that the netns worker needs after each system call."""
+    it, formatted once: formatting each anew with ``ipaddress`` (~20 µs for an IPv6
+    network) made the search 20-40 ms per Create at 1,000 tenants, on the event loop,
+    where it also held the GIL that the netns worker needs after each system call.
+
+    The search starts at ``_floor``: every candidate below it was active when last
+    looked at. An active lease stops being one only by a release (LeaseIndex.releases
+    counts them), so until the next release the floor holds, and a Create on a pool
+    filled from the start looks at one candidate instead of all (~0.2 ms per Create
+    at 1,000 tenants). Quarantined candidates never raise the floor: their quarantine
+    ends with time, not with an event."""
 
     def __init__(self, source: Iterator[T]) -> None:
         self._source: Iterator[T] = source
         self._known: list[tuple[str, T]] = []
+        self._floor = 0
+        self._floor_of: tuple[LeaseIndex, int] | None = None
 
-    def first_not_in(self, taken: set[str]) -> T | None:
-        for text, item in self._known:
-            if text not in taken:
-                return item
+    def _from(self, start: int) -> Iterator[tuple[str, T]]:
+        for i in range(start, len(self._known)):
+            yield self._known[i]
         for item in self._source:
-            text = str(item)
-            self._known.append((text, item))
-            if text not in taken:
-                return item
-        return None
+            entry = (str(item), item)
+            self._known.append(entry)
+            yield entry
+
+    def first_free(self, leases: LeaseIndex, quarantine_since_us: int) -> T | None:
+        if self._floor_of != (leases, leases.releases):
+            self._floor = 0
+        position, contiguous = self._floor, True
+        # LeaseIndex.taken(), inlined: this loop passes every taken address
+        active, quarantined = leases.active, leases.quarantined
+        found: T | None = None
+        for text, item in self._from(position):
+            if text in active:
+                position += 1
+                if contiguous:
+                    self._floor = position
+                continue
+            contiguous = False
+            held = quarantined.get(text)
+            if held is None or held[0] <= quarantine_since_us:
+                found = item
+                break
+        self._floor_of = (leases, leases.releases)
+        return found
 
 
 def ula_prefix(cfg: IpamConfig, store: Store) -> IPv6Network:
@@ -100,24 +126,20 @@ class Ipam:
             return self._by_uid(uid, since)
         prev4 = self.store.previous_address(4, uid, since)
         prev6 = self.store.previous_address(6, uid, since)
-        v4 = (
-            IPv4Address(prev4) if prev4 else self._first_free4(self.store.taken_addresses(4, since))
-        )
-        v6 = (
-            IPv6Network(prev6) if prev6 else self._first_free6(self.store.taken_addresses(6, since))
-        )
+        v4 = IPv4Address(prev4) if prev4 else self._first_free4(since)
+        v6 = IPv6Network(prev6) if prev6 else self._first_free6(since)
         if v4 not in self.ipv4_pool:  # the pool was reconfigured since
-            v4 = self._first_free4(self.store.taken_addresses(4, since))
+            v4 = self._first_free4(since)
         return v4, v6
 
-    def _first_free4(self, taken: set[str]) -> IPv4Address:
-        addr = self._free4.first_not_in(taken)
+    def _first_free4(self, since: int) -> IPv4Address:
+        addr = self._free4.first_free(self.store.leases(4), since)
         if addr is None:
             raise AddressPoolExhausted("ipv4", str(self.ipv4_pool))
         return addr
 
-    def _first_free6(self, taken: set[str]) -> IPv6Network:
-        net = self._free6.first_not_in(taken)
+    def _first_free6(self, since: int) -> IPv6Network:
+        net = self._free6.first_free(self.store.leases(6), since)
         if net is None:
             raise AddressPoolExhausted("ipv6", str(self.ipv6_base))
         return net
@@ -137,14 +159,10 @@ class Ipam:
         v6 = IPv6Network((int(self.ipv6_base.network_address) + (offset << 64), 64))
         # A uid-derived address can only collide with a lease that another
         # strategy handed out earlier; quarantine does not apply to it.
-        if str(v4) in self.store.taken_addresses(4, since) - {
-            self.store.previous_address(4, uid, since)
-        }:
-            raise AddressConflict("ipv4", str(self.ipv4_pool), str(v4))
-        if str(v6) in self.store.taken_addresses(6, since) - {
-            self.store.previous_address(6, uid, since)
-        }:
-            raise AddressConflict("ipv6", str(self.ipv6_base), str(v6))
+        for family, pool, address in ((4, self.ipv4_pool, str(v4)), (6, self.ipv6_base, str(v6))):
+            taken = self.store.address_taken(family, address, since)
+            if taken and address != self.store.previous_address(family, uid, since):
+                raise AddressConflict(f"ipv{family}", str(pool), address)
         return v4, v6
 
     def overlaps(self, routes: Iterable[IPv4Network | IPv6Network]) -> list[str]:

@@ -102,6 +102,70 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+class LeaseIndex:
+    """One family's leases as the leases table holds them, indexed for allocation: is
+    an address taken, and what did a tenant hold last. Both are asked on every Create,
+    so neither may walk all leases: at 1,000 tenants that was ~0.4 ms per Create."""
+
+    def __init__(self) -> None:
+        #: active address -> uid
+        self.active: dict[str, int] = {}
+        #: quarantined address -> (released_us, the uid that held it)
+        self.quarantined: dict[str, tuple[int, int]] = {}
+        #: how many active leases ended so far (allocation's search floor, nsd/ipam.py)
+        self.releases = 0
+        #: uid -> its active addresses, and its quarantined ones with released_us
+        self._active_of: dict[int, set[str]] = {}
+        self._released_by: dict[int, dict[str, int]] = {}
+
+    def load(self, address: str, uid: int, released_us: int | None) -> None:
+        if released_us is None:
+            self.take(address, uid)
+        else:
+            self._quarantine(address, uid, int(released_us))
+
+    def take(self, address: str, uid: int) -> None:
+        """``address`` is now ``uid``'s (a quarantined one is taken over)."""
+        old = self.quarantined.pop(address, None)
+        if old is not None:
+            self._unquarantine(address, old[1])
+        self.active[address] = uid
+        self._active_of.setdefault(uid, set()).add(address)
+
+    def release(self, uid: int, released_us: int | None) -> None:
+        """``uid``'s active addresses go into quarantine, or are freed (None)."""
+        for address in self._active_of.pop(uid, ()):
+            del self.active[address]
+            self.releases += 1
+            if released_us is not None:
+                self._quarantine(address, uid, released_us)
+
+    def purge(self, released_before_us: int) -> None:
+        for address in [a for a, (r, _) in self.quarantined.items() if r <= released_before_us]:
+            self._unquarantine(address, self.quarantined.pop(address)[1])
+
+    def taken(self, address: str, since_us: int) -> bool:
+        if address in self.active:
+            return True
+        held = self.quarantined.get(address)
+        return held is not None and held[0] > since_us
+
+    def previous(self, uid: int, since_us: int) -> str | None:
+        mine = [(r, a) for a, r in self._released_by.get(uid, {}).items() if r > since_us]
+        return max(mine)[1] if mine else None
+
+    def _quarantine(self, address: str, uid: int, released_us: int) -> None:
+        self.quarantined[address] = (released_us, uid)
+        self._released_by.setdefault(uid, {})[address] = released_us
+
+    def _unquarantine(self, address: str, uid: int) -> None:
+        released = self._released_by.get(uid)
+        if released is not None:
+            released.pop(address, None)
+            if not released:
+                del self._released_by[uid]
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -115,9 +179,8 @@ class Store:
         # (insert, delete, purge_quarantine: the only ones that touch leases): every
         # Create looks for the lowest free address, and reading all leases anew for it
         # (~2,000 rows at 1,000 tenants, twice) was a third of Create's time on the
-        # event loop. Per family: active address -> uid, quarantined address ->
-        # (released_us, last uid).
-        self._leases: dict[int, tuple[dict[str, int], dict[str, tuple[int, int]]]] | None = None
+        # event loop.
+        self._leases: dict[int, LeaseIndex] | None = None
 
     # -- opening ---------------------------------------------------------------
 
@@ -260,9 +323,7 @@ class Store:
                 if self._db.execute("SELECT changes()").fetchone()[0] != 1:
                     raise StoreError(f"address {address} is leased to another tenant")
         for family, address in ((4, str(rec.ipv4_address)), (6, str(rec.ipv6_prefix))):
-            active, quarantined = leases[family]
-            quarantined.pop(address, None)
-            active[address] = rec.uid
+            leases[family].take(address, rec.uid)
 
     def set_state(self, uid: int, state: TenantState) -> None:
         with self._write():
@@ -288,11 +349,8 @@ class Store:
             else:
                 self._db.execute("DELETE FROM leases WHERE uid = ? AND released_us IS NULL", (uid,))
             self._db.execute("DELETE FROM tenants WHERE uid = ?", (uid,))
-        for active, quarantined in leases.values():
-            for address in [a for a, holder in active.items() if holder == uid]:
-                del active[address]
-                if quarantine:
-                    quarantined[address] = (ts, uid)
+        for index in leases.values():
+            index.release(uid, ts if quarantine else None)
 
     # -- limit overrides -------------------------------------------------------
 
@@ -335,41 +393,28 @@ class Store:
 
     # -- leases ----------------------------------------------------------------
 
-    def _lease_table(self) -> dict[int, tuple[dict[str, int], dict[str, tuple[int, int]]]]:
+    def _lease_table(self) -> dict[int, LeaseIndex]:
         if self._leases is None:
-            leases: dict[int, tuple[dict[str, int], dict[str, tuple[int, int]]]] = {
-                4: ({}, {}),
-                6: ({}, {}),
-            }
+            leases = {4: LeaseIndex(), 6: LeaseIndex()}
             for family, address, uid, released in self._db.execute(
                 "SELECT family, address, uid, released_us FROM leases"
             ):
-                active, quarantined = leases[int(family)]
-                if released is None:
-                    active[str(address)] = int(uid)
-                else:
-                    quarantined[str(address)] = (int(released), int(uid))
+                leases[int(family)].load(str(address), int(uid), released)
             self._leases = leases
         return self._leases
 
-    def taken_addresses(self, family: int, quarantine_since_us: int) -> set[str]:
-        """Addresses not free for a new tenant: active, or quarantined after the cut-off."""
-        active, quarantined = self._lease_table()[family]
-        taken = set(active)
-        taken.update(
-            a for a, (released, _) in quarantined.items() if released > quarantine_since_us
-        )
-        return taken
+    def leases(self, family: int) -> LeaseIndex:
+        """The family's leases, for reading; only the store changes them."""
+        return self._lease_table()[family]
+
+    def address_taken(self, family: int, address: str, quarantine_since_us: int) -> bool:
+        """Whether ``address`` is not free for a new tenant: active, or quarantined
+        after the cut-off."""
+        return self._lease_table()[family].taken(address, quarantine_since_us)
 
     def previous_address(self, family: int, uid: int, quarantine_since_us: int) -> str | None:
         """The address ``uid`` held most recently, if still in quarantine (not reused)."""
-        _, quarantined = self._lease_table()[family]
-        mine = [
-            (released, address)
-            for address, (released, holder) in quarantined.items()
-            if holder == uid and released > quarantine_since_us
-        ]
-        return max(mine)[1] if mine else None
+        return self._lease_table()[family].previous(uid, quarantine_since_us)
 
     def purge_quarantine(self, released_before_us: int) -> int:
         leases = self._lease_table()
@@ -379,9 +424,8 @@ class Store:
                 (released_before_us,),
             )
             purged = cur.rowcount
-        for _, quarantined in leases.values():
-            for address in [a for a, (r, _) in quarantined.items() if r <= released_before_us]:
-                del quarantined[address]
+        for index in leases.values():
+            index.purge(released_before_us)
         return purged
 
     # -- faults ----------------------------------------------------------------

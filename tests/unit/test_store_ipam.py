@@ -79,6 +79,23 @@ def test_quarantine_expires(tmp_path: Path) -> None:
     assert add(s, ipam, 1002).ipv4_address == a.ipv4_address
 
 
+def test_lowest_free_address_below_the_search_floor(tmp_path: Path) -> None:
+    """Allocation searches from above the addresses active since the last release
+    (ipam._Candidates): a release below that floor, and a quarantine that ends
+    below it, still give the lowest free address."""
+    s, ipam = make(tmp_path, quarantine_seconds=3600)
+    recs = [add(s, ipam, uid) for uid in range(1001, 1011)]
+    s.delete(1003, quarantine=False)  # a rolled-back create: free at once
+    assert add(s, ipam, 1020).ipv4_address == recs[2].ipv4_address
+    s.delete(1002, quarantine=True)
+    fresh = add(s, ipam, 1021)  # above the last one given, past the quarantined one
+    assert int(fresh.ipv4_address) == int(recs[-1].ipv4_address) + 1
+    ipam.cfg = replace(ipam.cfg, quarantine_seconds=0)  # its quarantine ends
+    late = add(s, ipam, 1022)
+    assert (late.ipv4_address, late.ipv6_prefix) == (recs[1].ipv4_address, recs[1].ipv6_prefix)
+    assert add(s, ipam, 1023).ipv4_address == fresh.ipv4_address + 1
+
+
 def test_purge_deletes_only_leases_whose_quarantine_ended(tmp_path: Path) -> None:
     s, ipam = make(tmp_path, quarantine_seconds=3600)
     add(s, ipam, 1001)
@@ -196,6 +213,11 @@ def test_lease_cache_matches_the_database(tmp_path: Path) -> None:
     assert s.get(1020).ipv4_address == recs[1003].ipv4_address  # type: ignore[union-attr]
     purge_cut = store.now_us()
     s.delete(1005, quarantine=True)
+    # every address any tenant got here, and one nobody did
+    every = {
+        4: {str(r.ipv4_address) for r in recs.values()} | {"100.64.255.254"},
+        6: {str(r.ipv6_prefix) for r in recs.values()} | {"fd00:ffff::/64"},
+    }
 
     def from_sql(family: int, since: int) -> tuple[set[str], dict[int, str | None]]:
         db = sqlite3.connect(tmp_path / "nsd.db")
@@ -221,10 +243,10 @@ def test_lease_cache_matches_the_database(tmp_path: Path) -> None:
     for since in (0, purge_cut):
         for family in (4, 6):
             taken, prev = from_sql(family, since)
-            assert s.taken_addresses(family, since) == taken
+            assert {a for a in every[family] if s.address_taken(family, a, since)} == taken
             assert {u: s.previous_address(family, u, since) for u in prev} == prev
     assert s.purge_quarantine(purge_cut) == 2  # 1004's two; 1005's are newer
     for family in (4, 6):
         taken, prev = from_sql(family, 0)
-        assert s.taken_addresses(family, 0) == taken
+        assert {a for a in every[family] if s.address_taken(family, a, 0)} == taken
         assert {u: s.previous_address(family, u, 0) for u in prev} == prev
