@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import sqlite3
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Network
@@ -250,3 +251,57 @@ def test_lease_cache_matches_the_database(tmp_path: Path) -> None:
         taken, prev = from_sql(family, 0)
         assert {a for a in every[family] if s.address_taken(family, a, 0)} == taken
         assert {u: s.previous_address(family, u, 0) for u in prev} == prev
+
+
+def test_allocation_matches_a_reference_over_random_histories(tmp_path: Path) -> None:
+    """Random creates, removals (quarantined or rolled back), purges and quarantines
+    that end, on pools small enough to run out: every allocation is what the rule says,
+    computed from the leases table itself (the previous holder's quarantined address,
+    else the lowest address that is neither active nor quarantined)."""
+    s, ipam = make(
+        tmp_path, ipv4_pool="100.64.0.0/27", ipv6_prefix="fd00:1::/56", quarantine_seconds=3600
+    )
+    pool4 = [a for a in ipam.ipv4_pool.hosts() if a != ipam.ipv4_gateway]
+    pool6 = [
+        IPv6Network((int(ipam.ipv6_base.network_address) + (i << 64), 64)) for i in range(1, 256)
+    ]
+    rng = random.Random(1414)
+    live: set[int] = set()
+
+    def expected(uid: int) -> tuple[object, object]:
+        since = store.now_us() - ipam.cfg.quarantine_seconds * 1_000_000
+        rows = s.lease_rows()
+        out: list[object] = []
+        for family, pool in ((4, pool4), (6, pool6)):
+            mine = [(r, a) for f, a, u, r in rows if f == family and u == uid and r and r > since]
+            if mine:
+                out.append(max(mine)[1])
+                continue
+            taken = {a for f, a, _, r in rows if f == family and (r is None or r > since)}
+            out.append(next((str(x) for x in pool if str(x) not in taken), None))
+        return out[0], out[1]
+
+    for _ in range(600):
+        op = rng.random()
+        if op < 0.5 or not live:
+            uid = rng.randrange(1000, 1060)
+            if uid in live:
+                continue
+            want = expected(uid)
+            if None in want:
+                with pytest.raises(AddressPoolExhausted):
+                    ipam.allocate(uid)
+                continue
+            v4, v6 = ipam.allocate(uid)
+            assert (str(v4), str(v6)) == want
+            s.insert(rec(uid, v4, v6))
+            live.add(uid)
+        elif op < 0.8:
+            uid = rng.choice(sorted(live))
+            s.delete(uid, quarantine=rng.random() < 0.7)
+            live.discard(uid)
+        elif op < 0.9:
+            # quarantines end (time passes) or hold again
+            ipam.cfg = replace(ipam.cfg, quarantine_seconds=rng.choice((0, 3600)))
+        else:
+            ipam.purge_expired()
