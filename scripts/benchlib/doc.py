@@ -612,8 +612,12 @@ Moving each tenant's netlink work into C (a helper process or an extension modul
 speaking nsd's requests) would take the Python share, not the kernel's: at best
 nsd-floor's time plus the ~0.4 s start, which in this round's runs would have been
 1.8-2.4{TIMES} the ip -batch floor, under the target with little to spare; this work
-did not attempt it. The host-side design (a gateway address on each of N host links)
-costs the kernel ~0.7 ms per tenant at 1,000 (fourth round, above) and was kept."""
+did not attempt it. Taking Python's share away alone does not shorten the worker,
+though (sixth round, tried (5) and (6)): the kernel's IPv6 work for the links of
+earlier tenants then takes the rtnl lock in the gaps, so such a build must also turn
+off the links' own IPv6 address generation. The host-side design (a gateway address on
+each of N host links) costs the kernel ~0.7 ms per tenant at 1,000 (fourth round,
+above) and was kept."""
 
 
 def _boot(r: dict[str, Any]) -> str:
@@ -818,14 +822,32 @@ medians of 3 in interleaved A/B runs, N = 1,000 unless said):
   links, the host end, the peer's name; 15 requests per tenant instead of 18): cold
   start 4.38 s against 4.16 s, serial Create (400 tenants) 5.45 against 5.44 ms,
   nothing measurable: those reads are not the system time nsd spends beyond nsd-floor.
-  (5) Both ends of the pair with IPv6 address generation off before they first go up
-  (`addrgenmode none`: no kernel link-local address, so no DAD, MLD or router
-  solicitations per tenant): nsd-floor create took 3.34-3.56 s against 4.19-5.18 s
-  (3 rounds each, interleaved), but nsd's worker driven alone did not move (medians of
-  4: 5.51 against 5.49 s), nor did Create (serial 7.32 against 7.19 ms): nsd spends a
-  quarter of its time in user space, off the rtnl lock, where the kernel's background
-  IPv6 work for earlier tenants fits in. It would matter once the per-tenant work
-  is in C; tenants would then see no `fe80::` address on eth0.
+
+Sixth round (from `02b10e9`, on a day this machine ran ~1.3{TIMES} slower than the day
+before, so each figure is compared only within its own interleaved series):
+
+* **Tried, not adopted:** (5) Both ends of the pair with IPv6 address generation off
+  before they first go up (`addrgenmode none`: no kernel link-local address, so no DAD,
+  MLD or router solicitations per tenant): nsd-floor create took 3.34-3.56 s against
+  4.19-5.18 s (3 rounds each, interleaved), but nsd's worker driven alone did not move
+  (medians of 4: 5.51 against 5.49 s), nor did Create (serial 7.32 against 7.19 ms): nsd
+  spends a quarter of its time in user space, off the rtnl lock, where the kernel's
+  background IPv6 work for earlier tenants fits in. Tenants would also see no `fe80::`
+  address on eth0 (their traffic leaves from their global address; the host end keeps
+  fe80::1).
+  (6) Both together, measured on the worker alone (7 interleaved rounds of 1,000 fresh
+  tenants, medians): nsd's ensure 4.39 s; a minimal build of a fresh tenant (the same
+  requests minus the three reads, no generic comparison, no action texts) 4.09 s with
+  user time 0.6 against 1.0 s; that build with `addrgenmode none` 3.72 s (the fastest in
+  every round of the second series); ensure with it 3.97 s. Neither change alone moves
+  the wall time: the kernel takes what Python gives up, because the rtnl lock is then
+  taken more often by the IPv6 work for earlier tenants. Together they take ~15 % off
+  the worker: a cold start of ~4.1 s in this run, 2.4{TIMES} its ip -batch median but
+  1.9-3.0{TIMES} across its rounds, at the target's edge rather than reliably under it.
+  The rest is the kernel's own cost of the addresses and routes nsd configures (fourth
+  round), which ip -batch does not do. Not built in this round: the minimal build must
+  give the same actions and fall back to the full check on any refusal, and the
+  crash-injection points must be recounted for it.
 
 ### What changed
 
@@ -918,15 +940,18 @@ Fifth round:
 
 Sixth round:
 
-21. Address allocation no longer walks every lease per Create. The store keeps an
-    index per family (is an address taken; what a tenant held last, for its
-    quarantined address), and the search for the lowest free address starts above
-    the addresses that have been active since the last release. At 1,000 tenants an
-    allocation took 436 µs and now 74 µs (a store and allocator alone, no daemon);
-    one interleaved A/B at N = 1,000 on a day this machine ran slow: serial Create
-    10.14 → 9.50 ms, 64 clients 122 → 127 tenants/s. The figures above were measured
-    before this change. tests/unit/test_store_ipam.py checks the index against the
-    database and the lowest free address below the search's floor.
+21. Address allocation no longer walks every lease per Create (item 1 said it did no
+    O(N) work; it still copied every lease into a set and searched the pool from its
+    start, every time). The store keeps an index per family (is an address taken; what a
+    tenant held last, for its quarantined address), and the search for the lowest free
+    address starts above the addresses that have been active since the last release. At
+    1,000 tenants an allocation took 436 µs and now 74 µs (a store and allocator alone,
+    no daemon); one interleaved A/B at N = 1,000 on a day this machine ran slow: serial
+    Create 10.14 → 9.50 ms, 64 clients 122 → 127 tenants/s.
+    tests/unit/test_store_ipam.py checks the index against the database, the lowest free
+    address below the search's floor, and every allocation of 600 random creates,
+    removals, purges and ends of quarantine against a reference computed from the leases
+    table.
 
 {_before_after(r)}
 ### What is left
