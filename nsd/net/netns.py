@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -51,6 +52,21 @@ T = TypeVar("T")
 NAME_MAX = 255
 
 
+def _settle(waiter: asyncio.Future[EnsureResult], outcome: EnsureResult | BaseException) -> None:
+    if waiter.done():  # its caller gave up
+        return
+    if isinstance(outcome, BaseException):
+        waiter.set_exception(outcome)
+    else:
+        waiter.set_result(outcome)
+
+
+def _log_failed_job(job: asyncio.Future[None]) -> None:
+    # Its callers got the exception; this is for the record, and to retrieve it.
+    if not job.cancelled() and (e := job.exception()) is not None:
+        log.error("netns worker: an ensure job failed", exc_info=e)
+
+
 class NetnsAdapter:
     """Async facade; every method that touches netlink or namespaces hops to the worker."""
 
@@ -71,6 +87,11 @@ class NetnsAdapter:
         self._executor: ThreadPoolExecutor | None = None
         self._worker = Worker(self.files, self.link_re)
         self._closed = False
+        #: ensure() calls waiting for the worker, taken all at once by the job that
+        #: serves them (_ensure_pending); guarded by _pending_lock, as the worker takes
+        #: them on its thread
+        self._pending: list[tuple[NetworkSpec, bool, asyncio.Future[EnsureResult]]] = []
+        self._pending_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -162,9 +183,52 @@ class NetnsAdapter:
 
         With ``adopt=False`` an already mounted namespace at ``spec.netns_path`` is an
         error (``NetnsError(step="exists", errno=EEXIST)``) instead of being reused.
+
+        Calls made while the worker is busy are served together by one job, in the
+        order they were made (Worker.ensure_group): many clients creating tenants at
+        once then get their namespaces made ahead as a reconcile batch does.
         """
         self.validate(spec)
-        return await self._call(functools.partial(self._worker.ensure, spec, adopt))
+        if self._executor is None:
+            raise RuntimeError("NetnsAdapter is not running")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[EnsureResult] = loop.create_future()
+        with self._pending_lock:
+            self._pending.append((spec, adopt, waiter))
+            # Not first: a job queued for the ones before has not taken them yet, and
+            # will take this one too.
+            first = len(self._pending) == 1
+        if first:
+            try:
+                job = loop.run_in_executor(
+                    self._executor, functools.partial(self._worker.run, self._ensure_pending)
+                )
+            except BaseException:  # the executor is shutting down: nobody would take it
+                with self._pending_lock:
+                    self._pending.clear()  # only this call: no await since it was added
+                raise
+            job.add_done_callback(_log_failed_job)
+        return await waiter
+
+    def _ensure_pending(self) -> None:
+        """On the worker: serve every ensure() call queued so far."""
+        with self._pending_lock:
+            calls, self._pending = self._pending, []
+        # Cancelled while waiting (e.g. a request timed out): not done at all.
+        calls = [c for c in calls if not c[2].done()]
+        unanswered = set(range(len(calls)))
+
+        def deliver(index: int, outcome: EnsureResult | BaseException) -> None:
+            unanswered.discard(index)
+            waiter = calls[index][2]
+            waiter.get_loop().call_soon_threadsafe(_settle, waiter, outcome)
+
+        try:
+            self._worker.ensure_group([(spec, adopt) for spec, adopt, _ in calls], deliver)
+        except BaseException as e:  # a bug: nobody may wait forever for it
+            for index in sorted(unanswered):
+                deliver(index, e)
+            raise
 
     async def ensure_many(
         self, specs: list[NetworkSpec], *, adopt: bool = True

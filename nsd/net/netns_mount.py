@@ -8,9 +8,10 @@ all work on nsd's namespaces:
    ``mount --make-rprivate dir`` (leaves the peer group the bind inherited from its parent,
    Debian bug 949235) and try ``--make-rshared`` again;
 3. create the file (``O_CREAT|O_EXCL``, mode 0);
-4. ``unshare(CLONE_NEWNET)`` on the worker thread and bind-mount
+4. ``unshare(CLONE_NEWNET)`` on the calling thread and bind-mount
    ``/proc/thread-self/ns/net`` (not ``/proc/self``: that is the main thread's) onto it
-   (step 4 belongs to the worker thread: nsd/netns_worker.py, ``mount_new_namespace``);
+   (step 4 belongs to the netns worker, nsd/netns_worker.py, ``mount_new_namespace``, on
+   its own thread or, for a batch, on its namespace maker thread);
 5. switch the thread back to the host namespace; unlock.
 """
 
@@ -21,6 +22,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +61,11 @@ class NamespaceFiles:
         #: the device of nsfs: a path is a mounted namespace if it lives on it
         self.nsfs_dev = os.stat("/proc/self/ns/net").st_dev
         self._batching = False
+        #: taken around every creation: in a batch the netns worker's namespace maker
+        #: thread creates namespaces while the worker itself may have to create one
+        #: that vanished (nsd/netns_worker.py); the lock fd and sharing state below are
+        #: used under it
+        self._creating = threading.Lock()
         #: the run dir's lock while a batch holds it (see batch())
         self._held_fd = -1
         #: the id of the run dir's mount as last made shared recursively (_take_lock)
@@ -103,10 +110,11 @@ class NamespaceFiles:
         try:
             yield
         finally:
-            self._batching = False
-            if self._held_fd >= 0:
-                os.close(self._held_fd)  # also drops the lock
-                self._held_fd = -1
+            with self._creating:
+                self._batching = False
+                if self._held_fd >= 0:
+                    os.close(self._held_fd)  # also drops the lock
+                    self._held_fd = -1
 
     def lock_run_dir(self, actions: list[str]) -> int:
         """Take the run dir's lock and make sure it is a shared mount point; the fd that
@@ -203,12 +211,13 @@ class NamespaceFiles:
         creates a namespace and binds it onto the (existing) file at ``path``."""
         if self.namespace_inode(path) is not None:
             return self.adopt(path, adopt), True
-        lock_fd = self.lock_run_dir(actions)
-        try:
-            adopted_fd = self._create_locked(path, adopt, actions, mount_new_namespace)
-        finally:
-            if lock_fd >= 0:
-                os.close(lock_fd)  # also drops the lock
+        with self._creating:
+            lock_fd = self.lock_run_dir(actions)
+            try:
+                adopted_fd = self._create_locked(path, adopt, actions, mount_new_namespace)
+            finally:
+                if lock_fd >= 0:
+                    os.close(lock_fd)  # also drops the lock
         if adopted_fd is not None:
             return adopted_fd, True
         actions.append(f"created namespace {path}")

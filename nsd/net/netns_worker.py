@@ -5,7 +5,9 @@ silently move every coroutine of the daemon into a tenant's namespace; on the wo
 only moves the worker, and the worker always goes back (see :meth:`Worker.go_home`). One
 thread also serialises every change, so concurrent ``ensure()`` calls can never race each
 other into two namespaces or two veth pairs. Every method here runs on that thread; the
-asyncio facade that hands jobs to it is nsd/netns.py.
+asyncio facade that hands jobs to it is nsd/netns.py. The one exception is a batch's new
+namespaces: the worker has its maker thread (nsd/netns_maker.py) create them ahead, each
+of them for a tenant the batch holds, while it configures the ones before.
 
 A netlink socket belongs to the network namespace it was created in, for its whole life:
 so a socket for a tenant's namespace is made by entering the namespace, creating the
@@ -27,6 +29,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any, TypeVar
 
 from nsd.net import linux, netns_links
+from nsd.net.netns_maker import Ahead, NamespaceMaker
 from nsd.net.netns_mount import NamespaceFiles
 from nsd.net.netns_spec import (
     EnsureResult,
@@ -91,6 +94,8 @@ class Worker:
         self._view: netns_links.HostView | None = None
         self._view_job = -1
         self.sysctl_files = SysctlFiles()
+        #: makes a batch's new namespaces ahead of the tenants being built (ensure_many)
+        self.maker = NamespaceMaker(files, self.mount_new_namespace, self.go_home)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class Worker:
         self.host_nl()
 
     def close(self) -> None:
+        self.maker.close()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -197,7 +203,8 @@ class Worker:
     # -- namespace files --------------------------------------------------------------
 
     def mount_new_namespace(self, path: str) -> None:
-        """Create a network namespace and bind it onto the file at ``path``."""
+        """Create a network namespace and bind it onto the file at ``path``; on the
+        calling thread, the worker's or its namespace maker's."""
         with kernel_step("unshare", "create a network namespace"):
             linux.unshare(linux.CLONE_NEWNET)
         try:
@@ -213,32 +220,109 @@ class Worker:
         """``ensure`` for each of ``specs`` in one job: one listing of the host
         (:class:`netns_links.HostView`) for all of them, and no hand-over to the event
         loop between tenants. A tenant that fails gets its NetnsError in its place;
-        the others go on."""
+        the others go on. Namespaces missing when the batch starts are made ahead on
+        the maker's thread (nsd/netns_maker.py says why)."""
         view = self._view if self._view_job == self.jobs - 1 else None
         if view is None:
             view = netns_links.HostView(self.host_nl())
         self._view, self._view_job = view, self.jobs
         out: list[EnsureResult | NetnsError] = []
         with self.files.batch():
-            for spec in specs:
-                try:
-                    out.append(self.ensure(spec, adopt, view))
-                except NetnsError as e:
-                    out.append(e)
-                    if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
-                        # as run() does: the host socket may be out of step, and what the
-                        # listing says may no longer hold
-                        self.reset_host_ipr()
-                        view = self._view = None
+            ahead = self.make_ahead([(s, adopt) for s in specs])
+            try:
+                self._ensure_each(specs, adopt, view, ahead, out)
+            finally:
+                if ahead is not None:
+                    ahead.finish()
         return out
 
+    def make_ahead(self, items: list[tuple[NetworkSpec, bool]]) -> Ahead | None:
+        """Have the maker make the namespaces of ``items`` (spec, adopt) that are missing
+        now, or None if fewer than two are: one has nothing to overlap with."""
+        missing: dict[str, bool] = {}
+        for spec, adopt in items:
+            path = spec.netns_path
+            if path not in missing and self.files.namespace_inode(path) is None:
+                missing[path] = adopt
+        return self.maker.make(list(missing.items())) if len(missing) > 1 else None
+
+    def ensure_group(
+        self,
+        items: list[tuple[NetworkSpec, bool]],
+        deliver: Callable[[int, EnsureResult | Exception], None],
+    ) -> None:
+        """``ensure(spec, adopt)`` for each of ``items``, the calls of several callers
+        that queued up while the worker was busy (NetnsAdapter.ensure), in one job: each
+        outcome, a result or the exception, goes to ``deliver(index, outcome)`` as soon
+        as it is known. With several new namespaces among them, the maker makes them
+        ahead, as for a batch."""
+        if len(items) == 1:
+            self._ensure_one(0, *items[0], None, deliver)
+            return
+        with self.files.batch():
+            ahead = self.make_ahead(items)
+            try:
+                for i, (spec, adopt) in enumerate(items):
+                    self._ensure_one(i, spec, adopt, ahead, deliver)
+            finally:
+                if ahead is not None:
+                    ahead.finish()
+
+    def _ensure_one(
+        self,
+        index: int,
+        spec: NetworkSpec,
+        adopt: bool,
+        ahead: Ahead | None,
+        deliver: Callable[[int, EnsureResult | Exception], None],
+    ) -> None:
+        try:
+            result = self.ensure(spec, adopt, None, ahead)
+        except Exception as e:
+            # as run() does for a job of its own
+            if not isinstance(e, NetnsError) or (
+                e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors())
+            ):
+                self.reset_host_ipr()
+            deliver(index, e)
+        else:
+            deliver(index, result)
+
+    def _ensure_each(
+        self,
+        specs: list[NetworkSpec],
+        adopt: bool,
+        view: netns_links.HostView | None,
+        ahead: Ahead | None,
+        out: list[EnsureResult | NetnsError],
+    ) -> None:
+        for spec in specs:
+            try:
+                out.append(self.ensure(spec, adopt, view, ahead))
+            except NetnsError as e:
+                out.append(e)
+                if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
+                    # as run() does: the host socket may be out of step, and what the
+                    # listing says may no longer hold
+                    self.reset_host_ipr()
+                    view = self._view = None
+
     def ensure(
-        self, spec: NetworkSpec, adopt: bool, view: netns_links.HostView | None = None
+        self,
+        spec: NetworkSpec,
+        adopt: bool,
+        view: netns_links.HostView | None = None,
+        ahead: Ahead | None = None,
     ) -> EnsureResult:
+        """``ahead``: namespaces the maker is making for this batch (ensure_many)."""
         actions: list[str] = []
-        ns_fd, adopted = self.files.ensure(
-            spec.netns_path, adopt, actions, self.mount_new_namespace
-        )
+        made = ahead.take(spec.netns_path) if ahead is not None else None
+        if made is not None:
+            ns_fd, adopted, actions = made
+        else:
+            ns_fd, adopted = self.files.ensure(
+                spec.netns_path, adopt, actions, self.mount_new_namespace
+            )
         tenant: Rtnl | None = None
         try:
             inode = os.fstat(ns_fd).st_ino

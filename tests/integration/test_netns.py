@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from nsd.net import linux
-from nsd.net.netns import NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
+from nsd.net.netns import FOREIGN, EnsureResult, NetnsAdapter, NetnsError, NetworkRef, NetworkSpec
 from nsd.net.netns_worker import WrongThread
 from nsd.net.procs import processes_in_namespace, stop_processes
 
@@ -473,6 +473,116 @@ async def test_concurrent_ensures_of_the_same_spec(
     assert len(mounts_at(spec.netns_path)) == 1
     assert [name for name in links(host_netns) if name != "lo"] == [spec.host_ifname]
     assert links(spec.netns_path) == ["eth0", "lo"]
+
+
+# ----------------------------------------------------------------------------------
+# ensure_many: a batch's new namespaces made ahead on the worker's maker thread
+
+
+def maker_threads(adapter: NetnsAdapter) -> list[int]:
+    """Native ids of the namespace maker's threads (looking inside on purpose)."""
+    pool = adapter._worker.maker._pool
+    return [t.native_id for t in pool._threads if t.native_id is not None] if pool else []
+
+
+async def test_a_batch_makes_its_new_namespaces_ahead(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str, host_netns: str
+) -> None:
+    specs = [make_spec(run_dir, link_prefix, n) for n in range(1, 9)]
+    await adapter.ensure(specs[2])  # present: adopted, not made again
+    with open(specs[5].netns_path, "w", encoding="utf-8") as f:
+        f.write("not nsd's")  # in the way: that tenant fails, the batch goes on
+    fds_before = len(os.listdir("/proc/self/fd"))
+    results = await adapter.ensure_many(specs)
+
+    failed = results[5]
+    assert isinstance(failed, NetnsError) and failed.step == FOREIGN, failed
+    assert results[2] == EnsureResult(
+        inode=os.stat(specs[2].netns_path).st_ino, adopted_existing=True, actions=()
+    )
+    made = [(s, r) for i, (s, r) in enumerate(zip(specs, results, strict=True)) if i not in (2, 5)]
+    for s, r in made:
+        assert isinstance(r, EnsureResult)
+        assert not r.adopted_existing
+        assert r.actions[0] == f"created namespace {s.netns_path}", r.actions
+        assert [m[3] for m in mounts_at(s.netns_path)] == [f"net:[{r.inode}]"]
+        assert links(s.netns_path) == ["eth0", "lo"]
+        assert addrs(s.netns_path, "eth0") >= {f"{s.ipv4_address}/32", f"{s.ipv6_address}/64"}
+        assert sysctl_in(s.netns_path, "net.ipv4.ip_unprivileged_port_start") == "0"
+    assert len({r.inode for _, r in made if isinstance(r, EnsureResult)}) == len(made) == 6
+    assert all(ping(host_netns, str(s.ipv4_address)) for s, _ in made[:: len(made) - 1])
+    assert len(mounts_at(run_dir)) == 1
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # every namespace fd closed
+    # they were made on the maker's thread, which went home after each
+    threads = maker_threads(adapter)
+    assert len(threads) == 1
+    home = os.stat(host_netns).st_ino
+    assert os.stat(f"/proc/self/task/{threads[0]}/ns/net").st_ino == home
+    assert await adapter.ensure_many(specs[:5]) == [
+        EnsureResult(inode=r.inode, adopted_existing=True, actions=())
+        for r in results[:5]
+        if isinstance(r, EnsureResult)
+    ]
+
+
+async def test_ensures_waiting_for_the_worker_are_served_together(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str
+) -> None:
+    specs = [make_spec(run_dir, link_prefix, n) for n in range(1, 7)]
+    with open(specs[3].netns_path, "w", encoding="utf-8") as f:
+        f.write("not nsd's")
+    busy = asyncio.ensure_future(on_worker(adapter, lambda: time.sleep(0.3)))
+    await asyncio.sleep(0.05)  # the worker is in it: the ensures below queue up
+    calls = [asyncio.ensure_future(adapter.ensure(s)) for s in specs]
+    await asyncio.sleep(0)
+    calls[1].cancel()  # its caller gives up before the worker is free
+    await busy
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert not os.path.exists(specs[1].netns_path)  # a cancelled call is not built
+    failed = outcomes[3]
+    assert isinstance(failed, NetnsError) and failed.step == FOREIGN  # for that caller only
+    for i in (0, 2, 4, 5):
+        result = outcomes[i]
+        assert isinstance(result, EnsureResult), result
+        assert not result.adopted_existing
+        assert result.inode == os.stat(specs[i].netns_path).st_ino  # each caller its own
+        assert links(specs[i].netns_path) == ["eth0", "lo"]
+    # served by one job, whose new namespaces the maker made ahead
+    assert len(maker_threads(adapter)) == 1
+    assert [await adapter.ensure(specs[i]) for i in (0, 2)] == [
+        EnsureResult(inode=outcomes[i].inode, adopted_existing=True, actions=())  # type: ignore[union-attr]
+        for i in (0, 2)
+    ]
+
+
+async def test_a_batch_that_ends_early_closes_what_was_made_ahead(
+    adapter: NetnsAdapter, run_dir: str, link_prefix: str
+) -> None:
+    paths = [make_spec(run_dir, link_prefix, n).netns_path for n in range(1, 6)]
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    def take_one_then_stop() -> int:
+        worker = adapter._worker
+        with worker.files.batch():
+            ahead = worker.maker.make([(p, True) for p in paths])
+            try:
+                made = ahead.take(paths[0])
+                assert made is not None
+                fd, adopted, actions = made
+                os.close(fd)
+                assert not adopted and actions[-1] == f"created namespace {paths[0]}"
+                return os.stat(paths[0]).st_ino
+            finally:
+                ahead.finish()  # the other four: made or never begun
+
+    inode = await on_worker(adapter, take_one_then_stop)
+    assert adapter.namespace_inode(paths[0]) == inode
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    for path in paths[1:]:
+        # made whole or not begun: never a file without its namespace
+        assert adapter.namespace_inode(path) is not None or not os.path.exists(path)
 
 
 # ----------------------------------------------------------------------------------

@@ -287,10 +287,14 @@ def test_enter_during_startup_checks_a_namespace_that_exists(
 
 # SIGKILL inside the start-up reconcile's batched path (reconcile.BATCH tenants checked
 # in one job on the worker, after one listing of the host), as after a reboot: every
-# namespace and veth gone. Counts are per thread; mounts, unshare and netlink are the
-# worker's: mount 1 makes the run dir a shared mount point (once for the batch, which
-# holds its lock), mount 2 and 4 are the first and the third tenant's bind mounts,
-# unshare 2 the second namespace. The worker's sendto calls (counted
+# namespace and veth gone. Counts are per thread. Mounts and unshare are the namespace
+# maker's (the thread that makes a batch's new namespaces ahead of the worker,
+# nsd/net/netns_maker.py): mount 1 makes the run dir a shared mount point (once for the
+# batch, which holds its lock), mount 2 and 4 are the first and the third tenant's bind
+# mounts, unshare 2 the second namespace; killed there, the namespaces made before are
+# left without their pairs, and the worker may be in the middle of one. Netlink is the
+# worker's; killed in the middle of the batch (sendto 85), namespaces made ahead wait
+# for the rest of their build. The worker's sendto calls (counted
 # with strace on this test's start, network policy on): 2-4 the pool check's dumps,
 # 9-57 the policy's tc work (pyroute2), 62-63 the host listing (addresses, routes),
 # 64-81 the first tenant, 85 the second tenant's veth pair; the others wake the event
