@@ -555,8 +555,9 @@ def _before_after(r: dict[str, Any]) -> str:
 
 "Before" is nsd at `{m.get("daemon_commit") or m["commit"]}` (the code before this work),
 measured by the same boot section on the same machine on {m["date"]} (`scripts/bench
---boot-only --daemon-pythonpath` with a copy of that tree; N = {fb["n"]}, its own floors
-in brackets as ratios); "after" is this run. The machine's load differs between the two runs, so
+--boot-only --daemon-pythonpath` with a copy of that tree, results in
+docs/benchmarks/boot-before.json; N = {fb["n"]}, its own floors in brackets as ratios);
+"after" is this run. The machine's load differs between the two runs, so
 compare the ratios to each run's own floors.
 
 {chr(10).join(rows)}
@@ -602,22 +603,21 @@ def _boot_left(f: dict[str, Any]) -> str:
 {warm} the whole start took {f["warm_s"] / f["n"] * 1000:.2f} ms per tenant against the
   kernel's {f["floor_check_s"] / f["n"] * 1000:.2f} ms of checking.
 
-What remains between nsd and the floors: importing nsd and preparing (~0.4 s at any
-N); in the worker, Python around each tenant's requests (~0.7 ms per tenant when
-creating, fifth round; ~0.8 ms when checking, bound by the interpreter lock: two
-worker threads were slower, above) and ~0.35 ms per tenant more of the kernel's time
-than nsd-floor takes (not in the reads nsd-floor leaves out: fifth round); on the
-create path the event loop's ~1.4 ms per tenant and the hand-offs between threads.
-Moving each tenant's netlink work into C (a helper process or an extension module
-speaking nsd's requests) would take the Python share, not the kernel's: at best
-nsd-floor's time plus the ~0.4 s start, which in this round's runs would have been
-1.8-2.4{TIMES} the ip -batch floor, under the target with little to spare; this work
-did not attempt it. Taking Python's share away alone does not shorten the worker,
-though (sixth round, tried (5) and (6)): the kernel's IPv6 work for the links of
-earlier tenants then takes the rtnl lock in the gaps, so such a build must also turn
-off the links' own IPv6 address generation. The host-side design (a gateway address on
-each of N host links) costs the kernel ~0.7 ms per tenant at 1,000 (fourth round,
-above) and was kept."""
+What remains between nsd and the floors: importing nsd and preparing (~0.3 s at any
+N, ~0.2 s of it imports); in the worker, Python around each tenant's ~18 netlink
+requests (~0.4 ms per tenant when creating, seventh round; ~0.8 ms when checking, bound
+by the interpreter lock: two worker threads were slower, third round); on the create
+path the event loop's ~1.4 ms per tenant and the hand-offs between threads. The rest is
+the kernel's: what nsd configures beyond ip -batch's namespaces and pairs (addresses,
+routes, links up, the sysctl: nsd-floor create took {batch_ratio:.1f}{TIMES} ip -batch in
+this run) is the design's cost, and the host side's part of it (a gateway address on
+each of N host links, ~0.7 ms per tenant at 1,000: fourth round) was kept. A cold start
+now overlaps the namespaces' creation with the netlink work (item 22), which nsd-floor,
+on one thread, does not. Moving each tenant's netlink work into C (a helper process or
+an extension module speaking nsd's requests) would take the worker's Python share,
+~0.4 s at 1,000 tenants; this work did not attempt it. Taking Python's share away alone
+does not shorten the worker, though (sixth round, tried (5) and (6)): the kernel's IPv6
+work for the links of earlier tenants then takes the rtnl lock in the gaps."""
 
 
 def _boot(r: dict[str, Any]) -> str:
@@ -849,6 +849,29 @@ before, so each figure is compared only within its own interleaved series):
   give the same actions and fall back to the full check on any refusal, and the
   crash-injection points must be recounted for it.
 
+Seventh round (from `3cd99b0`; the figures are medians of interleaved A/B series):
+
+* **This machine slows down over a session.** Right after a reboot nsd's worker driven
+  alone built 1,000 fresh tenants in 1.6-1.8 s, an hour of namespace churn later in
+  2.1-2.5 s, with idle CPUs before every run; a boot-only run right after the reboot
+  measured ip -batch at 0.62-0.81 s and nsd-floor create at 1.03-1.42 s, a cold start at
+  2.11-2.51 s and serial Create at 3.5 ms per tenant. Every figure here is compared with
+  one measured in the same series.
+* **Where a cold start's worker time goes** (py-spy at 250 Hz, 1,000 tenants): creating
+  the veth pairs ~32 %, the namespaces (file, `unshare`, bind mount) ~27 %, bringing
+  links up and adding addresses and routes most of the rest; formatting the action texts
+  ~3 %. The event loop was idle 94 % of the time. During 64 concurrent Creates the
+  worker was busy all the time and the event loop ~40 %.
+* **A namespace's creation overlaps the netlink work of the tenant before it.** Most of
+  what `unshare(CLONE_NEWNET)` costs (the namespace's own tables, sysctls and procfs
+  entries) does not wait for the rtnl lock that the worker's requests take, and this
+  machine has a second core. Making a batch's new namespaces on a second thread while
+  the worker builds the tenants before them: the worker alone 2.16 → 1.61 s (4 rounds),
+  a daemon's cold start 2.79 → 2.12 s (6 rounds). Item 22.
+* **Tried, not adopted:** (7) `addrgenmode none` on both ends, again (it is one attribute
+  in the request that brings each end up, which works on this kernel for the second end
+  as well): the worker alone 2.25 against 2.24 s (5 rounds), nothing, as in (5).
+
 ### What changed
 
 First round:
@@ -952,6 +975,28 @@ Sixth round:
     address below the search's floor, and every allocation of 600 random creates,
     removals, purges and ends of quarantine against a reference computed from the leases
     table.
+
+Seventh round:
+
+22. The namespaces a batch needs (every tenant of a cold start) are made ahead of the
+    worker on a thread of its own, nsd/net/netns_maker.py: while the worker configures
+    one tenant, that thread creates the next ones' files, namespaces and bind mounts
+    (under the run dir's lock, which the batch holds, and back in the host namespace
+    after each), and hands each over as the worker reaches its tenant; a tenant whose
+    namespace could not be made gets that error alone, and a batch that ends early
+    closes what was made and not used. Interleaved at N = 1,000, medians of 6: cold
+    start 2.79 → 2.12 s. tests/integration/test_netns.py checks a batch with one
+    namespace present and one path in the way, that the maker went home, that no
+    descriptor is left, and a batch that stops after its first tenant;
+    tests/integration/test_reconcile.py's kill points (the run dir's sharing, the first
+    and third bind mounts, the second `unshare`) are now the maker's.
+23. `ensure` calls that arrive while the worker is busy (many clients creating tenants
+    at once) are served by one job, in the order they came, each answered as soon as its
+    own tenant is built, with the new namespaces among them made ahead as in item 22; a
+    call whose caller gave up before the worker reached it is not built. Interleaved
+    at N = 1,000, medians of 4: 64 clients 321 → 343 tenants/s (201-388/s across the
+    rounds), serial Create unchanged (4.0 against 4.1 ms). test_netns.py checks a group
+    with one caller cancelled and one path in the way.
 
 {_before_after(r)}
 ### What is left
