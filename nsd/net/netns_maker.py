@@ -89,7 +89,7 @@ class NamespaceMaker:
         # nothing here depends on it, but the host's is the one to leave it in.
         self.go_home()
         for path, adopt, future in ahead.order:
-            if ahead.stop.is_set() or not future.set_running_or_notify_cancel():
+            if ahead.stop.is_set():  # the batch ended: nobody will take the rest
                 future.cancel()
                 continue
             actions: list[str] = []

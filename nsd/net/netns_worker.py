@@ -50,6 +50,15 @@ T = TypeVar("T")
 EXIT_WRONG_NAMESPACE = 70
 
 
+def out_of_step(e: BaseException) -> bool:
+    """Whether a failed job may have left the host's netlink socket out of step. A
+    refusal by the kernel (NetlinkError) or one of nsd's own checks leaves it fine;
+    anything else (a socket error, a pyroute2 hiccup) may not."""
+    if isinstance(e, NetnsError):
+        return e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors())
+    return True
+
+
 class WrongThread(RuntimeError):
     """A netns job was called off the worker thread: a bug in nsd, never a user error."""
 
@@ -155,14 +164,9 @@ class Worker:
         self.jobs += 1
         try:
             return fn()
-        except NetnsError as e:
-            # A refusal by the kernel (NetlinkError) leaves the socket fine; anything
-            # else (a socket error, a pyroute2 hiccup) may have left it out of step.
-            if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
+        except Exception as e:
+            if out_of_step(e):
                 self.reset_host_ipr()
-            raise
-        except Exception:
-            self.reset_host_ipr()
             raise
         finally:
             if self._view_job != self.jobs:
@@ -279,10 +283,7 @@ class Worker:
         try:
             result = self.ensure(spec, adopt, None, ahead)
         except Exception as e:
-            # as run() does for a job of its own
-            if not isinstance(e, NetnsError) or (
-                e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors())
-            ):
+            if out_of_step(e):  # as run() does for a job of its own
                 self.reset_host_ipr()
             deliver(index, e)
         else:
@@ -301,9 +302,8 @@ class Worker:
                 out.append(self.ensure(spec, adopt, view, ahead))
             except NetnsError as e:
                 out.append(e)
-                if e.__cause__ is not None and not isinstance(e.__cause__, netlink_errors()):
-                    # as run() does: the host socket may be out of step, and what the
-                    # listing says may no longer hold
+                if out_of_step(e):
+                    # as run() does; and what the listing says may no longer hold
                     self.reset_host_ipr()
                     view = self._view = None
 

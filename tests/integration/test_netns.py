@@ -543,17 +543,18 @@ async def test_ensures_waiting_for_the_worker_are_served_together(
     assert not os.path.exists(specs[1].netns_path)  # a cancelled call is not built
     failed = outcomes[3]
     assert isinstance(failed, NetnsError) and failed.step == FOREIGN  # for that caller only
+    built: dict[int, EnsureResult] = {}
     for i in (0, 2, 4, 5):
         result = outcomes[i]
         assert isinstance(result, EnsureResult), result
         assert not result.adopted_existing
         assert result.inode == os.stat(specs[i].netns_path).st_ino  # each caller its own
         assert links(specs[i].netns_path) == ["eth0", "lo"]
+        built[i] = result
     # served by one job, whose new namespaces the maker made ahead
     assert len(maker_threads(adapter)) == 1
     assert [await adapter.ensure(specs[i]) for i in (0, 2)] == [
-        EnsureResult(inode=outcomes[i].inode, adopted_existing=True, actions=())  # type: ignore[union-attr]
-        for i in (0, 2)
+        EnsureResult(inode=built[i].inode, adopted_existing=True, actions=()) for i in (0, 2)
     ]
 
 
